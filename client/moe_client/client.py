@@ -1,0 +1,100 @@
+"""Blocking Python API for the gateway (Forward, model info, health) and for expert servers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moe_client import wire
+from moe_client.channel import insecure_channel
+from moe_client.pb import experts_pb2, experts_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+
+
+class _Client:
+    def __init__(self, address: str, timeout: float = 60.0):
+        self.address = address
+        self.timeout = timeout
+        self._channel = insecure_channel(address)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The server's health status name for `service` ('' = the whole server), e.g. 'SERVING'."""
+        reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def wait_until_serving(self, timeout: float = 60.0, service: str = "") -> None:
+        """Block until health says SERVING; raises TimeoutError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        last: Exception | str = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                status = self.health(service, timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+                if status == "SERVING":
+                    return
+                last = status
+            except grpc.RpcError as err:
+                last = f"{err.code().name}: {err.details()}"
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.address} not SERVING after {timeout:.0f}s (last: {last})")
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class GatewayClient(_Client):
+    """Calls a gateway's GatewayService."""
+
+    def __init__(self, address: str, timeout: float = 60.0):
+        super().__init__(address, timeout)
+        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+
+    def model_info(self) -> gateway_pb2.ModelInfo:
+        """What the gateway serves, and the expert servers behind it."""
+        return self._stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=self.timeout)
+
+    def forward_raw(self, hidden: np.ndarray, wire_dtype: str = "float32",
+                    request_id: str | None = None) -> gateway_pb2.ForwardResponse:
+        """Forward, returning the reply message (tensor plus the gateway's timings)."""
+        request = gateway_pb2.ForwardRequest(
+            hidden=wire.encode(hidden, wire_dtype), request_id=request_id or uuid.uuid4().hex[:16]
+        )
+        return self._stub.Forward(request, timeout=self.timeout)
+
+    def forward(self, hidden: np.ndarray, wire_dtype: str = "float32") -> np.ndarray:
+        """Hidden states [..., H] through the model's MoE stack; returns float32 of the same shape."""
+        return wire.decode(self.forward_raw(hidden, wire_dtype).hidden, "hidden").astype(np.float32, copy=False)
+
+
+class ExpertClient(_Client):
+    """Calls an expert server's ExpertService directly (tests, benchmarks, debugging)."""
+
+    def __init__(self, address: str, timeout: float = 60.0):
+        super().__init__(address, timeout)
+        self._stub = experts_pb2_grpc.ExpertServiceStub(self._channel)
+
+    def info(self) -> experts_pb2.ServerInfo:
+        """The server's checkpoint fingerprint, owned experts and devices."""
+        return self._stub.GetInfo(experts_pb2.GetInfoRequest(), timeout=self.timeout)
+
+    def run_experts(self, layer: int, hidden: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray,
+                    wire_dtype: str = "float32") -> np.ndarray:
+        """Weighted sum of this server's experts per token: [T, H] float32."""
+        request = experts_pb2.RunExpertsRequest(
+            layer=layer,
+            hidden=wire.encode(hidden, wire_dtype),
+            expert_ids=wire.encode(np.asarray(expert_ids, dtype=np.int32)),
+            weights=wire.encode(np.asarray(weights, dtype=np.float32)),
+        )
+        reply = self._stub.RunExperts(request, timeout=self.timeout)
+        return wire.decode(reply.output, "output").astype(np.float32, copy=False)

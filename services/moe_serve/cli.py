@@ -1,0 +1,67 @@
+"""`moe-serve`: project tools that are not services (make the embedded model, check a gateway)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from moe_serve.synthetic import SyntheticConfig, write_checkpoint
+
+
+def _create_model(args: argparse.Namespace) -> int:
+    cfg = SyntheticConfig(hidden_size=args.hidden, intermediate_size=args.width, num_hidden_layers=args.layers,
+                          num_experts=args.experts, num_experts_per_tok=args.top_k, seed=args.seed)
+    path = write_checkpoint(args.output, cfg)
+    print(f"Wrote {cfg.num_hidden_layers}-layer simple_moe model (hidden {cfg.hidden_size}, {cfg.num_experts} "
+          f"experts of width {cfg.intermediate_size}, top-{cfg.num_experts_per_tok}, seed {cfg.seed}) to {path}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Send fresh random input through the gateway and compare with the in-process reference."""
+    from moe_client.client import GatewayClient
+    from moe_serve.checkpoint import Checkpoint
+    from moe_serve.models import load_reference
+
+    checkpoint = Checkpoint(args.checkpoint)
+    model, experts = load_reference(checkpoint)
+    hidden = np.random.default_rng(args.seed).standard_normal((args.tokens, checkpoint.spec.hidden_size),
+                                                              dtype=np.float32)
+    with GatewayClient(args.gateway) as client:
+        got = client.forward(hidden)
+    with torch.inference_mode():
+        want = model.forward(torch.from_numpy(hidden), experts).numpy()
+    err = float(np.abs(got - want).max())
+    ok = err <= args.tolerance
+    print(f"Max abs error vs in-process reference over {args.tokens} tokens: {err:.2e} "
+          f"({'OK' if ok else 'FAIL'}, tolerance {args.tolerance:.0e})")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of moe-serve."""
+    parser = argparse.ArgumentParser(prog="moe-serve", description="moe-serve tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    create = sub.add_parser("create-model", help="write the embedded default simple_moe checkpoint")
+    create.add_argument("output", help="directory to write config.json and model.safetensors into")
+    create.add_argument("--hidden", type=int, default=512, help="hidden size (default 512)")
+    create.add_argument("--width", type=int, default=1024, help="expert width (default 1024)")
+    create.add_argument("--layers", type=int, default=2, help="MoE layers (default 2)")
+    create.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
+    create.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    create.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    verify = sub.add_parser("verify", help="compare a gateway's Forward with the in-process reference")
+    verify.add_argument("--gateway", default="127.0.0.1:50050", help="gateway host:port")
+    verify.add_argument("--checkpoint", required=True, help="the checkpoint the cluster serves")
+    verify.add_argument("--tokens", type=int, default=64, help="random tokens to send (default 64)")
+    verify.add_argument("--seed", type=int, default=None, help="seed of the random input (default: fresh)")
+    verify.add_argument("--tolerance", type=float, default=1e-5, help="max abs error allowed (default 1e-5)")
+    args = parser.parse_args(argv)
+    return _create_model(args) if args.command == "create-model" else _verify(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Process plumbing shared by the service entry points: env-backed flags, logging, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from moe_serve.grpc_server import ServerHandle
+
+RULE = "=" * 80
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """Value of MOE_<NAME> from the environment (flags override it), else `default`."""
+    return os.environ.get(f"MOE_{name.upper()}", default)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Timestamped logs to stderr."""
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def serve_until_signal(handle: ServerHandle, grace: float) -> None:
+    """Run until SIGTERM or SIGINT; then NOT_SERVING, finish in-flight calls within `grace`, and return."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print(f"Shutting down (finishing in-flight requests, up to {grace:.0f}s)...", flush=True)
+    await handle.stop(grace)
+    print("Stopped.", flush=True)
