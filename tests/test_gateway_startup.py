@@ -1,0 +1,40 @@
+"""The gateway refuses to serve a model its expert servers do not cover, or a different checkpoint."""
+
+import json
+
+import pytest
+
+from moe_serve.gateway.dispatch import StartupError
+from moe_serve.synthetic import write_checkpoint
+
+from conftest import TINY
+
+
+def test_refuses_when_an_expert_has_no_owner(cluster, tiny_checkpoint):
+    servers = [cluster.expert_server(tiny_checkpoint, experts="0-2"),
+               cluster.expert_server(tiny_checkpoint, experts=["0:3-7", "1:3-5"])]
+    with pytest.raises(StartupError, match=r"no expert server owns layer 1: experts 6-7"):
+        cluster.gateway(tiny_checkpoint, servers)
+
+
+def test_refuses_a_server_on_another_checkpoint(cluster, tiny_checkpoint, tmp_path):
+    other = write_checkpoint(tmp_path / "other", TINY.__class__(**{**TINY.__dict__, "seed": 99}))
+    servers = [cluster.expert_server(tiny_checkpoint, experts="0-3"), cluster.expert_server(other, experts="4-7")]
+    with pytest.raises(StartupError, match=r"serves checkpoint [0-9a-f]{16} .*the gateway's is [0-9a-f]{16}"):
+        cluster.gateway(tiny_checkpoint, servers)
+
+
+def test_placement_file_must_match_servers(cluster, tiny_checkpoint, tmp_path):
+    servers = [cluster.expert_server(tiny_checkpoint, experts="0-3"), cluster.expert_server(tiny_checkpoint, experts="4-7")]
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"servers": [
+        {"name": "w1", "address": servers[0], "experts": "0-4"},
+        {"name": "w2", "address": servers[1], "experts": "4-7"},
+    ]}))
+    with pytest.raises(StartupError, match=r"server w1 .* does not hold layer 0: \[4\]"):
+        cluster.gateway(tiny_checkpoint, [], placement=str(placement))
+
+
+def test_unreachable_server_is_named(cluster, tiny_checkpoint):
+    with pytest.raises(StartupError, match=r"127.0.0.1:1 did not answer GetInfo"):
+        cluster.gateway(tiny_checkpoint, ["127.0.0.1:1"], connect_timeout=1.0)
