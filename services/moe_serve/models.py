@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.core.experts import LocalExperts
+from moe_serve.core.experts import ExpertWeights, LocalExperts
 from moe_serve.core.simple_model import SimpleMoEModel
-from moe_serve.expert_server.bank import ExpertBank
-from moe_serve.placement import resolve_ownership
 
 
 def load_dense_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> SimpleMoEModel:
@@ -21,10 +19,18 @@ def load_dense_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32)
     return SimpleMoEModel.from_tensors(spec, tensors, dtype)
 
 
+def load_all_experts(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> LocalExperts:
+    """Every routed expert on the CPU, computed one expert at a time: the reference for expert servers."""
+    spec = checkpoint.spec
+    experts = {}
+    for layer in spec.moe_layers:
+        for e in range(spec.num_experts):
+            tensors = (checkpoint.load(name) for name in spec.expert_names(layer, e))
+            experts[layer, e] = ExpertWeights(*tensors).to(dtype=dtype)
+    return LocalExperts(experts)
+
+
 def load_reference(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
                    expert_dtype: torch.dtype | None = None) -> tuple[SimpleMoEModel, LocalExperts]:
     """The whole model in this process, every expert on the CPU: what distributed runs must equal."""
-    bank = ExpertBank.load(checkpoint, resolve_ownership(checkpoint.spec, "all"), [torch.device("cpu")],
-                           expert_dtype or dtype)
-    experts = {(layer, e): w for layer, by_id in bank.experts.items() for e, w in by_id.items()}
-    return load_dense_model(checkpoint, dtype), LocalExperts(experts)
+    return load_dense_model(checkpoint, dtype), load_all_experts(checkpoint, expert_dtype or dtype)

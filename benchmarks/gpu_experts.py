@@ -1,0 +1,111 @@
+"""Expert-server compute for one DeepSeek-MoE-16B MoE layer, against the card's measured bf16 GEMM peak.
+
+64 experts of width 1408, hidden 2048, top-6, random bf16 weights, random routing; every expert on
+this server. Two timings per batch size: `compute` with the hidden states already on the GPU (the
+grouped GEMMs and gathers alone) and `from host` with them arriving as a CPU tensor, as RunExperts
+receives them. Prints a table and writes JSON.
+
+    python benchmarks/gpu_experts.py --devices cuda:0 --out results.json
+    python benchmarks/gpu_experts.py --devices cpu --quick          # smoke run without a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from moe_serve.core.experts import ExpertWeights
+from moe_serve.core.routing import route
+from moe_serve.expert_server.bank import ExpertBank, assign_devices
+
+HIDDEN, WIDTH, EXPERTS, TOP_K = 2048, 1408, 64, 6
+
+
+def sync(devices: list[torch.device]) -> None:
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+
+
+def timed(fn, devices, repeats: int, warmup: int = 3) -> list[float]:
+    """Seconds per call, each call synchronised, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(devices)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(devices)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def gemm_peak(device: torch.device, n: int, repeats: int) -> float:
+    """Measured bf16 TFLOP/s of one n x n x n matmul on `device`."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    t = statistics.median(timed(lambda: a @ b, [device], repeats))
+    return 2 * n**3 / t / 1e12
+
+
+def build_bank(devices: list[torch.device], hidden: int, width: int, experts: int) -> ExpertBank:
+    device_of = assign_devices(list(range(experts)), devices)
+    gen = torch.Generator().manual_seed(0)
+    weights = {}
+    for e in range(experts):
+        w = ExpertWeights(torch.randn(width, hidden, generator=gen) / hidden**0.5,
+                          torch.randn(width, hidden, generator=gen) / hidden**0.5,
+                          torch.randn(hidden, width, generator=gen) / width**0.5)
+        weights[0, e] = w.to(device_of[e], torch.bfloat16)
+    return ExpertBank(weights, experts, hidden, torch.bfloat16)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", default="cuda:0", help="devices of the experts, e.g. cuda:0 or cuda:0,cuda:1")
+    p.add_argument("--tokens", default="1,16,128,512,1024,2048,4096,8192,16384")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, for a run without a GPU")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    devices = [torch.device(d) for d in args.devices.split(",")]
+    hidden, width, experts = (HIDDEN, WIDTH, EXPERTS) if not args.quick else (256, 128, 16)
+    tokens_list = [int(t) for t in args.tokens.split(",")] if not args.quick else [1, 64, 512]
+    primary = devices[0]
+    peak = gemm_peak(primary, 8192 if primary.type == "cuda" else 1024, args.repeats)
+    bank = build_bank(devices, hidden, width, experts)
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    print(f"{'tokens':>7} {'compute ms':>11} {'TFLOP/s':>8} {'% peak':>7} {'from host ms':>13} {'TFLOP/s':>8}")
+    for tokens in tokens_list:
+        host_hidden = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+        weights_k, ids = route(torch.randn(tokens, experts, generator=gen), TOP_K, renormalize=False)
+        on_dev = host_hidden.to(primary)
+        flops = tokens * TOP_K * 6 * hidden * width  # gate+up (2*H*2I) and down (2*I*H) per routed pair
+        t_dev = statistics.median(timed(lambda: bank.compute(0, on_dev, ids, weights_k), devices, args.repeats))
+        t_host = statistics.median(timed(lambda: bank.compute(0, host_hidden, ids, weights_k), devices,
+                                         args.repeats))
+        row = {"tokens": tokens, "compute_ms": t_dev * 1e3, "compute_tflops": flops / t_dev / 1e12,
+               "pct_of_peak": 100 * flops / t_dev / 1e12 / peak, "from_host_ms": t_host * 1e3,
+               "from_host_tflops": flops / t_host / 1e12}
+        rows.append(row)
+        print(f"{tokens:>7} {row['compute_ms']:>11.3f} {row['compute_tflops']:>8.1f} {row['pct_of_peak']:>6.1f}% "
+              f"{row['from_host_ms']:>13.3f} {row['from_host_tflops']:>8.1f}")
+    names = [torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or "cpu" for d in devices]
+    result = {"devices": [str(d) for d in devices], "device_names": names, "gemm_peak_tflops": peak,
+              "shape": {"hidden": hidden, "width": width, "experts": experts, "top_k": TOP_K},
+              "torch": torch.__version__, "rows": rows}
+    print(f"bf16 GEMM peak measured on {names[0]}: {peak:.1f} TFLOP/s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
