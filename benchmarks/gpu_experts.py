@@ -16,6 +16,7 @@ import json
 import platform
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -54,7 +55,8 @@ def gemm_peak(device: torch.device, n: int, repeats: int) -> float:
     return 2 * n**3 / t / 1e12
 
 
-def build_bank(devices: list[torch.device], hidden: int, width: int, experts: int) -> ExpertBank:
+def build_bank(devices: list[torch.device], hidden: int, width: int, experts: int,
+               cuda_graph_tokens: int = 16384) -> ExpertBank:
     device_of = assign_devices(list(range(experts)), devices)
     gen = torch.Generator().manual_seed(0)
     weights = {}
@@ -63,7 +65,7 @@ def build_bank(devices: list[torch.device], hidden: int, width: int, experts: in
                           torch.randn(width, hidden, generator=gen) / hidden**0.5,
                           torch.randn(hidden, width, generator=gen) / width**0.5)
         weights[0, e] = w.to(device_of[e], torch.bfloat16)
-    return ExpertBank(weights, experts, hidden, torch.bfloat16)
+    return ExpertBank(weights, experts, hidden, torch.bfloat16, cuda_graph_tokens)
 
 
 def main() -> None:
@@ -80,23 +82,30 @@ def main() -> None:
     primary = devices[0]
     peak = gemm_peak(primary, 8192 if primary.type == "cuda" else 1024, args.repeats)
     bank = build_bank(devices, hidden, width, experts)
+    eager = build_bank(devices, hidden, width, experts, cuda_graph_tokens=0)
     gen = torch.Generator().manual_seed(1)
     rows = []
-    print(f"{'tokens':>7} {'compute ms':>11} {'TFLOP/s':>8} {'% peak':>7} {'from host ms':>13} {'TFLOP/s':>8}")
+    print(f"{'tokens':>7} {'eager ms':>9} {'compute ms':>11} {'TFLOP/s':>8} {'% peak':>7} {'from host ms':>13} "
+          f"{'TFLOP/s':>8}")
     for tokens in tokens_list:
         host_hidden = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
         weights_k, ids = route(torch.randn(tokens, experts, generator=gen), TOP_K, renormalize=False)
         on_dev = host_hidden.to(primary)
         flops = tokens * TOP_K * 6 * hidden * width  # gate+up (2*H*2I) and down (2*I*H) per routed pair
-        t_dev = statistics.median(timed(lambda: bank.compute(0, on_dev, ids, weights_k), devices, args.repeats))
-        t_host = statistics.median(timed(lambda: bank.compute(0, host_hidden, ids, weights_k), devices,
-                                         args.repeats))
-        row = {"tokens": tokens, "compute_ms": t_dev * 1e3, "compute_tflops": flops / t_dev / 1e12,
-               "pct_of_peak": 100 * flops / t_dev / 1e12 / peak, "from_host_ms": t_host * 1e3,
+        # compute: inputs already on the GPU, partial sums left there (grouped GEMMs, gathers, routing prep),
+        # eager (one launch per kernel) and with CUDA graphs; from host: what RunExperts does, CPU bf16 in,
+        # CPU bf16 out through pinned buffers.
+        t_eager = statistics.median(timed(partial(eager.launch, 0, on_dev, ids, weights_k), devices, args.repeats))
+        t_dev = statistics.median(timed(partial(bank.launch, 0, on_dev, ids, weights_k), devices, args.repeats))
+        t_host = statistics.median(timed(partial(bank.compute, 0, host_hidden, ids, weights_k, torch.bfloat16),
+                                         devices, args.repeats))
+        row = {"tokens": tokens, "eager_ms": t_eager * 1e3, "compute_ms": t_dev * 1e3,
+               "compute_tflops": flops / t_dev / 1e12, "pct_of_peak": 100 * flops / t_dev / 1e12 / peak,
+               "from_host_ms": t_host * 1e3,
                "from_host_tflops": flops / t_host / 1e12}
         rows.append(row)
-        print(f"{tokens:>7} {row['compute_ms']:>11.3f} {row['compute_tflops']:>8.1f} {row['pct_of_peak']:>6.1f}% "
-              f"{row['from_host_ms']:>13.3f} {row['from_host_tflops']:>8.1f}")
+        print(f"{tokens:>7} {row['eager_ms']:>9.3f} {row['compute_ms']:>11.3f} {row['compute_tflops']:>8.1f} "
+              f"{row['pct_of_peak']:>6.1f}% {row['from_host_ms']:>13.3f} {row['from_host_tflops']:>8.1f}")
     names = [torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or "cpu" for d in devices]
     result = {"devices": [str(d) for d in devices], "device_names": names, "gemm_peak_tflops": peak,
               "shape": {"hidden": hidden, "width": width, "experts": experts, "top_k": TOP_K},

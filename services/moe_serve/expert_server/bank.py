@@ -16,8 +16,9 @@ import torch
 
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.core.experts import ExpertWeights
-from moe_serve.core.grouped import StackedExperts, grouped_supported, grouped_swiglu, looped_swiglu
+from moe_serve.core.grouped import StackedExperts, Swiglu, expert_sums, grouped_supported, grouped_swiglu, looped_swiglu
 from moe_serve.errors import InvalidArgument, NotFound
+from moe_serve.expert_server.cuda_graphs import GraphedExperts
 from moe_serve.placement import Ownership, format_ranges
 
 
@@ -36,7 +37,7 @@ class _DeviceGroup:
 
     stacked: StackedExperts
     slot_of: torch.Tensor  # [E] slot on this device or -1
-    swiglu: Callable[[torch.Tensor, torch.Tensor, StackedExperts], torch.Tensor]
+    swiglu: Swiglu
 
 
 def assign_devices(expert_ids: list[int], devices: list[torch.device]) -> dict[int, torch.device]:
@@ -48,12 +49,17 @@ class ExpertBank:
     """Owned experts of some MoE layers, spread over devices, in one compute dtype."""
 
     def __init__(self, experts: Mapping[tuple[int, int], ExpertWeights], num_experts: int, hidden_size: int,
-                 dtype: torch.dtype):
-        """experts: (layer, expert) -> weights, already on their devices in `dtype`."""
+                 dtype: torch.dtype, cuda_graph_tokens: int = 16384):
+        """experts: (layer, expert) -> weights, already on their devices in `dtype`.
+
+        GPU calls of up to `cuda_graph_tokens` tokens replay captured CUDA graphs (0 turns them off).
+        """
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.dtype = dtype
         self._owned: dict[int, list[int]] = {}
+        self._pinned_buffers: dict[str, torch.Tensor] = {}
+        self._graphed: dict[torch.device, GraphedExperts] = {}
         self._groups: dict[int, list[_DeviceGroup]] = {}
         by_layer_device: dict[tuple[int, torch.device], dict[int, ExpertWeights]] = {}
         for (layer, expert), w in sorted(experts.items()):
@@ -66,10 +72,16 @@ class ExpertBank:
             stacked = StackedExperts.stack(group)
             self._groups.setdefault(layer, []).append(_DeviceGroup(stacked, stacked.slot_of(num_experts),
                                                                    kernels[device]))
+            # Capturable only on the bf16 CUTLASS kernel: the looped fallback and torch's float32
+            # grouped_mm on CUDA read the group offsets on the host.
+            graphable = (kernels[device] is grouped_swiglu and device.type == "cuda" and dtype == torch.bfloat16
+                         and cuda_graph_tokens > 0)
+            if graphable and device not in self._graphed:
+                self._graphed[device] = GraphedExperts(device, hidden_size, dtype, cuda_graph_tokens)
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, owned: Ownership, devices: list[torch.device], dtype: torch.dtype,
-             progress: Callable[[int, int], None] | None = None) -> ExpertBank:
+             progress: Callable[[int, int], None] | None = None, cuda_graph_tokens: int = 16384) -> ExpertBank:
         """Read only the owned experts' tensors and place them round-robin on `devices`."""
         spec = checkpoint.spec
         h, i = spec.hidden_size, spec.expert_width
@@ -83,7 +95,7 @@ class ExpertBank:
                 experts[layer, expert] = ExpertWeights(*tensors).to(device_of[expert], dtype)
                 if progress is not None:
                     progress(layer, expert)
-        return cls(experts, spec.num_experts, h, dtype)
+        return cls(experts, spec.num_experts, h, dtype, cuda_graph_tokens)
 
     @property
     def owned(self) -> Ownership:
@@ -117,45 +129,74 @@ class ExpertBank:
             raise NotFound(f"layer {layer}: experts {format_ranges(unknown)} are not on this server; "
                            f"it holds {format_ranges(self._owned[layer])}")
 
-    def run(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-            weights: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """[T, H] float32 weighted sum over each token's owned experts, and the seconds it took."""
+    def run(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+            out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+        """[T, H] weighted sum over each token's owned experts (valid until the next call), and its seconds."""
         self.check(layer, expert_ids)
         start = time.perf_counter()
-        out = self.compute(layer, hidden, expert_ids, weights)
+        out = self.compute(layer, hidden, expert_ids, weights, out_dtype)
         return out, time.perf_counter() - start
 
     @torch.inference_mode()
-    def compute(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
-        """The unchecked math of `run`: every device is launched before any result is copied back."""
-        k = expert_ids.shape[1]
-        flat_ids = expert_ids.reshape(-1).long()  # [T*K]
-        flat_w = weights.reshape(-1).float()
+    def compute(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The unchecked math of `run`, as a CPU tensor of `out_dtype`.
+
+        The result may be a view of a reused page-locked buffer: consume it before the next call.
+        """
+        return self.gather(self.launch(layer, hidden, expert_ids, weights), out_dtype)
+
+    @torch.inference_mode()
+    def launch(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+               weights: torch.Tensor) -> list[torch.Tensor]:
+        """Queue every device's work without waiting; returns per-device [T, H] float32 partial sums."""
+        staged = None
         partials = []
         for group in self._groups[layer]:
-            slot = group.slot_of[flat_ids.clamp(min=0)]
-            pairs = ((flat_ids >= 0) & (slot >= 0)).nonzero().squeeze(1)  # [N] positions in [T*K]
-            if pairs.numel() == 0:
-                continue
-            slot = slot[pairs]
-            order = torch.argsort(slot, stable=True)
-            pairs, slot = pairs[order], slot[order]
-            counts = torch.bincount(slot, minlength=len(group.stacked.expert_ids))  # [G]
             device = group.stacked.device
-            tokens = torch.div(pairs, k, rounding_mode="floor").to(device, non_blocking=True)  # [N]
-            gate_w = flat_w[pairs].to(device, non_blocking=True)
-            x = _to_device(hidden, device, self.dtype).index_select(0, tokens)  # [N, H]
-            y = group.swiglu(x, counts, group.stacked).float() * gate_w[:, None]  # [N, H]
-            partials.append(torch.zeros(hidden.shape, dtype=torch.float32, device=device).index_add_(0, tokens, y))
-        out = torch.zeros(hidden.shape, dtype=torch.float32)
-        for partial in partials:  # copies back only after every device has its work queued
-            out += partial.to("cpu")
-        return out
+            if device.type == "cuda" and hidden.device.type == "cpu":
+                staged = staged or [self._pinned_copy(t, name) for t, name in
+                                    ((hidden, "hidden"), (expert_ids, "ids"), (weights, "weights"))]
+                inputs = [t.to(device, non_blocking=True) for t in staged]
+            else:
+                inputs = [t.to(device) for t in (hidden, expert_ids, weights)]
+            graphed = self._graphed.get(device)
+            if graphed is not None:
+                partials.append(graphed.run(layer, group.stacked, group.slot_of, group.swiglu, *inputs))
+            else:
+                partials.append(expert_sums(*inputs, group.stacked, group.slot_of, group.swiglu))
+        return partials
 
+    def gather(self, partials: list[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        """Sum per-device partials: GPU ones on the first GPU, one copy back through pinned memory."""
+        on_gpu = [p for p in partials if p.device.type == "cuda"]
+        on_cpu = [p for p in partials if p.device.type != "cuda"]
+        total = on_cpu[0] if on_cpu else None
+        for p in on_cpu[1:]:
+            total = total + p
+        if on_gpu:
+            gpu_total = on_gpu[0]
+            for p in on_gpu[1:]:
+                gpu_total = gpu_total + p.to(gpu_total.device, non_blocking=True)
+            dtype = torch.float32 if on_cpu else out_dtype
+            host = self._pinned_view(gpu_total.shape, dtype, "out")
+            host.copy_(gpu_total.to(dtype), non_blocking=True)
+            torch.cuda.synchronize(gpu_total.device)
+            total = host if total is None else total + host
+        return total.to(out_dtype)
 
-def _to_device(hidden: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    if device.type == "cuda" and hidden.device.type == "cpu":
-        # Through pinned memory so the copy is asynchronous and runs at full PCIe speed.
-        return hidden.pin_memory().to(device, non_blocking=True).to(dtype)
-    return hidden.to(device=device, dtype=dtype)
+    def _pinned_view(self, shape: torch.Size, dtype: torch.dtype, key: str) -> torch.Tensor:
+        """A reusable page-locked buffer viewed as `shape` / `dtype` (grown by doubling; one caller at a time)."""
+        nbytes = shape.numel() * dtype.itemsize
+        buf = self._pinned_buffers.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 2 * (0 if buf is None else buf.numel())), dtype=torch.uint8,
+                              pin_memory=True)
+            self._pinned_buffers[key] = buf
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def _pinned_copy(self, tensor: torch.Tensor, key: str) -> torch.Tensor:
+        """`tensor` copied into page-locked memory, so copies to GPUs are asynchronous and full speed."""
+        host = self._pinned_view(tensor.shape, tensor.dtype, key)
+        host.copy_(tensor)
+        return host

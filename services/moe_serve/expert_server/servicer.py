@@ -13,7 +13,7 @@ from moe_serve import __version__
 from moe_serve.errors import InvalidArgument
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.grpc_server import rpc
-from moe_serve.tensors import from_wire, to_wire
+from moe_serve.tensors import TORCH_DTYPES, from_wire, to_wire
 
 _INT_IDS = (wire.INT32, wire.INT64)
 _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16, wire.FLOAT8_E4M3)
@@ -51,12 +51,20 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
     async def RunExperts(self, request, context):
         hidden, ids, weights = decode_request(request, self.bank.hidden_size)
         self.bank.check(request.layer, ids)
-        loop = asyncio.get_running_loop()
-        out, seconds = await loop.run_in_executor(self.executor, self.bank.run, request.layer, hidden, ids, weights)
         out_dtype = request.output_dtype or request.hidden.dtype
         if out_dtype == wire.FLOAT8_E4M3:
             out_dtype = wire.BFLOAT16
-        return experts_pb2.RunExpertsResponse(output=to_wire(out, out_dtype), compute_seconds=seconds)
+        if out_dtype not in (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16):
+            raise InvalidArgument(f"output_dtype: {wire.dtype_name(out_dtype)} is not a float dtype")
+        loop = asyncio.get_running_loop()
+        output, seconds = await loop.run_in_executor(self.executor, self._run, request.layer, hidden, ids, weights,
+                                                     out_dtype)
+        return experts_pb2.RunExpertsResponse(output=output, compute_seconds=seconds)
+
+    def _run(self, layer, hidden, ids, weights, out_dtype):
+        # Encoded on the worker thread: the bank's result may sit in a buffer the next call reuses.
+        out, seconds = self.bank.run(layer, hidden, ids, weights, TORCH_DTYPES[out_dtype])
+        return to_wire(out, out_dtype), seconds
 
     @rpc
     async def GetInfo(self, request, context):
