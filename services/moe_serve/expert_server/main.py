@@ -36,6 +36,7 @@ class ExpertServerConfig:
     name: str = ""
     grace_seconds: float = 10.0
     log_level: str = "INFO"
+    cuda_graph_tokens: int = 16384
 
     @property
     def address(self) -> str:
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port to bind; 0 picks a free one (env MOE_PORT; default 50051)")
     p.add_argument("--grace", type=float, default=float(env("GRACE", "10")),
                    help="seconds to finish in-flight requests on SIGTERM (env MOE_GRACE; default 10)")
+    p.add_argument("--cuda-graph-tokens", type=int, default=int(env("CUDA_GRAPH_TOKENS", "16384")),
+                   help="on GPUs in bf16, replay captured CUDA graphs for calls of up to this many tokens; "
+                        "0 = launch kernels one by one (env MOE_CUDA_GRAPH_TOKENS; default 16384)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="logging level (env MOE_LOG_LEVEL)")
     return p
 
@@ -86,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
     return ExpertServerConfig(
         checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=args.host,
         port=args.port, name=args.name, grace_seconds=args.grace, log_level=args.log_level,
+        cuda_graph_tokens=args.cuda_graph_tokens,
     )
 
 
@@ -103,7 +108,8 @@ def load_bank(config: ExpertServerConfig, verbose: bool = True) -> tuple[ExpertB
         n_experts = len(set().union(*owned.values()))
         print(f"Distributing {n_experts} experts across {len(devices)} device(s) "
               f"({', '.join(str(d) for d in devices)}), dtype {config.dtype}")
-    bank = ExpertBank.load(checkpoint, owned, devices, DTYPES[config.dtype])
+    bank = ExpertBank.load(checkpoint, owned, devices, DTYPES[config.dtype],
+                           cuda_graph_tokens=config.cuda_graph_tokens)
     if verbose:
         by_expert: dict[int, str] = {}
         for placed in bank.placement():
