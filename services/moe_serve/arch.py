@@ -2,7 +2,10 @@
 
 One frozen `ModelSpec` per checkpoint: dimensions, which layers are MoE, routing semantics and
 the tensor names of experts and routers. Both the expert servers and the gateway read it; it
-never touches tensors.
+never touches tensors. Field semantics follow transformers 5.x (mixtral, qwen2_moe, qwen3_moe,
+olmoe) and DeepSeek's own modeling code (deepseek, remote code); both the hub's config.json style
+(top-level `rope_theta`, qwen3 `num_experts`) and transformers 5's (`rope_parameters`,
+`num_local_experts`) are read.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("simple_moe", "deepseek", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# Base of the rotary frequencies when a config names none (transformers' `default_theta`).
+_DEFAULT_THETA = {"mixtral": 1_000_000.0}
 
 
 class ConfigError(ValueError):
@@ -41,9 +46,15 @@ class ModelSpec:
     num_kv_heads: int = 0
     head_dim: int = 0
     rope_theta: float = 10000.0
+    # Linear RoPE scaling divides the frequencies by this factor (1.0 = none).
+    rope_scaling_factor: float = 1.0
+    # Bias on q/k/v projections, and separately on o_proj (qwen2_moe biases q/k/v only).
     attention_bias: bool = False
-    # None, "head" (qwen3_moe: per-head RMSNorm on q and k) or "full" (olmoe: over all heads).
+    o_proj_bias: bool = False
+    # None, "head" (qwen3_moe: RMSNorm over each head's dims) or "full" (olmoe: over all heads at once).
     qk_norm: str | None = None
+    # olmoe: clamp q, k, v to [-clip_qkv, clip_qkv] (None = off).
+    clip_qkv: float | None = None
     # Width of the dense MLP of non-MoE layers.
     dense_width: int = 0
     # Shared experts: total width (0 for none) and whether a sigmoid gate scales them (qwen2_moe).
@@ -51,6 +62,7 @@ class ModelSpec:
     shared_expert_gated: bool = False
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
+    eos_token_ids: tuple[int, ...] = ()
 
     def is_moe_layer(self, layer: int) -> bool:
         """True if `layer` has routed experts."""
@@ -71,6 +83,10 @@ class ModelSpec:
             return f"{base}.w1.weight", f"{base}.w3.weight", f"{base}.w2.weight"
         return f"{base}.gate_proj.weight", f"{base}.up_proj.weight", f"{base}.down_proj.weight"
 
+    def shared_expert_prefix(self, layer: int) -> str:
+        """Name prefix of a MoE layer's shared expert(s): qwen2_moe `shared_expert`, deepseek `shared_experts`."""
+        return f"model.layers.{layer}.mlp.{'shared_expert' if self.model_type == 'qwen2_moe' else 'shared_experts'}"
+
     def is_expert_tensor(self, name: str) -> bool:
         """True for the tensors of routed experts, which only expert servers load."""
         return f".{self._moe_prefix}.experts." in name
@@ -85,27 +101,60 @@ def _get(config: dict[str, Any], *keys: str, default: Any = None, required: bool
     return default
 
 
-def _rope_theta(config: dict[str, Any]) -> float:
-    # Hub configs keep rope_theta at the top level; transformers 5 nests it in rope_parameters.
-    if "rope_theta" in config:
-        return float(config["rope_theta"])
-    params = config.get("rope_parameters") or {}
-    return float(params.get("rope_theta", 10000.0))
+def _rope(config: dict[str, Any], model_type: str) -> tuple[float, float]:
+    """(rope_theta, linear scaling factor), with transformers' precedence: rope_parameters, then top level."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config.json: rope_parameters {params!r} is not an object")
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ConfigError("config.json: per-layer-type rope_parameters are not supported")
+    theta = params.get("rope_theta", config.get("rope_theta", _DEFAULT_THETA.get(model_type, 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return float(theta), 1.0
+    if kind == "linear":
+        return float(theta), float(_get(params, "factor"))
+    raise ConfigError(f"config.json: rope type {kind!r} unsupported; supported: 'default', 'linear'")
 
 
-def _decoder_fields(config: dict[str, Any]) -> dict[str, Any]:
+def _eos(config: dict[str, Any]) -> tuple[int, ...]:
+    eos = config.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+
+
+def _decoder_fields(config: dict[str, Any], model_type: str) -> dict[str, Any]:
     hidden = int(_get(config, "hidden_size"))
     heads = int(_get(config, "num_attention_heads"))
+    kv_heads = int(_get(config, "num_key_value_heads", default=heads))
+    if heads % kv_heads:
+        raise ConfigError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"config.json: hidden_act {act!r} unsupported; only 'silu'")
+    if config.get("use_sliding_window") or (model_type == "mixtral" and config.get("sliding_window")):
+        raise ConfigError("config.json: sliding-window attention (use_sliding_window / sliding_window) is unsupported")
+    theta, factor = _rope(config, model_type)
+    bias = bool(config.get("attention_bias", False))
+    vocab = int(_get(config, "vocab_size"))
+    eos = _eos(config)
+    bad = [e for e in eos if not 0 <= e < vocab]
     return {
         "has_attention": True,
-        "vocab_size": int(_get(config, "vocab_size")),
+        "vocab_size": vocab,
         "num_heads": heads,
-        "num_kv_heads": int(_get(config, "num_key_value_heads", default=heads)),
-        "head_dim": int(_get(config, "head_dim", default=hidden // heads)),
-        "rope_theta": _rope_theta(config),
-        "attention_bias": bool(_get(config, "attention_bias", default=False, required=False)),
+        "num_kv_heads": kv_heads,
+        # olmoe sizes its q/k norms by hidden_size, so its heads are hidden // heads wide.
+        "head_dim": hidden // heads if model_type == "olmoe" else int(_get(config, "head_dim", default=hidden // heads)),
+        "rope_theta": theta,
+        "rope_scaling_factor": factor,
+        "attention_bias": bias,
+        "o_proj_bias": bias and model_type != "mixtral",
         "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
-        "max_position_embeddings": int(config.get("max_position_embeddings", 4096)),
+        "max_position_embeddings": int(config.get("max_position_embeddings") or 4096),
+        # An eos id outside the vocabulary (olmoe's default 50279 in a tiny model) can never be generated.
+        "eos_token_ids": tuple(e for e in eos if e not in bad),
     }
 
 
@@ -149,30 +198,32 @@ def spec_from_config(config: dict[str, Any]) -> ModelSpec:
         freq = int(config.get("moe_layer_freq", 1) or 1)
         shared = int(config.get("n_shared_experts") or 0)
         width = int(_get(config, "moe_intermediate_size"))
-        spec = ModelSpec(
-            **common, **_decoder_fields(config),
-            moe_layers=tuple(l for l in range(num_layers) if l >= first_dense and l % freq == 0),
-            num_experts=experts, expert_width=width,
-            norm_topk_prob=bool(config.get("norm_topk_prob", False)), router_softmax_fp32=False,
-            dense_width=int(_get(config, "intermediate_size")), shared_expert_width=shared * width,
-        )
         if config.get("scoring_func", "softmax") != "softmax":
             raise ConfigError(f"config.json: scoring_func {config['scoring_func']!r} unsupported; only 'softmax'")
-    elif model_type == "mixtral":
-        experts = int(_get(config, "num_local_experts"))
         spec = ModelSpec(
-            **common, **_decoder_fields(config), moe_layers=tuple(range(num_layers)),
+            **common, **_decoder_fields(config, model_type),
+            moe_layers=tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0),
+            num_experts=experts, expert_width=width,
+            # MoEGate renormalises only when top_k > 1 and norm_topk_prob (false for DeepSeek-MoE-16B).
+            norm_topk_prob=bool(config.get("norm_topk_prob", False)) and common["top_k"] > 1,
+            router_softmax_fp32=False,
+            dense_width=int(_get(config, "intermediate_size")), shared_expert_width=shared * width,
+        )
+    elif model_type == "mixtral":
+        experts = int(_get(config, "num_local_experts", "num_experts"))
+        spec = ModelSpec(
+            **common, **_decoder_fields(config, model_type), moe_layers=tuple(range(num_layers)),
             num_experts=experts, expert_width=int(_get(config, "intermediate_size")), norm_topk_prob=True,
         )
     elif model_type in ("qwen2_moe", "qwen3_moe"):
         experts = int(_get(config, "num_experts", "num_local_experts"))
-        fields = _decoder_fields(config)
-        if model_type == "qwen2_moe":
-            fields["attention_bias"] = bool(config.get("qkv_bias", True))
+        fields = _decoder_fields(config, model_type)
+        if model_type == "qwen2_moe":  # q/k/v carry a bias (qkv_bias, default true); o_proj never does
+            fields.update(attention_bias=bool(config.get("qkv_bias", True)), o_proj_bias=False)
         spec = ModelSpec(
             **common, **fields, moe_layers=_sparse_step_layers(config, num_layers, experts),
             num_experts=experts, expert_width=int(_get(config, "moe_intermediate_size")),
-            norm_topk_prob=bool(config.get("norm_topk_prob", model_type == "qwen3_moe")),
+            norm_topk_prob=bool(config.get("norm_topk_prob", False)),
             qk_norm="head" if model_type == "qwen3_moe" else None,
             dense_width=int(config.get("intermediate_size") or 0),
             shared_expert_width=int(config.get("shared_expert_intermediate_size") or 0)
@@ -180,12 +231,16 @@ def spec_from_config(config: dict[str, Any]) -> ModelSpec:
             shared_expert_gated=model_type == "qwen2_moe",
         )
     else:  # olmoe
-        experts = int(_get(config, "num_experts"))
+        experts = int(_get(config, "num_experts", "num_local_experts"))
+        clip = config.get("clip_qkv")
         spec = ModelSpec(
-            **common, **_decoder_fields(config), moe_layers=tuple(range(num_layers)),
+            **common, **_decoder_fields(config, model_type), moe_layers=tuple(range(num_layers)),
             num_experts=experts, expert_width=int(_get(config, "intermediate_size")),
             norm_topk_prob=bool(config.get("norm_topk_prob", False)), qk_norm="full",
+            clip_qkv=None if clip is None else float(clip),
         )
     if spec.top_k < 1 or spec.top_k > spec.num_experts:
         raise ConfigError(f"config.json: num_experts_per_tok {spec.top_k} must be in 1..{spec.num_experts}")
+    if len(spec.moe_layers) < spec.num_layers and spec.has_attention and spec.dense_width <= 0:
+        raise ConfigError("config.json: missing field 'intermediate_size' (width of the dense MLP layers)")
     return spec
