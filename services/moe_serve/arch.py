@@ -129,7 +129,8 @@ def _decoder_fields(config: dict[str, Any], model_type: str) -> dict[str, Any]:
     heads = int(_get(config, "num_attention_heads"))
     kv_heads = int(_get(config, "num_key_value_heads", default=heads))
     if heads % kv_heads:
-        raise ConfigError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        raise ConfigError(f"config.json: num_attention_heads {heads} is not a multiple of "
+                          f"num_key_value_heads {kv_heads}")
     act = config.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"config.json: hidden_act {act!r} unsupported; only 'silu'")
@@ -146,7 +147,8 @@ def _decoder_fields(config: dict[str, Any], model_type: str) -> dict[str, Any]:
         "num_heads": heads,
         "num_kv_heads": kv_heads,
         # olmoe sizes its q/k norms by hidden_size, so its heads are hidden // heads wide.
-        "head_dim": hidden // heads if model_type == "olmoe" else int(_get(config, "head_dim", default=hidden // heads)),
+        "head_dim": hidden // heads if model_type == "olmoe"
+        else int(_get(config, "head_dim", default=hidden // heads)),
         "rope_theta": theta,
         "rope_scaling_factor": factor,
         "attention_bias": bias,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +17,15 @@ from moe_serve.errors import status_of
 log = logging.getLogger(__name__)
 
 
+def _status(name: str, err: Exception) -> tuple[grpc.StatusCode, str]:
+    status = status_of(err)
+    if status is None:
+        log.exception("%s failed", name)
+        return grpc.StatusCode.INTERNAL, f"{name}: {type(err).__name__}: {err}"
+    log.info("%s: %s %s", name, status[0].name, status[1])
+    return status
+
+
 def rpc(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
     """Wrap an async servicer method: known errors keep their code, the rest become INTERNAL."""
 
@@ -26,14 +35,24 @@ def rpc(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
             return await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as err:  # noqa: BLE001 - the one place unexpected errors become INTERNAL
-            status = status_of(err)
-            if status is None:
-                log.exception("%s failed", handler.__name__)
-                status = (grpc.StatusCode.INTERNAL, f"{handler.__name__}: {type(err).__name__}: {err}")
-            else:
-                log.info("%s: %s %s", handler.__name__, status[0].name, status[1])
-            await context.abort(*status)
+        except Exception as err:  # the one place unexpected errors become INTERNAL
+            await context.abort(*_status(handler.__name__, err))
+
+    return wrapped
+
+
+def rpc_stream(handler: Callable[..., AsyncIterator]) -> Callable[..., AsyncIterator]:
+    """`rpc` for server-streaming methods (async generators)."""
+
+    @functools.wraps(handler)
+    async def wrapped(self, request, context: grpc.aio.ServicerContext):
+        try:
+            async for reply in handler(self, request, context):
+                yield reply
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            await context.abort(*_status(handler.__name__, err))
 
     return wrapped
 

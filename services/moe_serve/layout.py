@@ -66,4 +66,4 @@ def dense_tensor_shapes(spec: ModelSpec) -> dict[str, Shape]:
 def expert_tensor_shapes(spec: ModelSpec, layer: int, expert: int) -> dict[str, Shape]:
     """name -> shape of one routed expert's three tensors."""
     h, i = spec.hidden_size, spec.expert_width
-    return dict(zip(spec.expert_names(layer, expert), ((i, h), (i, h), (h, i))))
+    return dict(zip(spec.expert_names(layer, expert), ((i, h), (i, h), (h, i)), strict=True))

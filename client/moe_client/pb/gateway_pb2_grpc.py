@@ -40,6 +40,11 @@ class GatewayServiceStub:
                 request_serializer=moe_dot_v1_dot_gateway__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=moe_dot_v1_dot_gateway__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/moe.v1.GatewayService/Generate',
+                request_serializer=moe_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=moe_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/moe.v1.GatewayService/GetModelInfo',
                 request_serializer=moe_dot_v1_dot_gateway__pb2.GetModelInfoRequest.SerializeToString,
@@ -52,7 +57,17 @@ class GatewayServiceServicer:
     """
 
     def Forward(self, request, context):
-        """Hidden states through the model's MoE stack: [B, S, H] or [T, H] in, same shape out.
+        """Hidden states through the model, same shape out. simple_moe: [..., H], every token on its own
+        through the MoE stack. Causal LMs (deepseek, mixtral, qwen2_moe, qwen3_moe, olmoe): [B, S, H] or
+        [S, H] input embeddings; each of the B rows is one sequence at positions 0..S-1 (causal attention
+        within it), through every decoder layer and the final norm (logits = output x lm_head^T).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Causal LMs: generate tokens after a prompt, one message per token as it is produced.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,6 +87,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=moe_dot_v1_dot_gateway__pb2.ForwardRequest.FromString,
                     response_serializer=moe_dot_v1_dot_gateway__pb2.ForwardResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=moe_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
+                    response_serializer=moe_dot_v1_dot_gateway__pb2.GenerateResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -107,6 +127,33 @@ class GatewayService:
             '/moe.v1.GatewayService/Forward',
             moe_dot_v1_dot_gateway__pb2.ForwardRequest.SerializeToString,
             moe_dot_v1_dot_gateway__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moe.v1.GatewayService/Generate',
+            moe_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
+            moe_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,7 +48,7 @@ class AttentionWeights:
 
 def positions_of(caches: Sequence[KVCache], lengths: Sequence[int]) -> torch.Tensor:
     """[T] absolute position of every new token: each sequence continues from its cache's length."""
-    return torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, lengths)])
+    return torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, lengths, strict=True)])
 
 
 def self_attention(x: torch.Tensor, w: AttentionWeights, cfg: AttentionConfig, rope: RotaryEmbedding,
@@ -73,7 +73,7 @@ def self_attention(x: torch.Tensor, w: AttentionWeights, cfg: AttentionConfig, r
 
     out = torch.empty_like(q)  # [T, N, D]
     start = 0
-    for cache, n in zip(caches, lengths):
+    for cache, n in zip(caches, lengths, strict=True):
         keys, values = cache.write(layer, k[start:start + n], v[start:start + n])  # [L, G, D]
         out[start:start + n] = _attend(q[start:start + n], keys, values, cache.length, cfg)
         start += n

@@ -89,14 +89,14 @@ class CausalLM:
         from each cache) -> [T, H] after every decoder layer and the final norm; the caches advance."""
         if sum(lengths) != hidden.shape[0] or len(lengths) != len(caches):
             raise ValueError(f"lengths {list(lengths)} do not split {hidden.shape[0]} tokens over {len(caches)} caches")
-        for cache, n in zip(caches, lengths):
+        for cache, n in zip(caches, lengths, strict=True):
             cache.reserve(n)
         positions = positions_of(caches, lengths)  # [T]
         h = hidden.to(self.dtype)
         for layer, weights in enumerate(self.layers):
             h = decoder_layer(h, layer, weights, self.attn, self.router, self.rope, self.spec.rms_norm_eps,
                               experts, caches, lengths, positions)
-        for cache, n in zip(caches, lengths):
+        for cache, n in zip(caches, lengths, strict=True):
             cache.advance(n)
         return rms_norm(h, self.final_norm, self.spec.rms_norm_eps)
 

@@ -19,6 +19,7 @@ from moe_serve.grpc_server import ServerHandle, start_server
 from moe_serve.models import load_dense_model
 from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
 from moe_serve.runtime import RULE, configure_logging, env, serve_until_signal
+from moe_serve.tokenizer import TextTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -38,6 +39,7 @@ class GatewayConfig:
     rpc_timeout: float = 60.0
     connect_timeout: float = 60.0
     max_tokens: int = 65536
+    max_new_tokens: int = 4096
     grace_seconds: float = 10.0
     log_level: str = "INFO"
 
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait at start for expert servers to answer (env MOE_CONNECT_TIMEOUT)")
     p.add_argument("--max-tokens", type=int, default=int(env("MAX_TOKENS", "65536")),
                    help="largest Forward batch in tokens; more is RESOURCE_EXHAUSTED (env MOE_MAX_TOKENS)")
+    p.add_argument("--max-new-tokens", type=int, default=int(env("MAX_NEW_TOKENS", "4096")),
+                   help="largest max_new_tokens a Generate may ask for (env MOE_MAX_NEW_TOKENS; default 4096)")
     p.add_argument("--grace", type=float, default=float(env("GRACE", "10")),
                    help="seconds to finish in-flight requests on SIGTERM (env MOE_GRACE)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="logging level (env MOE_LOG_LEVEL)")
@@ -80,7 +84,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         checkpoint=args.checkpoint, servers=servers, placement=args.placement, host=args.host, port=args.port,
         dense_dtype=args.dense_dtype, wire_dtype=args.wire_dtype, rpc_timeout=args.rpc_timeout,
-        connect_timeout=args.connect_timeout, max_tokens=args.max_tokens, grace_seconds=args.grace,
+        connect_timeout=args.connect_timeout, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens,
+        grace_seconds=args.grace,
         log_level=args.log_level,
     )
 
@@ -97,7 +102,8 @@ def _check_placement(checkpoint: Checkpoint, placement: str, servers: list[Remot
                                + "; ".join(absent) + f"; it holds {'; '.join(format_ownership(owned))}")
 
 
-def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[RemoteServer], dense_dtype: str):
+def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[RemoteServer], dense_dtype: str,
+               has_tokenizer: bool = False):
     """The GetModelInfo answer."""
     spec = checkpoint.spec
     return gateway_pb2.ModelInfo(
@@ -107,6 +113,8 @@ def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[RemoteSer
         servers=[gateway_pb2.ExpertServerInfo(address=s.address, model_fingerprint=s.info.model_fingerprint,
                                               devices=list(s.info.devices), owned=format_ownership(s.owned))
                  for s in servers],
+        vocab_size=spec.vocab_size, max_position_embeddings=spec.max_position_embeddings if spec.has_attention else 0,
+        has_tokenizer=has_tokenizer, eos_token_ids=list(spec.eos_token_ids),
     )
 
 
@@ -124,6 +132,9 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     """Connect to the expert servers, check they cover the model, and start serving."""
     checkpoint = Checkpoint(config.checkpoint)
     fingerprint = checkpoint.fingerprint()
+    # Before any server is asked: a missing or misshapen tensor fails the start at once, naming it.
+    model = load_dense_model(checkpoint, DTYPES[config.dense_dtype])
+    tokenizer = TextTokenizer.from_checkpoint(checkpoint.path) if checkpoint.spec.has_attention else None
     addresses = list(config.servers)
     if config.placement:
         addresses = addresses or [e.address for e in read_placement(config.placement)]
@@ -132,6 +143,13 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         print(f"Checkpoint: {checkpoint.path} ({spec.model_type}, fingerprint {fingerprint}, hidden "
               f"{spec.hidden_size}, MoE layers {list(spec.moe_layers)} x {spec.num_experts} experts, top-{spec.top_k})")
         print(f"Connecting to {len(addresses)} expert server(s): {', '.join(addresses)}", flush=True)
+    if verbose and checkpoint.spec.has_attention:
+        spec = checkpoint.spec
+        dense = [layer for layer in range(spec.num_layers) if not spec.is_moe_layer(layer)]
+        has_tok = (checkpoint.path / "tokenizer.json").is_file()
+        print(f"Causal LM: {spec.num_layers} decoder layers (dense MLP: {dense or 'none'}), {spec.num_heads} heads "
+              f"/ {spec.num_kv_heads} KV heads of {spec.head_dim}, vocab {spec.vocab_size}, context "
+              f"{spec.max_position_embeddings}, tokenizer.json {'yes' if has_tok else 'no'}")
     servers = await connect(addresses, config.connect_timeout)
     try:
         if config.placement and not config.servers:
@@ -144,9 +162,9 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         print_mapping(servers, table)
     dispatcher = ExpertDispatcher(checkpoint.spec, servers, table, asyncio.get_running_loop(),
                                   wire.dtype_from_name(config.wire_dtype), config.rpc_timeout)
-    engine = GatewayEngine(load_dense_model(checkpoint, DTYPES[config.dense_dtype]), dispatcher)
-    servicer = GatewayServicer(engine, model_info(checkpoint, fingerprint, servers, config.dense_dtype),
-                               config.max_tokens)
+    engine = GatewayEngine(model, dispatcher, tokenizer)
+    info = model_info(checkpoint, fingerprint, servers, config.dense_dtype, tokenizer is not None)
+    servicer = GatewayServicer(engine, info, config.max_tokens, max_new_tokens=config.max_new_tokens)
     handle = await start_server(f"{config.host}:{config.port}",
                                 lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s),
                                 [SERVICE_NAME])

@@ -10,29 +10,40 @@ import torch
 from moe_client import wire
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
 from moe_serve.errors import InvalidArgument, ResourceExhausted
-from moe_serve.gateway.engine import GatewayEngine
-from moe_serve.grpc_server import rpc
+from moe_serve.gateway.engine import ForwardStats, GatewayEngine
+from moe_serve.gateway.generate_request import FINISH_REASONS, prompt_ids, require_causal, sampling_params
+from moe_serve.gateway.streaming import iterate_in_thread
+from moe_serve.grpc_server import rpc, rpc_stream
 from moe_serve.tensors import from_wire, to_wire
 
 _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    """Serves Forward and GetModelInfo for one engine."""
+    """Serves Forward, Generate and GetModelInfo for one engine."""
 
     def __init__(self, engine: GatewayEngine, info: gateway_pb2.ModelInfo, max_tokens: int = 65536,
-                 workers: int = 4):
+                 workers: int = 4, max_new_tokens: int = 4096):
         self.engine = engine
         self.info = info
         self.max_tokens = max_tokens
+        self.max_new_tokens = max_new_tokens
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gateway")
 
     def decode_hidden(self, msg) -> torch.Tensor:
-        """Validated [..., H] hidden states; names the bad value."""
+        """Validated [..., H] hidden states ([S, H] or [B, S, H] for a causal LM); names the bad value."""
         hidden = from_wire(msg, "hidden", _FLOAT)
         h = self.engine.hidden_size
         if hidden.dim() < 1 or hidden.shape[-1] != h:
             raise InvalidArgument(f"hidden: shape {list(hidden.shape)} must end in the hidden size {h}")
+        if self.engine.is_causal:
+            if hidden.dim() not in (2, 3):
+                raise InvalidArgument(f"hidden: shape {list(hidden.shape)} must be [S, {h}] or [B, S, {h}] "
+                                      "for a causal LM")
+            limit = self.engine.model.spec.max_position_embeddings
+            if hidden.shape[-2] > limit:
+                raise InvalidArgument(f"hidden: sequence length {hidden.shape[-2]} exceeds the model's "
+                                      f"max_position_embeddings {limit}")
         tokens = hidden.numel() // h
         if tokens == 0:
             raise InvalidArgument(f"hidden: empty batch (shape {list(hidden.shape)})")
@@ -51,6 +62,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.ForwardResponse(
             hidden=to_wire(out, out_dtype), total_seconds=stats.total_seconds, expert_seconds=stats.expert_seconds
         )
+
+    @rpc_stream
+    async def Generate(self, request, context):
+        require_causal(self.engine.is_causal, self.info.model_type)
+        spec = self.engine.model.spec
+        ids = prompt_ids(request, spec, self.engine.tokenizer)
+        params = sampling_params(request, spec, len(ids), self.max_new_tokens, self.max_tokens)
+        stats = ForwardStats()
+        count = 0
+        async for token in iterate_in_thread(self.executor, lambda: self.engine.generate(ids, params, stats)):
+            count += 1
+            yield gateway_pb2.GenerateResponse(
+                token_id=token.token_id, text=token.text, finish_reason=FINISH_REASONS[token.finish_reason],
+                prompt_tokens=len(ids), generated_tokens=count, total_seconds=stats.total_seconds,
+                expert_seconds=stats.expert_seconds,
+            )
 
     @rpc
     async def GetModelInfo(self, request, context):

@@ -1,0 +1,80 @@
+"""Token-by-token decoding over a CausalLM: greedy or sampled (temperature, top-k, top-p, seed), stop tokens.
+
+Legend: V = vocabulary, n = prompt tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_serve.core.causal_lm import CausalLM
+from moe_serve.core.experts import ExpertBackend
+
+
+class FinishReason(enum.Enum):
+    """Why generation ended."""
+
+    LENGTH = "length"  # max_new_tokens reached
+    STOP = "stop"  # a stop token was generated (it is the last token)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token; temperature 0 is greedy."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # 1.0 = no nucleus cut
+    seed: int | None = None  # None = fresh randomness
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """[V] float32 logits -> next token id: argmax, or a draw after temperature, top-k and top-p (HF's order)."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    scores = logits.float() / params.temperature
+    if 0 < params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p (at least one).
+        sorted_scores, order = torch.sort(scores, descending=True)
+        before = sorted_scores.softmax(-1).cumsum(-1) - sorted_scores.softmax(-1)  # mass of the tokens ahead
+        drop = before >= params.top_p
+        drop[0] = False
+        scores = scores.scatter(0, order[drop], float("-inf"))
+    probs = scores.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(model: CausalLM, experts: ExpertBackend, prompt: torch.Tensor,
+             params: SamplingParams) -> Iterator[tuple[int, FinishReason | None]]:
+    """Yield (token, finish reason or None) as each token is chosen; prompt [n] int64, KV cache in use."""
+    cache = model.new_cache(prompt.numel() + params.max_new_tokens)
+    generator = torch.Generator()
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    logits = model.forward([prompt], [cache], experts, last_only=True)[0]  # [V]
+    for step in range(params.max_new_tokens):
+        token = sample_next(logits, params, generator)
+        if token in params.stop_token_ids:
+            yield token, FinishReason.STOP
+            return
+        if step + 1 == params.max_new_tokens:
+            yield token, FinishReason.LENGTH
+            return
+        yield token, None
+        logits = model.forward([torch.tensor([token])], [cache], experts, last_only=True)[0]
