@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,7 @@ class Cluster:
     def __init__(self, loop: LoopThread):
         self.loop = loop
         self.handles = []
+        self.servicers = {}  # gateway address -> its GatewayServicer, to reach its engine in-process
 
     def expert_server(self, checkpoint: Path, experts=None, devices: str = "cpu", dtype: str = "float32",
                       name: str = "") -> str:
@@ -54,8 +56,9 @@ class Cluster:
         """Start a gateway over `servers`; returns its address."""
         options = {"connect_timeout": 20.0, **overrides}
         config = GatewayConfig(checkpoint=str(checkpoint), servers=servers, host="127.0.0.1", port=0, **options)
-        handle, _ = self.loop.run(create_gateway(config))
+        handle, servicer = self.loop.run(create_gateway(config))
         self.handles.append(handle)
+        self.servicers[f"127.0.0.1:{handle.port}"] = servicer
         return f"127.0.0.1:{handle.port}"
 
     def stop(self) -> None:
@@ -82,3 +85,21 @@ def cluster(loop_thread: LoopThread) -> Iterator[Cluster]:
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A small simple_moe checkpoint: hidden 64, 2 MoE layers, 8 experts, top-2."""
     return write_checkpoint(tmp_path_factory.mktemp("tiny"), TINY)
+
+
+@pytest.fixture(scope="session")
+def causal_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random checkpoint per causal architecture: the four transformers ones and deepseek.
+
+    qwen2_moe is written sharded (model.safetensors.index.json), olmoe and deepseek with hub-style configs.
+    """
+    from deepseek_ref import write_checkpoint as write_deepseek
+    from hf_models import ARCHS, build_checkpoint
+
+    root = tmp_path_factory.mktemp("causal")
+    seed = int.from_bytes(os.urandom(4), "little")  # fresh weights every run; printed on failure via the path
+    paths = {arch: build_checkpoint(arch, root / f"{arch}-{seed}", seed + i, sharded=arch == "qwen2_moe",
+                                    hub_style=arch == "olmoe")
+             for i, arch in enumerate(ARCHS)}
+    paths["deepseek"] = write_deepseek(root / f"deepseek-{seed}", seed + len(ARCHS))
+    return paths

@@ -58,7 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     fwd.add_argument("--dtype", type=_wire_dtype, default="float32",
                      help="wire dtype of the request: float32, bfloat16, float16 (default float32)")
     fwd.add_argument("--repeat", type=int, default=1, help="send the request this many times, report each time")
+
+    gen = sub.add_parser("generate", help="generate tokens after a prompt, printed as they arrive")
+    gen.add_argument("prompt", nargs="?", help="prompt text (the checkpoint needs a tokenizer.json)")
+    gen.add_argument("--ids", type=_ids, help="prompt as comma-separated token ids instead of text")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="sampler seed, for reproducible sampling")
+    gen.add_argument("--stop", type=_ids, default=(), help="comma-separated stop token ids")
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-sequence tokens")
     return parser
+
+
+def _ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"token ids {text!r} are not comma-separated integers") from err
 
 
 def _print_info(client: GatewayClient) -> None:
@@ -66,6 +84,9 @@ def _print_info(client: GatewayClient) -> None:
     print(f"Model: {info.model_type}  fingerprint {info.model_fingerprint}")
     print(f"  hidden {info.hidden_size}, {info.num_layers} layers, MoE layers {list(info.moe_layers)}, "
           f"{info.num_experts} experts, top-{info.top_k}, dense dtype {info.dense_dtype}")
+    if info.vocab_size:
+        print(f"  causal LM: vocab {info.vocab_size}, context {info.max_position_embeddings}, "
+              f"end-of-sequence ids {list(info.eos_token_ids)}, text prompts {'yes' if info.has_tokenizer else 'no'}")
     print(f"Expert servers ({len(info.servers)}):")
     for server in info.servers:
         print(f"  {server.address}  devices {', '.join(server.devices)}  experts {'; '.join(server.owned)}")
@@ -98,6 +119,24 @@ def _forward(client: GatewayClient, args: argparse.Namespace) -> None:
     print("Distributed inference complete!")
 
 
+def _generate(client: GatewayClient, args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.ids is None):
+        print("moe-client generate: give a prompt text or --ids, not both", file=sys.stderr)
+        return 2
+    last = None
+    for token in client.generate(args.prompt if args.ids is None else args.ids, args.max_new_tokens,
+                                 args.temperature, args.top_k, args.top_p, args.seed, args.stop, args.ignore_eos):
+        # Text when the checkpoint has a tokenizer, else the ids themselves.
+        print(token.text if token.text is not None else f"{token.token_id} ", end="", flush=True)
+        last = token
+    print()
+    rate = last.generated_tokens / last.total_seconds if last.total_seconds > 0 else float("inf")
+    print(f"[finish: {last.finish_reason}; prompt {last.prompt_tokens} tokens, generated {last.generated_tokens} "
+          f"in {last.total_seconds:.2f} s ({rate:.1f} tokens/s), waiting on experts {last.expert_seconds:.2f} s]",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `moe-client`."""
     args = build_parser().parse_args(argv)
@@ -109,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(client.health())
             elif args.command == "info":
                 _print_info(client)
+            elif args.command == "generate":
+                return _generate(client, args)
             else:
                 _forward(client, args)
         except grpc.RpcError as err:

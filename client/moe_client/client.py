@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -52,6 +54,28 @@ class _Client:
         self.close()
 
 
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One token of a Generate stream; `finish_reason` ('length' or 'stop') is set on the last one only."""
+
+    token_id: int
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    generated_tokens: int
+    total_seconds: float
+    expert_seconds: float
+
+    @classmethod
+    def from_pb(cls, msg: gateway_pb2.GenerateResponse) -> GeneratedToken:
+        """From the wire message."""
+        reason = None
+        if msg.finish_reason != gateway_pb2.FINISH_REASON_UNSPECIFIED:
+            reason = gateway_pb2.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_").lower()
+        return cls(msg.token_id, msg.text if msg.HasField("text") else None, reason, msg.prompt_tokens,
+                   msg.generated_tokens, msg.total_seconds, msg.expert_seconds)
+
+
 class GatewayClient(_Client):
     """Calls a gateway's GatewayService."""
 
@@ -74,6 +98,33 @@ class GatewayClient(_Client):
     def forward(self, hidden: np.ndarray, wire_dtype: str = "float32") -> np.ndarray:
         """Hidden states [..., H] through the model's MoE stack; returns float32 of the same shape."""
         return wire.decode(self.forward_raw(hidden, wire_dtype).hidden, "hidden").astype(np.float32, copy=False)
+
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 16, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+                 timeout: float | None = None) -> Iterator[GeneratedToken]:
+        """Stream the tokens generated after `prompt` (text needs a checkpoint with tokenizer.json).
+
+        temperature 0 is greedy; `timeout` bounds the whole stream (default: the client's timeout).
+        Breaking out of the loop cancels the generation on the gateway.
+        """
+        request = gateway_pb2.GenerateRequest(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, request_id=uuid.uuid4().hex[:16],
+        )
+        if isinstance(prompt, str):
+            request.prompt_text = prompt
+        else:
+            request.prompt_token_ids.extend(int(t) for t in prompt)
+        if seed is not None:
+            request.seed = seed
+        stream = self._stub.Generate(request, timeout=timeout or self.timeout)
+        try:
+            for msg in stream:
+                yield GeneratedToken.from_pb(msg)
+        finally:
+            stream.cancel()  # a no-op once the stream has ended
 
 
 class ExpertClient(_Client):
