@@ -15,6 +15,8 @@ from safetensors import safe_open
 from moe_serve.arch import ConfigError, ModelSpec, spec_from_config
 
 _SAMPLE = 4096  # bytes hashed at a few offsets of each file for the fingerprint
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class CheckpointError(ValueError):
@@ -74,6 +76,17 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor `name` without reading its data."""
         return tuple(self._handle(self._require(name)).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """safetensors dtype of tensor `name` ("BF16", "F32", ...) without reading its data."""
+        return self._handle(self._require(name)).get_slice(name).get_dtype()
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of tensor `name` on disk, from the file header."""
+        count = 1
+        for d in self.shape(name):
+            count *= d
+        return count * _DTYPE_BYTES[self.dtype(name)]
 
     def _require(self, name: str) -> Path:
         if name not in self._file_of:

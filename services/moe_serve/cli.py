@@ -1,4 +1,4 @@
-"""`moe-serve`: project tools that are not services (make the embedded model, check a gateway)."""
+"""`moe-serve`: project tools that are not services (make the embedded model, check a gateway, inspect)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import sys
 import numpy as np
 import torch
 
+from moe_serve.checkpoint import CheckpointError
+from moe_serve.inspect_checkpoint import add_parser as add_inspect_parser
+from moe_serve.inspect_checkpoint import run as inspect_checkpoint
+from moe_serve.placement import PlacementError
 from moe_serve.synthetic import SyntheticConfig, write_checkpoint
 
 
@@ -33,7 +37,11 @@ def _verify(args: argparse.Namespace) -> int:
     with GatewayClient(args.gateway) as client:
         got = client.forward(hidden)
     with torch.inference_mode():
-        want = model.forward(torch.from_numpy(hidden), experts).numpy()
+        if checkpoint.spec.has_attention:  # Forward on a causal LM: one sequence at positions 0..tokens-1
+            want = model.forward_hidden(torch.from_numpy(hidden), [model.new_cache(args.tokens)], [args.tokens],
+                                        experts).numpy()
+        else:
+            want = model.forward(torch.from_numpy(hidden), experts).numpy()
     err = float(np.abs(got - want).max())
     ok = err <= args.tolerance
     print(f"Max abs error vs in-process reference over {args.tokens} tokens: {err:.2e} "
@@ -59,7 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--tokens", type=int, default=64, help="random tokens to send (default 64)")
     verify.add_argument("--seed", type=int, default=None, help="seed of the random input (default: fresh)")
     verify.add_argument("--tolerance", type=float, default=1e-5, help="max abs error allowed (default 1e-5)")
+    add_inspect_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "inspect":
+        try:
+            return inspect_checkpoint(args)
+        except (CheckpointError, PlacementError) as err:
+            print(f"moe-serve inspect: error: {err}", file=sys.stderr)
+            return 2
     return _create_model(args) if args.command == "create-model" else _verify(args)
 
 

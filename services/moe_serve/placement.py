@@ -150,3 +150,36 @@ def missing_pairs(spec: ModelSpec, owned: list[Ownership]) -> dict[int, list[int
         if lacking:
             missing[layer] = lacking
     return missing
+
+
+def balanced_assignment(spec: ModelSpec, servers: int) -> list[Ownership]:
+    """Each MoE layer's experts in contiguous ranges over `servers`, sizes differing by at most one; the
+    servers that get one more rotate from layer to layer, so every server holds nearly the same bytes."""
+    if servers < 1:
+        raise PlacementError(f"number of servers {servers} must be at least 1")
+    if servers > spec.num_experts * len(spec.moe_layers):
+        raise PlacementError(f"{servers} servers but only {spec.num_experts * len(spec.moe_layers)} experts in all")
+    base, extra = divmod(spec.num_experts, servers)
+    owned: list[Ownership] = [{} for _ in range(servers)]
+    for j, layer in enumerate(spec.moe_layers):
+        start, first = 0, (j * extra) % servers  # the extras continue round-robin where the last layer's ended
+        for s in range(servers):
+            count = base + (1 if (s - first) % servers < extra else 0)
+            if count:
+                owned[s][layer] = tuple(range(start, start + count))
+            start += count
+    return owned
+
+
+def placement_entries(spec: ModelSpec, owned: list[Ownership], addresses: list[str],
+                      names: list[str] | None = None) -> list[ServerEntry]:
+    """Placement-file entries for `owned[i]` on `addresses[i]`: one range string when every layer is alike."""
+    if len(addresses) != len(owned):
+        raise PlacementError(f"{len(addresses)} addresses for {len(owned)} servers: give one address per server")
+    names = names or [f"worker{i + 1}" for i in range(len(owned))]
+    entries = []
+    for name, address, mine in zip(names, addresses, owned, strict=True):
+        ranges = {str(layer): format_ranges(ids) for layer, ids in sorted(mine.items())}
+        same = len(set(ranges.values())) == 1 and len(ranges) == len(spec.moe_layers)
+        entries.append(ServerEntry(name, address, next(iter(ranges.values())) if same else ranges))
+    return entries
