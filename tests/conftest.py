@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,17 @@ def cluster(loop_thread: LoopThread) -> Iterator[Cluster]:
     c = Cluster(loop_thread)
     yield c
     c.stop()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen]]:
+    """Subprocesses a test starts; any still running at teardown are killed."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
 
 
 @pytest.fixture(scope="session")

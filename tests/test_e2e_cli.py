@@ -29,16 +29,6 @@ def spawn(*args: str) -> subprocess.Popen:
                             text=True, env=env)
 
 
-@pytest.fixture
-def processes():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
 def stop(proc: subprocess.Popen) -> str:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)

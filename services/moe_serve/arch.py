@@ -16,6 +16,8 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("simple_moe", "deepseek", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 # Base of the rotary frequencies when a config names none (transformers' `default_theta`).
 _DEFAULT_THETA = {"mixtral": 1_000_000.0}
+# Context length when a config names none (the configuration classes' defaults).
+_DEFAULT_MAX_POSITIONS = {"deepseek": 2048, "mixtral": 131072, "qwen2_moe": 32768, "qwen3_moe": 32768, "olmoe": 4096}
 
 
 class ConfigError(ValueError):
@@ -154,7 +156,7 @@ def _decoder_fields(config: dict[str, Any], model_type: str) -> dict[str, Any]:
         "attention_bias": bias,
         "o_proj_bias": bias and model_type != "mixtral",
         "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
-        "max_position_embeddings": int(config.get("max_position_embeddings") or 4096),
+        "max_position_embeddings": int(config.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[model_type]),
         # An eos id outside the vocabulary (olmoe's default 50279 in a tiny model) can never be generated.
         "eos_token_ids": tuple(e for e in eos if e not in bad),
     }
