@@ -76,7 +76,8 @@ def test_local_experts_by_layer():
 
 
 def test_core_does_not_import_grpc():
-    code = ("import sys, moe_serve.core.experts, moe_serve.core.routing, moe_serve.core.simple_model; "
+    code = ("import sys, moe_serve.core.experts, moe_serve.core.routing, moe_serve.core.simple_model, "
+            "moe_serve.core.causal_lm, moe_serve.core.generation; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('grpc', 'google', 'moe_client')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
