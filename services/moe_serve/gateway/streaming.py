@@ -38,12 +38,11 @@ async def iterate_in_thread(executor: Executor, make: Callable[[], Iterator[T]])
         finally:
             put(_END)
 
-    worker = loop.run_in_executor(executor, pump)
+    loop.run_in_executor(executor, pump)  # never raises: errors travel through the queue
     try:
         while (item := await queue.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
-        stop.set()
-        del worker  # runs to its next item and ends by itself; nothing waits on it
+        stop.set()  # the worker ends after its current item; nothing waits for it
