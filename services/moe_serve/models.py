@@ -13,13 +13,14 @@ from moe_serve.layout import dense_tensor_shapes, expert_tensor_shapes
 DenseModel = SimpleMoEModel | CausalLM
 
 
-def load_dense_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> DenseModel:
+def load_dense_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> DenseModel:
     """Everything but the routed experts, as the gateway runs it; a missing or misshapen tensor is named."""
     spec = checkpoint.spec
     tensors = {name: checkpoint.load(name, shape) for name, shape in dense_tensor_shapes(spec).items()}
     if spec.has_attention:
-        return CausalLM.from_tensors(spec, tensors, dtype)
-    return SimpleMoEModel.from_tensors(spec, tensors, dtype)
+        return CausalLM.from_tensors(spec, tensors, dtype, device)
+    return SimpleMoEModel.from_tensors(spec, tensors, dtype, device)
 
 
 def load_all_experts(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> LocalExperts:

@@ -48,7 +48,9 @@ class AttentionWeights:
 
 def positions_of(caches: Sequence[KVCache], lengths: Sequence[int]) -> torch.Tensor:
     """[T] absolute position of every new token: each sequence continues from its cache's length."""
-    return torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, lengths, strict=True)])
+    device = caches[0].keys.device if caches else None
+    return torch.cat([torch.arange(c.length, c.length + n, device=device)
+                      for c, n in zip(caches, lengths, strict=True)])
 
 
 def self_attention(x: torch.Tensor, w: AttentionWeights, cfg: AttentionConfig, rope: RotaryEmbedding,
@@ -89,8 +91,8 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int
     kh = keys.permute(1, 0, 2)[:, None]  # [G, 1, L, D]
     vh = values.permute(1, 0, 2)[:, None]  # [G, 1, L, D]
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * cfg.head_dim ** -0.5  # [G, R, n, L]
-    query_pos = torch.arange(past, past + n)[:, None]  # [n, 1]
-    future = torch.arange(length)[None, :] > query_pos  # [n, L]
+    query_pos = torch.arange(past, past + n, device=q.device)[:, None]  # [n, 1]
+    future = torch.arange(length, device=q.device)[None, :] > query_pos  # [n, L]
     scores = scores.masked_fill(future, float("-inf"))
     probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in fp32, as the references do
     out = torch.matmul(probs, vh)  # [G, R, n, D]

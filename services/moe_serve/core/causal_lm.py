@@ -62,10 +62,15 @@ class CausalLM:
         self.router = RouterConfig(spec.top_k, spec.norm_topk_prob, spec.router_softmax_fp32)
         self.rope = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.rope_scaling_factor)
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
     @classmethod
-    def from_tensors(cls, spec: ModelSpec, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> CausalLM:
-        """Build from name -> tensor holding layout.dense_tensor_shapes(spec), cast to `dtype`."""
-        cast = {name: t.to(dtype) for name, t in tensors.items()}
+    def from_tensors(cls, spec: ModelSpec, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                     device: torch.device | str = "cpu") -> CausalLM:
+        """Build from name -> tensor holding layout.dense_tensor_shapes(spec), cast to `dtype` on `device`."""
+        cast = {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
         embed = cast["model.embed_tokens.weight"]
         lm_head = embed if spec.tie_word_embeddings else cast["lm_head.weight"]
         layers = [_layer_weights(spec, cast, layer) for layer in range(spec.num_layers)]
@@ -73,15 +78,16 @@ class CausalLM:
 
     def new_cache(self, capacity: int = 16) -> KVCache:
         """An empty KV cache for one sequence, with room for `capacity` tokens before it grows."""
-        return KVCache(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, self.dtype, capacity)
+        return KVCache(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, self.dtype, capacity,
+                       self.device)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """[T] int64 -> [T, H]."""
-        return F.embedding(token_ids, self.embed_tokens)
+        """[T] int64 -> [T, H] on the model's device."""
+        return F.embedding(token_ids.to(self.device), self.embed_tokens)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] final hidden states -> [..., V] float32 logits."""
-        return F.linear(hidden.to(self.dtype), self.lm_head).float()
+        """[..., H] final hidden states -> [..., V] float32 logits, on the CPU where sampling runs."""
+        return F.linear(hidden.to(self.device, self.dtype), self.lm_head).float().cpu()
 
     def forward_hidden(self, hidden: torch.Tensor, caches: Sequence[KVCache], lengths: Sequence[int],
                        experts: ExpertBackend) -> torch.Tensor:
@@ -92,7 +98,7 @@ class CausalLM:
         for cache, n in zip(caches, lengths, strict=True):
             cache.reserve(n)
         positions = positions_of(caches, lengths)  # [T]
-        h = hidden.to(self.dtype)
+        h = hidden.to(self.device, self.dtype)
         for layer, weights in enumerate(self.layers):
             h = decoder_layer(h, layer, weights, self.attn, self.router, self.rope, self.spec.rms_norm_eps,
                               experts, caches, lengths, positions)
@@ -106,6 +112,6 @@ class CausalLM:
         lengths = [int(t.numel()) for t in token_ids]
         hidden = self.forward_hidden(self.embed(torch.cat(list(token_ids))), caches, lengths, experts)
         if last_only:
-            ends = torch.tensor(lengths).cumsum(0) - 1
+            ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
             return list(self.logits(hidden[ends]).unbind(0))
         return list(self.logits(hidden).split(lengths))

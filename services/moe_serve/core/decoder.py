@@ -52,7 +52,7 @@ def moe_block(x: torch.Tensor, layer: int, w: DecoderLayerWeights, router: Route
     """[T, H] -> [T, H]: routed experts through the backend, plus the shared expert(s)."""
     weights, ids = route(router_logits(x, w.router), router.top_k, router.norm_topk_prob,
                          router.softmax_fp32)  # [T, K] each
-    out = experts.run(layer, x, ids, weights).to(x.dtype)  # [T, H]
+    out = experts.run(layer, x, ids, weights).to(device=x.device, dtype=x.dtype)  # [T, H]
     if w.shared is not None:
         shared = swiglu(x, w.shared)
         if w.shared_gate is not None:

@@ -106,6 +106,8 @@ class ExpertDispatcher:
 
     def run(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Blocking form for model code on a worker thread; the calls run on the gateway's event loop."""
+        # Dense layers may run on a GPU; the wire starts from host memory.
+        hidden, expert_ids, weights = hidden.cpu(), expert_ids.cpu(), weights.cpu()
         return asyncio.run_coroutine_threadsafe(self.run_async(layer, hidden, expert_ids, weights), self.loop).result()
 
     async def run_async(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,

@@ -12,6 +12,7 @@ import torch
 from moe_client import wire
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
 from moe_serve.checkpoint import Checkpoint, CheckpointError
+from moe_serve.devices import parse_devices
 from moe_serve.gateway.dispatch import ExpertDispatcher, RemoteServer, StartupError, connect, ownership_table
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.servicer import GatewayServicer
@@ -35,6 +36,7 @@ class GatewayConfig:
     host: str = "0.0.0.0"
     port: int = 50050
     dense_dtype: str = "float32"
+    dense_device: str = "cpu"
     wire_dtype: str = "float32"
     rpc_timeout: float = 60.0
     connect_timeout: float = 60.0
@@ -57,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=env("HOST", "0.0.0.0"), help="address to bind (env MOE_HOST)")
     p.add_argument("--port", type=int, default=int(env("PORT", "50050")),
                    help="port to bind; 0 picks one (env MOE_PORT; default 50050)")
+    p.add_argument("--dense-device", default=env("DENSE_DEVICE", "cpu"),
+                   help="device of the router and dense layers, e.g. cuda:0 (env MOE_DENSE_DEVICE; default cpu)")
     p.add_argument("--dense-dtype", default=env("DENSE_DTYPE", "float32"), choices=sorted(DTYPES),
                    help="dtype of the router and dense layers (env MOE_DENSE_DTYPE; default float32)")
     p.add_argument("--wire-dtype", default=env("WIRE_DTYPE", "float32"), choices=["float32", "bfloat16", "float16"],
@@ -83,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         raise PlacementError("give the expert servers with --servers host:port,... or --placement FILE")
     return GatewayConfig(
         checkpoint=args.checkpoint, servers=servers, placement=args.placement, host=args.host, port=args.port,
-        dense_dtype=args.dense_dtype, wire_dtype=args.wire_dtype, rpc_timeout=args.rpc_timeout,
+        dense_dtype=args.dense_dtype, dense_device=args.dense_device, wire_dtype=args.wire_dtype, rpc_timeout=args.rpc_timeout,
         connect_timeout=args.connect_timeout, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens,
         grace_seconds=args.grace,
         log_level=args.log_level,
@@ -133,7 +137,7 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     checkpoint = Checkpoint(config.checkpoint)
     fingerprint = checkpoint.fingerprint()
     # Before any server is asked: a missing or misshapen tensor fails the start at once, naming it.
-    model = load_dense_model(checkpoint, DTYPES[config.dense_dtype])
+    model = load_dense_model(checkpoint, DTYPES[config.dense_dtype], parse_devices(config.dense_device)[0])
     tokenizer = TextTokenizer.from_checkpoint(checkpoint.path) if checkpoint.spec.has_attention else None
     addresses = list(config.servers)
     if config.placement:
