@@ -71,3 +71,19 @@ def test_fused_kernels_match_torch():
     pairs[~valid] = 0
     want = pairs.view(t, k, -1).sum(1)
     assert torch.allclose(triton_moe.gather_sum(y, order, valid, t, k), want, atol=1e-4)
+
+
+def test_in_process_backend_equals_bank(tiny_checkpoint):
+    from moe_serve.checkpoint import Checkpoint
+    from moe_serve.expert_server.bank import InProcessExperts
+    from moe_serve.models import load_all_experts
+    from moe_serve.placement import resolve_ownership
+
+    checkpoint = Checkpoint(tiny_checkpoint)
+    bank = ExpertBank.load(checkpoint, resolve_ownership(checkpoint.spec, "all"), [torch.device("cpu")],
+                           torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(21, 64, generator=gen)
+    weights, ids = route(torch.randn(21, 8, generator=gen), 2, renormalize=True)
+    want = load_all_experts(checkpoint).run(1, hidden, ids, weights)
+    assert torch.allclose(InProcessExperts(bank).run(1, hidden, ids, weights), want, atol=1e-5)

@@ -8,6 +8,7 @@ Legend: T = tokens, H = hidden size, K = expert slots per token, N = routed (tok
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -61,23 +62,32 @@ class ExpertBank:
         self._pinned_buffers: dict[str, torch.Tensor] = {}
         self._graphed: dict[torch.device, GraphedExperts] = {}
         self._groups: dict[int, list[_DeviceGroup]] = {}
-        by_layer_device: dict[tuple[int, torch.device], dict[int, ExpertWeights]] = {}
+        self._cuda_graph_tokens = cuda_graph_tokens
+        self._kernels: dict[torch.device, Swiglu] = {}
+        by_layer: dict[int, dict[int, ExpertWeights]] = {}
         for (layer, expert), w in sorted(experts.items()):
+            by_layer.setdefault(layer, {})[expert] = w
+        for layer, group in by_layer.items():
+            self.add_layer(layer, group)
+
+    def add_layer(self, layer: int, experts: Mapping[int, ExpertWeights]) -> None:
+        """Stack one layer's experts per device (then the caller's per-expert tensors can be freed)."""
+        by_device: dict[torch.device, dict[int, ExpertWeights]] = {}
+        for expert, w in sorted(experts.items()):
             self._owned.setdefault(layer, []).append(expert)
-            by_layer_device.setdefault((layer, w.device), {})[expert] = w
-        kernels: dict[torch.device, Callable] = {}
-        for (layer, device), group in by_layer_device.items():
-            if device not in kernels:
-                kernels[device] = grouped_swiglu if grouped_supported(device, dtype) else looped_swiglu
+            by_device.setdefault(w.device, {})[expert] = w
+        for device, group in by_device.items():
+            if device not in self._kernels:
+                self._kernels[device] = grouped_swiglu if grouped_supported(device, self.dtype) else looped_swiglu
             stacked = StackedExperts.stack(group)
-            self._groups.setdefault(layer, []).append(_DeviceGroup(stacked, stacked.slot_of(num_experts),
-                                                                   kernels[device]))
+            self._groups.setdefault(layer, []).append(_DeviceGroup(stacked, stacked.slot_of(self.num_experts),
+                                                                   self._kernels[device]))
             # Capturable only on the bf16 CUTLASS kernel: the looped fallback and torch's float32
             # grouped_mm on CUDA read the group offsets on the host.
-            graphable = (kernels[device] is grouped_swiglu and device.type == "cuda" and dtype == torch.bfloat16
-                         and cuda_graph_tokens > 0)
+            graphable = (self._kernels[device] is grouped_swiglu and device.type == "cuda"
+                         and self.dtype == torch.bfloat16 and self._cuda_graph_tokens > 0)
             if graphable and device not in self._graphed:
-                self._graphed[device] = GraphedExperts(device, hidden_size, dtype, cuda_graph_tokens)
+                self._graphed[device] = GraphedExperts(device, self.hidden_size, self.dtype, self._cuda_graph_tokens)
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, owned: Ownership, devices: list[torch.device], dtype: torch.dtype,
@@ -87,15 +97,17 @@ class ExpertBank:
         h, i = spec.hidden_size, spec.expert_width
         shapes = ((i, h), (i, h), (h, i))
         device_of = assign_devices(sorted(set().union(*owned.values())) if owned else [], devices)
-        experts: dict[tuple[int, int], ExpertWeights] = {}
+        bank = cls({}, spec.num_experts, h, dtype, cuda_graph_tokens)
         for layer, ids in sorted(owned.items()):
+            experts: dict[int, ExpertWeights] = {}
             for expert in ids:
                 names = spec.expert_names(layer, expert)
                 tensors = [checkpoint.load(name, shape) for name, shape in zip(names, shapes, strict=True)]
-                experts[layer, expert] = ExpertWeights(*tensors).to(device_of[expert], dtype)
+                experts[expert] = ExpertWeights(*tensors).to(device_of[expert], dtype)
                 if progress is not None:
                     progress(layer, expert)
-        return cls(experts, spec.num_experts, h, dtype, cuda_graph_tokens)
+            bank.add_layer(layer, experts)  # stacked now: peak memory stays one layer above the result
+        return bank
 
     @property
     def owned(self) -> Ownership:
@@ -161,10 +173,12 @@ class ExpertBank:
             else:
                 inputs = [t.to(device) for t in (hidden, expert_ids, weights)]
             graphed = self._graphed.get(device)
-            if graphed is not None:
-                partials.append(graphed.run(layer, group.stacked, group.slot_of, group.swiglu, *inputs))
-            else:
-                partials.append(expert_sums(*inputs, group.stacked, group.slot_of, group.swiglu))
+            # Kernels (Triton's included) and graph captures go to the current device's stream.
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                if graphed is not None:
+                    partials.append(graphed.run(layer, group.stacked, group.slot_of, group.swiglu, *inputs))
+                else:
+                    partials.append(expert_sums(*inputs, group.stacked, group.slot_of, group.swiglu))
         return partials
 
     def gather(self, partials: list[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
@@ -200,3 +214,18 @@ class ExpertBank:
         host = self._pinned_view(tensor.shape, tensor.dtype, key)
         host.copy_(tensor)
         return host
+
+
+class InProcessExperts:
+    """ExpertBackend over a bank in this process, results on the caller's device: the one-process baseline."""
+
+    def __init__(self, bank: ExpertBank):
+        self.bank = bank
+
+    def run(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self.bank.check(layer, expert_ids)
+        partials = self.bank.launch(layer, hidden, expert_ids, weights)
+        out = partials[0].to(hidden.device, copy=True)  # a copy: CUDA-graph outputs are reused by the next call
+        for partial in partials[1:]:
+            out += partial.to(hidden.device)
+        return out
