@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -13,6 +12,7 @@ from moe_serve import __version__
 from moe_serve.errors import InvalidArgument
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.grpc_server import rpc
+from moe_serve.metrics import ServiceMetrics
 from moe_serve.tensors import from_wire, to_wire
 
 _INT_IDS = (wire.INT32, wire.INT64)
@@ -42,17 +42,20 @@ def decode_request(request: experts_pb2.RunExpertsRequest, hidden_size: int):
 class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
     """Serves one ExpertBank; compute runs on a worker thread so health checks answer meanwhile."""
 
-    def __init__(self, bank: ExpertBank, info: experts_pb2.ServerInfo, workers: int = 1):
+    def __init__(self, bank: ExpertBank, info: experts_pb2.ServerInfo, workers: int = 1,
+                 metrics: ServiceMetrics | None = None):
         self.bank = bank
         self.info = info
+        self.metrics = metrics or ServiceMetrics("expert_server")
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts")
 
     @rpc
     async def RunExperts(self, request, context):
         hidden, ids, weights = decode_request(request, self.bank.hidden_size)
         self.bank.check(request.layer, ids)
-        loop = asyncio.get_running_loop()
-        out, seconds = await loop.run_in_executor(self.executor, self.bank.run, request.layer, hidden, ids, weights)
+        out, seconds = await self.metrics.run_queued(self.executor, self.bank.run, request.layer, hidden, ids, weights)
+        self.metrics.observe_batch("RunExperts", hidden.shape[0])
+        self.metrics.observe_experts(request.layer, ids, seconds)
         out_dtype = request.output_dtype or request.hidden.dtype
         if out_dtype == wire.FLOAT8_E4M3:
             out_dtype = wire.BFLOAT16

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -12,6 +11,7 @@ from moe_client.pb import gateway_pb2, gateway_pb2_grpc
 from moe_serve.errors import InvalidArgument, ResourceExhausted
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.grpc_server import rpc
+from moe_serve.metrics import ServiceMetrics
 from moe_serve.tensors import from_wire, to_wire
 
 _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16)
@@ -21,9 +21,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Serves Forward and GetModelInfo for one engine."""
 
     def __init__(self, engine: GatewayEngine, info: gateway_pb2.ModelInfo, max_tokens: int = 65536,
-                 workers: int = 4):
+                 workers: int = 4, metrics: ServiceMetrics | None = None):
         self.engine = engine
         self.info = info
+        self.metrics = metrics or ServiceMetrics("gateway")
         self.max_tokens = max_tokens
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gateway")
 
@@ -45,8 +46,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     @rpc
     async def Forward(self, request, context):
         hidden = self.decode_hidden(request.hidden)
-        loop = asyncio.get_running_loop()
-        out, stats = await loop.run_in_executor(self.executor, self.engine.forward, hidden)
+        out, stats = await self.metrics.run_queued(self.executor, self.engine.forward, hidden)
+        self.metrics.observe_batch("Forward", hidden.numel() // self.engine.hidden_size)
         out_dtype = request.output_dtype or request.hidden.dtype
         return gateway_pb2.ForwardResponse(
             hidden=to_wire(out, out_dtype), total_seconds=stats.total_seconds, expert_seconds=stats.expert_seconds
