@@ -168,7 +168,7 @@ async def _serve(config: ExpertServerConfig) -> None:
         ("checkpoint", f"{config.checkpoint} ({info.model_type}, fingerprint {info.model_fingerprint})"),
         ("experts", f"{'; '.join(format_ownership(servicer.bank.owned))} in {info.compute_dtype}"),
         ("devices", ", ".join(info.devices)),
-        ("started in", f"{time.monotonic() - start:.1f} s"),
+        ("loaded in", f"{time.monotonic() - start:.1f} s"),
     ]))
     print(f"Expert server {servicer.info.server_name} (model {servicer.info.model_fingerprint}) "
           f"ready on {where} and waiting for requests...", flush=True)

@@ -187,7 +187,7 @@ async def _serve(config: GatewayConfig) -> None:
         ("model", f"hidden {info.hidden_size}, MoE layers {list(info.moe_layers)} x {info.num_experts} experts, "
                   f"top-{info.top_k}, dense {info.dense_dtype}, wire {config.wire_dtype}"),
         ("expert servers", ", ".join(s.address for s in info.servers)),
-        ("started in", f"{time.monotonic() - start:.1f} s"),
+        ("loaded in", f"{time.monotonic() - start:.1f} s"),
     ]))
     print(f"Gateway ready on {config.host}:{handle.port}, serving {servicer.info.model_type} "
           f"with {len(servicer.info.servers)} expert server(s)", flush=True)
