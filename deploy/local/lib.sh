@@ -70,7 +70,9 @@ ensure_base_image() {
     tail -20 "$dir.log" >&2; rm -rf "$dir"; die "debootstrap failed"
   fi
   rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
-  tar -C "$dir" -c . | docker import -q - "$MOE_BASE_IMAGE" >/dev/null
+  if ! tar -C "$dir" -c . | docker import - "$MOE_BASE_IMAGE" >/dev/null; then
+    rm -rf "$dir"; die "docker import of the base image failed"
+  fi
   rm -rf "$dir" "$dir.log"
   say "base image $MOE_BASE_IMAGE: imported"
 }
