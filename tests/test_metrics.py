@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from prometheus_server import free_port
 
 from moe_client import ExpertClient, GatewayClient, wire
@@ -180,3 +181,13 @@ def test_load_progress_in_a_log_prints_whole_lines():
         progress(0, expert)
     lines = out.getvalue().splitlines()
     assert lines == [lines[-1]] and "3/3 100%" in lines[0] and "\r" not in out.getvalue()
+
+
+def test_expert_token_counts_skip_unused_slots_and_report_held_experts_at_zero():
+    m = ServiceMetrics("expert_server")
+    m.init_experts({3: (0, 5, 9)})
+    m.observe_experts(3, torch.tensor([[5, -1], [0, 5]], dtype=torch.int32))
+    m.observe_experts(3, torch.tensor([[12, 5]]))  # a longer vector than before: the counts grow
+    got = {s.labels["expert"]: s.value for f in m.registry.collect() if f.name == "moe_expert_tokens"
+           for s in f.samples}
+    assert got == {"0": 1, "5": 3, "9": 0, "12": 1}

@@ -19,10 +19,12 @@ import inspect
 import logging
 import os
 import resource
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import grpc
+import torch
 from google.protobuf import descriptor_pool
 from prometheus_client import (
     CollectorRegistry,
@@ -34,7 +36,7 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from moe_serve import request_ids
 
@@ -67,8 +69,8 @@ class ServiceMetrics:
         self.queue_wait = Histogram("moe_queue_wait_seconds", "Time a request waited for a compute worker",
                                     buckets=LATENCY_BUCKETS, registry=r)
         # Expert servers: the load a user balances placement by, and the time spent computing.
-        self.expert_tokens = Counter("moe_expert_tokens", "Tokens routed to each (layer, expert) held here",
-                                     ["layer", "expert"], registry=r)
+        self.expert_tokens = ExpertTokenCounter()
+        r.register(self.expert_tokens)
         self.expert_compute = Histogram("moe_expert_compute_seconds",
                                         "Seconds computing experts per RunExperts call (no decode, encode, queue)",
                                         ["layer"], buckets=LATENCY_BUCKETS, registry=r)
@@ -89,6 +91,15 @@ class ServiceMetrics:
         ProcessCollector(registry=r)
         r.register(DeviceMemoryCollector())
         self._http = None
+        self._children: dict[tuple[int, tuple[str, ...]], object] = {}
+
+    def child(self, metric, *labels: str):
+        """metric.labels(*labels), remembered: a dict lookup instead of the library's locked one per call."""
+        key = (id(metric), labels)  # the metrics live as long as self
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def describe(self, **labels: str) -> None:
         """Set the moe_server_info labels (name, model fingerprint, ...): static, bounded values."""
@@ -106,23 +117,18 @@ class ServiceMetrics:
         """Create every owned (layer, expert) series at zero: an expert nobody routes to shows as 0, not absent."""
         for layer, experts in owned.items():
             self.expert_compute.labels(str(layer))
-            for expert in experts:
-                self.expert_tokens.labels(str(layer), str(expert))
+            self.expert_tokens.hold(layer, experts)
 
     def observe_batch(self, rpc: str, tokens: int) -> None:
         """One call processed `tokens` tokens."""
-        self.tokens.labels(rpc).inc(tokens)
-        self.batch_tokens.labels(rpc).observe(tokens)
+        self.child(self.tokens, rpc).inc(tokens)
+        self.child(self.batch_tokens, rpc).observe(tokens)
 
     def observe_experts(self, layer: int, expert_ids, compute_seconds: float | None = None) -> None:
         """Count tokens per expert of `layer` from a [T, K] id tensor (-1 = unused slot); time the compute."""
-        ids = expert_ids[expert_ids >= 0].long()
-        if ids.numel():
-            counts = ids.bincount()
-            for expert in counts.nonzero().flatten().tolist():
-                self.expert_tokens.labels(str(layer), str(expert)).inc(int(counts[expert]))
+        self.expert_tokens.add(layer, expert_ids)
         if compute_seconds is not None:
-            self.expert_compute.labels(str(layer)).observe(compute_seconds)
+            self.child(self.expert_compute, str(layer)).observe(compute_seconds)
 
     async def run_queued(self, executor, fn: Callable, *args):
         """`fn(*args)` on `executor`, timing the wait for a worker and keeping the request id (contextvars)."""
@@ -137,7 +143,7 @@ class ServiceMetrics:
 
     async def call_expert(self, server: str, method: Callable[..., Awaitable], request, **kwargs):
         """`await method(request, **kwargs)` (a RunExperts stub call), recording latency, status and bytes."""
-        self.expert_call_sent_bytes.labels(server).inc(request.ByteSize())
+        self.child(self.expert_call_sent_bytes, server).inc(request.ByteSize())
         start = time.perf_counter()
         code = "UNKNOWN"
         try:
@@ -150,9 +156,9 @@ class ServiceMetrics:
             code = "CANCELLED"
             raise
         finally:
-            self.expert_call_seconds.labels(server).observe(time.perf_counter() - start)
-            self.expert_calls.labels(server, code).inc()
-        self.expert_call_received_bytes.labels(server).inc(reply.ByteSize())
+            self.child(self.expert_call_seconds, server).observe(time.perf_counter() - start)
+            self.child(self.expert_calls, server, code).inc()
+        self.child(self.expert_call_received_bytes, server).inc(reply.ByteSize())
         return reply
 
     def serve(self, host: str = "0.0.0.0", port: int = 0) -> int:
@@ -175,6 +181,51 @@ class ServiceMetrics:
             self._http = None
 
 
+class ExpertTokenCounter:
+    """moe_expert_tokens_total{layer, expert}: one count vector per layer, added to with one vector op per
+    call (a server may touch 60 experts per call; a counter child each would cost more than the call's
+    bookkeeping), turned into samples only when scraped."""
+
+    def __init__(self) -> None:
+        self._counts: dict[int, torch.Tensor] = {}  # layer -> [experts] int64
+        self._held: dict[int, set[int]] = {}  # reported even at zero
+        self._lock = threading.Lock()
+
+    def hold(self, layer: int, experts: Iterable[int]) -> None:
+        """Report these experts of `layer` from now on, at zero until tokens come."""
+        self._held.setdefault(layer, set()).update(experts)
+
+    def add(self, layer: int, expert_ids: torch.Tensor) -> None:
+        """Count each id >= 0 of a [T, K] tensor once (-1 marks an unused slot)."""
+        counts = (expert_ids.reshape(-1).long() + 1).bincount()[1:]  # shift -1 into bin 0, then drop it
+        with self._lock:
+            total = self._counts.get(layer)
+            if total is None or total.numel() < counts.numel():
+                grown = torch.zeros(max(counts.numel(), 0 if total is None else total.numel()), dtype=torch.long)
+                if total is not None:
+                    grown[: total.numel()] = total
+                total = self._counts[layer] = grown
+            total[: counts.numel()] += counts
+
+    def value(self, layer: int, expert: int) -> int:
+        """Tokens counted so far for (layer, expert)."""
+        with self._lock:
+            total = self._counts.get(layer)
+            return int(total[expert]) if total is not None and expert < total.numel() else 0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("moe_expert_tokens", "Tokens routed to each (layer, expert) held here",
+                                     labels=["layer", "expert"])
+        with self._lock:
+            counts = {layer: total.tolist() for layer, total in self._counts.items()}
+        for layer in sorted(set(counts) | set(self._held)):
+            values = counts.get(layer, [])
+            experts = self._held.get(layer, set()) | {e for e, n in enumerate(values) if n}
+            for expert in sorted(experts):
+                family.add_metric([str(layer), str(expert)], values[expert] if expert < len(values) else 0)
+        yield family
+
+
 class DeviceMemoryCollector:
     """moe_device_memory_bytes{device, kind}: resident memory for the CPU, torch's counters per GPU."""
 
@@ -183,8 +234,6 @@ class DeviceMemoryCollector:
                                    "Memory in use: the process's resident set (cpu), torch's allocator (cuda:N)",
                                    labels=["device", "kind"])
         family.add_metric(["cpu", "rss"], resident_bytes())
-        import torch  # already loaded by the service; imported here so this module stays light
-
         if torch.cuda.is_available() and torch.cuda.is_initialized():  # never initialise CUDA for a scrape
             for i in range(torch.cuda.device_count()):
                 device = f"cuda:{i}"
@@ -271,7 +320,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         request_id = getattr(request, "request_id", "") or (request_ids.new() if self.make_request_ids else "")
         token = request_ids.bind(request_id)
         m = self.metrics
-        m.in_flight.labels(rpc).inc()
+        in_flight = m.child(m.in_flight, rpc)
+        in_flight.inc()
         start = time.perf_counter()
         code = "UNKNOWN"
         try:
@@ -285,9 +335,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             raise
         finally:
             seconds = time.perf_counter() - start
-            m.in_flight.labels(rpc).dec()
-            m.requests.labels(rpc, code).inc()
-            m.request_seconds.labels(rpc).observe(seconds)
+            in_flight.dec()
+            m.child(m.requests, rpc, code).inc()
+            m.child(m.request_seconds, rpc).observe(seconds)
             log.log(self.access_log_level, "%s %s in %.1f ms", rpc, code, seconds * 1e3)
             with contextlib.suppress(ValueError):  # a stream closed from another task has another context
                 request_ids.unbind(token)
