@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test protos lint bench clean
+.PHONY: setup demo test protos lint bench clean deploy-check compose-test cluster cluster-down
 
 setup: $(STAMP)
 
@@ -24,6 +24,21 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+## Validate deploy/ offline: k8s manifests, compose files, Prometheus config, Grafana files.
+deploy-check: setup
+	PATH="$(abspath $(BIN)):$$PATH" bash deploy/local/deploy-check.sh
+
+## The docker-compose cluster for real (needs root: dockerd, debootstrap): build, up, client, Prometheus, down.
+compose-test: setup
+	PATH="$(abspath $(BIN)):$$PATH" bash deploy/local/compose-test.sh
+
+## Start the same cluster and leave it running (gateway on 127.0.0.1:50050, Prometheus on :9090).
+cluster:
+	bash deploy/local/cluster.sh up
+
+cluster-down:
+	bash deploy/local/cluster.sh down
 
 lint: setup
 	$(BIN)/ruff check client services tests scripts

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -86,9 +86,10 @@ async def start_server(
     address: str,
     register: Callable[[grpc.aio.Server], None],
     service_names: Iterable[str],
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> ServerHandle:
     """Create, register, bind `address` (host:port, port 0 picks one, or unix:path) and start."""
-    server = grpc.aio.server(options=TRANSPORT_OPTIONS)
+    server = grpc.aio.server(options=TRANSPORT_OPTIONS, interceptors=list(interceptors))
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

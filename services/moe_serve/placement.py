@@ -183,3 +183,27 @@ def placement_entries(spec: ModelSpec, owned: list[Ownership], addresses: list[s
         same = len(set(ranges.values())) == 1 and len(ranges) == len(spec.moe_layers)
         entries.append(ServerEntry(name, address, next(iter(ranges.values())) if same else ranges))
     return entries
+def pick_entry(path: str | Path, entries: list[ServerEntry], name: str = "", index: str | None = None,
+               hostname: str = "") -> ServerEntry:
+    """This server's entry of a placement file: entry `index` (0-based, or 'hostname' for the trailing -N
+    of `hostname`, a Kubernetes StatefulSet pod's ordinal), else the entry called `name`."""
+    if index is not None and str(index).strip():
+        text = str(index).strip()
+        if text == "hostname":
+            head, sep, tail = hostname.rpartition("-")
+            if not (sep and head and tail.isdigit()):
+                raise PlacementError(f"host name {hostname!r} does not end in -N, so it gives no placement index "
+                                     "(StatefulSet pods are named NAME-0, NAME-1, ...)")
+            text = tail
+        if not text.isdigit():
+            raise PlacementError(f"placement index {index!r} is not a non-negative integer or 'hostname'")
+        if int(text) >= len(entries):
+            raise PlacementError(f"placement index {int(text)} is out of range: placement file {path} has "
+                                 f"{len(entries)} servers (0-{len(entries) - 1})")
+        return entries[int(text)]
+    if not name:
+        raise PlacementError("--placement needs --name or --placement-index to pick this server's entry")
+    by_name = {e.name: e for e in entries}
+    if name not in by_name:
+        raise PlacementError(f"placement file {path} has no server named {name!r}; it names {sorted(by_name)}")
+    return by_name[name]

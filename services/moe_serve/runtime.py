@@ -8,6 +8,7 @@ import os
 import signal
 
 from moe_serve.grpc_server import ServerHandle
+from moe_serve.request_ids import RequestIdFilter
 
 RULE = "=" * 80
 
@@ -18,9 +19,13 @@ def env(name: str, default: str | None = None) -> str | None:
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Timestamped logs to stderr."""
+    """Timestamped logs to stderr, each line with the id of the request it belongs to ('-' for none)."""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
+    for noisy in ("asyncio", "grpc._cython"):  # at DEBUG they log every call's event loop, drowning ours
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 async def serve_until_signal(handle: ServerHandle, grace: float) -> None:

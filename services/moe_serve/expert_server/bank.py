@@ -125,8 +125,16 @@ class ExpertBank:
 
     def nbytes(self) -> int:
         """Bytes of expert weights held."""
-        return sum(t.numel() * t.element_size() for groups in self._groups.values() for g in groups
-                   for t in (g.stacked.gate_up, g.stacked.down))
+        return sum(self.nbytes_by_device().values())
+
+    def nbytes_by_device(self) -> dict[str, int]:
+        """Bytes of expert weights held on each device."""
+        out: dict[str, int] = {}
+        for groups in self._groups.values():
+            for g in groups:
+                key = str(g.stacked.device)
+                out[key] = out.get(key, 0) + g.stacked.gate_up.nbytes + g.stacked.down.nbytes
+        return out
 
     def check(self, layer: int, expert_ids: torch.Tensor) -> None:
         """NOT_FOUND for a layer or expert id this server does not own; INVALID_ARGUMENT for ids below -1."""

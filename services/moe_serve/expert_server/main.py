@@ -6,17 +6,20 @@ import argparse
 import asyncio
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve.checkpoint import Checkpoint, CheckpointError
+from moe_serve.console import LoadProgress, summary
 from moe_serve.devices import describe_devices, parse_devices
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.servicer import ExpertServicer, server_info
 from moe_serve.grpc_server import ServerHandle, start_server
-from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
+from moe_serve.metrics import MetricsInterceptor, ServiceMetrics
+from moe_serve.placement import PlacementError, format_ownership, pick_entry, read_placement, resolve_ownership
 from moe_serve.runtime import RULE, configure_logging, env, serve_until_signal
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -37,6 +40,8 @@ class ExpertServerConfig:
     grace_seconds: float = 10.0
     log_level: str = "INFO"
     cuda_graph_tokens: int = 16384
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 0  # 0: no /metrics endpoint
 
     @property
     def address(self) -> str:
@@ -55,9 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experts to own: '0-3,6' for every MoE layer, or LAYER:RANGES per layer, repeatable "
                         "(e.g. --experts 1:0-3 --experts 2:4-7); default all (env MOE_EXPERTS)")
     p.add_argument("--placement", default=env("PLACEMENT"),
-                   help="placement file (JSON); with --name, take this server's experts from it (env MOE_PLACEMENT)")
+                   help="placement file (JSON); with --name or --placement-index, take this server's experts "
+                        "from it (env MOE_PLACEMENT)")
     p.add_argument("--name", default=env("NAME", ""),
-                   help="this server's name, as in the placement file (env MOE_NAME; default host:port)")
+                   help="this server's name, as in the placement file (env MOE_NAME; default: the placement "
+                        "entry's name, else host:port)")
+    p.add_argument("--placement-index", default=env("PLACEMENT_INDEX"),
+                   help="take entry N (0-based) of the placement file; 'hostname' reads N from the host name's "
+                        "trailing -N, as a Kubernetes StatefulSet pod's ordinal (env MOE_PLACEMENT_INDEX)")
     p.add_argument("--devices", default=env("DEVICES", "cpu"),
                    help="devices for the experts, round-robin: e.g. cuda:0,cuda:1,cpu; 'cuda' = all GPUs "
                         "(env MOE_DEVICES; default cpu)")
@@ -72,25 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph-tokens", type=int, default=int(env("CUDA_GRAPH_TOKENS", "16384")),
                    help="on GPUs in bf16, replay captured CUDA graphs for calls of up to this many tokens; "
                         "0 = launch kernels one by one (env MOE_CUDA_GRAPH_TOKENS; default 16384)")
-    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="logging level (env MOE_LOG_LEVEL)")
+    p.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", "0")),
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 = off (env MOE_METRICS_PORT; "
+                        "default 0)")
+    p.add_argument("--metrics-host", default=env("METRICS_HOST", "0.0.0.0"),
+                   help="address the metrics endpoint binds (env MOE_METRICS_HOST; default 0.0.0.0)")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
+                   help="logging level: DEBUG logs every RPC with its request id (env MOE_LOG_LEVEL; default INFO)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
     """Flags -> config; the expert selection comes from --experts, else the placement file, else all."""
     experts: str | list[str] | dict | None = args.experts or env("EXPERTS")
+    name = args.name
     if args.placement:
-        if not args.name:
-            raise PlacementError("--placement needs --name to pick this server's entry")
-        entries = {e.name: e for e in read_placement(args.placement)}
-        if args.name not in entries:
-            raise PlacementError(f"placement file {args.placement} has no server named {args.name!r}; "
-                                 f"it names {sorted(entries)}")
-        experts = experts or entries[args.name].experts
+        entry = pick_entry(args.placement, read_placement(args.placement), args.name, args.placement_index,
+                           socket.gethostname())
+        experts = experts or entry.experts
+        name = name or entry.name
     return ExpertServerConfig(
         checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=args.host,
-        port=args.port, name=args.name, grace_seconds=args.grace, log_level=args.log_level,
-        cuda_graph_tokens=args.cuda_graph_tokens,
+        port=args.port, name=name, grace_seconds=args.grace, log_level=args.log_level,
+        cuda_graph_tokens=args.cuda_graph_tokens, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
     )
 
 
@@ -108,7 +122,8 @@ def load_bank(config: ExpertServerConfig, verbose: bool = True) -> tuple[ExpertB
         n_experts = len(set().union(*owned.values()))
         print(f"Distributing {n_experts} experts across {len(devices)} device(s) "
               f"({', '.join(str(d) for d in devices)}), dtype {config.dtype}")
-    bank = ExpertBank.load(checkpoint, owned, devices, DTYPES[config.dtype],
+    progress = LoadProgress(sum(len(ids) for ids in owned.values())) if verbose else None
+    bank = ExpertBank.load(checkpoint, owned, devices, DTYPES[config.dtype], progress,
                            cuda_graph_tokens=config.cuda_graph_tokens)
     if verbose:
         by_expert: dict[int, str] = {}
@@ -124,16 +139,23 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     """Load the bank and start serving on config.address; returns the running server."""
     bank, checkpoint = load_bank(config, verbose)
     fingerprint = checkpoint.fingerprint()
+    metrics = ServiceMetrics("expert_server")
     servicer: ExpertServicer | None = None
 
     def register(server) -> None:
         nonlocal servicer
-        servicer = ExpertServicer(bank, experts_pb2.ServerInfo())
+        servicer = ExpertServicer(bank, experts_pb2.ServerInfo(), metrics=metrics)
         experts_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
 
-    handle = await start_server(config.address, register, [SERVICE_NAME])
+    handle = await start_server(config.address, register, [SERVICE_NAME],
+                                [MetricsInterceptor(metrics, [SERVICE_NAME])])
     name = config.name or f"{socket.gethostname()}:{handle.port}"
     servicer.info = server_info(bank, fingerprint, checkpoint.spec, name)
+    metrics.describe(name=name, model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type,
+                     dtype=config.dtype)
+    metrics.init_experts(bank.owned)
+    for device, nbytes in bank.nbytes_by_device().items():
+        metrics.weight_bytes.labels(device).inc(nbytes)
     return handle, servicer
 
 
@@ -141,8 +163,18 @@ async def _serve(config: ExpertServerConfig) -> None:
     print(RULE)
     print(f"Starting expert server {config.name or config.address}")
     print(RULE)
+    start = time.monotonic()
     handle, servicer = await create_server(config, verbose=True)
     where = config.host if config.host.startswith("unix:") else f"{config.host}:{handle.port}"
+    info = servicer.info
+    print(summary(f"Expert server {info.server_name}", [
+        ("gRPC", f"{where} (ExpertService, grpc.health.v1, reflection)"),
+        ("metrics", servicer.metrics.expose(config.metrics_host, config.metrics_port)),
+        ("checkpoint", f"{config.checkpoint} ({info.model_type}, fingerprint {info.model_fingerprint})"),
+        ("experts", f"{'; '.join(format_ownership(servicer.bank.owned))} in {info.compute_dtype}"),
+        ("devices", ", ".join(info.devices)),
+        ("loaded in", f"{time.monotonic() - start:.1f} s"),
+    ]))
     print(f"Expert server {servicer.info.server_name} (model {servicer.info.model_fingerprint}) "
           f"ready on {where} and waiting for requests...", flush=True)
     await serve_until_signal(handle, config.grace_seconds)

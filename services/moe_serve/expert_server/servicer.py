@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -13,6 +12,7 @@ from moe_serve import __version__
 from moe_serve.errors import InvalidArgument
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.grpc_server import rpc
+from moe_serve.metrics import ServiceMetrics
 from moe_serve.tensors import TORCH_DTYPES, from_wire, to_wire
 
 _INT_IDS = (wire.INT32, wire.INT64)
@@ -42,9 +42,11 @@ def decode_request(request: experts_pb2.RunExpertsRequest, hidden_size: int):
 class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
     """Serves one ExpertBank; compute runs on a worker thread so health checks answer meanwhile."""
 
-    def __init__(self, bank: ExpertBank, info: experts_pb2.ServerInfo, workers: int = 1):
+    def __init__(self, bank: ExpertBank, info: experts_pb2.ServerInfo, workers: int = 1,
+                 metrics: ServiceMetrics | None = None):
         self.bank = bank
         self.info = info
+        self.metrics = metrics or ServiceMetrics("expert_server")
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts")
 
     @rpc
@@ -56,9 +58,10 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
             out_dtype = wire.BFLOAT16
         if out_dtype not in (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16):
             raise InvalidArgument(f"output_dtype: {wire.dtype_name(out_dtype)} is not a float dtype")
-        loop = asyncio.get_running_loop()
-        output, seconds = await loop.run_in_executor(self.executor, self._run, request.layer, hidden, ids, weights,
-                                                     out_dtype)
+        output, seconds = await self.metrics.run_queued(self.executor, self._run, request.layer, hidden, ids,
+                                                        weights, out_dtype)
+        self.metrics.observe_batch("RunExperts", hidden.shape[0])
+        self.metrics.observe_experts(request.layer, ids, seconds)
         return experts_pb2.RunExpertsResponse(output=output, compute_seconds=seconds)
 
     def _run(self, layer, hidden, ids, weights, out_dtype):

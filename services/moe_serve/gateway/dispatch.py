@@ -15,8 +15,10 @@ import torch
 from moe_client import wire
 from moe_client.channel import insecure_aio_channel
 from moe_client.pb import experts_pb2, experts_pb2_grpc
+from moe_serve import request_ids
 from moe_serve.arch import ModelSpec
 from moe_serve.errors import FailedPrecondition, ServiceError, Unavailable
+from moe_serve.metrics import ServiceMetrics
 from moe_serve.placement import Ownership, format_ranges
 from moe_serve.tensors import from_wire, to_wire
 
@@ -96,13 +98,15 @@ class ExpertDispatcher:
     """ExpertBackend over gRPC: one concurrent RunExperts per server per layer, partial sums added."""
 
     def __init__(self, spec: ModelSpec, servers: list[RemoteServer], table: dict[int, torch.Tensor],
-                 loop: asyncio.AbstractEventLoop, wire_dtype: int = wire.FLOAT32, timeout: float = 60.0):
+                 loop: asyncio.AbstractEventLoop, wire_dtype: int = wire.FLOAT32, timeout: float = 60.0,
+                 metrics: ServiceMetrics | None = None):
         self.spec = spec
         self.servers = servers
         self.table = table
         self.loop = loop
         self.wire_dtype = wire_dtype
         self.timeout = timeout
+        self.metrics = metrics or ServiceMetrics("gateway")
 
     def run(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Blocking form for model code on a worker thread; the calls run on the gateway's event loop."""
@@ -126,6 +130,7 @@ class ExpertDispatcher:
                 hidden=to_wire(hidden.index_select(0, rows), self.wire_dtype),
                 expert_ids=to_wire(ids),
                 weights=to_wire(weights.index_select(0, rows).float()),
+                request_id=request_ids.current(),
             )
             calls.append(self._call(server, layer, ids, request))
             rows_of.append(rows)
@@ -137,7 +142,7 @@ class ExpertDispatcher:
     async def _call(self, server: RemoteServer, layer: int, ids: torch.Tensor,
                     request: experts_pb2.RunExpertsRequest) -> torch.Tensor:
         try:
-            reply = await server.stub.RunExperts(request, timeout=self.timeout)
+            reply = await self.metrics.call_expert(server.name, server.stub.RunExperts, request, timeout=self.timeout)
         except grpc.aio.AioRpcError as err:
             experts = format_ranges(sorted(set(ids[ids >= 0].tolist())))
             where = f"expert server {server.name} ({server.address}), layer {layer}, experts {experts}"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -12,11 +14,13 @@ import torch
 from moe_client import wire
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
 from moe_serve.checkpoint import Checkpoint, CheckpointError
+from moe_serve.console import summary
 from moe_serve.devices import parse_devices
 from moe_serve.gateway.dispatch import ExpertDispatcher, RemoteServer, StartupError, connect, ownership_table
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.servicer import GatewayServicer
 from moe_serve.grpc_server import ServerHandle, start_server
+from moe_serve.metrics import MetricsInterceptor, ServiceMetrics
 from moe_serve.models import load_dense_model
 from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
 from moe_serve.runtime import RULE, configure_logging, env, serve_until_signal
@@ -44,6 +48,8 @@ class GatewayConfig:
     max_new_tokens: int = 4096
     grace_seconds: float = 10.0
     log_level: str = "INFO"
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 0  # 0: no /metrics endpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated expert server addresses host:port (env MOE_SERVERS)")
     p.add_argument("--placement", default=env("PLACEMENT"),
                    help="placement file (JSON) naming servers, addresses and their experts (env MOE_PLACEMENT)")
-    p.add_argument("--host", default=env("HOST", "0.0.0.0"), help="address to bind (env MOE_HOST)")
+    p.add_argument("--host", default=env("HOST", "0.0.0.0"), help="address to bind (env MOE_HOST; default 0.0.0.0)")
     p.add_argument("--port", type=int, default=int(env("PORT", "50050")),
                    help="port to bind; 0 picks one (env MOE_PORT; default 50050)")
     p.add_argument("--dense-device", default=env("DENSE_DEVICE", "cpu"),
@@ -69,14 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deadline in seconds of each RunExperts call, like the seed's rpc_timeout "
                         "(env MOE_RPC_TIMEOUT; default 60)")
     p.add_argument("--connect-timeout", type=float, default=float(env("CONNECT_TIMEOUT", "60")),
-                   help="seconds to wait at start for expert servers to answer (env MOE_CONNECT_TIMEOUT)")
+                   help="seconds to wait at start for expert servers to answer (env MOE_CONNECT_TIMEOUT; "
+                        "default 60)")
     p.add_argument("--max-tokens", type=int, default=int(env("MAX_TOKENS", "65536")),
-                   help="largest Forward batch in tokens; more is RESOURCE_EXHAUSTED (env MOE_MAX_TOKENS)")
+                   help="largest Forward batch in tokens; more is RESOURCE_EXHAUSTED (env MOE_MAX_TOKENS; "
+                        "default 65536)")
     p.add_argument("--max-new-tokens", type=int, default=int(env("MAX_NEW_TOKENS", "4096")),
                    help="largest max_new_tokens a Generate may ask for (env MOE_MAX_NEW_TOKENS; default 4096)")
     p.add_argument("--grace", type=float, default=float(env("GRACE", "10")),
-                   help="seconds to finish in-flight requests on SIGTERM (env MOE_GRACE)")
-    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="logging level (env MOE_LOG_LEVEL)")
+                   help="seconds to finish in-flight requests on SIGTERM (env MOE_GRACE; default 10)")
+    p.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", "0")),
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 = off (env MOE_METRICS_PORT; "
+                        "default 0)")
+    p.add_argument("--metrics-host", default=env("METRICS_HOST", "0.0.0.0"),
+                   help="address the metrics endpoint binds (env MOE_METRICS_HOST; default 0.0.0.0)")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
+                   help="logging level: INFO logs every request with its id and status (env MOE_LOG_LEVEL; "
+                        "default INFO)")
     return p
 
 
@@ -87,10 +102,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         raise PlacementError("give the expert servers with --servers host:port,... or --placement FILE")
     return GatewayConfig(
         checkpoint=args.checkpoint, servers=servers, placement=args.placement, host=args.host, port=args.port,
-        dense_dtype=args.dense_dtype, dense_device=args.dense_device, wire_dtype=args.wire_dtype, rpc_timeout=args.rpc_timeout,
-        connect_timeout=args.connect_timeout, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens,
-        grace_seconds=args.grace,
-        log_level=args.log_level,
+        dense_dtype=args.dense_dtype, dense_device=args.dense_device, wire_dtype=args.wire_dtype,
+        rpc_timeout=args.rpc_timeout, connect_timeout=args.connect_timeout, max_tokens=args.max_tokens,
+        max_new_tokens=args.max_new_tokens, grace_seconds=args.grace, log_level=args.log_level,
+        metrics_host=args.metrics_host, metrics_port=args.metrics_port,
     )
 
 
@@ -164,14 +179,19 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         raise
     if verbose:
         print_mapping(servers, table)
+    metrics = ServiceMetrics("gateway")
+    metrics.describe(model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type, dtype=config.dense_dtype)
     dispatcher = ExpertDispatcher(checkpoint.spec, servers, table, asyncio.get_running_loop(),
-                                  wire.dtype_from_name(config.wire_dtype), config.rpc_timeout)
+                                  wire.dtype_from_name(config.wire_dtype), config.rpc_timeout, metrics)
     engine = GatewayEngine(model, dispatcher, tokenizer)
     info = model_info(checkpoint, fingerprint, servers, config.dense_dtype, tokenizer is not None)
-    servicer = GatewayServicer(engine, info, config.max_tokens, max_new_tokens=config.max_new_tokens)
+    servicer = GatewayServicer(engine, info, config.max_tokens, max_new_tokens=config.max_new_tokens,
+                               metrics=metrics)
+    # Requests that come without an id get one here, the public entry point; the access log shows each.
+    interceptor = MetricsInterceptor(metrics, [SERVICE_NAME], logging.INFO, make_request_ids=True)
     handle = await start_server(f"{config.host}:{config.port}",
                                 lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s),
-                                [SERVICE_NAME])
+                                [SERVICE_NAME], [interceptor])
     handle.on_stop = lambda: asyncio.gather(*(s.channel.close() for s in servers))
     return handle, servicer
 
@@ -180,7 +200,18 @@ async def _serve(config: GatewayConfig) -> None:
     print(RULE)
     print("Starting gateway")
     print(RULE)
+    start = time.monotonic()
     handle, servicer = await create_gateway(config, verbose=True)
+    info = servicer.info
+    print(summary("Gateway", [
+        ("gRPC", f"{config.host}:{handle.port} (GatewayService, grpc.health.v1, reflection)"),
+        ("metrics", servicer.metrics.expose(config.metrics_host, config.metrics_port)),
+        ("checkpoint", f"{config.checkpoint} ({info.model_type}, fingerprint {info.model_fingerprint})"),
+        ("model", f"hidden {info.hidden_size}, MoE layers {list(info.moe_layers)} x {info.num_experts} experts, "
+                  f"top-{info.top_k}, dense {info.dense_dtype}, wire {config.wire_dtype}"),
+        ("expert servers", ", ".join(s.address for s in info.servers)),
+        ("loaded in", f"{time.monotonic() - start:.1f} s"),
+    ]))
     print(f"Gateway ready on {config.host}:{handle.port}, serving {servicer.info.model_type} "
           f"with {len(servicer.info.servers)} expert server(s)", flush=True)
     await serve_until_signal(handle, config.grace_seconds)

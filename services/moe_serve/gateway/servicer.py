@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -14,6 +13,7 @@ from moe_serve.gateway.engine import ForwardStats, GatewayEngine
 from moe_serve.gateway.generate_request import FINISH_REASONS, prompt_ids, require_causal, sampling_params
 from moe_serve.gateway.streaming import iterate_in_thread
 from moe_serve.grpc_server import rpc, rpc_stream
+from moe_serve.metrics import ServiceMetrics
 from moe_serve.tensors import from_wire, to_wire
 
 _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16)
@@ -23,9 +23,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Serves Forward, Generate and GetModelInfo for one engine."""
 
     def __init__(self, engine: GatewayEngine, info: gateway_pb2.ModelInfo, max_tokens: int = 65536,
-                 workers: int = 4, max_new_tokens: int = 4096):
+                 workers: int = 4, max_new_tokens: int = 4096, metrics: ServiceMetrics | None = None):
         self.engine = engine
         self.info = info
+        self.metrics = metrics or ServiceMetrics("gateway")
         self.max_tokens = max_tokens
         self.max_new_tokens = max_new_tokens
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gateway")
@@ -56,8 +57,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     @rpc
     async def Forward(self, request, context):
         hidden = self.decode_hidden(request.hidden)
-        loop = asyncio.get_running_loop()
-        out, stats = await loop.run_in_executor(self.executor, self.engine.forward, hidden)
+        out, stats = await self.metrics.run_queued(self.executor, self.engine.forward, hidden)
+        self.metrics.observe_batch("Forward", hidden.numel() // self.engine.hidden_size)
         out_dtype = request.output_dtype or request.hidden.dtype
         return gateway_pb2.ForwardResponse(
             hidden=to_wire(out, out_dtype), total_seconds=stats.total_seconds, expert_seconds=stats.expert_seconds
@@ -69,6 +70,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         spec = self.engine.model.spec
         ids = prompt_ids(request, spec, self.engine.tokenizer)
         params = sampling_params(request, spec, len(ids), self.max_new_tokens, self.max_tokens)
+        self.metrics.observe_batch("Generate", len(ids))
         stats = ForwardStats()
         count = 0
         async for token in iterate_in_thread(self.executor, lambda: self.engine.generate(ids, params, stats)):

@@ -1,0 +1,193 @@
+"""Metrics per service instance, request ids across the gateway and expert servers, and the CLI's
+metrics endpoint, placement by ordinal and --help."""
+
+import io
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from prometheus_server import free_port
+
+from moe_client import ExpertClient, GatewayClient, wire
+from moe_client.pb import gateway_pb2, gateway_pb2_grpc
+from moe_serve.console import LoadProgress
+from moe_serve.expert_server.main import ExpertServerConfig, create_server
+from moe_serve.expert_server.main import build_parser as expert_parser
+from moe_serve.gateway.main import GatewayConfig, create_gateway
+from moe_serve.gateway.main import build_parser as gateway_parser
+from moe_serve.metrics import ServiceMetrics
+from moe_serve.placement import PlacementError, ServerEntry, pick_entry
+from moe_serve.request_ids import RequestIdFilter
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def two_servers_and_gateway(loop_thread, tiny_checkpoint):
+    """Expert servers w0 (experts 0-3) and w1 (4-7), a gateway; yields (addresses, registries), gateway last."""
+    started = [loop_thread.run(create_server(ExpertServerConfig(
+        checkpoint=str(tiny_checkpoint), experts=experts, host="127.0.0.1", port=0, name=f"w{i}")))
+        for i, experts in enumerate(("0-3", "4-7"))]
+    started.append(loop_thread.run(create_gateway(GatewayConfig(
+        checkpoint=str(tiny_checkpoint), servers=[f"127.0.0.1:{h.port}" for h, _ in started], host="127.0.0.1",
+        port=0, connect_timeout=20.0))))
+    yield [f"127.0.0.1:{h.port}" for h, _ in started], [s.metrics.registry for _, s in started]
+    for handle, _ in reversed(started):
+        loop_thread.run(handle.stop(0))
+
+
+class Records(logging.Handler):
+    """Keeps (logger, request id, message) of each record, with the services' request-id filter."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.addFilter(RequestIdFilter())
+        self.seen: list[tuple[str, str, str]] = []
+
+    def emit(self, record):
+        self.seen.append((record.name, record.request_id, record.getMessage()))
+
+
+@pytest.fixture
+def access_log():
+    records = Records()
+    logger = logging.getLogger("moe_serve.metrics")
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(records)
+    yield records
+    logger.removeHandler(records)
+    logger.setLevel(old)
+
+
+def test_request_id_reaches_the_expert_servers(two_servers_and_gateway, access_log):
+    (*_, gateway), _ = two_servers_and_gateway
+    hidden = np.random.default_rng().standard_normal((6, 64), dtype=np.float32)
+    with GatewayClient(gateway) as client:
+        client.forward_raw(hidden, request_id="req-abc-123")
+    with grpc.insecure_channel(gateway) as channel:  # a caller that sends no id: the gateway makes one
+        gateway_pb2_grpc.GatewayServiceStub(channel).Forward(gateway_pb2.ForwardRequest(hidden=wire.encode(hidden)),
+                                                             timeout=60)
+    forwards = [rid for _, rid, msg in access_log.seen if msg.startswith("Forward OK")]
+    run_experts = [rid for _, rid, msg in access_log.seen if msg.startswith("RunExperts OK")]
+    assert forwards[0] == "req-abc-123" and re.fullmatch(r"[0-9a-f]{16}", forwards[1])
+    # 2 MoE layers; the 6 tokens' top-2 experts reach one or both servers in each layer.
+    assert set(run_experts) == set(forwards) and len(run_experts) >= 4
+
+
+def test_each_server_counts_its_own_calls_and_status_codes(two_servers_and_gateway):
+    (w0_address, _, gateway), (w0, w1, gw) = two_servers_and_gateway
+    hidden = np.random.default_rng().standard_normal((5, 64), dtype=np.float32)
+    with GatewayClient(gateway) as client:
+        client.forward(hidden)
+    assert gw.get_sample_value("moe_requests_total", {"rpc": "Forward", "code": "OK"}) == 1
+    assert gw.get_sample_value("moe_tokens_total", {"rpc": "Forward"}) == 5
+    assert w0.get_sample_value("moe_requests_total", {"rpc": "Forward", "code": "OK"}) is None
+    served = [r.get_sample_value("moe_requests_total", {"rpc": "RunExperts", "code": "OK"}) for r in (w0, w1)]
+    calls = [gw.get_sample_value("moe_expert_calls_total", {"server": f"w{i}", "code": "OK"}) or 0 for i in (0, 1)]
+    assert served == calls and sum(calls) >= 2
+    routed = sum(r.get_sample_value("moe_expert_tokens_total", {"layer": str(layer), "expert": str(e)})
+                 for r, experts in ((w0, range(4)), (w1, range(4, 8))) for layer in (0, 1) for e in experts)
+    assert routed == 5 * 2 * 2  # tokens x top-2 x MoE layers
+    sent = gw.get_sample_value("moe_expert_call_sent_bytes_total", {"server": "w0"})
+    assert w0.get_sample_value("moe_received_bytes_total", {"rpc": "RunExperts"}) == sent > 0
+
+    # A call naming an expert the server does not hold: counted under its status code.
+    with ExpertClient(w0_address) as direct, pytest.raises(grpc.RpcError) as err:
+        direct.run_experts(0, hidden[:1], np.array([[5, -1]]), np.ones((1, 2), np.float32))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # abort() sends the status before the interceptor sees the error, so the count may land a moment later.
+    not_found = {"rpc": "RunExperts", "code": "NOT_FOUND"}
+    assert eventually(lambda: w0.get_sample_value("moe_requests_total", not_found)) == 1
+    assert w0.get_sample_value("moe_requests_in_flight", {"rpc": "RunExperts"}) == 0
+    assert w0.get_sample_value("moe_received_bytes_total", {"rpc": "RunExperts"}) > sent
+
+
+def eventually(probe, timeout: float = 10.0):
+    """probe()'s first truthy value within `timeout` seconds, else its last."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def test_registries_are_per_instance():
+    a, b = ServiceMetrics("gateway"), ServiceMetrics("gateway")
+    a.observe_batch("Forward", 7)
+    assert a.registry.get_sample_value("moe_tokens_total", {"rpc": "Forward"}) == 7
+    assert b.registry.get_sample_value("moe_tokens_total", {"rpc": "Forward"}) is None
+
+
+def test_expert_server_cli_serves_metrics_and_takes_its_entry_by_ordinal(tiny_checkpoint, tmp_path):
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"servers": [
+        {"name": "alpha", "address": "a:1", "experts": "0-3"},
+        {"name": "beta", "address": "b:1", "experts": {"0": "4-7", "1": "6"}}]}))
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen([str(BIN / "moe-expert-server"), "--checkpoint", str(tiny_checkpoint), "--placement",
+                             str(placement), "--placement-index", "1", "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with ExpertClient(f"127.0.0.1:{port}") as client:
+            client.wait_until_serving(60)
+            assert client.info().server_name == "beta"
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert re.search(r'^moe_server_info\{.*name="beta".*service="expert_server".*\} 1\.0$', text, re.M), text
+    held = set(re.findall(r'^moe_expert_tokens_total\{expert="(\d+)",layer="(\d+)"\} 0\.0$', text, re.M))
+    assert held == {(str(e), "0") for e in range(4, 8)} | {("6", "1")}
+    assert f"http://127.0.0.1:{metrics_port}/metrics" in out and "Loading experts" in out
+
+
+def test_pick_entry_by_ordinal_or_name():
+    entries = [ServerEntry(f"s{i}", f"h{i}:1", "0") for i in range(3)]
+    assert pick_entry("p.json", entries, index="hostname", hostname="moe-expert-2").name == "s2"
+    assert pick_entry("p.json", entries, index="1").name == "s1"
+    assert pick_entry("p.json", entries, name="s0").name == "s0"
+    with pytest.raises(PlacementError, match=r"placement index 3 is out of range: .* 3 servers \(0-2\)"):
+        pick_entry("p.json", entries, index="hostname", hostname="moe-expert-3")
+    with pytest.raises(PlacementError, match=r"host name 'worker' does not end in -N"):
+        pick_entry("p.json", entries, index="hostname", hostname="worker")
+    with pytest.raises(PlacementError, match=r"has no server named 'x'"):
+        pick_entry("p.json", entries, name="x")
+
+
+@pytest.mark.parametrize("parser", [expert_parser, gateway_parser])
+def test_help_explains_every_flag_and_its_environment_variable(parser):
+    for action in parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and "env MOE_" in action.help, f"{action.option_strings} lacks help naming MOE_*"
+
+
+def test_load_progress_in_a_log_prints_whole_lines():
+    out = io.StringIO()
+    progress = LoadProgress(3, stream=out, every=3600.0)
+    for expert in range(3):
+        progress(0, expert)
+    lines = out.getvalue().splitlines()
+    assert lines == [lines[-1]] and "3/3 100%" in lines[0] and "\r" not in out.getvalue()
+
+
+def test_expert_token_counts_skip_unused_slots_and_report_held_experts_at_zero():
+    m = ServiceMetrics("expert_server")
+    m.init_experts({3: (0, 5, 9)})
+    m.observe_experts(3, torch.tensor([[5, -1], [0, 5]], dtype=torch.int32))
+    m.observe_experts(3, torch.tensor([[12, 5]]))  # a longer vector than before: the counts grow
+    got = {s.labels["expert"]: s.value for f in m.registry.collect() if f.name == "moe_expert_tokens"
+           for s in f.samples}
+    assert got == {"0": 1, "5": 3, "9": 0, "12": 1}
