@@ -6,8 +6,10 @@ import asyncio
 import logging
 import os
 import signal
+from typing import TYPE_CHECKING
 
-from moe_serve.grpc_server import ServerHandle
+if TYPE_CHECKING:  # grpc_server reads flags through this module's env()
+    from moe_serve.grpc_server import ServerHandle
 
 RULE = "=" * 80
 

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,9 +18,11 @@ from moe_serve.expert_server.servicer import ExpertServicer, server_info
 from moe_serve.grpc_server import ServerHandle, start_server
 from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
 from moe_serve.runtime import RULE, configure_logging, env, serve_until_signal
+from moe_serve.serving import ServingOptions, add_serving_args, serving_from_args
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 SERVICE_NAME = experts_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
+LIMITED = [f"/{SERVICE_NAME}/RunExperts"]  # counted against --max-queue
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class ExpertServerConfig:
     grace_seconds: float = 10.0
     log_level: str = "INFO"
     cuda_graph_tokens: int = 16384
+    serving: ServingOptions = field(default_factory=lambda: ServingOptions(max_queue=256))
 
     @property
     def address(self) -> str:
@@ -73,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on GPUs in bf16, replay captured CUDA graphs for calls of up to this many tokens; "
                         "0 = launch kernels one by one (env MOE_CUDA_GRAPH_TOKENS; default 16384)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="logging level (env MOE_LOG_LEVEL)")
+    add_serving_args(p, max_queue=256)
     return p
 
 
@@ -91,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
         checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=args.host,
         port=args.port, name=args.name, grace_seconds=args.grace, log_level=args.log_level,
         cuda_graph_tokens=args.cuda_graph_tokens,
+        serving=serving_from_args(args),
     )
 
 
@@ -131,7 +136,7 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
         servicer = ExpertServicer(bank, experts_pb2.ServerInfo())
         experts_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
 
-    handle = await start_server(config.address, register, [SERVICE_NAME])
+    handle = await start_server(config.address, register, [SERVICE_NAME], config.serving, LIMITED)
     name = config.name or f"{socket.gethostname()}:{handle.port}"
     servicer.info = server_info(bank, fingerprint, checkpoint.spec, name)
     return handle, servicer
