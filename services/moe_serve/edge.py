@@ -35,6 +35,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         self.limited = frozenset(limited)
         self.inflight = 0  # every non-exempt call being served
         self.admitted = 0  # of those, calls of `limited` methods
+        self.served = 0  # calls admitted since start
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -81,6 +82,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                                 "(--max-queue); retry later")
         self.inflight += 1
         self.admitted += limited
+        self.served += 1
         self._idle.clear()
 
     def _release(self, limited: bool) -> None:
