@@ -1,10 +1,12 @@
 """Soak: expert server replicas and a gateway as real processes on loopback, under steady concurrent
-Forward load; prints requests served, errors and each process's memory (RSS) over time.
+Forward and Generate load; prints requests served, errors and each process's memory (RSS) over time.
 
     python scripts/soak.py --duration 600 --chaos-every 60   # by hand: 10 minutes, a replica killed each minute
     python scripts/soak.py --duration 60 --json soak.json    # what CI runs (tests/test_soak.py)
 
-Every answer is checked against the in-process reference; a wrong answer counts as an error. With
+The model is a tiny random Mixtral (built with transformers, as the tests build theirs) so that both
+RPCs run; --model simple serves the embedded simple_moe (Forward only). Every answer is checked
+against the in-process reference on the same weights; a wrong answer counts as an error. With
 --chaos-every N, one replica is killed with SIGKILL every N seconds and restarted after --down-for
 seconds; the report says how long each took to serve again and to rejoin the gateway. Exit status 1
 if any request failed. The fault tests use ProcessCluster and Load from here.
@@ -32,8 +34,12 @@ import torch
 
 from moe_client import GatewayClient
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.models import load_reference
+from moe_serve.core.generation import SamplingParams
+from moe_serve.gateway.engine import GatewayEngine
+from moe_serve.models import load_all_experts, load_dense_model
 from moe_serve.synthetic import SyntheticConfig, write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -167,18 +173,35 @@ class ProcessCluster:
 
 
 class Load:
-    """Concurrent Forward callers, each answer checked against the in-process reference."""
+    """Concurrent Forward and Generate callers, each answer checked against the in-process reference.
+
+    Generate is greedy over prompts whose top two logits stay apart by at least `margin` at every step,
+    so a last-bit difference in summation order cannot flip a token.
+    """
 
     def __init__(self, address: str, checkpoint: Path, clients: int = 4, tokens: int = 16, timeout: float = 10.0,
-                 distinct_inputs: int = 32):
-        model, experts = load_reference(Checkpoint(checkpoint))
+                 generate_share: float = 0.5, new_tokens: int = 4, distinct_inputs: int = 16, margin: float = 1e-3):
+        ckpt = Checkpoint(checkpoint)
+        engine = GatewayEngine(load_dense_model(ckpt), load_all_experts(ckpt))
         rng = np.random.default_rng()
-        self.inputs = [rng.standard_normal((tokens, model.spec.hidden_size), dtype=np.float32)
+        self.inputs = [rng.standard_normal((tokens, engine.hidden_size), dtype=np.float32)
                        for _ in range(distinct_inputs)]
+        self.prompts: list[list[int]] = []
+        self.continuations: list[list[int]] = []
         with torch.inference_mode():
-            self.expected = [model.forward(torch.from_numpy(x), experts).numpy() for x in self.inputs]
-        self.address, self.clients, self.timeout = address, clients, timeout
+            self.expected = [engine.forward(torch.from_numpy(x))[0].numpy() for x in self.inputs]
+            while engine.is_causal and generate_share > 0 and len(self.prompts) < distinct_inputs:
+                prompt = rng.integers(0, engine.model.spec.vocab_size, size=tokens).tolist()
+                out = [t.token_id for t in engine.generate(prompt, SamplingParams(max_new_tokens=new_tokens))]
+                logits = engine.prompt_logits([prompt + out[:-1]])[0][len(prompt) - 1:]  # [new_tokens, V]
+                top2 = logits.topk(2, dim=-1).values
+                if bool(((top2[:, 0] - top2[:, 1]) > margin).all()):
+                    self.prompts.append(prompt)
+                    self.continuations.append(out)
+        self.generate_share = generate_share if self.prompts else 0.0
+        self.address, self.clients, self.timeout, self.new_tokens = address, clients, timeout, new_tokens
         self.ok = 0
+        self.ok_by_rpc: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.first_errors: list[str] = []
         self.latencies: list[float] = []
@@ -200,21 +223,31 @@ class Load:
         for thread in self._threads:
             thread.join(self.timeout + 10)
 
+    def _call(self, client: GatewayClient, rng: np.random.Generator) -> tuple[str, str | None]:
+        """One request, checked: (RPC name, None or what went wrong)."""
+        if rng.random() < self.generate_share:
+            n = int(rng.integers(len(self.prompts)))
+            got = [t.token_id for t in client.generate(self.prompts[n], max_new_tokens=self.new_tokens,
+                                                       ignore_eos=True)]
+            return "Generate", None if got == self.continuations[n] else "WRONG_ANSWER"
+        n = int(rng.integers(len(self.inputs)))
+        got = client.forward(self.inputs[n])
+        return "Forward", None if np.abs(got - self.expected[n]).max() <= 1e-4 else "WRONG_ANSWER"
+
     def _run(self, index: int) -> None:
         rng = np.random.default_rng(index)
         with GatewayClient(self.address, timeout=self.timeout) as client:
             while not self._stop.is_set():
-                n = int(rng.integers(len(self.inputs)))
                 start = time.monotonic()
                 try:
-                    got = client.forward(self.inputs[n])
-                    problem = None if np.abs(got - self.expected[n]).max() <= 1e-4 else "WRONG_ANSWER"
+                    rpc, problem = self._call(client, rng)
                 except grpc.RpcError as err:
-                    problem = f"{err.code().name}: {err.details()}"
+                    rpc, problem = "?", f"{err.code().name}: {err.details()}"
                 end = time.monotonic()
                 with self.lock:
                     if problem is None:
                         self.ok += 1
+                        self.ok_by_rpc[rpc] += 1
                         self.latencies.append(end - start)
                         self.successes.append(end)
                     else:
@@ -262,12 +295,21 @@ def _chaos(cluster: ProcessCluster, load: Load, svc: Service, down_for: float, a
             "rejoined_after_serving_s": round(listed, 2), "longest_gap_s": round(gap, 3)}
 
 
+def make_model(kind: str, path: Path) -> Path:
+    """A tiny random checkpoint: 'mixtral' (a causal LM: Forward and Generate) or 'simple' (Forward only)."""
+    if kind == "simple":
+        return write_checkpoint(path, SyntheticConfig(hidden_size=64, intermediate_size=128, seed=11))
+    sys.path.insert(0, str(ROOT / "tests"))  # the builder the causal LM tests use (needs transformers)
+    from hf_models import build_checkpoint
+
+    return build_checkpoint("mixtral", path, seed=int.from_bytes(os.urandom(4), "little"))
+
+
 def soak(args: argparse.Namespace) -> dict:
     """Run the soak and return its report."""
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="moe-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else write_checkpoint(
-        workdir / "model", SyntheticConfig(hidden_size=args.hidden, intermediate_size=2 * args.hidden, seed=11))
+    checkpoint = Path(args.checkpoint) if args.checkpoint else make_model(args.model, workdir / "model")
     cluster = ProcessCluster(checkpoint, workdir, args.replicas,
                              ("--rpc-timeout", "5", "--keepalive", "2", "--resolve-interval", "5"))
     report: dict = {"duration_s": args.duration, "clients": args.clients, "tokens": args.tokens,
@@ -299,8 +341,8 @@ def soak(args: argparse.Namespace) -> dict:
         if chaos is not None:
             chaos.join(180)  # a restart still under way: let it rejoin before the totals
         load.stop()
-        report.update(served=load.ok, errors=load.failed, errors_by_code=dict(load.errors),
-                      first_errors=load.first_errors)
+        report.update(served=load.ok, served_by_rpc=dict(load.ok_by_rpc), errors=load.failed,
+                      errors_by_code=dict(load.errors), first_errors=load.first_errors)
     finally:
         report["exit_codes"] = cluster.stop()
     samples = report["samples"]
@@ -320,13 +362,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=10, help="seconds between report lines (default 10)")
     p.add_argument("--chaos-every", type=float, default=0, help="SIGKILL a replica every N seconds (default off)")
     p.add_argument("--down-for", type=float, default=2, help="seconds a killed replica stays down (default 2)")
-    p.add_argument("--hidden", type=int, default=64, help="hidden size of the generated model (default 64)")
+    p.add_argument("--model", choices=["mixtral", "simple"], default="mixtral",
+                   help="tiny random model to generate: mixtral (Forward + Generate) or simple (Forward only)")
     p.add_argument("--checkpoint", help="serve this checkpoint instead of a generated one")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--workdir", help="directory for the model and the processes' logs (default: a new temp dir)")
     args = p.parse_args(argv)
     report = soak(args)
-    print(f"Served {report.get('served', 0)} requests, {report.get('errors', 'n/a')} errors "
+    print(f"Served {report.get('served', 0)} requests {report.get('served_by_rpc', {})}, "
+          f"{report.get('errors', 'n/a')} errors "
           f"{report.get('errors_by_code', {})}; RSS growth (MiB) {report.get('rss_growth_mib')}; "
           f"exit codes {report['exit_codes']}")
     if args.json:

@@ -1,9 +1,8 @@
-"""Faults with real processes: a replica killed under load, a graceful stop, a restart that rejoins, a
-network cut (network namespace, link down) and DNS membership changes (private /etc/hosts).
+"""Faults with real processes: a replica killed under Forward and Generate load, a graceful stop, a restart
+that rejoins, a network cut (network namespace, link down) and DNS membership changes (private /etc/hosts).
 
-Forward load only: the gateway has no Generate RPC yet. The namespace tests need root, iproute2 and
-util-linux (CI runs as root with them); bounded in count and time, traffic on loopback or the veth the
-test makes.
+The namespace tests need root, iproute2 and util-linux (CI runs as root with them); everything is
+bounded in count and time, with traffic on loopback or the veth the test makes.
 """
 
 import os
@@ -34,14 +33,15 @@ def forward_ok(client: GatewayClient, checkpoint, tokens: int = 64) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_replica_killed_under_load_then_rejoins(tiny_checkpoint, tmp_path):
-    cluster = soak.ProcessCluster(tiny_checkpoint, tmp_path, replicas=2,
+def test_replica_killed_under_load_then_rejoins(causal_checkpoints, tmp_path):
+    checkpoint = causal_checkpoints["mixtral"]
+    cluster = soak.ProcessCluster(checkpoint, tmp_path, replicas=2,
                                   gateway_args=("--rpc-timeout", "5", "--keepalive", "1"))
     figures = {}
     try:
         cluster.start()
         a, b = cluster.experts
-        load = soak.Load(cluster.address, tiny_checkpoint, clients=4, tokens=8).start()
+        load = soak.Load(cluster.address, checkpoint, clients=4, tokens=8).start()
         try:
             load.wait_ok(30)
             killed = time.monotonic()
@@ -65,7 +65,8 @@ def test_replica_killed_under_load_then_rejoins(tiny_checkpoint, tmp_path):
         finally:
             load.stop()
         assert load.failed == 0, load.first_errors
-        figures.update(requests=load.ok, failed=load.failed)
+        assert min(load.ok_by_rpc["Forward"], load.ok_by_rpc["Generate"]) > 0
+        figures.update(requests=dict(load.ok_by_rpc), failed=load.failed)
     finally:
         cluster.stop()
     print(f"\nreplica faults under load: {figures}")
