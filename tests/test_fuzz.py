@@ -31,6 +31,8 @@ CALL_TIMEOUT = 20  # a hang shows as DEADLINE_EXCEEDED, which fails the test
 EXPERT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
                 grpc.StatusCode.FAILED_PRECONDITION}
 GATEWAY_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+GENERATE_CODES = GATEWAY_CODES | {grpc.StatusCode.FAILED_PRECONDITION}  # Generate on a model without an lm_head
+MAX_NEW = 6  # the fuzzed causal gateway's --max-new-tokens: every stream ends quickly
 
 
 FLOAT_WIRE = {"float": ["float32", "bfloat16", "float16"], "weights": ["float32"], "ids": ["int32", "int64"]}
@@ -104,6 +106,31 @@ def forward_requests(draw) -> gateway_pb2.ForwardRequest:
     hidden = draw(st.one_of(good_tensors("float", shape), bad_tensors("float", shape)))
     return gateway_pb2.ForwardRequest(hidden=hidden, request_id=draw(st.text(max_size=20)),
                                       output_dtype=draw(st.one_of(st.sampled_from([0, 1, 2, 3]), DTYPE)))
+
+
+@st.composite
+def generate_requests(draw, vocab: int) -> gateway_pb2.GenerateRequest:
+    """Mostly valid requests with up to two things wrong: ids outside the vocabulary, prompts past the
+    context or empty, text without a tokenizer, huge max_new_tokens, NaN/Inf/negative sampling settings."""
+    bad = draw(st.sets(st.sampled_from(["ids", "long", "empty", "text", "max_new", "temperature", "top_p", "stops"]),
+                       max_size=2))
+    good_id, any_id = st.integers(0, vocab - 1), st.integers(-(2**63), 2**63 - 1)
+    weird = st.one_of(st.floats(width=32), st.floats(-10, 0, width=32, exclude_max=True))
+    length = 120 if "long" in bad else 0 if "empty" in bad else draw(st.integers(1, 10))
+    request = gateway_pb2.GenerateRequest(
+        prompt_token_ids=draw(st.lists(st.one_of(good_id, any_id) if "ids" in bad else good_id,
+                                       min_size=length, max_size=length)),
+        max_new_tokens=draw(st.integers(MAX_NEW + 1, 2**32 - 1) if "max_new" in bad else st.integers(0, MAX_NEW)),
+        temperature=draw(weird if "temperature" in bad else st.floats(0, 2, width=32)),
+        top_k=draw(st.one_of(st.integers(0, 50), st.integers(0, 2**32 - 1))),
+        top_p=draw(weird if "top_p" in bad else st.floats(0, 1, width=32)),
+        stop_token_ids=draw(st.lists(any_id if "stops" in bad else good_id, max_size=3)),
+        ignore_eos=draw(st.booleans()), request_id=draw(st.text(max_size=20)))
+    if "text" in bad:
+        request.prompt_text = draw(st.text(max_size=30))
+    if draw(st.booleans()):
+        request.seed = draw(st.integers(0, 2**64 - 1))
+    return request
 
 
 def valid_run_experts() -> tuple[experts_pb2.RunExpertsRequest, tuple]:
@@ -183,11 +210,43 @@ def test_fuzz_forward(gateway, request):
     gateway.still_right("Forward")
 
 
+@pytest.fixture
+def causal_gateway(cluster, causal_checkpoints):
+    """A gateway over a tiny Mixtral: a valid Generate request and its greedy continuation."""
+    from references import reference_greedy
+
+    path = causal_checkpoints["mixtral"]
+    servers = [cluster.expert_server(path, experts=e) for e in ("0-3", "4-7")]
+    prompt = np.random.default_rng().integers(0, 100, size=5).tolist()
+    target = Target(cluster.gateway(path, servers, max_new_tokens=MAX_NEW), gateway_pb2_grpc.GatewayServiceStub,
+                    gateway_pb2.GenerateRequest(prompt_token_ids=prompt, max_new_tokens=3, ignore_eos=True),
+                    np.array(reference_greedy(path, prompt, 3)), "token_id")
+    target.vocab = 160
+    yield target
+    target.channel.close()
+
+
+def generated(stub, request) -> np.ndarray:
+    """The token ids of a Generate stream."""
+    return np.array([m.token_id for m in stub.Generate(request, timeout=CALL_TIMEOUT)])
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_generate(causal_gateway, data):
+    request = data.draw(generate_requests(causal_gateway.vocab))
+    tokens = check_status(lambda: generated(causal_gateway.stub, request), GENERATE_CODES)
+    if tokens is not None:  # a valid request: between 1 and max_new_tokens ids from the vocabulary
+        assert 1 <= len(tokens) <= (request.max_new_tokens or 16) and ((tokens >= 0) & (tokens < 160)).all()
+    assert (generated(causal_gateway.stub, causal_gateway.valid) == causal_gateway.expected).all()
+
+
 def _valid_bytes() -> dict[str, bytes]:
     request, _ = valid_run_experts()
     forward = gateway_pb2.ForwardRequest(hidden=wire.encode(np.ones((2, H), np.float32)), request_id="x")
+    generate = gateway_pb2.GenerateRequest(prompt_token_ids=[1, 2, 3], max_new_tokens=2)
     return {"RunExperts": request.SerializeToString(), "Forward": forward.SerializeToString(),
-            "GetInfo": b"", "GetModelInfo": b""}
+            "Generate": generate.SerializeToString(), "GetInfo": b"", "GetModelInfo": b""}
 
 
 VALID_BYTES = _valid_bytes()
@@ -222,3 +281,13 @@ def test_fuzz_raw_bytes(expert, gateway, service, method, data):
     check_status(lambda: raw(payload, timeout=CALL_TIMEOUT), allowed)
     expert.still_right("RunExperts")
     gateway.still_right("Forward")
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_raw_bytes_generate(causal_gateway, data):
+    raw = causal_gateway.channel.unary_stream("/moe.v1.GatewayService/Generate", request_serializer=None,
+                                              response_deserializer=None)
+    payload = data.draw(raw_messages(VALID_BYTES["Generate"]))
+    check_status(lambda: list(raw(payload, timeout=CALL_TIMEOUT)), GENERATE_CODES)
+    assert (generated(causal_gateway.stub, causal_gateway.valid) == causal_gateway.expected).all()
