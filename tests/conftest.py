@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -21,13 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_script(name: str):
-    """Import scripts/NAME.py as a module (the fault tests reuse the soak script's cluster and load)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """Import scripts/NAME.py (the fault tests reuse the soak script's processes and load)."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    return importlib.import_module(name)
 
 
 TINY = SyntheticConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_experts=8,

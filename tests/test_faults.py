@@ -22,7 +22,7 @@ from test_failover import wait_for
 
 from moe_client import GatewayClient
 
-soak = load_script("soak")
+soak_cluster, soak_load = load_script("soak_cluster"), load_script("soak_load")
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"),
                                reason="needs root, iproute2 (ip netns) and util-linux (unshare)")
 
@@ -35,13 +35,13 @@ def forward_ok(client: GatewayClient, checkpoint, tokens: int = 64) -> None:
 @pytest.mark.timeout(600)
 def test_replica_killed_under_load_then_rejoins(causal_checkpoints, tmp_path):
     checkpoint = causal_checkpoints["mixtral"]
-    cluster = soak.ProcessCluster(checkpoint, tmp_path, replicas=2,
+    cluster = soak_cluster.ProcessCluster(checkpoint, tmp_path, replicas=2,
                                   gateway_args=("--rpc-timeout", "5", "--keepalive", "1"))
     figures = {}
     try:
         cluster.start()
         a, b = cluster.experts
-        load = soak.Load(cluster.address, checkpoint, clients=4, tokens=8).start()
+        load = soak_load.Load(cluster.address, checkpoint, clients=4, tokens=8).start()
         try:
             load.wait_ok(30)
             killed = time.monotonic()
@@ -110,8 +110,8 @@ def test_network_cut_fails_fast_then_recovers(cluster, tiny_checkpoint, tmp_path
     deadline = 4.0
     with NetNamespace() as ns:
         port = 50051
-        remote = soak.Service("cut", ["ip", "netns", "exec", ns.name,
-                                      *soak.expert_argv(tiny_checkpoint, "cut", ns.ns_ip, port, "4-7")],
+        remote = soak_cluster.Service("cut", ["ip", "netns", "exec", ns.name,
+                                      *soak_cluster.expert_argv(tiny_checkpoint, "cut", ns.ns_ip, port, "4-7")],
                               port, tmp_path / "cut.log", ns.ns_ip)
         remote.start()
         try:
@@ -154,7 +154,7 @@ def test_dns_name_membership_follows_the_records(cluster, tiny_checkpoint, tmp_p
         hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{a.split(':')[0]} experts.moe.test\n" for a in addresses))
 
     records(*servers[:2])
-    gateway_port = soak.free_port()
+    gateway_port = soak_cluster.free_port()
     gateway = subprocess.Popen(
         ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
          sys.executable, "-m", "moe_serve.gateway.main", "--checkpoint", str(tiny_checkpoint), "--servers",

@@ -115,15 +115,16 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 
 def _check_placement(checkpoint: Checkpoint, placement: str, servers: list[Replica]) -> None:
-    """Every expert the placement file gives a server must really be on that server."""
-    for entry, server in zip(read_placement(placement), servers):
+    """Every expert the placement file gives a server must really be on that server (each address of it)."""
+    for entry in read_placement(placement):
         expected = resolve_ownership(checkpoint.spec, entry.experts)
-        owned = server.owned
-        absent = [f"layer {layer}: {sorted(set(ids) - set(owned.get(layer, ())))}"
-                  for layer, ids in expected.items() if set(ids) - set(owned.get(layer, ()))]
-        if absent:
-            raise StartupError(f"placement file {placement}: server {entry.name} ({entry.address}) does not hold "
-                               + "; ".join(absent) + f"; it holds {'; '.join(format_ownership(owned))}")
+        for server in (s for s in servers if s.target == entry.address):
+            owned = server.owned
+            absent = [f"layer {layer}: {sorted(set(ids) - set(owned.get(layer, ())))}"
+                      for layer, ids in expected.items() if set(ids) - set(owned.get(layer, ()))]
+            if absent:
+                raise StartupError(f"placement file {placement}: server {entry.name} ({server.address}) does not "
+                                   f"hold " + "; ".join(absent) + f"; it holds {'; '.join(format_ownership(owned))}")
 
 
 def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[Replica], dense_dtype: str,

@@ -12,21 +12,21 @@ notices. The pool lives on the gateway's event loop; nothing here needs a lock.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from moe_client.channel import MAX_MESSAGE_BYTES, open_aio_channel
-from moe_client.pb import experts_pb2, experts_pb2_grpc
-from moe_client.security import TLSFiles
+from moe_client.channel import open_aio_channel
+from moe_client.pb import experts_pb2
 from moe_serve.arch import ModelSpec
+from moe_serve.gateway.replica import PoolOptions, Replica
+from moe_serve.gateway.resolve import resolve
 from moe_serve.placement import format_ranges
+
+__all__ = ["PoolOptions", "Replica", "ServerPool", "StartupError"]
 
 log = logging.getLogger(__name__)
 EXPERT_SERVICE = experts_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
@@ -39,123 +39,14 @@ class StartupError(RuntimeError):
     """The gateway cannot serve with the expert servers it found; the message says why."""
 
 
-@dataclass(frozen=True)
-class PoolOptions:
-    """How the gateway reaches and watches its expert servers."""
-
-    rpc_timeout: float = 60.0  # deadline of each call to an expert server
-    resolve_interval: float = 10.0  # seconds between re-resolutions of the server list
-    keepalive: float = 10.0  # ping an idle connection this often; no answer within it marks the server down
-    tls: TLSFiles | None = None  # TLS to the expert servers (cert + key: mutual TLS)
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-
-    def channel_options(self) -> list[tuple[str, int]]:
-        """Keepalive and reconnect options of the channels to expert servers."""
-        ms = max(100, int(self.keepalive * 1000))
-        return [
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.keepalive_time_ms", ms),
-            ("grpc.keepalive_timeout_ms", ms),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-            # grpc's default reconnect backoff grows to 2 minutes; a restarted server should rejoin in seconds.
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.min_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2000),
-        ]
-
-
-class Replica:
-    """One expert server address: its channel, what it owns, and what the pool knows of its health."""
-
-    def __init__(self, address: str, target: str, channel: grpc.aio.Channel):
-        self.address = address
-        self.target = target  # the --servers entry it was resolved from
-        self.channel = channel
-        self.stub = experts_pb2_grpc.ExpertServiceStub(channel)
-        self.health = health_pb2_grpc.HealthStub(channel)
-        self.info = experts_pb2.ServerInfo()
-        self.owns: dict[int, frozenset[int]] = {}
-        self.serving = False
-        self.refused = ""  # why the pool will not use it (another checkpoint), else ""
-        self.error = ""  # the last failure seen
-        self.failures = 0
-        self.ejected_until = 0.0
-        self.outstanding = 0  # (token, expert) slots in flight on this server
-        self.picks = 0
-        self.watcher: asyncio.Task | None = None
-
-    @property
-    def name(self) -> str:
-        return self.info.server_name or self.address
-
-    @property
-    def owned(self) -> dict[int, tuple[int, ...]]:
-        return {layer: tuple(sorted(ids)) for layer, ids in sorted(self.owns.items())}
-
-    def routable(self, now: float) -> bool:
-        """True if calls may go here now."""
-        return self.serving and not self.refused and now >= self.ejected_until
-
-    def state(self, now: float) -> str:
-        """Why this replica is or is not used, for error messages and logs."""
-        if self.refused:
-            return f"refused: {self.refused}"
-        if not self.serving:
-            return f"down ({self.error or 'not SERVING'})"
-        if now < self.ejected_until:
-            return f"skipped for {self.ejected_until - now:.1f}s after {self.error}"
-        return "serving"
-
-
-def split_target(target: str) -> tuple[str, int] | None:
-    """'host:port' or '[v6]:port' -> (host, port); None for unix: targets."""
-    if target.startswith("unix:"):
-        return None
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expert server address {target!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
-async def resolve(target: str) -> dict[str, str]:
-    """Addresses behind one --servers entry: {address: host name for TLS checks, or ''}.
-
-    IPv4 first: 'localhost' would otherwise count one dual-stack server twice (127.0.0.1 and ::1).
-    """
-    parts = split_target(target)
-    if parts is None or _is_ip(parts[0]):
-        return {target: ""}
-    host, port = parts
-    loop = asyncio.get_running_loop()
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
-        except socket.gaierror:
-            continue
-        if infos:
-            fmt = "{}:{}" if family == socket.AF_INET else "[{}]:{}"
-            return {fmt.format(info[4][0], port): host for info in sorted(infos)}
-    raise OSError(f"expert server name {host!r} does not resolve")
-
-
 class ServerPool:
     """Expert server replicas of one gateway, kept current by resolution and health watching."""
 
-    def __init__(self, targets: list[str], spec: ModelSpec, fingerprint: str, options: PoolOptions = PoolOptions()):
+    def __init__(self, targets: list[str], spec: ModelSpec, fingerprint: str, options: PoolOptions | None = None):
         self.targets = list(targets)
         self.spec = spec
         self.fingerprint = fingerprint
-        self.options = options
+        self.options = options or PoolOptions()
         self.replicas: dict[str, Replica] = {}  # address -> replica, in join order
         self.owners: dict[int, dict[int, list[Replica]]] = {}  # layer -> expert -> replicas owning it
         self.on_change: Callable[[], None] | None = None  # membership or ownership changed
@@ -401,7 +292,7 @@ class ServerPool:
     def report_failure(self, replica: Replica, reason: str, eject: bool = True) -> None:
         """A call to `replica` failed: remember why, and skip it for a while if `eject`."""
         replica.error = reason
-        if eject:
+        if eject and time.monotonic() >= replica.ejected_until:  # calls failing together count once
             replica.failures += 1
             pause = min(EJECT_MAX, EJECT_BASE * 2 ** (replica.failures - 1))
             replica.ejected_until = time.monotonic() + pause
