@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test protos lint bench clean
+.PHONY: setup demo test protos lint bench soak clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+## 10 minutes of Forward + Generate load on 2 replicas and a gateway, a replica killed each minute (docs/reliability.md).
+soak: setup
+	$(BIN)/python scripts/soak.py --duration 600 --chaos-every 60
 
 lint: setup
 	$(BIN)/ruff check client services tests scripts
