@@ -3,6 +3,7 @@ TLS and the edge interceptor, a graceful stop, and one decorator that turns exce
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -58,6 +59,20 @@ def rpc_stream(handler: Callable[..., AsyncIterator]) -> Callable[..., AsyncIter
             await context.abort(*_status(handler.__name__, err))
 
     return wrapped
+
+
+class _Health(health.aio.HealthServicer):
+    """grpc's health servicer, whose Watch streams end quietly when the server stops.
+
+    Watch never returns by itself; stopping the server cancels it, and grpc would log that as an
+    unhandled exception with a traceback on every stop with a gateway watching.
+    """
+
+    async def Watch(self, request, context) -> None:
+        try:
+            await super().Watch(request, context)
+        except asyncio.CancelledError:
+            return
 
 
 class ServerHandle:
@@ -119,7 +134,7 @@ async def start_server(
     edge = EdgeInterceptor(serving.auth_token, serving.max_queue, limited)
     server = grpc.aio.server(interceptors=[edge], options=server_options(serving.max_message_bytes))
     register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = _Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
