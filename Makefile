@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test protos lint bench clean deploy-check compose-test cluster cluster-down
+.PHONY: setup demo test protos lint bench soak clean deploy-check compose-test cluster cluster-down
 
 setup: $(STAMP)
 
@@ -39,6 +39,9 @@ cluster:
 
 cluster-down:
 	bash deploy/local/cluster.sh down
+## 10 minutes of Forward + Generate load on 2 replicas and a gateway, a replica killed each minute (docs/reliability.md).
+soak: setup
+	$(BIN)/python scripts/soak.py --duration 600 --chaos-every 60
 
 lint: setup
 	$(BIN)/ruff check client services tests scripts

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,16 @@ import pytest
 from moe_serve.expert_server.main import ExpertServerConfig, create_server
 from moe_serve.gateway.main import GatewayConfig, create_gateway
 from moe_serve.synthetic import SyntheticConfig, write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    """Import scripts/NAME.py (the fault tests reuse the soak script's processes and load)."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    return importlib.import_module(name)
+
 
 TINY = SyntheticConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_experts=8,
                        num_experts_per_tok=2, seed=1234)
@@ -37,35 +49,56 @@ class LoopThread:
 
 
 class Cluster:
-    """Starts expert servers and gateways on port 0 and stops them all at teardown."""
+    """Starts expert servers and gateways (port 0 unless told) and stops them all at teardown."""
 
     def __init__(self, loop: LoopThread):
         self.loop = loop
         self.handles = []
-        self.servicers = {}  # gateway address -> its GatewayServicer, to reach its engine in-process
+        self.by_address = {}  # address -> ServerHandle
+        self.servicers = {}  # address -> its servicer, to reach a gateway's engine or a server's executor
+
+    def _keep(self, address: str, handle, servicer) -> str:
+        self.handles.append(handle)
+        self.by_address[address] = handle
+        self.servicers[address] = servicer
+        return address
 
     def expert_server(self, checkpoint: Path, experts=None, devices: str = "cpu", dtype: str = "float32",
-                      name: str = "") -> str:
-        """Start one expert server; returns its 127.0.0.1:port address."""
+                      name: str = "", host: str = "127.0.0.1", port: int = 0, **overrides) -> str:
+        """Start one expert server; returns its host:port address."""
         config = ExpertServerConfig(checkpoint=str(checkpoint), experts=experts, devices=devices, dtype=dtype,
-                                    host="127.0.0.1", port=0, name=name)
-        handle, _ = self.loop.run(create_server(config))
-        self.handles.append(handle)
-        return f"127.0.0.1:{handle.port}"
+                                    host=host, port=port, name=name, **overrides)
+        handle, servicer = self.loop.run(create_server(config))
+        return self._keep(f"{host}:{handle.port}", handle, servicer)
 
     def gateway(self, checkpoint: Path, servers: list[str], **overrides) -> str:
         """Start a gateway over `servers`; returns its address."""
         options = {"connect_timeout": 20.0, **overrides}
         config = GatewayConfig(checkpoint=str(checkpoint), servers=servers, host="127.0.0.1", port=0, **options)
         handle, servicer = self.loop.run(create_gateway(config))
-        self.handles.append(handle)
-        self.servicers[f"127.0.0.1:{handle.port}"] = servicer
-        return f"127.0.0.1:{handle.port}"
+        return self._keep(f"127.0.0.1:{handle.port}", handle, servicer)
+
+    def handle(self, address: str):
+        """The ServerHandle of the server at `address`."""
+        return self.by_address[address]
+
+    def detach(self, address: str):
+        """Forget the server at `address` (the caller stops it); returns its ServerHandle."""
+        handle = self.by_address.pop(address)
+        self.servicers.pop(address)
+        self.handles.remove(handle)
+        return handle
+
+    def stop_one(self, address: str, grace: float = 0) -> None:
+        """Stop one server now, as a crash (grace 0) or a graceful stop would."""
+        self.loop.run(self.detach(address).stop(grace))
 
     def stop(self) -> None:
         for handle in reversed(self.handles):
             self.loop.run(handle.stop(0))
         self.handles.clear()
+        self.by_address.clear()
+        self.servicers.clear()
 
 
 @pytest.fixture(scope="session")

@@ -110,11 +110,16 @@ def test_prometheus_sees_what_we_sent(services, prometheus, loop_thread):
     with GatewayClient(services["gateway"]) as client, pytest.raises(grpc.RpcError) as down:
         client.forward(rng.standard_normal((64, 64), dtype=np.float32))
     assert down.value.code() == grpc.StatusCode.UNAVAILABLE
-    p.wait_for('sum(moe_expert_calls_total{server="expert-2", code!="OK"})', lambda v: v.get("", 0) >= 1)
     p.wait_for('sum(moe_requests_total{job="moe-gateway", code="UNAVAILABLE"})', lambda v: v.get("") == 1)
 
     # A counter born with its first failure needs a second sample before rate() has a value.
-    p.wait_for('count_over_time(moe_expert_calls_total{code!="OK"}[1m])', lambda v: v.get("", 0) >= 2)
-    empty = [(title, expr) for title, expr in dashboard_queries() if not p.query(expr)]
+    p.wait_for('count_over_time(moe_requests_total{code!="OK"}[1m])', lambda v: v.get("", 0) >= 2)
+    # The gateway's pool watches health and skips a server that has stopped, so whether a RunExperts call
+    # to it failed first is a race; the expert-call error panel is held to data only when one did.
+    call_failed = bool(p.query('moe_expert_calls_total{code!="OK"}'))
+    if call_failed:
+        p.wait_for('count_over_time(moe_expert_calls_total{code!="OK"}[1m])', lambda v: v.get("", 0) >= 2)
+    empty = [(title, expr) for title, expr in dashboard_queries() if not p.query(expr)
+             and (call_failed or "moe_expert_calls_total{code!=" not in expr)]
     assert not empty, f"dashboard panels without data: {empty}"
 

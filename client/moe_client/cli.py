@@ -12,6 +12,7 @@ import numpy as np
 
 from moe_client import wire
 from moe_client.client import GatewayClient
+from moe_client.security import TLSFiles
 from moe_client.wire import dtype_from_name
 
 RULE = "=" * 80
@@ -41,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", default=os.environ.get("MOE_GATEWAY", "127.0.0.1:50050"),
                         help="gateway host:port (env MOE_GATEWAY; default %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds (default 60)")
+    parser.add_argument("--tls-ca", default=os.environ.get("MOE_TLS_CA"),
+                        help="CA certificate (PEM) to verify the gateway with; turns TLS on (env MOE_TLS_CA)")
+    parser.add_argument("--tls-cert", default=os.environ.get("MOE_TLS_CERT"),
+                        help="client certificate (PEM) for mutual TLS (env MOE_TLS_CERT)")
+    parser.add_argument("--tls-key", default=os.environ.get("MOE_TLS_KEY"),
+                        help="private key (PEM) of --tls-cert (env MOE_TLS_KEY)")
+    parser.add_argument("--token", default=os.environ.get("MOE_TOKEN"),
+                        help="bearer token for a gateway started with --auth-token (env MOE_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     health = sub.add_parser("health", help="print the gateway's health status")
@@ -140,7 +149,13 @@ def _generate(client: GatewayClient, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `moe-client`."""
     args = build_parser().parse_args(argv)
-    with GatewayClient(args.address, timeout=args.timeout) as client:
+    try:
+        tls = TLSFiles.of(args.tls_ca, args.tls_cert, args.tls_key)
+        client = GatewayClient(args.address, timeout=args.timeout, tls=tls, token=args.token)
+    except ValueError as err:  # a missing or malformed certificate file, named
+        print(f"moe-client: {err}", file=sys.stderr)
+        return 2
+    with client:
         try:
             if args.command == "health":
                 if args.wait > 0:

@@ -12,15 +12,16 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_client import wire
-from moe_client.channel import insecure_channel
+from moe_client.channel import open_channel
 from moe_client.pb import experts_pb2, experts_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from moe_client.security import TLSFiles
 
 
 class _Client:
-    def __init__(self, address: str, timeout: float = 60.0):
+    def __init__(self, address: str, timeout: float = 60.0, tls: TLSFiles | None = None, token: str | None = None):
         self.address = address
         self.timeout = timeout
-        self._channel = insecure_channel(address)
+        self._channel = open_channel(address, tls, token)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
@@ -77,10 +78,10 @@ class GeneratedToken:
 
 
 class GatewayClient(_Client):
-    """Calls a gateway's GatewayService."""
+    """Calls a gateway's GatewayService; `tls` and `token` when the gateway asks for them."""
 
-    def __init__(self, address: str, timeout: float = 60.0):
-        super().__init__(address, timeout)
+    def __init__(self, address: str, timeout: float = 60.0, tls: TLSFiles | None = None, token: str | None = None):
+        super().__init__(address, timeout, tls, token)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
 
     def model_info(self) -> gateway_pb2.ModelInfo:
@@ -130,8 +131,8 @@ class GatewayClient(_Client):
 class ExpertClient(_Client):
     """Calls an expert server's ExpertService directly (tests, benchmarks, debugging)."""
 
-    def __init__(self, address: str, timeout: float = 60.0):
-        super().__init__(address, timeout)
+    def __init__(self, address: str, timeout: float = 60.0, tls: TLSFiles | None = None):
+        super().__init__(address, timeout, tls)
         self._stub = experts_pb2_grpc.ExpertServiceStub(self._channel)
 
     def info(self) -> experts_pb2.ServerInfo:

@@ -1,8 +1,9 @@
 """Building blocks shared by both servers: an aio server with health, reflection, shared options,
-and one decorator that turns exceptions into status codes."""
+TLS and the edge interceptor, a graceful stop, and one decorator that turns exceptions into status codes."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -11,8 +12,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moe_client.channel import TRANSPORT_OPTIONS
+from moe_client.channel import TRANSPORT_OPTIONS, merge_options
+from moe_client.security import server_credentials
+from moe_serve.edge import EdgeInterceptor
 from moe_serve.errors import status_of
+from moe_serve.serving import ServingOptions
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +61,30 @@ def rpc_stream(handler: Callable[..., AsyncIterator]) -> Callable[..., AsyncIter
     return wrapped
 
 
+class _Health(health.aio.HealthServicer):
+    """grpc's health servicer, whose Watch streams end quietly when the server stops.
+
+    Watch never returns by itself; stopping the server cancels it, and grpc would log that as an
+    unhandled exception with a traceback on every stop with a gateway watching.
+    """
+
+    async def Watch(self, request, context) -> None:
+        try:
+            await super().Watch(request, context)
+        except asyncio.CancelledError:
+            return
+
+
 class ServerHandle:
-    """A started aio server with its bound port and health servicer."""
+    """A started aio server with its bound port, health servicer and edge interceptor."""
 
     def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
-                 services: Iterable[str]):
+                 services: Iterable[str], edge: EdgeInterceptor | None = None):
         self.server = server
         self.port = port
         self.health = health_servicer
         self.services = list(services)
+        self.edge = edge or EdgeInterceptor()
         self.on_stop: Callable[[], Awaitable] | None = None  # e.g. close outgoing channels
 
     async def set_serving(self, serving: bool) -> None:
@@ -75,30 +94,59 @@ class ServerHandle:
             await self.health.set(name, status)
 
     async def stop(self, grace: float | None = 5.0) -> None:
-        """NOT_SERVING, then let in-flight calls finish for up to `grace` seconds."""
-        await self.set_serving(False)
-        await self.server.stop(grace)
+        """NOT_SERVING, refuse new calls, let in-flight ones finish for up to `grace` seconds, then stop.
+
+        Only calls the edge counts are waited for: health Watch streams never end by themselves, and
+        grpc's own grace would wait for them to the last second.
+        """
+        await self.health.enter_graceful_shutdown()
+        await self.edge.drain(grace)
+        await self.server.stop(0)
         if self.on_stop is not None:
             await self.on_stop()
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """The shared transport options, a message size limit, and room for the gateways' keepalive pings."""
+    return merge_options(TRANSPORT_OPTIONS, [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Gateways ping every --keepalive seconds to notice a dead link; grpc's default would answer
+        # pings more often than every 5 minutes with GOAWAY (too_many_pings).
+        ("grpc.http2.min_ping_interval_without_data_ms", 200),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ])
 
 
 async def start_server(
     address: str,
     register: Callable[[grpc.aio.Server], None],
     service_names: Iterable[str],
+    serving: ServingOptions | None = None,
+    limited: Iterable[str] = (),
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> ServerHandle:
-    """Create, register, bind `address` (host:port, port 0 picks one, or unix:path) and start."""
-    server = grpc.aio.server(options=TRANSPORT_OPTIONS, interceptors=list(interceptors))
+    """Create, register, bind `address` (host:port, port 0 picks one, or unix:path) and start.
+
+    `serving` gives TLS, token and limits; `limited` the full method names that count against max_queue;
+    `interceptors` run inside those checks, on decoded requests (the metrics read each request's id).
+    """
+    serving = serving or ServingOptions()
+    edge = EdgeInterceptor(serving.auth_token, serving.max_queue, limited)
+    server = grpc.aio.server(interceptors=[edge, *interceptors], options=server_options(serving.max_message_bytes))
     register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = _Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    if serving.tls is not None:
+        port = server.add_secure_port(address, server_credentials(serving.tls, serving.require_client_cert))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0 and not address.startswith("unix:"):
         raise OSError(f"could not bind {address}")
     await server.start()
-    handle = ServerHandle(server, port, health_servicer, names)
+    handle = ServerHandle(server, port, health_servicer, names, edge)
     await handle.set_serving(True)
     return handle

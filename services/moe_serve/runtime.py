@@ -6,9 +6,12 @@ import asyncio
 import logging
 import os
 import signal
+from typing import TYPE_CHECKING
 
-from moe_serve.grpc_server import ServerHandle
 from moe_serve.request_ids import RequestIdFilter
+
+if TYPE_CHECKING:  # grpc_server reads flags through this module's env()
+    from moe_serve.grpc_server import ServerHandle
 
 RULE = "=" * 80
 

@@ -42,7 +42,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     """[V] float32 logits -> next token id: argmax, or a draw after temperature, top-k and top-p (HF's order)."""
     if params.greedy:
         return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
+    # Shifted so the best score is 0: a tiny temperature then sends the rest to -inf, never to inf/inf = nan.
+    scores = (logits.float() - logits.max()) / params.temperature
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -7,7 +7,7 @@ import asyncio
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,9 +21,11 @@ from moe_serve.grpc_server import ServerHandle, start_server
 from moe_serve.metrics import MetricsInterceptor, ServiceMetrics
 from moe_serve.placement import PlacementError, format_ownership, pick_entry, read_placement, resolve_ownership
 from moe_serve.runtime import RULE, configure_logging, env, serve_until_signal
+from moe_serve.serving import ServingOptions, add_serving_args, serving_from_args
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 SERVICE_NAME = experts_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
+LIMITED = [f"/{SERVICE_NAME}/RunExperts"]  # counted against --max-queue
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class ExpertServerConfig:
     cuda_graph_tokens: int = 16384
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 0  # 0: no /metrics endpoint
+    serving: ServingOptions = field(default_factory=lambda: ServingOptions(max_queue=256))
 
     @property
     def address(self) -> str:
@@ -89,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address the metrics endpoint binds (env MOE_METRICS_HOST; default 0.0.0.0)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
                    help="logging level: DEBUG logs every RPC with its request id (env MOE_LOG_LEVEL; default INFO)")
+    add_serving_args(p, max_queue=256)
     return p
 
 
@@ -105,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
         checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=args.host,
         port=args.port, name=name, grace_seconds=args.grace, log_level=args.log_level,
         cuda_graph_tokens=args.cuda_graph_tokens, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+        serving=serving_from_args(args),
     )
 
 
@@ -147,7 +152,7 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
         servicer = ExpertServicer(bank, experts_pb2.ServerInfo(), metrics=metrics)
         experts_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
 
-    handle = await start_server(config.address, register, [SERVICE_NAME],
+    handle = await start_server(config.address, register, [SERVICE_NAME], config.serving, LIMITED,
                                 [MetricsInterceptor(metrics, [SERVICE_NAME])])
     name = config.name or f"{socket.gethostname()}:{handle.port}"
     servicer.info = server_info(bank, fingerprint, checkpoint.spec, name)

@@ -9,7 +9,7 @@ import torch
 from moe_client import wire
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve import __version__
-from moe_serve.errors import InvalidArgument
+from moe_serve.errors import FailedPrecondition, InvalidArgument
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.grpc_server import rpc
 from moe_serve.metrics import ServiceMetrics
@@ -51,6 +51,10 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
 
     @rpc
     async def RunExperts(self, request, context):
+        if request.model_fingerprint and request.model_fingerprint != self.info.model_fingerprint:
+            raise FailedPrecondition(
+                f"model_fingerprint: the caller serves checkpoint {request.model_fingerprint}, this server "
+                f"({self.info.server_name}) serves {self.info.model_fingerprint}; start both on the same checkpoint")
         hidden, ids, weights = decode_request(request, self.bank.hidden_size)
         self.bank.check(request.layer, ids)
         out_dtype = request.output_dtype or request.hidden.dtype

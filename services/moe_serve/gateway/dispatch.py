@@ -1,5 +1,10 @@
 """Scatter a MoE layer's routed tokens to the expert servers that own their experts; gather the sums.
 
+Which server runs which expert is the pool's choice (gateway/pool.py): the replica with the least
+outstanding work. A sub-batch whose call fails or passes its deadline goes to another replica of
+the same experts, within the request's deadline; with none left the layer fails with UNAVAILABLE
+naming the (layer, expert) pairs.
+
 Legend: T = tokens, H = hidden size, K = top-k, E = experts per layer, S = servers.
 """
 
@@ -7,102 +12,37 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 
 import grpc
 import torch
 
 from moe_client import wire
-from moe_client.channel import insecure_aio_channel
-from moe_client.pb import experts_pb2, experts_pb2_grpc
+from moe_client.pb import experts_pb2
 from moe_serve import request_ids
 from moe_serve.arch import ModelSpec
-from moe_serve.errors import FailedPrecondition, ServiceError, Unavailable
+from moe_serve.deadlines import REQUEST_DEADLINE
+from moe_serve.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, ServiceError, Unavailable
+from moe_serve.gateway.pool import Replica, ServerPool, StartupError
 from moe_serve.metrics import ServiceMetrics
-from moe_serve.placement import Ownership, format_ranges
+from moe_serve.placement import format_ranges
 from moe_serve.tensors import from_wire, to_wire
 
+__all__ = ["ExpertDispatcher", "StartupError"]
 
-@dataclass
-class RemoteServer:
-    """One expert server the gateway talks to."""
-
-    address: str
-    channel: grpc.aio.Channel
-    stub: experts_pb2_grpc.ExpertServiceStub
-    info: experts_pb2.ServerInfo = field(default_factory=experts_pb2.ServerInfo)
-
-    @property
-    def name(self) -> str:
-        return self.info.server_name or self.address
-
-    @property
-    def owned(self) -> Ownership:
-        return {le.layer: tuple(le.experts) for le in self.info.owned}
-
-
-class StartupError(RuntimeError):
-    """The gateway cannot serve with the expert servers it found; the message says why."""
-
-
-async def connect(addresses: list[str], timeout: float) -> list[RemoteServer]:
-    """Open channels and fetch every server's info, waiting up to `timeout` s for servers still starting."""
-
-    async def one(address: str) -> RemoteServer:
-        channel = insecure_aio_channel(address)
-        stub = experts_pb2_grpc.ExpertServiceStub(channel)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                info = await stub.GetInfo(experts_pb2.GetInfoRequest(), timeout=max(0.5, min(5.0, deadline - time.monotonic())),
-                                          wait_for_ready=True)
-                return RemoteServer(address, channel, stub, info)
-            except grpc.aio.AioRpcError as err:
-                if time.monotonic() >= deadline:
-                    await channel.close()
-                    raise StartupError(f"expert server {address} did not answer GetInfo within {timeout:.0f}s "
-                                       f"({err.code().name}: {err.details()})") from err
-                await asyncio.sleep(0.2)
-
-    return list(await asyncio.gather(*(one(a) for a in addresses)))
-
-
-def ownership_table(spec: ModelSpec, servers: list[RemoteServer], fingerprint: str) -> dict[int, torch.Tensor]:
-    """layer -> [E] index of the server that runs each expert; StartupError if any is unowned or mismatched."""
-    for server in servers:
-        if server.info.model_fingerprint != fingerprint:
-            raise StartupError(
-                f"expert server {server.name} ({server.address}) serves checkpoint {server.info.model_fingerprint} "
-                f"({server.info.model_type}), the gateway's is {fingerprint} ({spec.model_type}); "
-                "start every service on the same checkpoint"
-            )
-    table: dict[int, torch.Tensor] = {}
-    missing: list[str] = []
-    for layer in spec.moe_layers:
-        owner = torch.full((spec.num_experts,), -1, dtype=torch.long)
-        for index, server in enumerate(servers):
-            for expert in server.owned.get(layer, ()):
-                if owner[expert] < 0:  # first owner wins; replicas are for failover
-                    owner[expert] = index
-        lacking = (owner < 0).nonzero().squeeze(1).tolist()
-        if lacking:
-            missing.append(f"layer {layer}: experts {format_ranges(lacking)}")
-        table[layer] = owner
-    if missing:
-        raise StartupError("no expert server owns " + "; ".join(missing)
-                           + f" (servers: {', '.join(s.name for s in servers) or 'none'})")
-    return table
+Failures = dict[str, tuple[grpc.StatusCode, str]]  # address -> why its call failed, in this layer call
+# A replica answering these is not to blame (the request is bad): trying another would fail the same way.
+_FINAL = (grpc.StatusCode.INVALID_ARGUMENT,)
+# These leave the replica in the pool: it is busy, not broken.
+_NO_EJECT = (grpc.StatusCode.RESOURCE_EXHAUSTED,)
 
 
 class ExpertDispatcher:
-    """ExpertBackend over gRPC: one concurrent RunExperts per server per layer, partial sums added."""
+    """ExpertBackend over gRPC: concurrent RunExperts per replica per layer, failover, partial sums added."""
 
-    def __init__(self, spec: ModelSpec, servers: list[RemoteServer], table: dict[int, torch.Tensor],
-                 loop: asyncio.AbstractEventLoop, wire_dtype: int = wire.FLOAT32, timeout: float = 60.0,
-                 metrics: ServiceMetrics | None = None):
+    def __init__(self, spec: ModelSpec, pool: ServerPool, loop: asyncio.AbstractEventLoop,
+                 wire_dtype: int = wire.FLOAT32, timeout: float = 60.0, metrics: ServiceMetrics | None = None):
         self.spec = spec
-        self.servers = servers
-        self.table = table
+        self.pool = pool
         self.loop = loop
         self.wire_dtype = wire_dtype
         self.timeout = timeout
@@ -110,45 +50,97 @@ class ExpertDispatcher:
 
     def run(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Blocking form for model code on a worker thread; the calls run on the gateway's event loop."""
+        deadline = REQUEST_DEADLINE.get()  # set by the edge interceptor, carried by ContextThreadPool
         # Dense layers may run on a GPU; the wire starts from host memory.
         hidden, expert_ids, weights = hidden.cpu(), expert_ids.cpu(), weights.cpu()
-        return asyncio.run_coroutine_threadsafe(self.run_async(layer, hidden, expert_ids, weights), self.loop).result()
+        return asyncio.run_coroutine_threadsafe(self.run_async(layer, hidden, expert_ids, weights, deadline),
+                                                self.loop).result()
 
     async def run_async(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                        weights: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H], expert_ids [T, K], weights [T, K] -> [T, H] float32."""
-        owner = self.table[layer][expert_ids]  # [T, K] server of each chosen expert
-        calls, rows_of = [], []
-        for index, server in enumerate(self.servers):
-            mine = owner == index  # [T, K]
-            rows = mine.any(dim=1).nonzero().squeeze(1)  # tokens with >= 1 expert here
-            if rows.numel() == 0:
-                continue
-            ids = torch.where(mine, expert_ids, -1).index_select(0, rows).to(torch.int32)
-            request = experts_pb2.RunExpertsRequest(
-                layer=layer,
-                hidden=to_wire(hidden.index_select(0, rows), self.wire_dtype),
-                expert_ids=to_wire(ids),
-                weights=to_wire(weights.index_select(0, rows).float()),
-                request_id=request_ids.current(),
-            )
-            calls.append(self._call(server, layer, ids, request))
-            rows_of.append(rows)
+                        weights: torch.Tensor, deadline: float | None = None) -> torch.Tensor:
+        """hidden [T, H], expert_ids [T, K], weights [T, K] -> [T, H] float32; `deadline` is time.monotonic()."""
+        experts, counts = torch.unique(expert_ids[expert_ids >= 0], return_counts=True)
+        partials: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        failures: Failures = {}
+        slots = dict(zip(experts.tolist(), counts.tolist(), strict=True))  # expert -> (token, expert) pairs
+        await self._scatter(layer, hidden, expert_ids, weights, slots, deadline, frozenset(), failures, partials)
         out = torch.zeros(hidden.shape, dtype=torch.float32)
-        for rows, partial in zip(rows_of, await asyncio.gather(*calls)):
+        for _, rows, partial in sorted(partials, key=lambda p: p[0]):  # a fixed order: same input, same sum
             out.index_add_(0, rows, partial)
         return out
 
-    async def _call(self, server: RemoteServer, layer: int, ids: torch.Tensor,
-                    request: experts_pb2.RunExpertsRequest) -> torch.Tensor:
+    async def _scatter(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                       counts: dict[int, int], deadline: float | None, excluded: frozenset[str],
+                       failures: Failures, partials: list) -> None:
+        """Run `counts`' experts on replicas not in `excluded`, one concurrent call per chosen replica."""
+        plan, missing = self.pool.assign(layer, counts, excluded)
+        if missing:
+            raise self._no_replica(layer, missing, failures)
+        calls = [self._send(replica, chosen, layer, hidden, expert_ids, weights, counts, deadline, excluded,
+                            failures, partials) for replica, chosen in plan.items()]
+        if len(calls) == 1:
+            await calls[0]
+            return
+        tasks = [asyncio.ensure_future(c) for c in calls]
         try:
-            reply = await self.metrics.call_expert(server.name, server.stub.RunExperts, request, timeout=self.timeout)
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # one sub-batch failed for good: the layer fails, stop the others
+                task.cancel()
+            raise
+
+    async def _send(self, replica: Replica, chosen: list[int], layer: int, hidden: torch.Tensor,
+                    expert_ids: torch.Tensor, weights: torch.Tensor, counts: dict[int, int], deadline: float | None,
+                    excluded: frozenset[str], failures: Failures, partials: list) -> None:
+        mine = torch.isin(expert_ids, torch.tensor(chosen, dtype=expert_ids.dtype))  # [T, K]
+        rows = mine.any(dim=1).nonzero().squeeze(1)  # tokens with >= 1 chosen expert
+        ids = torch.where(mine, expert_ids, -1).index_select(0, rows).to(torch.int32)
+        request = experts_pb2.RunExpertsRequest(
+            layer=layer,
+            hidden=to_wire(hidden.index_select(0, rows), self.wire_dtype),
+            expert_ids=to_wire(ids),
+            weights=to_wire(weights.index_select(0, rows).float()),
+            request_id=request_ids.current(),
+        )
+        request.model_fingerprint = self.pool.fingerprint
+        slots = sum(counts[e] for e in chosen)
+        where = f"layer {layer} experts {format_ranges(chosen)}"
+        timeout = self.timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                raise DeadlineExceeded(f"{where}: the request's deadline passed" + _tried(failures))
+        replica.outstanding += slots
+        try:
+            reply = await self.metrics.call_expert(replica.name, replica.stub.RunExperts, request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
-            experts = format_ranges(sorted(set(ids[ids >= 0].tolist())))
-            where = f"expert server {server.name} ({server.address}), layer {layer}, experts {experts}"
-            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(f"{where}: {err.code().name}: {err.details()}") from err
-            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise FailedPrecondition(f"{where}: {err.details()}") from err
-            raise ServiceError(f"{where}: {err.code().name}: {err.details()}") from err
-        return from_wire(reply.output, "output").float()
+            reply, error = None, err
+        finally:
+            replica.outstanding -= slots
+        if reply is None:
+            reason = f"{error.code().name}: {error.details()}"
+            if error.code() in _FINAL:
+                raise ServiceError(f"expert server {replica.name} ({replica.address}), {where}: {reason}") from error
+            self.pool.report_failure(replica, reason, eject=error.code() not in _NO_EJECT)
+            failures[replica.address] = (error.code(), f"{replica.name} ({replica.address}) {reason}")
+            await self._scatter(layer, hidden, expert_ids, weights, {e: counts[e] for e in chosen}, deadline,
+                                excluded | {replica.address}, failures, partials)
+            return
+        self.pool.report_success(replica)
+        partials.append((min(chosen), rows, from_wire(reply.output, "output").float()))
+
+    def _no_replica(self, layer: int, experts: list[int], failures: Failures) -> ServiceError:
+        """UNAVAILABLE naming the pairs and why each owner is out; FAILED_PRECONDITION when they serve another
+        checkpoint; RESOURCE_EXHAUSTED when every one tried was only busy."""
+        why, refused = self.pool.explain(layer, experts)
+        text = f"no expert server can run layer {layer} experts {format_ranges(experts)}: {why}" + _tried(failures)
+        codes = {code for code, _ in failures.values()}
+        if refused or codes == {grpc.StatusCode.FAILED_PRECONDITION}:
+            return FailedPrecondition(text)
+        if codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}:
+            return ResourceExhausted(text)
+        return Unavailable(text)
+
+
+def _tried(failures: Failures) -> str:
+    return f" (tried: {'; '.join(text for _, text in failures.values())})" if failures else ""

@@ -13,21 +13,25 @@ import torch
 
 from moe_client import wire
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
+from moe_client.security import TLSFiles
 from moe_serve.checkpoint import Checkpoint, CheckpointError
 from moe_serve.console import summary
 from moe_serve.devices import parse_devices
-from moe_serve.gateway.dispatch import ExpertDispatcher, RemoteServer, StartupError, connect, ownership_table
+from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.engine import GatewayEngine
+from moe_serve.gateway.pool import PoolOptions, Replica, ServerPool, StartupError
 from moe_serve.gateway.servicer import GatewayServicer
 from moe_serve.grpc_server import ServerHandle, start_server
 from moe_serve.metrics import MetricsInterceptor, ServiceMetrics
 from moe_serve.models import load_dense_model
 from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
 from moe_serve.runtime import RULE, configure_logging, env, serve_until_signal
+from moe_serve.serving import ServingOptions, add_serving_args, serving_from_args
 from moe_serve.tokenizer import TextTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+LIMITED = [f"/{SERVICE_NAME}/Forward", f"/{SERVICE_NAME}/Generate"]  # counted against --max-queue
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,10 @@ class GatewayConfig:
     log_level: str = "INFO"
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 0  # 0: no /metrics endpoint
+    resolve_interval: float = 10.0
+    keepalive: float = 10.0
+    expert_tls: TLSFiles | None = None
+    serving: ServingOptions = field(default_factory=ServingOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=env("CHECKPOINT"), required=env("CHECKPOINT") is None,
                    help="checkpoint directory, the same the expert servers load (env MOE_CHECKPOINT)")
     p.add_argument("--servers", default=env("SERVERS", ""),
-                   help="comma-separated expert server addresses host:port (env MOE_SERVERS)")
+                   help="comma-separated expert server addresses host:port; a DNS name may resolve to several "
+                        "servers (a Kubernetes headless service) and is re-resolved (env MOE_SERVERS)")
     p.add_argument("--placement", default=env("PLACEMENT"),
                    help="placement file (JSON) naming servers, addresses and their experts (env MOE_PLACEMENT)")
     p.add_argument("--host", default=env("HOST", "0.0.0.0"), help="address to bind (env MOE_HOST; default 0.0.0.0)")
@@ -72,8 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wire-dtype", default=env("WIRE_DTYPE", "float32"), choices=["float32", "bfloat16", "float16"],
                    help="dtype of hidden states sent to expert servers (env MOE_WIRE_DTYPE; default float32)")
     p.add_argument("--rpc-timeout", type=float, default=float(env("RPC_TIMEOUT", "60")),
-                   help="deadline in seconds of each RunExperts call, like the seed's rpc_timeout "
-                        "(env MOE_RPC_TIMEOUT; default 60)")
+                   help="deadline in seconds of each RunExperts call, like the seed's rpc_timeout; a call past it "
+                        "goes to another replica within the caller's deadline (env MOE_RPC_TIMEOUT; default 60)")
+    p.add_argument("--resolve-interval", type=float, default=float(env("RESOLVE_INTERVAL", "10")),
+                   help="seconds between re-resolutions of --servers: new servers join, vanished ones leave "
+                        "(env MOE_RESOLVE_INTERVAL; default 10)")
+    p.add_argument("--keepalive", type=float, default=float(env("KEEPALIVE", "10")),
+                   help="ping expert servers this often (seconds); one silent as long again is down "
+                        "(env MOE_KEEPALIVE; default 10)")
+    p.add_argument("--expert-tls-ca", default=env("EXPERT_TLS_CA"),
+                   help="CA certificate (PEM) of the expert servers; turns TLS on toward them (env MOE_EXPERT_TLS_CA)")
+    p.add_argument("--expert-tls-cert", default=env("EXPERT_TLS_CERT"),
+                   help="this gateway's client certificate (PEM) for expert servers that require one "
+                        "(env MOE_EXPERT_TLS_CERT)")
+    p.add_argument("--expert-tls-key", default=env("EXPERT_TLS_KEY"),
+                   help="private key (PEM) of --expert-tls-cert (env MOE_EXPERT_TLS_KEY)")
     p.add_argument("--connect-timeout", type=float, default=float(env("CONNECT_TIMEOUT", "60")),
                    help="seconds to wait at start for expert servers to answer (env MOE_CONNECT_TIMEOUT; "
                         "default 60)")
@@ -92,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
                    help="logging level: INFO logs every request with its id and status (env MOE_LOG_LEVEL; "
                         "default INFO)")
+    add_serving_args(p, max_queue=64, token=True)
     return p
 
 
@@ -105,25 +128,28 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         dense_dtype=args.dense_dtype, dense_device=args.dense_device, wire_dtype=args.wire_dtype,
         rpc_timeout=args.rpc_timeout, connect_timeout=args.connect_timeout, max_tokens=args.max_tokens,
         max_new_tokens=args.max_new_tokens, grace_seconds=args.grace, log_level=args.log_level,
-        metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host, metrics_port=args.metrics_port, resolve_interval=args.resolve_interval,
+        keepalive=args.keepalive, expert_tls=TLSFiles.of(args.expert_tls_ca, args.expert_tls_cert, args.expert_tls_key),
+        serving=serving_from_args(args),
     )
 
 
-def _check_placement(checkpoint: Checkpoint, placement: str, servers: list[RemoteServer]) -> None:
-    """Every expert the placement file gives a server must really be on that server."""
-    for entry, server in zip(read_placement(placement), servers):
+def _check_placement(checkpoint: Checkpoint, placement: str, servers: list[Replica]) -> None:
+    """Every expert the placement file gives a server must really be on that server (each address of it)."""
+    for entry in read_placement(placement):
         expected = resolve_ownership(checkpoint.spec, entry.experts)
-        owned = server.owned
-        absent = [f"layer {layer}: {sorted(set(ids) - set(owned.get(layer, ())))}"
-                  for layer, ids in expected.items() if set(ids) - set(owned.get(layer, ()))]
-        if absent:
-            raise StartupError(f"placement file {placement}: server {entry.name} ({entry.address}) does not hold "
-                               + "; ".join(absent) + f"; it holds {'; '.join(format_ownership(owned))}")
+        for server in (s for s in servers if s.target == entry.address):
+            owned = server.owned
+            absent = [f"layer {layer}: {sorted(set(ids) - set(owned.get(layer, ())))}"
+                      for layer, ids in expected.items() if set(ids) - set(owned.get(layer, ()))]
+            if absent:
+                raise StartupError(f"placement file {placement}: server {entry.name} ({server.address}) does not "
+                                   f"hold " + "; ".join(absent) + f"; it holds {'; '.join(format_ownership(owned))}")
 
 
-def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[RemoteServer], dense_dtype: str,
+def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[Replica], dense_dtype: str,
                has_tokenizer: bool = False):
-    """The GetModelInfo answer."""
+    """The GetModelInfo answer; `servers` are the ones serving now."""
     spec = checkpoint.spec
     return gateway_pb2.ModelInfo(
         model_type=spec.model_type, model_fingerprint=fingerprint, hidden_size=spec.hidden_size,
@@ -137,13 +163,15 @@ def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[RemoteSer
     )
 
 
-def print_mapping(servers: list[RemoteServer], table: dict[int, torch.Tensor]) -> None:
-    """The seed's 'Expert-to-worker mapping', per MoE layer."""
-    for server in servers:
+def print_mapping(pool: ServerPool) -> None:
+    """The seed's 'Expert-to-worker mapping', per MoE layer; an expert with replicas lists them all."""
+    for server in pool.members:
         print(f"  {server.name} at {server.address}: experts {'; '.join(format_ownership(server.owned))} "
               f"on {', '.join(server.info.devices)} ({server.info.compute_dtype})")
-    for layer, owner in table.items():
-        mapping = {e: servers[i].name for e, i in enumerate(owner.tolist())}
+    for layer in pool.spec.moe_layers:
+        owners = pool.owners.get(layer, {})
+        names = {e: [r.name for r in owners.get(e, [])] for e in range(pool.spec.num_experts)}
+        mapping = {e: n[0] if len(n) == 1 else n for e, n in names.items()}
         print(f"Expert-to-server mapping, layer {layer}: {mapping}")
 
 
@@ -169,30 +197,41 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         print(f"Causal LM: {spec.num_layers} decoder layers (dense MLP: {dense or 'none'}), {spec.num_heads} heads "
               f"/ {spec.num_kv_heads} KV heads of {spec.head_dim}, vocab {spec.vocab_size}, context "
               f"{spec.max_position_embeddings}, tokenizer.json {'yes' if has_tok else 'no'}")
-    servers = await connect(addresses, config.connect_timeout)
+    pool = ServerPool(addresses, checkpoint.spec, fingerprint,
+                      PoolOptions(rpc_timeout=config.rpc_timeout, resolve_interval=config.resolve_interval,
+                                  keepalive=config.keepalive, tls=config.expert_tls,
+                                  max_message_bytes=config.serving.max_message_bytes))
+    await pool.start(config.connect_timeout)
     try:
         if config.placement and not config.servers:
-            _check_placement(checkpoint, config.placement, servers)
-        table = ownership_table(checkpoint.spec, servers, fingerprint)
+            _check_placement(checkpoint, config.placement, pool.members)
     except (StartupError, PlacementError):
-        await asyncio.gather(*(s.channel.close() for s in servers))
+        await pool.close()
         raise
     if verbose:
-        print_mapping(servers, table)
+        print_mapping(pool)
     metrics = ServiceMetrics("gateway")
     metrics.describe(model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type, dtype=config.dense_dtype)
-    dispatcher = ExpertDispatcher(checkpoint.spec, servers, table, asyncio.get_running_loop(),
+    dispatcher = ExpertDispatcher(checkpoint.spec, pool, asyncio.get_running_loop(),
                                   wire.dtype_from_name(config.wire_dtype), config.rpc_timeout, metrics)
     engine = GatewayEngine(model, dispatcher, tokenizer)
-    info = model_info(checkpoint, fingerprint, servers, config.dense_dtype, tokenizer is not None)
-    servicer = GatewayServicer(engine, info, config.max_tokens, max_new_tokens=config.max_new_tokens,
+
+    def info() -> gateway_pb2.ModelInfo:  # GetModelInfo lists the servers serving now
+        return model_info(checkpoint, fingerprint, pool.live(), config.dense_dtype, tokenizer is not None)
+
+    servicer = GatewayServicer(engine, info(), config.max_tokens, max_new_tokens=config.max_new_tokens,
                                metrics=metrics)
+    pool.on_change = lambda: setattr(servicer, "info", info())
     # Requests that come without an id get one here, the public entry point; the access log shows each.
     interceptor = MetricsInterceptor(metrics, [SERVICE_NAME], logging.INFO, make_request_ids=True)
-    handle = await start_server(f"{config.host}:{config.port}",
-                                lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s),
-                                [SERVICE_NAME], [interceptor])
-    handle.on_stop = lambda: asyncio.gather(*(s.channel.close() for s in servers))
+    try:
+        handle = await start_server(f"{config.host}:{config.port}",
+                                    lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s),
+                                    [SERVICE_NAME], config.serving, LIMITED, [interceptor])
+    except BaseException:
+        await pool.close()
+        raise
+    handle.on_stop = pool.close
     return handle, servicer
 
 

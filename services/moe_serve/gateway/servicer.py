@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 from moe_client import wire
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
+from moe_serve.deadlines import ContextThreadPool
 from moe_serve.errors import InvalidArgument, ResourceExhausted
 from moe_serve.gateway.engine import ForwardStats, GatewayEngine
 from moe_serve.gateway.generate_request import FINISH_REASONS, prompt_ids, require_causal, sampling_params
@@ -29,7 +28,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.metrics = metrics or ServiceMetrics("gateway")
         self.max_tokens = max_tokens
         self.max_new_tokens = max_new_tokens
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gateway")
+        # ContextThreadPool: the engine's thread sees the request's deadline (moe_serve.deadlines)
+        self.executor = ContextThreadPool(max_workers=workers, thread_name_prefix="gateway")
 
     def decode_hidden(self, msg) -> torch.Tensor:
         """Validated [..., H] hidden states ([S, H] or [B, S, H] for a causal LM); names the bad value."""

@@ -1,0 +1,305 @@
+"""The expert servers behind a gateway: membership, health, ownership and outstanding work.
+
+Each `--servers` entry is resolved to addresses (a DNS name may give several, as a Kubernetes
+headless service does) and re-resolved periodically: new addresses join, vanished ones leave. Each
+address is a Replica with its own channel and a watcher that fetches GetInfo and then follows
+grpc.health.v1 Watch, so a server that stops, restarts (maybe on other experts or another
+checkpoint) or loses its network leaves the routing and comes back by itself. A call that fails
+ejects its replica for a while (doubling per failure) so requests stop trying it before the watcher
+notices. The pool lives on the gateway's event loop; nothing here needs a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from moe_client.channel import open_aio_channel
+from moe_client.pb import experts_pb2
+from moe_serve.arch import ModelSpec
+from moe_serve.gateway.replica import PoolOptions, Replica
+from moe_serve.gateway.resolve import resolve
+from moe_serve.placement import format_ranges
+
+__all__ = ["PoolOptions", "Replica", "ServerPool", "StartupError"]
+
+log = logging.getLogger(__name__)
+EXPERT_SERVICE = experts_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+EJECT_BASE, EJECT_MAX = 0.5, 10.0  # seconds a failed replica is skipped: 0.5, 1, 2, ... 10
+WATCH_BACKOFF = (0.1, 2.0)  # seconds between watcher reconnects, doubling
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot serve with the expert servers it found; the message says why."""
+
+
+class ServerPool:
+    """Expert server replicas of one gateway, kept current by resolution and health watching."""
+
+    def __init__(self, targets: list[str], spec: ModelSpec, fingerprint: str, options: PoolOptions | None = None):
+        self.targets = list(targets)
+        self.spec = spec
+        self.fingerprint = fingerprint
+        self.options = options or PoolOptions()
+        self.replicas: dict[str, Replica] = {}  # address -> replica, in join order
+        self.owners: dict[int, dict[int, list[Replica]]] = {}  # layer -> expert -> replicas owning it
+        self.on_change: Callable[[], None] | None = None  # membership or ownership changed
+        self._tasks: set[asyncio.Task] = set()
+        self._resolver: asyncio.Task | None = None
+
+    @property
+    def members(self) -> list[Replica]:
+        """Every replica in the pool, usable or not, in join order."""
+        return list(self.replicas.values())
+
+    def live(self) -> list[Replica]:
+        """Replicas that calls may go to now."""
+        now = time.monotonic()
+        return [r for r in self.replicas.values() if r.routable(now)]
+
+    # --- start and stop -------------------------------------------------------------------------
+
+    async def start(self, connect_timeout: float) -> None:
+        """Resolve the targets and fetch every server's info, waiting for servers still starting.
+
+        StartupError names an address that never answered, a server on another checkpoint, or the
+        (layer, expert) pairs nobody owns. On success the background watchers start.
+        """
+        deadline = time.monotonic() + connect_timeout
+        try:
+            for target in self.targets:
+                for address, host in (await self._resolve_waiting(target, deadline)).items():
+                    self._add(address, target, host)
+            await asyncio.gather(*(self._first_info(r, connect_timeout, deadline) for r in self.members))
+            for replica in self.members:
+                if replica.refused:
+                    raise StartupError(f"expert server {replica.name} ({replica.address}) {replica.refused}; "
+                                       "start every service on the same checkpoint")
+            missing = self.uncovered()
+            if missing:
+                raise StartupError("no expert server owns " + "; ".join(missing)
+                                   + f" (servers: {', '.join(r.name for r in self.members) or 'none'})")
+        except BaseException:
+            await self.close()
+            raise
+        for replica in self.members:
+            replica.watcher = self._spawn(self._watch(replica))
+        self._resolver = self._spawn(self._resolve_loop())
+
+    async def _resolve_waiting(self, target: str, deadline: float) -> dict[str, str]:
+        while True:
+            try:
+                return await resolve(target)
+            except OSError as err:
+                if time.monotonic() >= deadline:
+                    raise StartupError(str(err)) from err
+                await asyncio.sleep(0.5)
+
+    async def _first_info(self, replica: Replica, timeout: float, deadline: float) -> None:
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                info = await replica.stub.GetInfo(experts_pb2.GetInfoRequest(), timeout=max(0.5, min(5.0, left)),
+                                                  wait_for_ready=True)
+                self._set_info(replica, info)
+                replica.serving = True  # the watcher confirms within moments
+                return
+            except grpc.aio.AioRpcError as err:
+                if time.monotonic() >= deadline:
+                    raise StartupError(f"expert server {replica.address} did not answer GetInfo within "
+                                       f"{timeout:.0f}s ({err.code().name}: {err.details()})") from err
+                await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        """Stop watching and resolving, and close every channel."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(r.channel.close() for r in self.replicas.values()), return_exceptions=True)
+        self.replicas.clear()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- membership -----------------------------------------------------------------------------
+
+    def _add(self, address: str, target: str, host: str) -> Replica:
+        options = self.options
+        channel = open_aio_channel(address, options.tls, extra=options.channel_options(),
+                                   server_name=host if options.tls is not None and host else None)
+        replica = self.replicas[address] = Replica(address, target, channel)
+        return replica
+
+    async def refresh(self) -> None:
+        """Resolve every target once more: new addresses join, vanished ones leave."""
+        wanted: dict[str, tuple[str, str]] = {}
+        for target in self.targets:
+            try:
+                found = await resolve(target)
+            except OSError as err:  # a DNS hiccup must not empty the pool: keep what we have
+                log.warning("re-resolving %s: %s; keeping its %d server(s)", target, err,
+                            sum(r.target == target for r in self.replicas.values()))
+                wanted.update({a: (target, "") for a, r in self.replicas.items() if r.target == target})
+                continue
+            wanted.update({address: (target, host) for address, host in found.items()})
+        for address, (target, host) in wanted.items():
+            if address not in self.replicas:
+                log.info("expert server %s (from %s) joins; fetching its info", address, target)
+                replica = self._add(address, target, host)
+                replica.watcher = self._spawn(self._watch(replica))
+        for address in [a for a in self.replicas if a not in wanted]:
+            self._leave(self.replicas[address])
+
+    def _leave(self, replica: Replica) -> None:
+        log.warning("expert server %s (%s) left the server list", replica.name, replica.address)
+        del self.replicas[replica.address]
+        self._reindex()
+        if replica.watcher is not None:
+            replica.watcher.cancel()
+        self._spawn(self._retire(replica))
+
+    async def _retire(self, replica: Replica) -> None:
+        deadline = time.monotonic() + self.options.rpc_timeout
+        while replica.outstanding and time.monotonic() < deadline:  # let its in-flight calls finish
+            await asyncio.sleep(0.1)
+        await replica.channel.close()
+
+    async def _resolve_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.resolve_interval)
+            try:
+                await self.refresh()
+            except Exception:  # the loop must survive anything and try again
+                log.exception("re-resolving expert servers failed")
+
+    # --- health ---------------------------------------------------------------------------------
+
+    def _set_info(self, replica: Replica, info: experts_pb2.ServerInfo) -> None:
+        replica.info = info
+        replica.owns = {le.layer: frozenset(le.experts) for le in info.owned}
+        refused = ""
+        if info.model_fingerprint != self.fingerprint:
+            refused = (f"serves checkpoint {info.model_fingerprint} ({info.model_type}), "
+                       f"the gateway's is {self.fingerprint} ({self.spec.model_type})")
+        if refused and refused != replica.refused:
+            log.error("expert server %s (%s) %s; not using it", replica.name, replica.address, refused)
+        replica.refused = refused
+        self._reindex()
+
+    def _set_serving(self, replica: Replica, serving: bool, reason: str = "") -> None:
+        if serving != replica.serving:
+            if serving:
+                log.info("expert server %s (%s) is SERVING", replica.name, replica.address)
+            else:
+                log.warning("expert server %s (%s) is down: %s", replica.name, replica.address, reason)
+        replica.serving = serving
+        if reason:
+            replica.error = reason
+        if self.on_change is not None:
+            self.on_change()
+
+    async def _watch(self, replica: Replica) -> None:
+        """GetInfo (the server may have restarted with other experts), then follow its health."""
+        delay = WATCH_BACKOFF[0]
+        probe = min(self.options.rpc_timeout, 5.0)
+        request = health_pb2.HealthCheckRequest(service=EXPERT_SERVICE)
+        while True:
+            try:
+                self._set_info(replica, await replica.stub.GetInfo(experts_pb2.GetInfoRequest(), timeout=probe))
+                if not replica.refused:
+                    fresh = True
+                    async for reply in replica.health.Watch(request):
+                        if fresh and reply.status == SERVING:  # a new connection: forget old call failures
+                            replica.failures, replica.ejected_until, fresh = 0, 0.0, False
+                        self._set_serving(replica, reply.status == SERVING,
+                                          "" if reply.status == SERVING else "health: NOT_SERVING")
+                        delay = WATCH_BACKOFF[0]
+                    self._set_serving(replica, False, "health stream ended")
+                else:
+                    self._set_serving(replica, False)
+            except grpc.aio.AioRpcError as err:
+                self._set_serving(replica, False, f"{err.code().name}: {err.details()}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WATCH_BACKOFF[1])
+
+    # --- routing --------------------------------------------------------------------------------
+
+    def _reindex(self) -> None:
+        owners: dict[int, dict[int, list[Replica]]] = {}
+        for replica in self.replicas.values():
+            for layer, experts in replica.owns.items():
+                for expert in experts:
+                    owners.setdefault(layer, {}).setdefault(expert, []).append(replica)
+        self.owners = owners
+        if self.on_change is not None:
+            self.on_change()
+
+    def uncovered(self) -> list[str]:
+        """'layer L: experts a-b' for every (layer, expert) of the model no usable replica owns."""
+        missing = []
+        for layer in self.spec.moe_layers:
+            by_expert = self.owners.get(layer, {})
+            lacking = [e for e in range(self.spec.num_experts)
+                       if not any(not r.refused for r in by_expert.get(e, ()))]
+            if lacking:
+                missing.append(f"layer {layer}: experts {format_ranges(lacking)}")
+        return missing
+
+    def assign(self, layer: int, counts: dict[int, int],
+               excluded: frozenset[str] = frozenset()) -> tuple[dict[Replica, list[int]], list[int]]:
+        """Give each expert (with its slot count) to the usable replica with the least outstanding work.
+
+        Work planned in this very call counts as outstanding, so one layer's experts spread over the
+        replicas; returns the plan and the experts no usable replica owns.
+        """
+        now = time.monotonic()
+        by_expert = self.owners.get(layer, {})
+        plan: dict[Replica, list[int]] = {}
+        load: dict[Replica, int] = {}
+        missing: list[int] = []
+        for expert, slots in sorted(counts.items(), key=lambda kv: -kv[1]):
+            candidates = [r for r in by_expert.get(expert, ()) if r.address not in excluded and r.routable(now)]
+            if not candidates:
+                missing.append(expert)
+                continue
+            best = min(candidates, key=lambda r: (r.outstanding + load.get(r, 0), r.picks))
+            plan.setdefault(best, []).append(expert)
+            load[best] = load.get(best, 0) + slots
+        for replica in plan:
+            replica.picks += 1
+        return plan, sorted(missing)
+
+    def explain(self, layer: int, experts: list[int]) -> tuple[str, bool]:
+        """Why no replica can run these experts; and whether every owner was refused for its checkpoint."""
+        now = time.monotonic()
+        by_expert = self.owners.get(layer, {})
+        owners = list(dict.fromkeys(r for e in experts for r in by_expert.get(e, ())))
+        if not owners:
+            return "no expert server in the pool owns them", False
+        text = "; ".join(f"{r.name} ({r.address}) {r.state(now)}" for r in owners)
+        return text, all(r.refused for r in owners)
+
+    def report_failure(self, replica: Replica, reason: str, eject: bool = True) -> None:
+        """A call to `replica` failed: remember why, and skip it for a while if `eject`."""
+        replica.error = reason
+        if eject and time.monotonic() >= replica.ejected_until:  # calls failing together count once
+            replica.failures += 1
+            pause = min(EJECT_MAX, EJECT_BASE * 2 ** (replica.failures - 1))
+            replica.ejected_until = time.monotonic() + pause
+            log.warning("expert server %s (%s): %s; skipping it for %.1fs", replica.name, replica.address,
+                        reason, pause)
+
+    def report_success(self, replica: Replica) -> None:
+        """A call to `replica` succeeded: its failure count starts over."""
+        if replica.failures:
+            replica.failures = 0

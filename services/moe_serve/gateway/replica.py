@@ -1,0 +1,82 @@
+"""One expert server as the gateway sees it: its channel, what it owns, its health and its load."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from moe_client.channel import MAX_MESSAGE_BYTES
+from moe_client.pb import experts_pb2, experts_pb2_grpc
+from moe_client.security import TLSFiles
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """How the gateway reaches and watches its expert servers."""
+
+    rpc_timeout: float = 60.0  # deadline of each call to an expert server
+    resolve_interval: float = 10.0  # seconds between re-resolutions of the server list
+    keepalive: float = 10.0  # ping an idle connection this often; no answer within it marks the server down
+    tls: TLSFiles | None = None  # TLS to the expert servers (cert + key: mutual TLS)
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        """Keepalive and reconnect options of the channels to expert servers."""
+        ms = max(100, int(self.keepalive * 1000))
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", ms),
+            ("grpc.keepalive_timeout_ms", ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # grpc's default reconnect backoff grows to 2 minutes; a restarted server should rejoin in seconds.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+
+class Replica:
+    """One expert server address: its channel, what it owns, and what the pool knows of its health."""
+
+    def __init__(self, address: str, target: str, channel: grpc.aio.Channel):
+        self.address = address
+        self.target = target  # the --servers entry it was resolved from
+        self.channel = channel
+        self.stub = experts_pb2_grpc.ExpertServiceStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+        self.info = experts_pb2.ServerInfo()
+        self.owns: dict[int, frozenset[int]] = {}
+        self.serving = False
+        self.refused = ""  # why the pool will not use it (another checkpoint), else ""
+        self.error = ""  # the last failure seen
+        self.failures = 0
+        self.ejected_until = 0.0
+        self.outstanding = 0  # (token, expert) slots in flight on this server
+        self.picks = 0
+        self.watcher: asyncio.Task | None = None
+
+    @property
+    def name(self) -> str:
+        return self.info.server_name or self.address
+
+    @property
+    def owned(self) -> dict[int, tuple[int, ...]]:
+        return {layer: tuple(sorted(ids)) for layer, ids in sorted(self.owns.items())}
+
+    def routable(self, now: float) -> bool:
+        """True if calls may go here now."""
+        return self.serving and not self.refused and now >= self.ejected_until
+
+    def state(self, now: float) -> str:
+        """Why this replica is or is not used, for error messages and logs."""
+        if self.refused:
+            return f"refused: {self.refused}"
+        if not self.serving:
+            return f"down ({self.error or 'not SERVING'})"
+        if now < self.ejected_until:
+            return f"skipped for {self.ejected_until - now:.1f}s after {self.error}"
+        return "serving"

@@ -1,0 +1,156 @@
+"""Replicas and failover in one process: spread, a replica lost, coverage lost and regained, a server
+restarted on another checkpoint. Real servers on loopback; every answer checked against the reference."""
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import TINY
+from test_distributed_forward import reference_forward
+
+from moe_client import ExpertClient, GatewayClient, wire
+from moe_client.pb import experts_pb2, experts_pb2_grpc
+from moe_serve.synthetic import write_checkpoint
+
+
+def forward_ok(client: GatewayClient, checkpoint, tokens: int = 12) -> None:
+    hidden = np.random.default_rng().standard_normal((tokens, 64), dtype=np.float32)
+    got = client.forward(hidden)
+    assert np.abs(got - reference_forward(checkpoint, hidden)).max() <= 1e-5
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0):
+    """Poll `predicate` until it returns a true value; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except grpc.RpcError as err:
+            last = f"{err.code().name}: {err.details()}"
+        time.sleep(0.1)
+    pytest.fail(f"{what} not within {timeout:.0f}s (last error: {last})")
+
+
+def pool_of(cluster, gateway: str):
+    """The ServerPool inside an in-process gateway."""
+    return cluster.servicers[gateway].engine.experts.inner.pool
+
+
+def try_forward(client: GatewayClient, checkpoint) -> bool:
+    forward_ok(client, checkpoint)
+    return True
+
+
+def test_replicas_share_the_work(cluster, tiny_checkpoint):
+    a, b = (cluster.expert_server(tiny_checkpoint) for _ in range(2))
+    gateway = cluster.gateway(tiny_checkpoint, [a, b])
+    with GatewayClient(gateway) as client:
+        for _ in range(6):
+            forward_ok(client, tiny_checkpoint)
+    served = [cluster.handle(x).edge.served for x in (a, b)]
+    assert min(served) > 0, served  # least outstanding work, ties broken by fewest picks
+
+
+def test_a_lost_replica_costs_no_request(cluster, tiny_checkpoint):
+    a, b = (cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-7", "0-7"))
+    c = cluster.expert_server(tiny_checkpoint, experts="0-3")
+    gateway = cluster.gateway(tiny_checkpoint, [a, b, c])
+    with GatewayClient(gateway) as client:
+        forward_ok(client, tiny_checkpoint)
+        cluster.stop_one(a)
+        cluster.stop_one(c)
+        for _ in range(5):
+            forward_ok(client, tiny_checkpoint)
+        assert [s.address for s in client.model_info().servers] == [b]
+
+
+def test_coverage_lost_then_regained(cluster, tiny_checkpoint):
+    a = cluster.expert_server(tiny_checkpoint, experts="0-3")
+    b = cluster.expert_server(tiny_checkpoint, experts="4-7")
+    port_b = int(b.rsplit(":", 1)[1])
+    gateway = cluster.gateway(tiny_checkpoint, [a, b], rpc_timeout=5.0)
+    with GatewayClient(gateway) as client:
+        forward_ok(client, tiny_checkpoint)
+        cluster.stop_one(b)
+        hidden = np.random.default_rng().standard_normal((64, 64), dtype=np.float32)
+        with pytest.raises(grpc.RpcError) as err:
+            client.forward(hidden)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert "no expert server can run layer 0 experts" in err.value.details()
+        assert b in err.value.details()  # names the owner that is down
+        assert client.health() == "SERVING" and client.model_info().hidden_size == 64  # the gateway stays up
+
+        cluster.expert_server(tiny_checkpoint, experts="4-7", port=port_b)  # the same server comes back
+        wait_for(lambda: try_forward(client, tiny_checkpoint), "the gateway serving again")
+
+
+def test_server_restarted_on_another_checkpoint_is_refused(cluster, tiny_checkpoint, tmp_path):
+    other = write_checkpoint(tmp_path / "other", TINY.__class__(**{**TINY.__dict__, "seed": 7}))
+    a, b = (cluster.expert_server(tiny_checkpoint) for _ in range(2))
+    port_b = int(b.rsplit(":", 1)[1])
+    gateway = cluster.gateway(tiny_checkpoint, [a, b])
+    with GatewayClient(gateway) as client:
+        mine = client.model_info().model_fingerprint
+        cluster.stop_one(b)
+        b2 = cluster.expert_server(other, port=port_b)
+        theirs = ExpertClient(b2).info().model_fingerprint
+        assert theirs != mine
+        # the gateway notices by itself and keeps serving from the replica on its own checkpoint
+        wait_for(lambda: pool_of(cluster, gateway).replicas[b].refused, "the other checkpoint refused")
+        assert [s.address for s in client.model_info().servers] == [a]
+        for _ in range(3):
+            forward_ok(client, tiny_checkpoint)
+
+        # the server refuses a call made for another checkpoint, naming both
+        stub = experts_pb2_grpc.ExpertServiceStub(grpc.insecure_channel(b2))
+        request = experts_pb2.RunExpertsRequest(
+            layer=0, hidden=wire.encode(np.ones((1, 64), np.float32)), model_fingerprint=mine,
+            expert_ids=wire.encode(np.array([[1]], np.int32)), weights=wire.encode(np.ones((1, 1), np.float32)))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.RunExperts(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert mine in err.value.details() and theirs in err.value.details()
+
+        # a down and b on another checkpoint: UNAVAILABLE (a may come back), naming both fingerprints
+        cluster.stop_one(a)
+        with pytest.raises(grpc.RpcError) as err:
+            client.forward(np.random.default_rng().standard_normal((8, 64), dtype=np.float32))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert mine in err.value.details() and theirs in err.value.details()
+
+
+def test_only_server_on_another_checkpoint_is_failed_precondition(cluster, tiny_checkpoint, tmp_path):
+    other = write_checkpoint(tmp_path / "other", TINY.__class__(**{**TINY.__dict__, "seed": 8}))
+    a = cluster.expert_server(tiny_checkpoint)
+    gateway = cluster.gateway(tiny_checkpoint, [a])
+    with GatewayClient(gateway) as client:
+        forward_ok(client, tiny_checkpoint)
+        mine = client.model_info().model_fingerprint
+        cluster.stop_one(a)
+        theirs = ExpertClient(cluster.expert_server(other, port=int(a.rsplit(":", 1)[1]))).info().model_fingerprint
+
+        def refused() -> bool:
+            with pytest.raises(grpc.RpcError) as err:
+                client.forward(np.random.default_rng().standard_normal((8, 64), dtype=np.float32))
+            return err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and err.value
+
+        err = wait_for(refused, "FAILED_PRECONDITION from the gateway")
+        assert mine in err.details() and theirs in err.details()
+
+
+def test_a_stuck_replica_is_passed_over_within_the_deadline(cluster, tiny_checkpoint):
+    a, b = (cluster.expert_server(tiny_checkpoint) for _ in range(2))
+    gateway = cluster.gateway(tiny_checkpoint, [a, b], rpc_timeout=0.5)
+    gate = threading.Event()
+    cluster.servicers[a].executor.submit(gate.wait, 60)  # a's only worker is busy: its calls pass their deadline
+    try:
+        with GatewayClient(gateway, timeout=20) as client:
+            for _ in range(4):
+                forward_ok(client, tiny_checkpoint)
+    finally:
+        gate.set()

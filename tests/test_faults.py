@@ -1,0 +1,183 @@
+"""Faults with real processes: a replica killed under Forward and Generate load, a graceful stop, a restart
+that rejoins, a network cut (network namespace, link down) and DNS membership changes (private /etc/hosts).
+
+The namespace tests need root, iproute2 and util-linux (CI runs as root with them); everything is
+bounded in count and time, with traffic on loopback or the veth the test makes.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+from conftest import load_script
+from test_distributed_forward import reference_forward
+from test_failover import wait_for
+
+from moe_client import GatewayClient
+
+soak_cluster, soak_load = load_script("soak_cluster"), load_script("soak_load")
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"),
+                               reason="needs root, iproute2 (ip netns) and util-linux (unshare)")
+
+
+def forward_ok(client: GatewayClient, checkpoint, tokens: int = 64) -> None:
+    hidden = np.random.default_rng().standard_normal((tokens, 64), dtype=np.float32)
+    assert np.abs(client.forward(hidden) - reference_forward(checkpoint, hidden)).max() <= 1e-5
+
+
+@pytest.mark.timeout(600)
+def test_replica_killed_under_load_then_rejoins(causal_checkpoints, tmp_path):
+    checkpoint = causal_checkpoints["mixtral"]
+    cluster = soak_cluster.ProcessCluster(checkpoint, tmp_path, replicas=2,
+                                  gateway_args=("--rpc-timeout", "5", "--keepalive", "1"))
+    figures = {}
+    try:
+        cluster.start()
+        a, b = cluster.experts
+        load = soak_load.Load(cluster.address, checkpoint, clients=4, tokens=8).start()
+        try:
+            load.wait_ok(30)
+            killed = time.monotonic()
+            a.signal(signal.SIGKILL)
+            assert a.wait(10) == -signal.SIGKILL
+            load.wait_ok(60)
+            assert load.failed == 0, load.first_errors
+            figures["longest wait after kill -9 (s)"] = round(load.longest_gap(killed), 2)
+
+            a.start()  # the same server, same address: it rejoins by itself
+            ready, listed = cluster.wait_listed(a)
+            figures["restart: SERVING after (s)"], figures["then listed by the gateway after (s)"] = ready, listed
+            load.wait_ok(30)
+
+            stopped = time.monotonic()
+            b.signal(signal.SIGTERM)  # graceful: NOT_SERVING, finish in-flight calls, exit 0
+            assert b.wait(60) == 0
+            figures["SIGTERM to exit (s)"] = round(time.monotonic() - stopped, 2)
+            load.wait_ok(60)  # served by the rejoined replica alone
+            figures["longest wait after SIGTERM (s)"] = round(load.longest_gap(stopped), 2)
+        finally:
+            load.stop()
+        assert load.failed == 0, load.first_errors
+        assert min(load.ok_by_rpc["Forward"], load.ok_by_rpc["Generate"]) > 0
+        figures.update(requests=dict(load.ok_by_rpc), failed=load.failed)
+    finally:
+        cluster.stop()
+    print(f"\nreplica faults under load: {figures}")
+
+
+class NetNamespace:
+    """A network namespace joined to this host by a veth pair; the link can be cut and restored."""
+
+    def __init__(self):
+        tag = uuid.uuid4().hex[:6]
+        self.name, self.host_if, self.ns_if = f"moe-{tag}", f"mh{tag}", f"mn{tag}"
+        octet = int(tag[:2], 16) % 200 + 20
+        self.host_ip, self.ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    def __enter__(self):
+        self._ip("netns", "add", self.name)
+        self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        self._ip("link", "set", self.ns_if, "netns", self.name)
+        self._ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+        self._ip("link", "set", self.host_if, "up")
+        for args in (("addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if), ("link", "set", self.ns_if, "up"),
+                     ("link", "set", "lo", "up")):
+            self._ip("netns", "exec", self.name, "ip", *args)
+        return self
+
+    def link(self, up: bool) -> None:
+        """Cut (down) or restore (up) the host side of the veth."""
+        self._ip("link", "set", self.host_if, "up" if up else "down")
+
+    def __exit__(self, *exc):
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=30, check=False)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30, check=False)
+
+
+@ROOT_ONLY
+@pytest.mark.timeout(300)
+def test_network_cut_fails_fast_then_recovers(cluster, tiny_checkpoint, tmp_path):
+    deadline = 4.0
+    with NetNamespace() as ns:
+        port = 50051
+        remote = soak_cluster.Service("cut", ["ip", "netns", "exec", ns.name,
+                                      *soak_cluster.expert_argv(tiny_checkpoint, "cut", ns.ns_ip, port, "4-7")],
+                              port, tmp_path / "cut.log", ns.ns_ip)
+        remote.start()
+        try:
+            with GatewayClient(remote.address) as probe:
+                probe.wait_until_serving(120)
+            local = cluster.expert_server(tiny_checkpoint, experts="0-3")
+            gateway = cluster.gateway(tiny_checkpoint, [local, remote.address], rpc_timeout=2.0, keepalive=1.0)
+            with GatewayClient(gateway, timeout=deadline) as client:
+                forward_ok(client, tiny_checkpoint)
+                ns.link(False)
+                outcomes = []
+                for _ in range(5):
+                    start = time.monotonic()
+                    with pytest.raises(grpc.RpcError) as err:
+                        forward_ok(client, tiny_checkpoint)
+                    outcomes.append((err.value.code().name, round(time.monotonic() - start, 2)))
+                    assert err.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+                    assert time.monotonic() - start <= deadline + 1.0  # the caller's deadline, not a hang
+                restored = time.monotonic()
+                ns.link(True)
+                wait_for(lambda: forward_ok(client, tiny_checkpoint) is None, "service after the link returns", 60)
+                recovery = time.monotonic() - restored
+                for _ in range(3):
+                    forward_ok(client, tiny_checkpoint)
+        finally:
+            remote.signal(signal.SIGKILL)
+            remote.wait(10)
+    print(f"\nnetwork cut: calls during the cut {outcomes}; served again {recovery:.2f}s after the link returned")
+
+
+@ROOT_ONLY
+@pytest.mark.timeout(300)
+def test_dns_name_membership_follows_the_records(cluster, tiny_checkpoint, tmp_path):
+    first = cluster.expert_server(tiny_checkpoint, host="127.0.0.2")
+    port = int(first.rsplit(":", 1)[1])
+    servers = [first, *(cluster.expert_server(tiny_checkpoint, host=h, port=port) for h in ("127.0.0.3", "127.0.0.4"))]
+    hosts = tmp_path / "hosts"
+
+    def records(*addresses: str) -> None:  # written in place: the gateway's bind mount sees the same file
+        hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{a.split(':')[0]} experts.moe.test\n" for a in addresses))
+
+    records(*servers[:2])
+    gateway_port = soak_cluster.free_port()
+    gateway = subprocess.Popen(
+        ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
+         sys.executable, "-m", "moe_serve.gateway.main", "--checkpoint", str(tiny_checkpoint), "--servers",
+         f"experts.moe.test:{port}", "--host", "127.0.0.1", "--port", str(gateway_port), "--resolve-interval", "0.3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with GatewayClient(f"127.0.0.1:{gateway_port}", timeout=10) as client:
+            client.wait_until_serving(120)
+
+            def members() -> set[str]:
+                return {s.address for s in client.model_info().servers}
+
+            assert members() == set(servers[:2])
+            records(*servers)  # a third server appears under the name: it joins
+            wait_for(lambda: members() == set(servers), "the new server joining")
+            forward_ok(client, tiny_checkpoint)
+            records(*servers[1:])  # the first disappears from the name: it leaves
+            wait_for(lambda: members() == set(servers[1:]), "the removed server leaving")
+            cluster.stop_one(servers[0])
+            for _ in range(3):
+                forward_ok(client, tiny_checkpoint)
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        out, _ = gateway.communicate(timeout=60)
+    assert gateway.returncode == 0, out
+    assert "joins" in out and "left the server list" in out
