@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from test_distributed_forward import reference_forward
 
 from moe_client import GatewayClient
-
-from test_distributed_forward import reference_forward
 
 BIN = Path(sys.executable).parent
 

@@ -3,11 +3,10 @@
 import json
 
 import pytest
+from conftest import TINY
 
 from moe_serve.gateway.dispatch import StartupError
 from moe_serve.synthetic import write_checkpoint
-
-from conftest import TINY
 
 
 def test_refuses_when_an_expert_has_no_owner(cluster, tiny_checkpoint):
@@ -25,7 +24,7 @@ def test_refuses_a_server_on_another_checkpoint(cluster, tiny_checkpoint, tmp_pa
 
 
 def test_placement_file_must_match_servers(cluster, tiny_checkpoint, tmp_path):
-    servers = [cluster.expert_server(tiny_checkpoint, experts="0-3"), cluster.expert_server(tiny_checkpoint, experts="4-7")]
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-3", "4-7")]
     placement = tmp_path / "placement.json"
     placement.write_text(json.dumps({"servers": [
         {"name": "w1", "address": servers[0], "experts": "0-4"},

@@ -16,7 +16,7 @@ def plain_torch(checkpoint_dir, layer, hidden, ids, weights):
     out = np.zeros_like(hidden)
     for t in range(hidden.shape[0]):
         x = torch.from_numpy(hidden[t])
-        for e, w in zip(ids[t], weights[t]):
+        for e, w in zip(ids[t], weights[t], strict=True):
             if e < 0:
                 continue
             g, u, d = (ckpt.load(n) for n in ckpt.spec.expert_names(layer, int(e)))

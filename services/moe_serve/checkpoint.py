@@ -53,7 +53,7 @@ class Checkpoint:
         file_of: dict[str, Path] = {}
         for f in files:
             with safe_open(f, framework="pt") as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 - safe_open handles are not dicts
                     file_of[name] = f
         return file_of
 

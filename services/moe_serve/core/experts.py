@@ -63,7 +63,7 @@ def combine(
     tokens = torch.div(slots, expert_ids.shape[1], rounding_mode="floor")  # [N]
     gate_w = weights.reshape(-1)[slots].float()  # [N]
     start = 0
-    for expert, count in zip(unique_ids.tolist(), counts.tolist()):
+    for expert, count in zip(unique_ids.tolist(), counts.tolist(), strict=True):
         rows = tokens[start:start + count]
         w = experts[expert]
         x = hidden.index_select(0, rows).to(device=w.device, dtype=w.dtype)  # [n, H]
