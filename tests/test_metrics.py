@@ -191,3 +191,35 @@ def test_expert_token_counts_skip_unused_slots_and_report_held_experts_at_zero()
     got = {s.labels["expert"]: s.value for f in m.registry.collect() if f.name == "moe_expert_tokens"
            for s in f.samples}
     assert got == {"0": 1, "5": 3, "9": 0, "12": 1}
+
+
+def test_generate_carries_its_request_id_and_counts_tokens(cluster, causal_checkpoints, access_log):
+    path = causal_checkpoints["mixtral"]
+    gateway = cluster.gateway(path, [cluster.expert_server(path, experts=e) for e in ("0-2", "3-7")])
+    with GatewayClient(gateway) as client:
+        assert len(list(client.generate([3, 1, 4, 1], max_new_tokens=3, ignore_eos=True))) == 3
+    registry = cluster.servicers[gateway].metrics.registry
+    assert registry.get_sample_value("moe_tokens_total", {"rpc": "Generate"}) == 4 + 3  # prompt + generated
+    # The stream's end reaches the client before the gateway's access log line after it.
+    generate = eventually(lambda: [rid for _, rid, msg in access_log.seen if msg.startswith("Generate OK")])
+    run_experts = {rid for _, rid, msg in access_log.seen if msg.startswith("RunExperts OK")}
+    assert len(generate) == 1 and run_experts == set(generate)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_memory_and_weights_are_reported(loop_thread, tiny_checkpoint):
+    handle, servicer = loop_thread.run(create_server(ExpertServerConfig(
+        checkpoint=str(tiny_checkpoint), devices="cuda:0", host="127.0.0.1", port=0)))
+    try:
+        rng = np.random.default_rng()
+        with ExpertClient(f"127.0.0.1:{handle.port}") as client:
+            client.run_experts(0, rng.standard_normal((16, 64), dtype=np.float32),
+                               rng.integers(0, 8, (16, 2)).astype(np.int32), np.full((16, 2), 0.5, np.float32))
+        registry = servicer.metrics.registry
+        weights = registry.get_sample_value("moe_weight_bytes", {"device": "cuda:0"})
+        allocated = registry.get_sample_value("moe_device_memory_bytes", {"device": "cuda:0", "kind": "allocated"})
+        peak = registry.get_sample_value("moe_device_memory_bytes", {"device": "cuda:0", "kind": "peak_allocated"})
+        assert weights == servicer.bank.nbytes() > 0
+        assert peak >= allocated >= weights
+    finally:
+        loop_thread.run(handle.stop(0))

@@ -17,14 +17,10 @@ import contextlib
 import contextvars
 import inspect
 import logging
-import os
-import resource
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import grpc
-import torch
 from google.protobuf import descriptor_pool
 from prometheus_client import (
     CollectorRegistry,
@@ -36,9 +32,9 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from moe_serve import request_ids
+from moe_serve.metrics_collectors import DeviceMemoryCollector, ExpertTokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +120,10 @@ class ServiceMetrics:
         self.child(self.tokens, rpc).inc(tokens)
         self.child(self.batch_tokens, rpc).observe(tokens)
 
+    def observe_tokens(self, rpc: str, tokens: int = 1) -> None:
+        """More tokens of a call already counted by observe_batch: Generate's new tokens, as they come."""
+        self.child(self.tokens, rpc).inc(tokens)
+
     def observe_experts(self, layer: int, expert_ids, compute_seconds: float | None = None) -> None:
         """Count tokens per expert of `layer` from a [T, K] id tensor (-1 = unused slot); time the compute."""
         self.expert_tokens.add(layer, expert_ids)
@@ -179,77 +179,6 @@ class ServiceMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
-
-
-class ExpertTokenCounter:
-    """moe_expert_tokens_total{layer, expert}: one count vector per layer, added to with one vector op per
-    call (a server may touch 60 experts per call; a counter child each would cost more than the call's
-    bookkeeping), turned into samples only when scraped."""
-
-    def __init__(self) -> None:
-        self._counts: dict[int, torch.Tensor] = {}  # layer -> [experts] int64
-        self._held: dict[int, set[int]] = {}  # reported even at zero
-        self._lock = threading.Lock()
-
-    def hold(self, layer: int, experts: Iterable[int]) -> None:
-        """Report these experts of `layer` from now on, at zero until tokens come."""
-        self._held.setdefault(layer, set()).update(experts)
-
-    def add(self, layer: int, expert_ids: torch.Tensor) -> None:
-        """Count each id >= 0 of a [T, K] tensor once (-1 marks an unused slot)."""
-        counts = (expert_ids.reshape(-1).long() + 1).bincount()[1:]  # shift -1 into bin 0, then drop it
-        with self._lock:
-            total = self._counts.get(layer)
-            if total is None or total.numel() < counts.numel():
-                grown = torch.zeros(max(counts.numel(), 0 if total is None else total.numel()), dtype=torch.long)
-                if total is not None:
-                    grown[: total.numel()] = total
-                total = self._counts[layer] = grown
-            total[: counts.numel()] += counts
-
-    def value(self, layer: int, expert: int) -> int:
-        """Tokens counted so far for (layer, expert)."""
-        with self._lock:
-            total = self._counts.get(layer)
-            return int(total[expert]) if total is not None and expert < total.numel() else 0
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily("moe_expert_tokens", "Tokens routed to each (layer, expert) held here",
-                                     labels=["layer", "expert"])
-        with self._lock:
-            counts = {layer: total.tolist() for layer, total in self._counts.items()}
-        for layer in sorted(set(counts) | set(self._held)):
-            values = counts.get(layer, [])
-            experts = self._held.get(layer, set()) | {e for e, n in enumerate(values) if n}
-            for expert in sorted(experts):
-                family.add_metric([str(layer), str(expert)], values[expert] if expert < len(values) else 0)
-        yield family
-
-
-class DeviceMemoryCollector:
-    """moe_device_memory_bytes{device, kind}: resident memory for the CPU, torch's counters per GPU."""
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("moe_device_memory_bytes",
-                                   "Memory in use: the process's resident set (cpu), torch's allocator (cuda:N)",
-                                   labels=["device", "kind"])
-        family.add_metric(["cpu", "rss"], resident_bytes())
-        if torch.cuda.is_available() and torch.cuda.is_initialized():  # never initialise CUDA for a scrape
-            for i in range(torch.cuda.device_count()):
-                device = f"cuda:{i}"
-                family.add_metric([device, "allocated"], torch.cuda.memory_allocated(i))
-                family.add_metric([device, "reserved"], torch.cuda.memory_reserved(i))
-                family.add_metric([device, "peak_allocated"], torch.cuda.max_memory_allocated(i))
-        yield family
-
-
-def resident_bytes() -> float:
-    """This process's resident set size in bytes (peak RSS where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError, IndexError):
-        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):

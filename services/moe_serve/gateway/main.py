@@ -247,7 +247,7 @@ async def _serve(config: GatewayConfig) -> None:
         ("metrics", servicer.metrics.expose(config.metrics_host, config.metrics_port)),
         ("checkpoint", f"{config.checkpoint} ({info.model_type}, fingerprint {info.model_fingerprint})"),
         ("model", f"hidden {info.hidden_size}, MoE layers {list(info.moe_layers)} x {info.num_experts} experts, "
-                  f"top-{info.top_k}, dense {info.dense_dtype}, wire {config.wire_dtype}"),
+                  f"top-{info.top_k}, dense {info.dense_dtype} on {config.dense_device}, wire {config.wire_dtype}"),
         ("expert servers", ", ".join(s.address for s in info.servers)),
         ("loaded in", f"{time.monotonic() - start:.1f} s"),
     ]))

@@ -75,6 +75,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         count = 0
         async for token in iterate_in_thread(self.executor, lambda: self.engine.generate(ids, params, stats)):
             count += 1
+            self.metrics.observe_tokens("Generate")
             yield gateway_pb2.GenerateResponse(
                 token_id=token.token_id, text=token.text, finish_reason=FINISH_REASONS[token.finish_reason],
                 prompt_tokens=len(ids), generated_tokens=count, total_seconds=stats.total_seconds,
