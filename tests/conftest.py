@@ -43,14 +43,16 @@ class Cluster:
         self.loop = loop
         self.handles = []
         self.servicers = {}  # gateway address -> its GatewayServicer, to reach its engine in-process
+        self.expert_servicers = {}  # expert server address -> its ExpertServicer
 
     def expert_server(self, checkpoint: Path, experts=None, devices: str = "cpu", dtype: str = "float32",
-                      name: str = "") -> str:
+                      name: str = "", **overrides) -> str:
         """Start one expert server; returns its 127.0.0.1:port address."""
         config = ExpertServerConfig(checkpoint=str(checkpoint), experts=experts, devices=devices, dtype=dtype,
-                                    host="127.0.0.1", port=0, name=name)
-        handle, _ = self.loop.run(create_server(config))
+                                    host="127.0.0.1", port=0, name=name, **overrides)
+        handle, servicer = self.loop.run(create_server(config))
         self.handles.append(handle)
+        self.expert_servicers[f"127.0.0.1:{handle.port}"] = servicer
         return f"127.0.0.1:{handle.port}"
 
     def gateway(self, checkpoint: Path, servers: list[str], **overrides) -> str:

@@ -13,6 +13,7 @@ from moe_client import wire
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
 from moe_serve.checkpoint import Checkpoint, CheckpointError
 from moe_serve.devices import parse_devices
+from moe_serve.gateway.batching import BatchingConfig, add_batching_flags, batching_config_from_args, start_batching
 from moe_serve.gateway.dispatch import ExpertDispatcher, RemoteServer, StartupError, connect, ownership_table
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.servicer import GatewayServicer
@@ -44,6 +45,7 @@ class GatewayConfig:
     max_new_tokens: int = 4096
     grace_seconds: float = 10.0
     log_level: str = "INFO"
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=float(env("GRACE", "10")),
                    help="seconds to finish in-flight requests on SIGTERM (env MOE_GRACE)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="logging level (env MOE_LOG_LEVEL)")
+    add_batching_flags(p)
     return p
 
 
@@ -90,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         dense_dtype=args.dense_dtype, dense_device=args.dense_device, wire_dtype=args.wire_dtype, rpc_timeout=args.rpc_timeout,
         connect_timeout=args.connect_timeout, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens,
         grace_seconds=args.grace,
-        log_level=args.log_level,
+        log_level=args.log_level, batching=batching_config_from_args(args),
     )
 
 
@@ -168,11 +171,18 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
                                   wire.dtype_from_name(config.wire_dtype), config.rpc_timeout)
     engine = GatewayEngine(model, dispatcher, tokenizer)
     info = model_info(checkpoint, fingerprint, servers, config.dense_dtype, tokenizer is not None)
-    servicer = GatewayServicer(engine, info, config.max_tokens, max_new_tokens=config.max_new_tokens)
+    batching = start_batching(config.batching, model, dispatcher, tokenizer)
+    servicer = GatewayServicer(engine, info, config.max_tokens, max_new_tokens=config.max_new_tokens,
+                               batcher=batching.batcher, scheduler=batching.scheduler)
     handle = await start_server(f"{config.host}:{config.port}",
                                 lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s),
                                 [SERVICE_NAME])
-    handle.on_stop = lambda: asyncio.gather(*(s.channel.close() for s in servers))
+
+    async def on_stop() -> None:
+        batching.close()
+        await asyncio.gather(*(s.channel.close() for s in servers))
+
+    handle.on_stop = on_stop
     return handle, servicer
 
 
