@@ -37,6 +37,7 @@ class ExpertServerConfig:
     grace_seconds: float = 10.0
     log_level: str = "INFO"
     cuda_graph_tokens: int = 16384
+    merge_calls: bool = True
 
     @property
     def address(self) -> str:
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on GPUs in bf16, replay captured CUDA graphs for calls of up to this many tokens; "
                         "0 = launch kernels one by one (env MOE_CUDA_GRAPH_TOKENS; default 16384)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="logging level (env MOE_LOG_LEVEL)")
+    p.add_argument("--merge-calls", action=argparse.BooleanOptionalAction,
+                   default=env("MERGE_CALLS", "1").lower() in ("1", "true", "yes", "on"),
+                   help="run RunExperts calls of one layer that queued up together (from several gateways or "
+                        "micro-batches) as one computation (env MOE_MERGE_CALLS; default on)")
     return p
 
 
@@ -90,7 +95,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
     return ExpertServerConfig(
         checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=args.host,
         port=args.port, name=args.name, grace_seconds=args.grace, log_level=args.log_level,
-        cuda_graph_tokens=args.cuda_graph_tokens,
+        cuda_graph_tokens=args.cuda_graph_tokens, merge_calls=args.merge_calls,
     )
 
 
@@ -128,7 +133,7 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
 
     def register(server) -> None:
         nonlocal servicer
-        servicer = ExpertServicer(bank, experts_pb2.ServerInfo())
+        servicer = ExpertServicer(bank, experts_pb2.ServerInfo(), merge=config.merge_calls)
         experts_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
 
     handle = await start_server(config.address, register, [SERVICE_NAME])

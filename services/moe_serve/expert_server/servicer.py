@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -12,6 +11,7 @@ from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve import __version__
 from moe_serve.errors import InvalidArgument
 from moe_serve.expert_server.bank import ExpertBank
+from moe_serve.expert_server.merger import CallMerger
 from moe_serve.grpc_server import rpc
 from moe_serve.tensors import TORCH_DTYPES, from_wire, to_wire
 
@@ -42,10 +42,11 @@ def decode_request(request: experts_pb2.RunExpertsRequest, hidden_size: int):
 class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
     """Serves one ExpertBank; compute runs on a worker thread so health checks answer meanwhile."""
 
-    def __init__(self, bank: ExpertBank, info: experts_pb2.ServerInfo, workers: int = 1):
+    def __init__(self, bank: ExpertBank, info: experts_pb2.ServerInfo, workers: int = 1, merge: bool = True):
         self.bank = bank
         self.info = info
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts")
+        self.merger = CallMerger(bank, self.executor, merge)  # concurrent calls of a layer share one computation
 
     @rpc
     async def RunExperts(self, request, context):
@@ -56,15 +57,10 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
             out_dtype = wire.BFLOAT16
         if out_dtype not in (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16):
             raise InvalidArgument(f"output_dtype: {wire.dtype_name(out_dtype)} is not a float dtype")
-        loop = asyncio.get_running_loop()
-        output, seconds = await loop.run_in_executor(self.executor, self._run, request.layer, hidden, ids, weights,
-                                                     out_dtype)
+        # Encoded on the worker thread: the bank's result may sit in a buffer the next computation reuses.
+        output, seconds = await self.merger.run(request.layer, hidden, ids, weights, TORCH_DTYPES[out_dtype],
+                                                lambda out: to_wire(out, out_dtype))
         return experts_pb2.RunExpertsResponse(output=output, compute_seconds=seconds)
-
-    def _run(self, layer, hidden, ids, weights, out_dtype):
-        # Encoded on the worker thread: the bank's result may sit in a buffer the next call reuses.
-        out, seconds = self.bank.run(layer, hidden, ids, weights, TORCH_DTYPES[out_dtype])
-        return to_wire(out, out_dtype), seconds
 
     @rpc
     async def GetInfo(self, request, context):
