@@ -113,8 +113,13 @@ class CallMerger:
         seconds = time.perf_counter() - start
         self.computations += 1
         # finish() runs here, before the next computation may reuse the bank's output buffer.
-        values = [c.finish(p) for c, p in zip(group, parts, strict=True)]
-        return [((v, seconds), None) for v in values]
+        results: list[tuple[Any, BaseException | None]] = []
+        for call, part in zip(group, parts, strict=True):
+            try:
+                results.append(((call.finish(part), seconds), None))
+            except Exception as err:  # only this call fails
+                results.append((None, err))
+        return results
 
 
 def _settle(future: asyncio.Future, value, error: BaseException | None) -> None:
