@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moe_serve.core.decode_attention import attend_decode
 from moe_serve.core.kv_cache import KVCache
 from moe_serve.core.norms import rms_norm
 from moe_serve.core.rotary import RotaryEmbedding, apply_rotary
@@ -74,11 +75,21 @@ def self_attention(x: torch.Tensor, w: AttentionWeights, cfg: AttentionConfig, r
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     out = torch.empty_like(q)  # [T, N, D]
+    batched = sum(n == 1 for n in lengths) > 1  # several decode tokens: attend to them together
+    rows, row_keys, row_values = [], [], []
     start = 0
     for cache, n in zip(caches, lengths, strict=True):
         keys, values = cache.write(layer, k[start:start + n], v[start:start + n])  # [L, G, D]
-        out[start:start + n] = _attend(q[start:start + n], keys, values, cache.length, cfg)
+        if batched and n == 1:
+            rows.append(start)
+            row_keys.append(keys)
+            row_values.append(values)
+        else:
+            out[start:start + n] = _attend(q[start:start + n], keys, values, cache.length, cfg)
         start += n
+    if rows:
+        index = torch.tensor(rows, device=q.device)
+        out[index] = attend_decode(q[index], row_keys, row_values, cfg.num_kv_heads, cfg.head_dim)
     return F.linear(out.reshape(tokens, -1), w.o, w.o_bias)
 
 
