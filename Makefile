@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test protos lint bench clean
+.PHONY: setup demo test protos lint bench bench-load clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+## Load benchmark (about 10 minutes on 2 cores): 1-128 concurrent Generate/Forward clients on a loopback
+## cluster, batching and overlap on and off; results into docs/benchmarks.md.
+bench-load: setup
+	$(BIN)/python benchmarks/load.py --write-doc docs/benchmarks.md
+
+bench: bench-load
 
 lint: setup
 	$(BIN)/ruff check client services tests scripts

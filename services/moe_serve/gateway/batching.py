@@ -23,7 +23,7 @@ class BatchingConfig:
     overlap: bool = True  # two micro-batches in turns, shared experts during the RunExperts calls
     max_batch_tokens: int = 4096  # Forward: tokens per batch (a larger single request runs alone)
     max_queue_delay_ms: float = 2.0  # Forward: how long the oldest request waits for company
-    max_prefill_tokens: int = 256  # Generate: prompt tokens per step
+    max_prefill_tokens: int = 128  # Generate: prompt tokens per step (~2x a decode step of 32: prefill_cost.py)
     max_running_requests: int = 128  # Generate: sequences per step
     max_queued_requests: int = 1024  # waiting requests (each of Forward, Generate); more: RESOURCE_EXHAUSTED
 

@@ -36,7 +36,7 @@ class SchedulerLimits:
 
     max_running: int = 128  # sequences decoding or prefilling at once
     max_queued: int = 1024  # requests waiting for a slot; one more is RESOURCE_EXHAUSTED
-    max_prefill_tokens: int = 256  # prompt tokens per step (at least one prompt chunk always runs)
+    max_prefill_tokens: int = 128  # prompt tokens per step (at least one prompt chunk always runs)
 
 
 class _Sequence:
