@@ -17,9 +17,10 @@ from moe_serve.models import load_reference
 
 
 def start(cluster, path, **batching) -> str:
-    """Two expert servers splitting the experts unevenly, and a gateway over them with these batching settings."""
+    """Two expert servers splitting the experts unevenly, and a gateway over them with these batching settings
+    (steps of any size split into two micro-batches, so the tiny test batches take the ping-pong path)."""
     servers = [cluster.expert_server(path, experts=e) for e in ("0-2", "3-7")]
-    return cluster.gateway(path, servers, batching=BatchingConfig(**batching))
+    return cluster.gateway(path, servers, batching=BatchingConfig(**{"overlap_min_tokens": 1, **batching}))
 
 
 def reference_forward(path, hidden: np.ndarray) -> np.ndarray:
@@ -45,7 +46,8 @@ def test_batched_forward_equals_each_request_alone(cluster, tiny_checkpoint):
     one_batch = start(cluster, tiny_checkpoint, max_batch_tokens=total, max_queue_delay_ms=60_000)
     # Small batches: a budget below most requests, so big ones run alone and small ones share.
     servers = [s.address for s in cluster.servicers[one_batch].info.servers]
-    small = cluster.gateway(tiny_checkpoint, servers, batching=BatchingConfig(max_batch_tokens=8, max_queue_delay_ms=5))
+    small = cluster.gateway(tiny_checkpoint, servers, batching=BatchingConfig(max_batch_tokens=8, max_queue_delay_ms=5,
+                                                                              overlap_min_tokens=1))
     for gateway in (one_batch, small):
         with GatewayClient(gateway) as client:
             outs = concurrently(client.forward, inputs)
@@ -155,8 +157,8 @@ def test_overlap_on_and_off_give_the_same_results(cluster, causal_checkpoints):
     results = {}
     for overlap in (True, False):
         gateway = cluster.gateway(path, servers, batching=BatchingConfig(
-            overlap=overlap, max_prefill_tokens=16, max_batch_tokens=sum(h.size // 48 for h in hidden),
-            max_queue_delay_ms=60_000))
+            overlap=overlap, overlap_min_tokens=1, max_prefill_tokens=16,
+            max_batch_tokens=sum(h.size // 48 for h in hidden), max_queue_delay_ms=60_000))
         with GatewayClient(gateway) as client:
             tokens = concurrently(lambda p, c=client: [t.token_id for t in c.generate(p, max_new_tokens=10,
                                                                                         ignore_eos=True)], prompts)

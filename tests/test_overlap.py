@@ -102,6 +102,17 @@ def test_a_failing_micro_batch_fails_the_run_and_the_other_finishes():
     assert finished == [True, True]
 
 
+def test_small_steps_stay_whole():
+    runner = PingPong(None, overlap=True, min_split_tokens=64)
+    off = PingPong(None, overlap=False)
+    try:
+        assert runner.cut([1] * 63) == 0 and runner.cut([16, 16, 16, 16]) == 2 and runner.cut([100]) == 0
+        assert off.cut([16] * 8) == 0
+    finally:
+        runner.close()
+        off.close()
+
+
 def test_split_point_balances_tokens():
     assert split_point([]) == 0 and split_point([7]) == 0
     assert split_point([1, 1]) == 1

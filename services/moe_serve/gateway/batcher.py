@@ -23,7 +23,7 @@ from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.simple_model import SimpleMoEModel
 from moe_serve.errors import ResourceExhausted
 from moe_serve.gateway.engine import ForwardStats
-from moe_serve.gateway.overlap import PingPong, split_point
+from moe_serve.gateway.overlap import PingPong
 
 
 @dataclass
@@ -121,14 +121,15 @@ class ForwardBatcher:
         if self.causal:
             # Every [S, H] row of every request is one sequence.
             seqs = [s for x in inputs for s in x.reshape(-1, x.shape[-2], h).unbind(0)]
-            cut = split_point([s.shape[0] for s in seqs]) if self.pingpong.overlap else 0
+            cut = self.pingpong.cut([s.shape[0] for s in seqs])
             groups = [seqs[:cut], seqs[cut:]] if cut else [seqs]
             parts = [lambda backend, g=g: self._causal_part(g, backend) for g in groups]
             results, waited = self.pingpong.run(parts)
             flat = torch.cat([out for r in results for out in r])  # every sequence's [S, H], in order
         else:
             tokens = torch.cat([x.reshape(-1, h) for x in inputs])  # [T, H]
-            cut = tokens.shape[0] // 2 if self.pingpong.overlap else 0
+            half = tokens.shape[0] // 2  # tokens are independent: any cut will do
+            cut = half if self.pingpong.cut([half, tokens.shape[0] - half]) else 0
             groups = [tokens[:cut], tokens[cut:]] if cut else [tokens]
             parts = [lambda backend, g=g: self.model.forward(g, backend) for g in groups]
             results, waited = self.pingpong.run(parts)

@@ -21,6 +21,7 @@ class BatchingConfig:
 
     batching: bool = True  # False: each request runs alone on a worker thread (the comparison baseline)
     overlap: bool = True  # two micro-batches in turns, shared experts during the RunExperts calls
+    overlap_min_tokens: int = 64  # steps / batches smaller than this stay one micro-batch (docs/benchmarks.md)
     max_batch_tokens: int = 4096  # Forward: tokens per batch (a larger single request runs alone)
     max_queue_delay_ms: float = 2.0  # Forward: how long the oldest request waits for company
     max_prefill_tokens: int = 128  # Generate: prompt tokens per step (~2x a decode step of 32: prefill_cost.py)
@@ -43,6 +44,11 @@ def add_batching_flags(p: argparse.ArgumentParser) -> None:
                    help="split each batch in two micro-batches whose dense layers run while the other's expert "
                         "calls are in flight, and run shared experts during the expert calls (env MOE_OVERLAP; "
                         "default on)")
+    p.add_argument("--overlap-min-tokens", type=int,
+                   default=int(env("OVERLAP_MIN_TOKENS", str(d.overlap_min_tokens))),
+                   help="split a step or batch in two micro-batches only from this many tokens: smaller ones "
+                        "would pay each expert call's fixed cost twice for little to hide "
+                        f"(env MOE_OVERLAP_MIN_TOKENS; default {d.overlap_min_tokens})")
     p.add_argument("--max-batch-tokens", type=int, default=int(env("MAX_BATCH_TOKENS", str(d.max_batch_tokens))),
                    help=f"tokens per Forward batch (env MOE_MAX_BATCH_TOKENS; default {d.max_batch_tokens})")
     p.add_argument("--max-queue-delay-ms", type=float,
@@ -65,11 +71,13 @@ def add_batching_flags(p: argparse.ArgumentParser) -> None:
 def batching_config_from_args(args: argparse.Namespace) -> BatchingConfig:
     """Flags -> config; ValueError names a limit that is not positive."""
     config = BatchingConfig(
-        batching=args.batching, overlap=args.overlap, max_batch_tokens=args.max_batch_tokens,
+        batching=args.batching, overlap=args.overlap, overlap_min_tokens=args.overlap_min_tokens,
+        max_batch_tokens=args.max_batch_tokens,
         max_queue_delay_ms=args.max_queue_delay_ms, max_prefill_tokens=args.max_prefill_tokens,
         max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
     )
-    for name in ("max_batch_tokens", "max_prefill_tokens", "max_running_requests", "max_queued_requests"):
+    for name in ("overlap_min_tokens", "max_batch_tokens", "max_prefill_tokens", "max_running_requests",
+                 "max_queued_requests"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(config, name)} must be at least 1")
     if config.max_queue_delay_ms < 0:
@@ -97,10 +105,13 @@ def start_batching(config: BatchingConfig, model: SimpleMoEModel | CausalLM, exp
     """The Forward batcher and (for causal LMs) the Generate scheduler, each on its own thread."""
     if not config.batching:
         return Batching()
-    batcher = ForwardBatcher(model, PingPong(experts, config.overlap), config.max_batch_tokens,
-                             config.max_queue_delay_ms / 1000, config.max_queued_requests)
+    def pingpong() -> PingPong:
+        return PingPong(experts, config.overlap, config.overlap_min_tokens)
+
+    batcher = ForwardBatcher(model, pingpong(), config.max_batch_tokens, config.max_queue_delay_ms / 1000,
+                             config.max_queued_requests)
     scheduler = None
     if isinstance(model, CausalLM):
         limits = SchedulerLimits(config.max_running_requests, config.max_queued_requests, config.max_prefill_tokens)
-        scheduler = GenerateScheduler(model, PingPong(experts, config.overlap), tokenizer, limits)
+        scheduler = GenerateScheduler(model, pingpong(), tokenizer, limits)
     return Batching(batcher, scheduler)

@@ -106,10 +106,13 @@ class _Timed:
 class PingPong:
     """Runs the micro-batches of one step: in turns on two threads with overlap, else one after the other."""
 
-    def __init__(self, experts: ExpertBackend, overlap: bool = True):
+    def __init__(self, experts: ExpertBackend, overlap: bool = True, min_split_tokens: int = 64):
         self.experts = experts
         self.async_experts = AsyncExperts(experts)
         self.overlap = overlap
+        # Two micro-batches make twice the expert calls, each paying a fixed cost (the call, and on CPUs
+        # reading every hit expert's weights): below this many tokens a step stays whole.
+        self.min_split_tokens = min_split_tokens
         self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="microbatch") if overlap else None
         self.split_runs = 0  # runs done as two micro-batches (tests and benchmarks read it)
 
@@ -139,6 +142,12 @@ class PingPong:
             raise second
         results = [first] if other is None else [first, other.result()]
         return results, sum(t.wait_seconds for t in turns)
+
+    def cut(self, sizes: Sequence[int]) -> int:
+        """Where to split items of these token counts into two micro-batches; 0 = run them as one."""
+        if not self.overlap or sum(sizes) < self.min_split_tokens:
+            return 0
+        return split_point(sizes)
 
     def close(self) -> None:
         """Stop the helper thread (after any part it runs)."""

@@ -24,7 +24,7 @@ from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.generation import FinishReason, SamplingParams, sample_next
 from moe_serve.errors import ResourceExhausted, Unavailable
 from moe_serve.gateway.engine import ForwardStats, GeneratedToken
-from moe_serve.gateway.overlap import PingPong, split_point
+from moe_serve.gateway.overlap import PingPong
 from moe_serve.tokenizer import TextTokenizer
 
 _END = object()
@@ -167,7 +167,7 @@ class GenerateScheduler:
 
     def _step(self, running: list[_Sequence]) -> None:
         entries = self._plan(running)
-        cut = split_point([e.tokens.numel() for e in entries]) if self.pingpong.overlap else 0
+        cut = self.pingpong.cut([e.tokens.numel() for e in entries])
         groups = [entries[:cut], entries[cut:]] if cut else [entries]
         try:
             results, waited = self.pingpong.run([lambda backend, g=g: self._part(g, backend) for g in groups])
