@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test protos lint bench soak clean deploy-check compose-test cluster cluster-down
+.PHONY: setup demo test protos lint bench bench-load soak clean deploy-check compose-test cluster cluster-down
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ cluster-down:
 ## 10 minutes of Forward + Generate load on 2 replicas and a gateway, a replica killed each minute (docs/reliability.md).
 soak: setup
 	$(BIN)/python scripts/soak.py --duration 600 --chaos-every 60
+## Load benchmark (about 10 minutes on 2 cores): 1-128 concurrent Generate/Forward clients on a loopback
+## cluster, batching and overlap on and off; results into docs/benchmarks.md.
+bench-load: setup
+	$(BIN)/python benchmarks/load.py --write-doc docs/benchmarks.md
+
+bench: bench-load
 
 lint: setup
 	$(BIN)/ruff check client services tests scripts

@@ -56,6 +56,7 @@ class Cluster:
         self.handles = []
         self.by_address = {}  # address -> ServerHandle
         self.servicers = {}  # address -> its servicer, to reach a gateway's engine or a server's executor
+        self.expert_servicers = {}  # expert server address -> its ExpertServicer
 
     def _keep(self, address: str, handle, servicer) -> str:
         self.handles.append(handle)
@@ -69,6 +70,7 @@ class Cluster:
         config = ExpertServerConfig(checkpoint=str(checkpoint), experts=experts, devices=devices, dtype=dtype,
                                     host=host, port=port, name=name, **overrides)
         handle, servicer = self.loop.run(create_server(config))
+        self.expert_servicers[f"{host}:{handle.port}"] = servicer
         return self._keep(f"{host}:{handle.port}", handle, servicer)
 
     def gateway(self, checkpoint: Path, servers: list[str], **overrides) -> str:

@@ -40,9 +40,12 @@ def reference_greedy(path: Path, prompt: list[int], new_tokens: int) -> list[int
     model = _model(path)
     if hasattr(model, "greedy"):
         return model.greedy(prompt, new_tokens)
+    ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+        # An explicit mask: without one, generate() infers it from pad_token_id and would mask prompt tokens 0.
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0,
+                             eos_token_id=None)
     return out[0, len(prompt):].tolist()
 
 

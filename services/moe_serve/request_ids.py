@@ -34,6 +34,13 @@ def unbind(token) -> None:
     _current.reset(token)
 
 
+def joined(ids: list[str], most: int = 4) -> str:
+    """One id for a batch that serves several requests: 'a,b,c' (the first `most`, then '+N')."""
+    unique = list(dict.fromkeys(i for i in ids if i and i != NONE))
+    text = ",".join(unique[:most])
+    return text + (f"+{len(unique) - most}" if len(unique) > most else "") or NONE
+
+
 class RequestIdFilter(logging.Filter):
     """Adds `request_id` to every log record, so formats can print %(request_id)s."""
 

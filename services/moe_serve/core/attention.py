@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moe_serve.core.decode_attention import attend_decode
 from moe_serve.core.kv_cache import KVCache
 from moe_serve.core.norms import rms_norm
 from moe_serve.core.rotary import RotaryEmbedding, apply_rotary
@@ -73,15 +74,22 @@ def self_attention(x: torch.Tensor, w: AttentionWeights, cfg: AttentionConfig, r
     cos, sin = rope.cos_sin(positions, x.dtype)  # [T, D]
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-    if len(caches) > 1 and all(n == 1 for n in lengths):
-        out = _decode_step(q, k, v, layer, caches, cfg)
-        return F.linear(out.reshape(tokens, -1), w.o, w.o_bias)
     out = torch.empty_like(q)  # [T, N, D]
+    batched = sum(n == 1 for n in lengths) > 1  # several decode tokens: attend to them together
+    rows, row_keys, row_values = [], [], []
     start = 0
     for cache, n in zip(caches, lengths, strict=True):
         keys, values = cache.write(layer, k[start:start + n], v[start:start + n])  # [L, G, D]
-        out[start:start + n] = _attend(q[start:start + n], keys, values, cache.length, cfg)
+        if batched and n == 1:
+            rows.append(start)
+            row_keys.append(keys)
+            row_values.append(values)
+        else:
+            out[start:start + n] = _attend(q[start:start + n], keys, values, cache.length, cfg)
         start += n
+    if rows:
+        index = torch.tensor(rows, device=q.device)
+        out[index] = attend_decode(q[index], row_keys, row_values, cfg.num_kv_heads, cfg.head_dim)
     return F.linear(out.reshape(tokens, -1), w.o, w.o_bias)
 
 
@@ -101,23 +109,3 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int
     out = torch.matmul(probs, vh)  # [G, R, n, D]
     return out.reshape(cfg.num_heads, n, cfg.head_dim).permute(1, 0, 2)  # [n, N, D]
 
-
-def _decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, caches: Sequence[KVCache],
-                 cfg: AttentionConfig) -> torch.Tensor:
-    """One new token for each of B sequences: one masked attention over their padded caches -> [B, N, D].
-
-    The steady state of batched decoding; a per-sequence loop costs ~10 kernel launches per sequence
-    and layer, this a handful per layer.
-    """
-    keys, values = zip(*(cache.write(layer, k[i:i + 1], v[i:i + 1]) for i, cache in enumerate(caches)),
-                       strict=True)  # each [L_i, G, D]
-    lengths = torch.tensor([t.shape[0] for t in keys], device=q.device)
-    padded_k = torch.nn.utils.rnn.pad_sequence(list(keys), batch_first=True)  # [B, Lmax, G, D]
-    padded_v = torch.nn.utils.rnn.pad_sequence(list(values), batch_first=True)
-    visible = torch.arange(padded_k.shape[1], device=q.device)[None, :] < lengths[:, None]  # [B, Lmax]
-    out = F.scaled_dot_product_attention(
-        q[:, :, None, :],  # [B, N, 1, D]
-        padded_k.transpose(1, 2), padded_v.transpose(1, 2),  # [B, G, Lmax, D]
-        attn_mask=visible[:, None, None, :], enable_gqa=cfg.num_heads != cfg.num_kv_heads,
-    )  # [B, N, 1, D]
-    return out[:, :, 0, :]

@@ -1,7 +1,8 @@
 """One decoder layer of the MoE causal LMs: pre-norm attention, then a dense MLP or a MoE block.
 
 The MoE block routes here and sends the routed experts to an ExpertBackend (in-process or expert
-servers); shared experts, with or without their sigmoid gate, run here.
+servers); shared experts, with or without their sigmoid gate, run here, while the routed experts are in
+flight when the backend can start them without waiting (`submit`).
 Legend: T = tokens, H = hidden size, E = routed experts, K = top-k.
 """
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_serve.core.attention import AttentionConfig, AttentionWeights, self_attention
-from moe_serve.core.experts import ExpertBackend, ExpertWeights, swiglu
+from moe_serve.core.experts import ExpertBackend, ExpertWeights, start_experts, swiglu
 from moe_serve.core.kv_cache import KVCache
 from moe_serve.core.norms import rms_norm
 from moe_serve.core.rotary import RotaryEmbedding
@@ -52,13 +53,14 @@ def moe_block(x: torch.Tensor, layer: int, w: DecoderLayerWeights, router: Route
     """[T, H] -> [T, H]: routed experts through the backend, plus the shared expert(s)."""
     weights, ids = route(router_logits(x, w.router), router.top_k, router.norm_topk_prob,
                          router.softmax_fp32)  # [T, K] each
-    out = experts.run(layer, x, ids, weights).to(device=x.device, dtype=x.dtype)  # [T, H]
+    pending = start_experts(experts, layer, x, ids, weights)  # an async backend runs them meanwhile
+    shared = None
     if w.shared is not None:
         shared = swiglu(x, w.shared)
         if w.shared_gate is not None:
             shared = torch.sigmoid(F.linear(x, w.shared_gate)) * shared
-        out = out + shared
-    return out
+    out = pending.result().to(device=x.device, dtype=x.dtype)  # [T, H]
+    return out if shared is None else out + shared
 
 
 def decoder_layer(h: torch.Tensor, layer: int, w: DecoderLayerWeights, attn: AttentionConfig,

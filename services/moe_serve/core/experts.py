@@ -81,6 +81,34 @@ class ExpertBackend(Protocol):
         ...
 
 
+class PendingExperts(Protocol):
+    """Routed experts started but not yet waited for."""
+
+    def result(self) -> torch.Tensor:
+        """Wait for the [T, H] float32 weighted expert sum."""
+        ...
+
+
+class _Done:
+    """The result of a backend that ran synchronously."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def result(self) -> torch.Tensor:
+        return self.value
+
+
+def start_experts(experts: ExpertBackend, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                  weights: torch.Tensor) -> PendingExperts:
+    """Start a layer's routed experts: a backend with `submit` returns at once, so the caller can compute
+    something else (the shared experts) while they run; any other backend runs them now."""
+    submit = getattr(experts, "submit", None)
+    if submit is None:
+        return _Done(experts.run(layer, hidden, expert_ids, weights))
+    return submit(layer, hidden, expert_ids, weights)
+
+
 class LocalExperts:
     """An ExpertBackend over experts held in this process: the in-process reference."""
 

@@ -45,6 +45,7 @@ class ExpertServerConfig:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 0  # 0: no /metrics endpoint
     serving: ServingOptions = field(default_factory=lambda: ServingOptions(max_queue=256))
+    merge_calls: bool = True
 
     @property
     def address(self) -> str:
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address the metrics endpoint binds (env MOE_METRICS_HOST; default 0.0.0.0)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
                    help="logging level: DEBUG logs every RPC with its request id (env MOE_LOG_LEVEL; default INFO)")
+    p.add_argument("--merge-calls", action=argparse.BooleanOptionalAction,
+                   default=env("MERGE_CALLS", "1").lower() in ("1", "true", "yes", "on"),
+                   help="run RunExperts calls of one layer that queued up together (from several gateways or "
+                        "micro-batches) as one computation (env MOE_MERGE_CALLS; default on)")
     add_serving_args(p, max_queue=256)
     return p
 
@@ -109,7 +114,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
         checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=args.host,
         port=args.port, name=name, grace_seconds=args.grace, log_level=args.log_level,
         cuda_graph_tokens=args.cuda_graph_tokens, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-        serving=serving_from_args(args),
+        serving=serving_from_args(args), merge_calls=args.merge_calls,
     )
 
 
@@ -149,7 +154,7 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
 
     def register(server) -> None:
         nonlocal servicer
-        servicer = ExpertServicer(bank, experts_pb2.ServerInfo(), metrics=metrics)
+        servicer = ExpertServicer(bank, experts_pb2.ServerInfo(), metrics=metrics, merge=config.merge_calls)
         experts_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
 
     handle = await start_server(config.address, register, [SERVICE_NAME], config.serving, LIMITED,

@@ -11,6 +11,7 @@ from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve import __version__
 from moe_serve.errors import FailedPrecondition, InvalidArgument
 from moe_serve.expert_server.bank import ExpertBank
+from moe_serve.expert_server.merger import CallMerger
 from moe_serve.grpc_server import rpc
 from moe_serve.metrics import ServiceMetrics
 from moe_serve.tensors import TORCH_DTYPES, from_wire, to_wire
@@ -43,11 +44,13 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
     """Serves one ExpertBank; compute runs on a worker thread so health checks answer meanwhile."""
 
     def __init__(self, bank: ExpertBank, info: experts_pb2.ServerInfo, workers: int = 1,
-                 metrics: ServiceMetrics | None = None):
+                 metrics: ServiceMetrics | None = None, merge: bool = True):
         self.bank = bank
         self.info = info
         self.metrics = metrics or ServiceMetrics("expert_server")
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts")
+        # Concurrent calls of a layer share one computation; the queue wait goes to the metrics.
+        self.merger = CallMerger(bank, self.executor, merge, on_wait=self.metrics.queue_wait.observe)
 
     @rpc
     async def RunExperts(self, request, context):
@@ -62,16 +65,12 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
             out_dtype = wire.BFLOAT16
         if out_dtype not in (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16):
             raise InvalidArgument(f"output_dtype: {wire.dtype_name(out_dtype)} is not a float dtype")
-        output, seconds = await self.metrics.run_queued(self.executor, self._run, request.layer, hidden, ids,
-                                                        weights, out_dtype)
+        # Encoded on the worker thread: the bank's result may sit in a buffer the next computation reuses.
+        output, seconds = await self.merger.run(request.layer, hidden, ids, weights, TORCH_DTYPES[out_dtype],
+                                                lambda out: to_wire(out, out_dtype))
         self.metrics.observe_batch("RunExperts", hidden.shape[0])
         self.metrics.observe_experts(request.layer, ids, seconds)
         return experts_pb2.RunExpertsResponse(output=output, compute_seconds=seconds)
-
-    def _run(self, layer, hidden, ids, weights, out_dtype):
-        # Encoded on the worker thread: the bank's result may sit in a buffer the next call reuses.
-        out, seconds = self.bank.run(layer, hidden, ids, weights, TORCH_DTYPES[out_dtype])
-        return to_wire(out, out_dtype), seconds
 
     @rpc
     async def GetInfo(self, request, context):

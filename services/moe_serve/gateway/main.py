@@ -17,6 +17,7 @@ from moe_client.security import TLSFiles
 from moe_serve.checkpoint import Checkpoint, CheckpointError
 from moe_serve.console import summary
 from moe_serve.devices import parse_devices
+from moe_serve.gateway.batching import BatchingConfig, add_batching_flags, batching_config_from_args, start_batching
 from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.pool import PoolOptions, Replica, ServerPool, StartupError
@@ -58,6 +59,7 @@ class GatewayConfig:
     keepalive: float = 10.0
     expert_tls: TLSFiles | None = None
     serving: ServingOptions = field(default_factory=ServingOptions)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="logging level: INFO logs every request with its id and status (env MOE_LOG_LEVEL; "
                         "default INFO)")
     add_serving_args(p, max_queue=64, token=True)
+    add_batching_flags(p)
     return p
 
 
@@ -130,7 +133,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_new_tokens=args.max_new_tokens, grace_seconds=args.grace, log_level=args.log_level,
         metrics_host=args.metrics_host, metrics_port=args.metrics_port, resolve_interval=args.resolve_interval,
         keepalive=args.keepalive, expert_tls=TLSFiles.of(args.expert_tls_ca, args.expert_tls_cert, args.expert_tls_key),
-        serving=serving_from_args(args),
+        serving=serving_from_args(args), batching=batching_config_from_args(args),
     )
 
 
@@ -219,8 +222,9 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     def info() -> gateway_pb2.ModelInfo:  # GetModelInfo lists the servers serving now
         return model_info(checkpoint, fingerprint, pool.live(), config.dense_dtype, tokenizer is not None)
 
+    batching = start_batching(config.batching, model, dispatcher, tokenizer)
     servicer = GatewayServicer(engine, info(), config.max_tokens, max_new_tokens=config.max_new_tokens,
-                               metrics=metrics)
+                               metrics=metrics, batcher=batching.batcher, scheduler=batching.scheduler)
     pool.on_change = lambda: setattr(servicer, "info", info())
     # Requests that come without an id get one here, the public entry point; the access log shows each.
     interceptor = MetricsInterceptor(metrics, [SERVICE_NAME], logging.INFO, make_request_ids=True)
@@ -229,9 +233,15 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
                                     lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s),
                                     [SERVICE_NAME], config.serving, LIMITED, [interceptor])
     except BaseException:
+        batching.close()
         await pool.close()
         raise
-    handle.on_stop = pool.close
+
+    async def on_stop() -> None:
+        batching.close()
+        await pool.close()
+
+    handle.on_stop = on_stop
     return handle, servicer
 
 

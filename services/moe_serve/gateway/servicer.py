@@ -8,8 +8,10 @@ from moe_client import wire
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
 from moe_serve.deadlines import ContextThreadPool
 from moe_serve.errors import InvalidArgument, ResourceExhausted
+from moe_serve.gateway.batcher import ForwardBatcher
 from moe_serve.gateway.engine import ForwardStats, GatewayEngine
 from moe_serve.gateway.generate_request import FINISH_REASONS, prompt_ids, require_causal, sampling_params
+from moe_serve.gateway.scheduler import GenerateScheduler
 from moe_serve.gateway.streaming import iterate_in_thread
 from moe_serve.grpc_server import rpc, rpc_stream
 from moe_serve.metrics import ServiceMetrics
@@ -22,8 +24,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Serves Forward, Generate and GetModelInfo for one engine."""
 
     def __init__(self, engine: GatewayEngine, info: gateway_pb2.ModelInfo, max_tokens: int = 65536,
-                 workers: int = 4, max_new_tokens: int = 4096, metrics: ServiceMetrics | None = None):
+                 workers: int = 4, max_new_tokens: int = 4096, metrics: ServiceMetrics | None = None,
+                 batcher: ForwardBatcher | None = None, scheduler: GenerateScheduler | None = None):
         self.engine = engine
+        self.batcher = batcher  # None: each Forward runs alone on a worker thread
+        self.scheduler = scheduler  # None: each Generate holds a worker thread for its whole stream
         self.info = info
         self.metrics = metrics or ServiceMetrics("gateway")
         self.max_tokens = max_tokens
@@ -57,7 +62,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     @rpc
     async def Forward(self, request, context):
         hidden = self.decode_hidden(request.hidden)
-        out, stats = await self.metrics.run_queued(self.executor, self.engine.forward, hidden)
+        if self.batcher is not None:
+            out, stats = await self.batcher.forward(hidden)
+        else:
+            out, stats = await self.metrics.run_queued(self.executor, self.engine.forward, hidden)
         self.metrics.observe_batch("Forward", hidden.numel() // self.engine.hidden_size)
         out_dtype = request.output_dtype or request.hidden.dtype
         return gateway_pb2.ForwardResponse(
@@ -73,7 +81,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.metrics.observe_batch("Generate", len(ids))
         stats = ForwardStats()
         count = 0
-        async for token in iterate_in_thread(self.executor, lambda: self.engine.generate(ids, params, stats)):
+        tokens = (self.scheduler.stream(ids, params, stats) if self.scheduler is not None
+                  else iterate_in_thread(self.executor, lambda: self.engine.generate(ids, params, stats)))
+        async for token in tokens:
             count += 1
             self.metrics.observe_tokens("Generate")
             yield gateway_pb2.GenerateResponse(
