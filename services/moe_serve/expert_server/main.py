@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_client.pb import experts_pb2, experts_pb2_grpc
+from moe_client.pb import experts_pb2
 from moe_serve.checkpoint import Checkpoint, CheckpointError
 from moe_serve.devices import describe_devices, parse_devices
 from moe_serve.expert_server.bank import ExpertBank
-from moe_serve.expert_server.servicer import ExpertServicer, server_info
+from moe_serve.expert_server.servicer import ExpertServicer, add_to_server, server_info
 from moe_serve.grpc_server import ServerHandle, start_server
 from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
 from moe_serve.runtime import RULE, configure_logging, env, serve_until_signal
@@ -123,7 +123,7 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     def register(server) -> None:
         nonlocal servicer
         servicer = ExpertServicer(bank, experts_pb2.ServerInfo())
-        experts_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
 
     handle = await start_server(config.address, register, [SERVICE_NAME])
     name = config.name or f"{socket.gethostname()}:{handle.port}"

@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from moe_client import wire
+from moe_client import wire, zerocopy
+from moe_client.channel import add_servicer
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve import __version__
 from moe_serve.errors import InvalidArgument
@@ -19,7 +20,7 @@ _INT_IDS = (wire.INT32, wire.INT64)
 _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16, wire.FLOAT8_E4M3)
 
 
-def decode_request(request: experts_pb2.RunExpertsRequest, hidden_size: int):
+def decode_request(request, hidden_size: int):
     """Validated (hidden [T, H], expert_ids [T, K], weights [T, K]); InvalidArgument names the bad field."""
     hidden = from_wire(request.hidden, "hidden", _FLOAT)
     if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
@@ -50,17 +51,22 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
     @rpc
     async def RunExperts(self, request, context):
         hidden, ids, weights = decode_request(request, self.bank.hidden_size)
+        out_dtype = request.output_dtype or request.hidden.dtype
+        if out_dtype not in _FLOAT:
+            raise InvalidArgument(f"output_dtype: {wire.dtype_name(out_dtype)} is not a float wire dtype")
         self.bank.check(request.layer, ids)
         loop = asyncio.get_running_loop()
         out, seconds = await loop.run_in_executor(self.executor, self.bank.run, request.layer, hidden, ids, weights)
-        out_dtype = request.output_dtype or request.hidden.dtype
-        if out_dtype == wire.FLOAT8_E4M3:
-            out_dtype = wire.BFLOAT16
-        return experts_pb2.RunExpertsResponse(output=to_wire(out, out_dtype), compute_seconds=seconds)
+        return zerocopy.RunExpertsResponse(output=to_wire(out, out_dtype), compute_seconds=seconds)
 
     @rpc
     async def GetInfo(self, request, context):
         return self.info
+
+
+def add_to_server(servicer: ExpertServicer, server) -> None:
+    """Register the servicer; RunExperts reads and writes its tensors without copying them (zerocopy)."""
+    add_servicer(server, experts_pb2.DESCRIPTOR.services_by_name["ExpertService"], servicer)
 
 
 def server_info(bank: ExpertBank, fingerprint: str, spec, name: str) -> experts_pb2.ServerInfo:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
-from moe_client import wire
-from moe_client.channel import insecure_aio_channel
+from moe_client import wire, zerocopy
+from moe_client.channel import insecure_aio_channel, unary_callable
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve.arch import ModelSpec
 from moe_serve.errors import FailedPrecondition, ServiceError, Unavailable
@@ -119,7 +120,7 @@ class ExpertDispatcher:
             if rows.numel() == 0:
                 continue
             ids = torch.where(mine, expert_ids, -1).index_select(0, rows).to(torch.int32)
-            request = experts_pb2.RunExpertsRequest(
+            request = zerocopy.RunExpertsRequest(  # tensors travel as views of their bytes, copied once
                 layer=layer,
                 hidden=to_wire(hidden.index_select(0, rows), self.wire_dtype),
                 expert_ids=to_wire(ids),
@@ -135,7 +136,7 @@ class ExpertDispatcher:
     async def _call(self, server: RemoteServer, layer: int, ids: torch.Tensor,
                     request: experts_pb2.RunExpertsRequest) -> torch.Tensor:
         try:
-            reply = await server.stub.RunExperts(request, timeout=self.timeout)
+            reply = await _run_experts(server.channel)(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as err:
             experts = format_ranges(sorted(set(ids[ids >= 0].tolist())))
             where = f"expert server {server.name} ({server.address}), layer {layer}, experts {experts}"
@@ -145,3 +146,15 @@ class ExpertDispatcher:
                 raise FailedPrecondition(f"{where}: {err.details()}") from err
             raise ServiceError(f"{where}: {err.code().name}: {err.details()}") from err
         return from_wire(reply.output, "output").float()
+
+
+_RUN_EXPERTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _run_experts(channel: grpc.aio.Channel):
+    """RunExperts on `channel` through the zero-copy codec (the generated stub copies every tensor 4 times)."""
+    call = _RUN_EXPERTS.get(channel)
+    if call is None:
+        call = _RUN_EXPERTS[channel] = unary_callable(channel, "/moe.v1.ExpertService/RunExperts",
+                                                      zerocopy.RunExpertsResponse)
+    return call

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_client import wire
-from moe_client.pb import gateway_pb2, gateway_pb2_grpc
+from moe_client.pb import gateway_pb2
 from moe_serve.checkpoint import Checkpoint, CheckpointError
 from moe_serve.gateway.dispatch import ExpertDispatcher, RemoteServer, StartupError, connect, ownership_table
 from moe_serve.gateway.engine import GatewayEngine
-from moe_serve.gateway.servicer import GatewayServicer
+from moe_serve.gateway.servicer import GatewayServicer, add_to_server
 from moe_serve.grpc_server import ServerHandle, start_server
 from moe_serve.models import load_dense_model
 from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
@@ -41,6 +41,10 @@ class GatewayConfig:
     grace_seconds: float = 10.0
     log_level: str = "INFO"
 
+    @property
+    def address(self) -> str:
+        return self.host if self.host.startswith("unix:") else f"{self.host}:{self.port}"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of moe-gateway; each default can come from MOE_<FLAG>."""
@@ -49,16 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=env("CHECKPOINT"), required=env("CHECKPOINT") is None,
                    help="checkpoint directory, the same the expert servers load (env MOE_CHECKPOINT)")
     p.add_argument("--servers", default=env("SERVERS", ""),
-                   help="comma-separated expert server addresses host:port (env MOE_SERVERS)")
+                   help="comma-separated expert server addresses host:port, or unix:/path for a server on this "
+                        "host (env MOE_SERVERS)")
     p.add_argument("--placement", default=env("PLACEMENT"),
                    help="placement file (JSON) naming servers, addresses and their experts (env MOE_PLACEMENT)")
-    p.add_argument("--host", default=env("HOST", "0.0.0.0"), help="address to bind (env MOE_HOST)")
+    p.add_argument("--host", default=env("HOST", "0.0.0.0"),
+                   help="address to bind, or unix:/path/to.sock (env MOE_HOST; default 0.0.0.0)")
     p.add_argument("--port", type=int, default=int(env("PORT", "50050")),
                    help="port to bind; 0 picks one (env MOE_PORT; default 50050)")
     p.add_argument("--dense-dtype", default=env("DENSE_DTYPE", "float32"), choices=sorted(DTYPES),
                    help="dtype of the router and dense layers (env MOE_DENSE_DTYPE; default float32)")
-    p.add_argument("--wire-dtype", default=env("WIRE_DTYPE", "float32"), choices=["float32", "bfloat16", "float16"],
-                   help="dtype of hidden states sent to expert servers (env MOE_WIRE_DTYPE; default float32)")
+    p.add_argument("--wire-dtype", default=env("WIRE_DTYPE", "float32"),
+                   choices=["float32", "bfloat16", "float16", "float8_e4m3"],
+                   help="dtype of hidden states sent to expert servers and of their replies; float8_e4m3 "
+                        "carries a scale per token (env MOE_WIRE_DTYPE; default float32)")
     p.add_argument("--rpc-timeout", type=float, default=float(env("RPC_TIMEOUT", "60")),
                    help="deadline in seconds of each RunExperts call, like the seed's rpc_timeout "
                         "(env MOE_RPC_TIMEOUT; default 60)")
@@ -147,9 +155,7 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     engine = GatewayEngine(load_dense_model(checkpoint, DTYPES[config.dense_dtype]), dispatcher)
     servicer = GatewayServicer(engine, model_info(checkpoint, fingerprint, servers, config.dense_dtype),
                                config.max_tokens)
-    handle = await start_server(f"{config.host}:{config.port}",
-                                lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s),
-                                [SERVICE_NAME])
+    handle = await start_server(config.address, lambda s: add_to_server(servicer, s), [SERVICE_NAME])
     handle.on_stop = lambda: asyncio.gather(*(s.channel.close() for s in servers))
     return handle, servicer
 
@@ -159,7 +165,8 @@ async def _serve(config: GatewayConfig) -> None:
     print("Starting gateway")
     print(RULE)
     handle, servicer = await create_gateway(config, verbose=True)
-    print(f"Gateway ready on {config.host}:{handle.port}, serving {servicer.info.model_type} "
+    where = config.host if config.host.startswith("unix:") else f"{config.host}:{handle.port}"
+    print(f"Gateway ready on {where}, serving {servicer.info.model_type} "
           f"with {len(servicer.info.servers)} expert server(s)", flush=True)
     await serve_until_signal(handle, config.grace_seconds)
     servicer.executor.shutdown(wait=False)
