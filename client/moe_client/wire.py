@@ -141,18 +141,19 @@ def _default_dtype(array: np.ndarray) -> int:
 
 def check(msg: tensor_pb2.Tensor | WireTensor, field: str, allowed: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """Validate a Tensor message; returns its shape. Raises WireError naming `field` and the bad value."""
-    if msg.dtype not in STORAGE:
+    storage = STORAGE.get(msg.dtype)
+    if storage is None:
         raise WireError(f"{field}: unknown dtype {msg.dtype}")
     if allowed is not None and msg.dtype not in allowed:
         expected = " or ".join(dtype_name(d) for d in allowed)
         raise WireError(f"{field}: dtype {dtype_name(msg.dtype)} not accepted here; expected {expected}")
-    shape = tuple(int(d) for d in msg.shape)
-    if any(d < 0 for d in shape):
+    shape = tuple(msg.shape)  # ints already, from protobuf and from zerocopy alike
+    if shape and min(shape) < 0:
         raise WireError(f"{field}: negative dimension in shape {list(shape)}")
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise WireError(f"{field}: shape {list(shape)} has {count} elements, more than the limit {MAX_ELEMENTS}")
-    expected = count * STORAGE[msg.dtype].itemsize
+    expected = count * storage.itemsize
     if len(msg.data) != expected:
         raise WireError(
             f"{field}: shape {list(shape)} of {dtype_name(msg.dtype)} needs {expected} bytes, got {len(msg.data)}"

@@ -27,12 +27,22 @@ _STORAGE_VIEW = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8} 
 _UNSPECIFIED = wire.DType.Value("DTYPE_UNSPECIFIED")
 
 
+_warned = False
+
+
 def _frombuffer(buffer, dtype: torch.dtype) -> torch.Tensor:
+    global _warned
     if not len(buffer):
         return torch.empty(0, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: callers never write in place
+    if _warned:
         return torch.frombuffer(buffer, dtype=dtype)
+    # torch warns once per process that the buffer is read-only (callers never write in place);
+    # silence that one warning without paying for catch_warnings on every call.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.frombuffer(buffer, dtype=dtype)
+    _warned = True
+    return tensor
 
 
 def from_wire(msg: tensor_pb2.Tensor | wire.WireTensor, field: str,

@@ -16,6 +16,7 @@ from moe_serve.devices import describe_devices, parse_devices
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.servicer import ExpertServicer, add_to_server, server_info
 from moe_serve.grpc_server import ServerHandle, start_server
+from moe_serve.malloc import keep_large_buffers
 from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
 from moe_serve.runtime import RULE, configure_logging, env, serve_until_signal
 
@@ -36,6 +37,7 @@ class ExpertServerConfig:
     name: str = ""
     grace_seconds: float = 10.0
     log_level: str = "INFO"
+    torch_threads: int = 0  # 0: torch's default, one per core
 
     @property
     def address(self) -> str:
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=float(env("GRACE", "10")),
                    help="seconds to finish in-flight requests on SIGTERM (env MOE_GRACE; default 10)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="logging level (env MOE_LOG_LEVEL)")
+    p.add_argument("--torch-threads", type=int, default=int(env("TORCH_THREADS", "0")),
+                   help="torch intra-op threads for the experts; 0 = one per core. With several services on one "
+                        "host, give each its share of the cores (docs/benchmarks.md) (env MOE_TORCH_THREADS)")
     return p
 
 
@@ -86,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
     return ExpertServerConfig(
         checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=args.host,
         port=args.port, name=args.name, grace_seconds=args.grace, log_level=args.log_level,
+        torch_threads=args.torch_threads,
     )
 
 
@@ -132,6 +138,9 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
 
 
 async def _serve(config: ExpertServerConfig) -> None:
+    keep_large_buffers()  # reuse tensor-sized message buffers instead of mmap-ing fresh ones per call
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)  # before any compute thread starts
     print(RULE)
     print(f"Starting expert server {config.name or config.address}")
     print(RULE)

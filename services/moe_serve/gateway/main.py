@@ -16,6 +16,7 @@ from moe_serve.gateway.dispatch import ExpertDispatcher, RemoteServer, StartupEr
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.servicer import GatewayServicer, add_to_server
 from moe_serve.grpc_server import ServerHandle, start_server
+from moe_serve.malloc import keep_large_buffers
 from moe_serve.models import load_dense_model
 from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
 from moe_serve.runtime import RULE, configure_logging, env, serve_until_signal
@@ -161,6 +162,7 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
 
 
 async def _serve(config: GatewayConfig) -> None:
+    keep_large_buffers()  # reuse tensor-sized message buffers instead of mmap-ing fresh ones per call
     print(RULE)
     print("Starting gateway")
     print(RULE)
