@@ -13,6 +13,7 @@ this module does not handle makes the import fail rather than drop data.
 
 from __future__ import annotations
 
+import keyword
 import struct
 from collections.abc import Callable
 
@@ -110,58 +111,18 @@ class MessageType:
         self.by_number = {f.number: f for f in self.fields}
         self._defaults = {f.name: f.default() for f in self.fields}
         self._nested_or_repeated = [f for f in self.fields if f.message is not None or f.repeated]
+        self._write = _compile_writer(self)
         self.factory = factory or _view_class(descriptor.name, self)
         self.empty = self.factory(**self._defaults)
 
     def __call__(self, **values):
         """A new message; scalars not given take their protobuf defaults, message fields stay unset (None)."""
-        unknown = set(values) - {f.name for f in self.fields}
-        if unknown:
-            raise TypeError(f"{self.descriptor.name} has no field {sorted(unknown)}")
-        return self.factory(**{f.name: values.get(f.name, None if f.message else f.default()) for f in self.fields})
+        return self.factory(**values)
 
     def chunks(self, message) -> tuple[list, int]:
         """The message's wire format as a list of bytes-like pieces (tensor buffers not copied), and its size."""
         out: list = []
-        size = 0
-        for f in self.fields:
-            value = getattr(message, f.name)
-            if f.message is not None:
-                if value is None:
-                    continue
-                body, n = f.message.chunks(value)
-                head = f.key + _varint(n)
-                out.append(head)
-                out.extend(body)
-                size += len(head) + n
-                continue
-            if f.repeated:
-                if not len(value):
-                    continue
-                packed = b"".join(_varint(int(v)) for v in value)
-                piece = f.key + _varint(len(packed)) + packed
-            elif f.wire_type == 0:
-                if not value:
-                    continue
-                piece = f.key + _varint(int(value))
-            elif f.wire_type == 1:
-                piece = _DOUBLE.pack(value)
-                if piece == bytes(8):  # proto3 omits +0.0 (but not -0.0)
-                    continue
-                piece = f.key + piece
-            else:
-                data = value.encode() if f.kind == _F.TYPE_STRING else value
-                n = len(data)
-                if not n:
-                    continue
-                head = f.key + _varint(n)
-                out.append(head)
-                out.append(data)
-                size += len(head) + n
-                continue
-            out.append(piece)
-            size += len(piece)
-        return out, size
+        return out, self._write(message, out)
 
     def serialize(self, message) -> bytes:
         """Protobuf wire format of `message` (one copy of the tensor bytes, into the result)."""
@@ -254,13 +215,50 @@ class _View:
 
 
 def _view_class(name: str, message_type: MessageType) -> type:
-    names = [f.name for f in message_type.fields]
+    # A generated __init__ with keyword defaults, as dataclasses make them: unknown names are a TypeError.
+    fields = message_type.fields
+    params = ", ".join(f"{f.name}=_d{i}" for i, f in enumerate(fields))
+    body = "".join(f"    self.{f.name} = {f.name}\n" for f in fields) or "    pass\n"
+    namespace = {f"_d{i}": (None if f.message else f.default()) for i, f in enumerate(fields)}
+    exec(f"def __init__(self, *, {params}):\n{body}", namespace)  # code built from the descriptor alone
+    return type(name, (_View,), {"__slots__": tuple(f.name for f in fields), "__init__": namespace["__init__"],
+                                 "_type": message_type})
 
-    def __init__(self, **values):
-        for key in names:
-            setattr(self, key, values[key])
 
-    return type(name, (_View,), {"__slots__": tuple(names), "__init__": __init__, "_type": message_type})
+def _compile_writer(message_type: MessageType) -> Callable[[object, list], int]:
+    """Straight-line writer for one message type: appends its pieces to `out`, returns their total size.
+
+    Generated from the descriptor (as dataclasses generate __init__): a generic loop over fields
+    cost several times upb's time on small messages, and RunExperts at one token is a small message.
+    """
+    lines = ["def write(message, out):", "    size = 0"]
+    namespace: dict = {"_varint": _varint, "_pack": _DOUBLE.pack, "_ZERO8": bytes(8)}
+    for i, f in enumerate(message_type.fields):
+        namespace[f"K{i}"] = f.key
+        get = f"message.{f.name}" if not keyword.iskeyword(f.name) else f"getattr(message, {f.name!r})"
+        lines.append(f"    v = {get}")
+        if f.message is not None:
+            namespace[f"W{i}"] = f.message._write
+            lines += ["    if v is not None:", "        body = []", f"        n = W{i}(v, body)",
+                      f"        h = K{i} + _varint(n)", "        out.append(h)", "        out.extend(body)",
+                      "        size += len(h) + n"]
+        elif f.repeated:
+            lines += ["    if len(v):", "        packed = b''.join([_varint(int(x)) for x in v])",
+                      f"        p = K{i} + _varint(len(packed)) + packed", "        out.append(p)",
+                      "        size += len(p)"]
+        elif f.wire_type == 0:
+            lines += ["    if v:", f"        p = K{i} + _varint(int(v))", "        out.append(p)",
+                      "        size += len(p)"]
+        elif f.wire_type == 1:  # proto3 omits +0.0 but not -0.0: compare the bits
+            lines += ["    p = _pack(v)", "    if p != _ZERO8:", f"        p = K{i} + p", "        out.append(p)",
+                      "        size += len(p)"]
+        else:
+            encode = ".encode()" if f.kind == _F.TYPE_STRING else ""
+            lines += [f"    d = v{encode}", "    n = len(d)", "    if n:", f"        h = K{i} + _varint(n)",
+                      "        out.append(h)", "        out.append(d)", "        size += len(h) + n"]
+    lines.append("    return size")
+    exec("\n".join(lines), namespace)  # code built from the descriptor alone, no outside input
+    return namespace["write"]
 
 
 Tensor = MessageType(tensor_pb2.Tensor.DESCRIPTOR, factory=WireTensor)

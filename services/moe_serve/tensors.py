@@ -41,7 +41,7 @@ def _frombuffer(buffer, dtype: torch.dtype) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.frombuffer(buffer, dtype=dtype)
-    _warned = True
+    _warned = memoryview(buffer).readonly  # only a read-only buffer used up torch's one warning
     return tensor
 
 
@@ -83,9 +83,12 @@ def to_wire(tensor: torch.Tensor, dtype: int | None = None) -> wire.WireTensor:
     if dtype == wire.FLOAT8_E4M3:
         codes, scales = quantize_e4m3(tensor)
         return wire.WireTensor(dtype, shape, _bytes_of(codes.contiguous()), _bytes_of(scales))
-    if dtype not in TORCH_DTYPES:
+    target = TORCH_DTYPES.get(dtype)
+    if target is None:
         raise wire.WireError(f"output dtype {wire.dtype_name(dtype)} is not supported")
-    t = tensor.detach().to(device="cpu", dtype=TORCH_DTYPES[dtype]).contiguous()
+    t = tensor.detach()
+    if t.dtype != target or t.device.type != "cpu" or not t.is_contiguous():
+        t = t.to(device="cpu", dtype=target).contiguous()
     return wire.WireTensor(dtype, shape, _bytes_of(t))
 
 
