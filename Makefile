@@ -25,6 +25,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+## Transport and MoE-layer benchmarks, ours vs torch.distributed.rpc vs in-process; prints tables and
+## writes JSON to bench-results/ (docs/benchmarks.md). BENCH_ARGS=--full for more points (slower).
+bench: setup
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
 lint: setup
 	$(BIN)/ruff check client services tests scripts
 
