@@ -39,6 +39,7 @@ cluster:
 
 cluster-down:
 	bash deploy/local/cluster.sh down
+
 ## 10 minutes of Forward + Generate load on 2 replicas and a gateway, a replica killed each minute (docs/reliability.md).
 soak: setup
 	$(BIN)/python scripts/soak.py --duration 600 --chaos-every 60
@@ -49,8 +50,13 @@ bench-load: setup
 
 bench: bench-load
 
+## Transport and MoE-layer benchmarks, ours vs torch.distributed.rpc vs in-process; prints tables and
+## writes JSON to bench-results/ (docs/benchmarks.md). BENCH_ARGS=--full for more points (slower).
+bench: setup
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
 lint: setup
-	$(BIN)/ruff check client services tests scripts
+	$(BIN)/ruff check client services tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) .demo

@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moe_client import wire
-from moe_client.channel import open_channel
+from moe_client import wire, zerocopy
+from moe_client.channel import open_channel, unary_callable
 from moe_client.pb import experts_pb2, experts_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from moe_client.security import TLSFiles
 
@@ -83,18 +83,20 @@ class GatewayClient(_Client):
     def __init__(self, address: str, timeout: float = 60.0, tls: TLSFiles | None = None, token: str | None = None):
         super().__init__(address, timeout, tls, token)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+        self._forward = unary_callable(self._channel, "/moe.v1.GatewayService/Forward", zerocopy.ForwardResponse)
 
     def model_info(self) -> gateway_pb2.ModelInfo:
         """What the gateway serves, and the expert servers behind it."""
         return self._stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=self.timeout)
 
-    def forward_raw(self, hidden: np.ndarray, wire_dtype: str = "float32",
-                    request_id: str | None = None) -> gateway_pb2.ForwardResponse:
-        """Forward, returning the reply message (tensor plus the gateway's timings)."""
-        request = gateway_pb2.ForwardRequest(
-            hidden=wire.encode(hidden, wire_dtype), request_id=request_id or uuid.uuid4().hex[:16]
+    def forward_raw(self, hidden: np.ndarray, wire_dtype: str = "float32", request_id: str | None = None,
+                    output_dtype: str | None = None):
+        """Forward, returning the reply (`.hidden` a WireTensor, plus the gateway's timings)."""
+        request = zerocopy.ForwardRequest(  # the array's bytes are copied once, into the message
+            hidden=wire.encode_view(hidden, wire_dtype), request_id=request_id or uuid.uuid4().hex[:16],
+            output_dtype=wire.dtype_from_name(output_dtype) if output_dtype else 0,
         )
-        return self._stub.Forward(request, timeout=self.timeout)
+        return self._forward(request, timeout=self.timeout)
 
     def forward(self, hidden: np.ndarray, wire_dtype: str = "float32") -> np.ndarray:
         """Hidden states [..., H] through the model's MoE stack; returns float32 of the same shape."""
@@ -134,6 +136,7 @@ class ExpertClient(_Client):
     def __init__(self, address: str, timeout: float = 60.0, tls: TLSFiles | None = None):
         super().__init__(address, timeout, tls)
         self._stub = experts_pb2_grpc.ExpertServiceStub(self._channel)
+        self._run = unary_callable(self._channel, "/moe.v1.ExpertService/RunExperts", zerocopy.RunExpertsResponse)
 
     def info(self) -> experts_pb2.ServerInfo:
         """The server's checkpoint fingerprint, owned experts and devices."""
@@ -142,11 +145,11 @@ class ExpertClient(_Client):
     def run_experts(self, layer: int, hidden: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray,
                     wire_dtype: str = "float32") -> np.ndarray:
         """Weighted sum of this server's experts per token: [T, H] float32."""
-        request = experts_pb2.RunExpertsRequest(
+        request = zerocopy.RunExpertsRequest(
             layer=layer,
-            hidden=wire.encode(hidden, wire_dtype),
-            expert_ids=wire.encode(np.asarray(expert_ids, dtype=np.int32)),
-            weights=wire.encode(np.asarray(weights, dtype=np.float32)),
+            hidden=wire.encode_view(hidden, wire_dtype),
+            expert_ids=wire.encode_view(np.asarray(expert_ids, dtype=np.int32)),
+            weights=wire.encode_view(np.asarray(weights, dtype=np.float32)),
         )
-        reply = self._stub.RunExperts(request, timeout=self.timeout)
+        reply = self._run(request, timeout=self.timeout)
         return wire.decode(reply.output, "output").astype(np.float32, copy=False)

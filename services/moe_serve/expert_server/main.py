@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe_client.pb import experts_pb2, experts_pb2_grpc
+from moe_client.pb import experts_pb2
 from moe_serve.checkpoint import Checkpoint, CheckpointError
 from moe_serve.console import LoadProgress, summary
 from moe_serve.devices import describe_devices, parse_devices
 from moe_serve.expert_server.bank import ExpertBank
-from moe_serve.expert_server.servicer import ExpertServicer, server_info
+from moe_serve.expert_server.servicer import ExpertServicer, add_to_server, server_info
 from moe_serve.grpc_server import ServerHandle, start_server
+from moe_serve.malloc import keep_large_buffers
 from moe_serve.metrics import MetricsInterceptor, ServiceMetrics
 from moe_serve.placement import PlacementError, format_ownership, pick_entry, read_placement, resolve_ownership
 from moe_serve.runtime import RULE, configure_logging, env, serve_until_signal
@@ -46,6 +47,7 @@ class ExpertServerConfig:
     metrics_port: int = 0  # 0: no /metrics endpoint
     serving: ServingOptions = field(default_factory=lambda: ServingOptions(max_queue=256))
     merge_calls: bool = True
+    torch_threads: int = 0  # 0: torch's default, one per core
 
     @property
     def address(self) -> str:
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=env("MERGE_CALLS", "1").lower() in ("1", "true", "yes", "on"),
                    help="run RunExperts calls of one layer that queued up together (from several gateways or "
                         "micro-batches) as one computation (env MOE_MERGE_CALLS; default on)")
+    p.add_argument("--torch-threads", type=int, default=int(env("TORCH_THREADS", "0")),
+                   help="torch intra-op threads for the experts; 0 = one per core. With several services on one "
+                        "host, give each its share of the cores (docs/benchmarks.md) (env MOE_TORCH_THREADS)")
     add_serving_args(p, max_queue=256)
     return p
 
@@ -114,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
         checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=args.host,
         port=args.port, name=name, grace_seconds=args.grace, log_level=args.log_level,
         cuda_graph_tokens=args.cuda_graph_tokens, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-        serving=serving_from_args(args), merge_calls=args.merge_calls,
+        serving=serving_from_args(args), merge_calls=args.merge_calls, torch_threads=args.torch_threads,
     )
 
 
@@ -155,7 +160,7 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     def register(server) -> None:
         nonlocal servicer
         servicer = ExpertServicer(bank, experts_pb2.ServerInfo(), metrics=metrics, merge=config.merge_calls)
-        experts_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
 
     handle = await start_server(config.address, register, [SERVICE_NAME], config.serving, LIMITED,
                                 [MetricsInterceptor(metrics, [SERVICE_NAME])])
@@ -170,6 +175,9 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
 
 
 async def _serve(config: ExpertServerConfig) -> None:
+    keep_large_buffers()  # reuse tensor-sized message buffers instead of mmap-ing fresh ones per call
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)  # before any compute thread starts
     print(RULE)
     print(f"Starting expert server {config.name or config.address}")
     print(RULE)

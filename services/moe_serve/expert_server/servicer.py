@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from moe_client import wire
+from moe_client import wire, zerocopy
+from moe_client.channel import add_servicer
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve import __version__
 from moe_serve.errors import FailedPrecondition, InvalidArgument
@@ -14,13 +15,13 @@ from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.merger import CallMerger
 from moe_serve.grpc_server import rpc
 from moe_serve.metrics import ServiceMetrics
-from moe_serve.tensors import TORCH_DTYPES, from_wire, to_wire
+from moe_serve.tensors import TORCH_DTYPES, from_wire, to_wire_owned
 
 _INT_IDS = (wire.INT32, wire.INT64)
 _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16, wire.FLOAT8_E4M3)
 
 
-def decode_request(request: experts_pb2.RunExpertsRequest, hidden_size: int):
+def decode_request(request, hidden_size: int):
     """Validated (hidden [T, H], expert_ids [T, K], weights [T, K]); InvalidArgument names the bad field."""
     hidden = from_wire(request.hidden, "hidden", _FLOAT)
     if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
@@ -59,22 +60,28 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
                 f"model_fingerprint: the caller serves checkpoint {request.model_fingerprint}, this server "
                 f"({self.info.server_name}) serves {self.info.model_fingerprint}; start both on the same checkpoint")
         hidden, ids, weights = decode_request(request, self.bank.hidden_size)
-        self.bank.check(request.layer, ids)
         out_dtype = request.output_dtype or request.hidden.dtype
-        if out_dtype == wire.FLOAT8_E4M3:
-            out_dtype = wire.BFLOAT16
-        if out_dtype not in (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16):
-            raise InvalidArgument(f"output_dtype: {wire.dtype_name(out_dtype)} is not a float dtype")
-        # Encoded on the worker thread: the bank's result may sit in a buffer the next computation reuses.
-        output, seconds = await self.merger.run(request.layer, hidden, ids, weights, TORCH_DTYPES[out_dtype],
-                                                lambda out: to_wire(out, out_dtype))
+        if out_dtype not in _FLOAT:
+            raise InvalidArgument(f"output_dtype: {wire.dtype_name(out_dtype)} is not a float wire dtype")
+        self.bank.check(request.layer, ids)
+        # Encoded on the worker thread, into bytes of the reply's own: the bank's result may be a view of a
+        # buffer the next computation reuses, and plain to_wire would borrow those bytes (zero copy).
+        # fp8 replies are quantised from float32 (the quantisation makes new buffers).
+        output, seconds = await self.merger.run(request.layer, hidden, ids, weights,
+                                                TORCH_DTYPES.get(out_dtype, torch.float32),
+                                                lambda out: to_wire_owned(out, out_dtype))
         self.metrics.observe_batch("RunExperts", hidden.shape[0])
         self.metrics.observe_experts(request.layer, ids, seconds)
-        return experts_pb2.RunExpertsResponse(output=output, compute_seconds=seconds)
+        return zerocopy.RunExpertsResponse(output=output, compute_seconds=seconds)
 
     @rpc
     async def GetInfo(self, request, context):
         return self.info
+
+
+def add_to_server(servicer: ExpertServicer, server) -> None:
+    """Register the servicer; RunExperts reads and writes its tensors without copying them (zerocopy)."""
+    add_servicer(server, experts_pb2.DESCRIPTOR.services_by_name["ExpertService"], servicer)
 
 
 def server_info(bank: ExpertBank, fingerprint: str, spec, name: str) -> experts_pb2.ServerInfo:

@@ -16,8 +16,7 @@ import time
 import grpc
 import torch
 
-from moe_client import wire
-from moe_client.pb import experts_pb2
+from moe_client import wire, zerocopy
 from moe_serve import request_ids
 from moe_serve.arch import ModelSpec
 from moe_serve.deadlines import REQUEST_DEADLINE
@@ -95,7 +94,7 @@ class ExpertDispatcher:
         mine = torch.isin(expert_ids, torch.tensor(chosen, dtype=expert_ids.dtype))  # [T, K]
         rows = mine.any(dim=1).nonzero().squeeze(1)  # tokens with >= 1 chosen expert
         ids = torch.where(mine, expert_ids, -1).index_select(0, rows).to(torch.int32)
-        request = experts_pb2.RunExpertsRequest(
+        request = zerocopy.RunExpertsRequest(  # tensors travel as views of their bytes, copied once
             layer=layer,
             hidden=to_wire(hidden.index_select(0, rows), self.wire_dtype),
             expert_ids=to_wire(ids),
@@ -112,7 +111,7 @@ class ExpertDispatcher:
                 raise DeadlineExceeded(f"{where}: the request's deadline passed" + _tried(failures))
         replica.outstanding += slots
         try:
-            reply = await self.metrics.call_expert(replica.name, replica.stub.RunExperts, request, timeout=timeout)
+            reply = await self.metrics.call_expert(replica.name, replica.run_experts, request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
             reply, error = None, err
         finally:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_client import wire
-from moe_client.pb import gateway_pb2, gateway_pb2_grpc
+from moe_client.pb import gateway_pb2
 from moe_client.security import TLSFiles
 from moe_serve.checkpoint import Checkpoint, CheckpointError
 from moe_serve.console import summary
@@ -21,8 +21,9 @@ from moe_serve.gateway.batching import BatchingConfig, add_batching_flags, batch
 from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.pool import PoolOptions, Replica, ServerPool, StartupError
-from moe_serve.gateway.servicer import GatewayServicer
+from moe_serve.gateway.servicer import GatewayServicer, add_to_server
 from moe_serve.grpc_server import ServerHandle, start_server
+from moe_serve.malloc import keep_large_buffers
 from moe_serve.metrics import MetricsInterceptor, ServiceMetrics
 from moe_serve.models import load_dense_model
 from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
@@ -61,6 +62,10 @@ class GatewayConfig:
     serving: ServingOptions = field(default_factory=ServingOptions)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
+    @property
+    def address(self) -> str:
+        return self.host if self.host.startswith("unix:") else f"{self.host}:{self.port}"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of moe-gateway; each default can come from MOE_<FLAG>."""
@@ -69,19 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=env("CHECKPOINT"), required=env("CHECKPOINT") is None,
                    help="checkpoint directory, the same the expert servers load (env MOE_CHECKPOINT)")
     p.add_argument("--servers", default=env("SERVERS", ""),
-                   help="comma-separated expert server addresses host:port; a DNS name may resolve to several "
-                        "servers (a Kubernetes headless service) and is re-resolved (env MOE_SERVERS)")
+                   help="comma-separated expert server addresses host:port, or unix:/path for a server on this "
+                        "host; a DNS name may resolve to several servers (a Kubernetes headless service) and is "
+                        "re-resolved (env MOE_SERVERS)")
     p.add_argument("--placement", default=env("PLACEMENT"),
                    help="placement file (JSON) naming servers, addresses and their experts (env MOE_PLACEMENT)")
-    p.add_argument("--host", default=env("HOST", "0.0.0.0"), help="address to bind (env MOE_HOST; default 0.0.0.0)")
+    p.add_argument("--host", default=env("HOST", "0.0.0.0"),
+                   help="address to bind, or unix:/path/to.sock (env MOE_HOST; default 0.0.0.0)")
     p.add_argument("--port", type=int, default=int(env("PORT", "50050")),
                    help="port to bind; 0 picks one (env MOE_PORT; default 50050)")
     p.add_argument("--dense-device", default=env("DENSE_DEVICE", "cpu"),
                    help="device of the router and dense layers, e.g. cuda:0 (env MOE_DENSE_DEVICE; default cpu)")
     p.add_argument("--dense-dtype", default=env("DENSE_DTYPE", "float32"), choices=sorted(DTYPES),
                    help="dtype of the router and dense layers (env MOE_DENSE_DTYPE; default float32)")
-    p.add_argument("--wire-dtype", default=env("WIRE_DTYPE", "float32"), choices=["float32", "bfloat16", "float16"],
-                   help="dtype of hidden states sent to expert servers (env MOE_WIRE_DTYPE; default float32)")
+    p.add_argument("--wire-dtype", default=env("WIRE_DTYPE", "float32"),
+                   choices=["float32", "bfloat16", "float16", "float8_e4m3"],
+                   help="dtype of hidden states sent to expert servers and of their replies; float8_e4m3 "
+                        "carries a scale per token (env MOE_WIRE_DTYPE; default float32)")
     p.add_argument("--rpc-timeout", type=float, default=float(env("RPC_TIMEOUT", "60")),
                    help="deadline in seconds of each RunExperts call, like the seed's rpc_timeout; a call past it "
                         "goes to another replica within the caller's deadline (env MOE_RPC_TIMEOUT; default 60)")
@@ -229,9 +238,8 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     # Requests that come without an id get one here, the public entry point; the access log shows each.
     interceptor = MetricsInterceptor(metrics, [SERVICE_NAME], logging.INFO, make_request_ids=True)
     try:
-        handle = await start_server(f"{config.host}:{config.port}",
-                                    lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s),
-                                    [SERVICE_NAME], config.serving, LIMITED, [interceptor])
+        handle = await start_server(config.address, lambda s: add_to_server(servicer, s), [SERVICE_NAME],
+                                    config.serving, LIMITED, [interceptor])
     except BaseException:
         batching.close()
         await pool.close()
@@ -246,14 +254,16 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
 
 
 async def _serve(config: GatewayConfig) -> None:
+    keep_large_buffers()  # reuse tensor-sized message buffers instead of mmap-ing fresh ones per call
     print(RULE)
     print("Starting gateway")
     print(RULE)
     start = time.monotonic()
     handle, servicer = await create_gateway(config, verbose=True)
     info = servicer.info
+    where = config.host if config.host.startswith("unix:") else f"{config.host}:{handle.port}"
     print(summary("Gateway", [
-        ("gRPC", f"{config.host}:{handle.port} (GatewayService, grpc.health.v1, reflection)"),
+        ("gRPC", f"{where} (GatewayService, grpc.health.v1, reflection)"),
         ("metrics", servicer.metrics.expose(config.metrics_host, config.metrics_port)),
         ("checkpoint", f"{config.checkpoint} ({info.model_type}, fingerprint {info.model_fingerprint})"),
         ("model", f"hidden {info.hidden_size}, MoE layers {list(info.moe_layers)} x {info.num_experts} experts, "
@@ -261,7 +271,7 @@ async def _serve(config: GatewayConfig) -> None:
         ("expert servers", ", ".join(s.address for s in info.servers)),
         ("loaded in", f"{time.monotonic() - start:.1f} s"),
     ]))
-    print(f"Gateway ready on {config.host}:{handle.port}, serving {servicer.info.model_type} "
+    print(f"Gateway ready on {where}, serving {servicer.info.model_type} "
           f"with {len(servicer.info.servers)} expert server(s)", flush=True)
     await serve_until_signal(handle, config.grace_seconds)
     servicer.executor.shutdown(wait=False)

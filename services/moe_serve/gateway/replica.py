@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from moe_client.channel import MAX_MESSAGE_BYTES
+from moe_client import zerocopy
+from moe_client.channel import MAX_MESSAGE_BYTES, unary_callable
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_client.security import TLSFiles
 
@@ -47,6 +48,8 @@ class Replica:
         self.target = target  # the --servers entry it was resolved from
         self.channel = channel
         self.stub = experts_pb2_grpc.ExpertServiceStub(channel)
+        # RunExperts through the zero-copy codec (the generated stub copies every tensor 4 times).
+        self.run_experts = unary_callable(channel, "/moe.v1.ExpertService/RunExperts", zerocopy.RunExpertsResponse)
         self.health = health_pb2_grpc.HealthStub(channel)
         self.info = experts_pb2.ServerInfo()
         self.owns: dict[int, frozenset[int]] = {}

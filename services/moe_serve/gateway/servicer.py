@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_client import wire
+from moe_client import wire, zerocopy
+from moe_client.channel import add_servicer
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
 from moe_serve.deadlines import ContextThreadPool
 from moe_serve.errors import InvalidArgument, ResourceExhausted
@@ -17,7 +18,7 @@ from moe_serve.grpc_server import rpc, rpc_stream
 from moe_serve.metrics import ServiceMetrics
 from moe_serve.tensors import from_wire, to_wire
 
-_FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16)
+_FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16, wire.FLOAT8_E4M3)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -62,13 +63,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     @rpc
     async def Forward(self, request, context):
         hidden = self.decode_hidden(request.hidden)
+        out_dtype = request.output_dtype or request.hidden.dtype
+        if out_dtype not in _FLOAT:
+            raise InvalidArgument(f"output_dtype: {wire.dtype_name(out_dtype)} is not a float wire dtype")
         if self.batcher is not None:
             out, stats = await self.batcher.forward(hidden)
         else:
             out, stats = await self.metrics.run_queued(self.executor, self.engine.forward, hidden)
         self.metrics.observe_batch("Forward", hidden.numel() // self.engine.hidden_size)
-        out_dtype = request.output_dtype or request.hidden.dtype
-        return gateway_pb2.ForwardResponse(
+        return zerocopy.ForwardResponse(
             hidden=to_wire(out, out_dtype), total_seconds=stats.total_seconds, expert_seconds=stats.expert_seconds
         )
 
@@ -95,3 +98,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     @rpc
     async def GetModelInfo(self, request, context):
         return self.info
+
+
+def add_to_server(servicer: GatewayServicer, server) -> None:
+    """Register the servicer; Forward reads and writes its tensors without copying them (zerocopy)."""
+    add_servicer(server, gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"], servicer)

@@ -1,0 +1,71 @@
+"""A gRPC server answering RunExperts-shaped echoes: the transport's share of a RunExperts call.
+
+`/moe.bench.Echo/RunExperts` reads the request as the expert server does (zero-copy views) and
+sends the hidden states back as the output; `/moe.bench.EchoUpb/RunExperts` does the same with the
+codec as it was before zerocopy (upb messages, bytes copied out of and into them). Binds a TCP port
+and a unix socket, prints {"tcp": ..., "unix": ...} on one line, serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+
+import grpc
+import numpy as np
+
+from moe_client import zerocopy
+from moe_client.pb import experts_pb2, tensor_pb2
+from moe_serve.grpc_server import start_server
+from moe_serve.malloc import keep_large_buffers
+from moe_serve.tensors import from_wire, to_wire
+
+
+async def echo(request, context):
+    """Decode like RunExperts, answer the hidden states as the output."""
+    hidden = from_wire(request.hidden, "hidden")
+    from_wire(request.expert_ids, "expert_ids")
+    from_wire(request.weights, "weights")
+    return zerocopy.RunExpertsResponse(output=to_wire(hidden))
+
+
+async def echo_upb(request, context):
+    """The same with the codec before zerocopy: field access copies, the reply tensor copied into a message."""
+    hidden = np.frombuffer(request.hidden.data, np.uint8)
+    _ = request.expert_ids.data, request.weights.data
+    return experts_pb2.RunExpertsResponse(output=tensor_pb2.Tensor(dtype=request.hidden.dtype,
+                                                                   shape=request.hidden.shape, data=hidden.tobytes()))
+
+
+def register(server: grpc.aio.Server) -> None:
+    """Both echo services on `server`."""
+    fast = grpc.unary_unary_rpc_method_handler(echo, request_deserializer=zerocopy.RunExpertsRequest.FromString,
+                                               response_serializer=zerocopy.serialize)
+    upb = grpc.unary_unary_rpc_method_handler(echo_upb,
+                                              request_deserializer=experts_pb2.RunExpertsRequest.FromString,
+                                              response_serializer=experts_pb2.RunExpertsResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("moe.bench.Echo", {"RunExperts": fast}),
+                                     grpc.method_handlers_generic_handler("moe.bench.EchoUpb", {"RunExperts": upb})))
+
+
+async def serve(unix: str) -> None:
+    """Serve on 127.0.0.1:0 and `unix` until SIGTERM."""
+    handles = [await start_server(address, register, []) for address in ("127.0.0.1:0", unix)]
+    print(json.dumps({"tcp": f"127.0.0.1:{handles[0].port}", "unix": unix}), flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    for handle in handles:
+        await handle.stop(0)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--unix", required=True, help="unix:/path to bind besides a TCP port")
+    parser.add_argument("--malloc-default", action="store_true", help="leave glibc malloc's thresholds alone")
+    args = parser.parse_args()
+    if not args.malloc_default:
+        keep_large_buffers()  # as the expert servers do
+    asyncio.run(serve(args.unix))

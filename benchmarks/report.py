@@ -1,0 +1,126 @@
+"""The printed tables and the JSON report; every ratio is 'their time / our time' (above 1: ours faster)."""
+
+from __future__ import annotations
+
+RPC_SEED = "torch RPC (seed design)"
+RPC_COMBINE = "torch RPC + server combine"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}" if seconds < 0.01 else f"{seconds * 1e3:.1f}"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes // 1024} KiB" if nbytes < 1 << 20 else f"{nbytes / (1 << 20):g} MiB"
+
+
+def speed(row: dict, ours: str, theirs: str) -> float:
+    """theirs' median time / ours': how many times faster ours is."""
+    return row["variants"][theirs]["median"] / row["variants"][ours]["median"]
+
+
+def _table(header: list[str], lines: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)),
+                      *(fmt.format(*line) for line in lines)])
+
+
+def _payload(row: dict) -> str:
+    return f"{_size(row['payload_bytes'])} ({row['tokens']} tok {row['dtype'].replace('float', 'fp')})"
+
+
+def transport_table(rows: list[dict]) -> str:
+    """Round-trip medians (ms), throughput (request + reply bytes / time) and speed ratios."""
+    lines = []
+    for row in rows:
+        v = {name: s["median"] for name, s in row["variants"].items()}
+        gbs = row["moved_bytes"] / 1e9
+        lines.append([_payload(row), _ms(v["in-process"]), _ms(v["torch RPC"]), _ms(v["torch RPC tcp-only"]),
+                      _ms(v["ours unix"]), _ms(v["ours tcp"]), f"{gbs / v['torch RPC']:.2f}",
+                      f"{gbs / v['ours unix']:.2f}", f"{speed(row, 'ours unix', 'torch RPC'):.2f}x",
+                      f"{speed(row, 'ours tcp', 'torch RPC tcp-only'):.2f}x",
+                      f"{speed(row, 'ours unix', 'in-process'):.4f}x"])
+    header = ["payload", "in-proc", "RPC", "RPC tcp", "ours unix", "ours tcp", "RPC GB/s", "ours GB/s",
+              "unix/RPC", "tcp/RPC tcp", "unix/in-proc"]
+    return _table(header, lines)
+
+
+def variants_table(rows: list[dict]) -> str:
+    """Our wire path against its variants: before zerocopy, without the loop hand-off, split in two."""
+    names = ["ours unix", "ours tcp", "grpc+upb tcp (before)", "ours unix sync", "ours unix split2"]
+    lines = [[_payload(row), *(_ms(row["variants"][n]["median"]) for n in names),
+              f"{speed(row, 'ours tcp', 'grpc+upb tcp (before)'):.2f}x"] for row in rows]
+    return _table(["payload", "unix", "tcp", "upb tcp (before)", "unix, no loop hop", "unix, split in 2",
+                   "tcp vs before"], lines)
+
+
+def moe_table(rows: list[dict]) -> str:
+    """Per-layer medians (ms) and speed ratios of ours against each other variant."""
+    lines = []
+    for row in rows:
+        v = {name: s["median"] for name, s in row["variants"].items()}
+        err = row.get("errors", {}).get("ours", {}).get("rel_rms")
+        sync = f" (no hop {_ms(v['ours sync'])})" if "ours sync" in v else ""
+        lines.append([row["dtype"], str(row["tokens"]), _ms(v["in-process"]), _ms(v["ours"]) + sync, _ms(v[RPC_SEED]),
+                      _ms(v[RPC_COMBINE]), f"{speed(row, 'ours', 'in-process'):.2f}x",
+                      f"{speed(row, 'ours', RPC_SEED):.2f}x", f"{speed(row, 'ours', RPC_COMBINE):.2f}x",
+                      "-" if err is None else f"{err:.1e}"])
+    header = ["dtype", "tokens", "in-proc ms", "ours ms", "RPC seed ms", "RPC+comb ms", "vs in-proc", "vs RPC seed",
+              "vs RPC+comb", "ours err"]
+    return _table(header, lines)
+
+
+def wire_table(rows: list[dict]) -> str:
+    """Per wire dtype: time per layer and error against the fp32 in-process output."""
+    lines = []
+    for row in rows:
+        base = row["variants"]["float32"]["median"]
+        for name, s in row["variants"].items():
+            e = row["errors"][name]
+            lines.append([str(row["tokens"]), name, _ms(s["median"]), f"{base / s['median']:.2f}x",
+                          f"{e['rel_rms']:.2e}", f"{e['max_abs']:.2e}", f"{e['ref_max_abs']:.2f}"])
+    return _table(["tokens", "wire dtype", "ms", "vs fp32 wire", "rel RMS err", "max abs err", "max |ref|"], lines)
+
+
+def threads_table(rows: list[dict]) -> str:
+    """Per-layer medians per torch-threads setting of the expert servers."""
+    lines = []
+    for row in rows:
+        settings = sorted(row["threads"])
+        base = row["threads"][settings[0]]["median"]
+        for n in settings:
+            s = row["threads"][n]
+            lines.append([str(row["tokens"]), str(n), _ms(s["median"]), f"{_ms(s['p25'])}-{_ms(s['p75'])}",
+                          f"{s['median'] / base:.2f}x"])
+    return _table(["tokens", "threads/server", "ours ms", "p25-p75", f"time vs {settings[0]} thread"], lines)
+
+
+def targets(transport: list[dict], moe: list[dict]) -> list[dict]:
+    """The issue's targets, each with the measured ratio and whether it is met."""
+    out = []
+    for row in transport:
+        if row["payload_bytes"] >= 1 << 20:
+            out.append({"target": f"transport {_size(row['payload_bytes'])} throughput >= 1.0x torch RPC",
+                        "ratio": speed(row, "ours unix", "torch RPC"), "needed": 1.0})
+        if row["payload_bytes"] == 4096:
+            out.append({"target": "4 KiB round trip <= torch RPC's", "ratio": speed(row, "ours unix", "torch RPC"),
+                        "needed": 1.0})
+    for row in moe:
+        if row["tokens"] >= 512:
+            out.append({"target": f"MoE {row['dtype']} {row['tokens']} tokens >= 0.9x in-process",
+                        "ratio": speed(row, "ours", "in-process"), "needed": 0.9})
+            out.append({"target": f"MoE {row['dtype']} {row['tokens']} tokens >= 1.5x torch RPC design",
+                        "ratio": speed(row, "ours", RPC_SEED), "needed": 1.5})
+        if row["tokens"] == 1:
+            out.append({"target": f"MoE {row['dtype']} 1 token latency <= torch RPC design",
+                        "ratio": speed(row, "ours", RPC_SEED), "needed": 1.0})
+    for t in out:
+        t["met"] = t["ratio"] >= t["needed"]
+    return out
+
+
+def targets_table(rows: list[dict]) -> str:
+    """Targets with their measured ratios."""
+    return _table(["target", "measured", "met"],
+                  [[t["target"], f"{t['ratio']:.2f}x", "yes" if t["met"] else "NO"] for t in rows])

@@ -1,0 +1,49 @@
+"""Repeated timings, interleaved across variants, summarised by median and spread."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+
+def summary(seconds: list[float]) -> dict:
+    """Median, quartiles, min and max of a list of timings, in seconds."""
+    ordered = sorted(seconds)
+    q = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [ordered[0]] * 3
+    return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2], "min": ordered[0],
+            "max": ordered[-1], "n": len(ordered)}
+
+
+def interleaved(variants: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list]:
+    """Seconds per call of every variant, `repeats` each, round-robin after `warmup` calls each.
+
+    Round-robin spreads background load (the machine is shared) evenly over the variants.
+    """
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+class Samples:
+    """Timings pooled per (row key, variant) across rounds and phases."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[tuple, dict[str, list[float]]] = {}
+
+    def add(self, key: tuple, times: Mapping[str, list[float]]) -> None:
+        """Pool the timings of one interleaved run under row `key`."""
+        row = self.seconds.setdefault(key, {})
+        for name, values in times.items():
+            row.setdefault(name, []).extend(values)
+
+    def summaries(self, key: tuple) -> dict[str, dict]:
+        """Summary per variant of row `key`."""
+        return {name: summary(values) for name, values in self.seconds[key].items()}

@@ -1,0 +1,281 @@
+"""Tensor-carrying messages written to and read from protobuf wire format by hand, around tensor bytes.
+
+A protobuf message is a sequence of (tag, value) fields, a length-delimited field being a varint
+length and then its bytes. So a message whose bulk is `bytes` fields can be written as a few small
+headers around the tensors' own buffers (one join, the only copy), and read by slicing memoryviews
+out of the received buffer (no copy), where upb copies each tensor on construct, serialize, parse
+and field access. The bytes are standard protobuf: any protobuf client can talk to a server using
+these types, and `SerializeToString` equals upb's byte for byte (a test checks it).
+
+Message types are built from the generated descriptors, so they follow the .proto; a field kind
+this module does not handle makes the import fail rather than drop data.
+"""
+
+from __future__ import annotations
+
+import keyword
+import struct
+from collections.abc import Callable
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+from moe_client.pb import experts_pb2, gateway_pb2, tensor_pb2
+from moe_client.wire import WireError, WireTensor
+
+_F = FieldDescriptor
+_VARINT = {_F.TYPE_INT32, _F.TYPE_INT64, _F.TYPE_UINT32, _F.TYPE_UINT64, _F.TYPE_ENUM, _F.TYPE_BOOL}
+_SIGNED = {_F.TYPE_INT32, _F.TYPE_INT64, _F.TYPE_ENUM}
+_32BIT = {_F.TYPE_INT32, _F.TYPE_UINT32, _F.TYPE_ENUM}
+_DOUBLE = struct.Struct("<d")
+_ENCODED_VARINTS = [bytes([n]) for n in range(128)]
+
+
+def _varint(value: int) -> bytes:
+    if 0 <= value < 128:
+        return _ENCODED_VARINTS[value]
+    value &= (1 << 64) - 1  # negative ints travel as 10-byte two's complement
+    out = bytearray()
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while pos < end:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 128:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            break
+    raise WireError("malformed protobuf: truncated or overlong varint")
+
+
+def _as_int(value: int, kind: int) -> int:
+    """A decoded varint as protobuf reads it for the field's type (truncation, sign)."""
+    if kind == _F.TYPE_BOOL:
+        return bool(value)
+    if kind in _32BIT:
+        value &= 0xFFFFFFFF
+        return value - (1 << 32) if kind in _SIGNED and value >= 1 << 31 else value
+    return value - (1 << 64) if kind in _SIGNED and value >= 1 << 63 else value
+
+
+class _Field:
+    __slots__ = ("key", "kind", "message", "name", "number", "repeated", "wire_type")
+
+    def __init__(self, field: FieldDescriptor, message: MessageType | None):
+        self.name, self.number, self.kind = field.name, field.number, field.type
+        self.repeated = field.is_repeated
+        self.message = message
+        if field.has_presence and message is None:
+            raise TypeError(f"{field.full_name}: explicit-presence scalars are not supported by zerocopy")
+        if self.repeated and (message is not None or field.type not in _VARINT or not field.is_packed):
+            raise TypeError(f"{field.full_name}: only packed repeated integers are supported by zerocopy")
+        if field.type in _VARINT:
+            self.wire_type = 2 if self.repeated else 0  # proto3 packs repeated scalars
+        elif field.type == _F.TYPE_DOUBLE:
+            self.wire_type = 1
+        elif field.type in (_F.TYPE_STRING, _F.TYPE_BYTES, _F.TYPE_MESSAGE):
+            self.wire_type = 2
+        else:
+            raise TypeError(f"{field.full_name}: field type {field.type} is not supported by zerocopy")
+        self.key = _varint(self.number << 3 | self.wire_type)
+
+    def default(self):
+        if self.repeated:
+            return ()
+        if self.message is not None:
+            return self.message.empty
+        return {_F.TYPE_STRING: "", _F.TYPE_BYTES: b"", _F.TYPE_DOUBLE: 0.0, _F.TYPE_BOOL: False}.get(self.kind, 0)
+
+
+class MessageType:
+    """One message of the .proto: builds instances, writes them (`serialize`) and reads them (`parse`)."""
+
+    def __init__(self, descriptor: Descriptor, factory: Callable | None = None,
+                 nested: dict[str, MessageType] | None = None):
+        nested = nested or {}
+        self.descriptor = descriptor
+        self.fields = [_Field(f, nested.get(f.message_type.full_name) if f.message_type else None)
+                       for f in sorted(descriptor.fields, key=lambda f: f.number)]
+        missing = [f.message_type.full_name for f in descriptor.fields if f.message_type
+                   and f.message_type.full_name not in nested]
+        if missing:
+            raise TypeError(f"{descriptor.full_name}: no zerocopy type given for {missing}")
+        self.by_number = {f.number: f for f in self.fields}
+        self._defaults = {f.name: f.default() for f in self.fields}
+        self._nested_or_repeated = [f for f in self.fields if f.message is not None or f.repeated]
+        self._write = _compile_writer(self)
+        self.factory = factory or _view_class(descriptor.name, self)
+        self.empty = self.factory(**self._defaults)
+
+    def __call__(self, **values):
+        """A new message; scalars not given take their protobuf defaults, message fields stay unset (None)."""
+        return self.factory(**values)
+
+    def chunks(self, message) -> tuple[list, int]:
+        """The message's wire format as a list of bytes-like pieces (tensor buffers not copied), and its size."""
+        out: list = []
+        return out, self._write(message, out)
+
+    def serialize(self, message) -> bytes:
+        """Protobuf wire format of `message` (one copy of the tensor bytes, into the result)."""
+        pieces, _ = self.chunks(message)
+        return b"".join(pieces)
+
+    def parse(self, data: bytes | memoryview):
+        """Read wire format; bytes fields come back as memoryviews into `data` (no copy)."""
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        return self._build(self._parse_into({}, view, 0, len(view)))
+
+    def _build(self, values: dict):
+        for f in self._nested_or_repeated:
+            if f.name in values:
+                values[f.name] = f.message._build(values[f.name]) if f.message else tuple(values[f.name])
+        return self.factory(**{**self._defaults, **values})
+
+    def _parse_into(self, values: dict, buf: memoryview, pos: int, end: int) -> dict:
+        by_number = self.by_number
+        while pos < end:
+            key = buf[pos]  # one-byte varints inline: every key and most lengths here
+            pos += 1
+            if key >= 128:
+                key, pos = _read_varint(buf, pos - 1, end)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0 or wire_type == 2:
+                if pos >= end:
+                    raise WireError(f"malformed protobuf in {self.descriptor.name}: field {number} runs past the end")
+                value = buf[pos]
+                pos += 1
+                if value >= 128:
+                    value, pos = _read_varint(buf, pos - 1, end)
+                if wire_type == 2:
+                    start, pos = pos, pos + value
+            elif wire_type == 1 or wire_type == 5:
+                start, pos = pos, pos + (8 if wire_type == 1 else 4)
+            else:
+                raise WireError(f"malformed protobuf in {self.descriptor.name}: wire type {wire_type}, field {number}")
+            if pos > end:
+                raise WireError(f"malformed protobuf in {self.descriptor.name}: field {number} runs past the end")
+            f = by_number.get(number)
+            if f is None:
+                continue  # unknown field: skipped, as protobuf does
+            if f.repeated:
+                items = values.setdefault(f.name, [])
+                if wire_type == 2:  # packed
+                    p = start
+                    while p < pos:
+                        item, p = _read_varint(buf, p, pos)
+                        items.append(_as_int(item, f.kind))
+                elif wire_type == 0:  # unpacked, as older writers send
+                    items.append(_as_int(value, f.kind))
+            elif wire_type != f.wire_type:
+                continue  # mismatched wire type: protobuf keeps it as an unknown field
+            elif f.message is not None:  # repeated occurrences of a message field merge
+                f.message._parse_into(values.setdefault(f.name, {}), buf, start, pos)
+            elif wire_type == 0:
+                values[f.name] = value if value < 0x80000000 and f.kind != _F.TYPE_BOOL else _as_int(value, f.kind)
+            elif wire_type == 1:
+                values[f.name] = _DOUBLE.unpack_from(buf, start)[0]
+            elif f.kind == _F.TYPE_STRING:
+                try:
+                    values[f.name] = str(buf[start:pos], "utf-8")
+                except UnicodeDecodeError as err:
+                    raise WireError(f"malformed protobuf: field {self.descriptor.name}.{f.name} is not UTF-8") from err
+            else:
+                values[f.name] = buf[start:pos]
+        return values
+
+    def FromString(self, data: bytes):
+        """`parse`, under the name grpc stubs and protobuf classes use."""
+        return self.parse(data)
+
+
+class _View:
+    """A plain message instance: attributes named as the .proto fields; `SerializeToString` as protobuf's."""
+
+    __slots__ = ()
+    _type: MessageType
+
+    def SerializeToString(self) -> bytes:
+        """Wire format, as protobuf's method of the same name."""
+        return self._type.serialize(self)
+
+    def ByteSize(self) -> int:
+        """Size of the wire format, as protobuf's method of the same name (no bytes copied)."""
+        return self._type.chunks(self)[1]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in self._type.fields)
+        return f"{type(self).__name__}({fields})"
+
+
+def _view_class(name: str, message_type: MessageType) -> type:
+    # A generated __init__ with keyword defaults, as dataclasses make them: unknown names are a TypeError.
+    fields = message_type.fields
+    params = ", ".join(f"{f.name}=_d{i}" for i, f in enumerate(fields))
+    body = "".join(f"    self.{f.name} = {f.name}\n" for f in fields) or "    pass\n"
+    namespace = {f"_d{i}": (None if f.message else f.default()) for i, f in enumerate(fields)}
+    exec(f"def __init__(self, *, {params}):\n{body}", namespace)  # code built from the descriptor alone
+    return type(name, (_View,), {"__slots__": tuple(f.name for f in fields), "__init__": namespace["__init__"],
+                                 "_type": message_type})
+
+
+def _compile_writer(message_type: MessageType) -> Callable[[object, list], int]:
+    """Straight-line writer for one message type: appends its pieces to `out`, returns their total size.
+
+    Generated from the descriptor (as dataclasses generate __init__): a generic loop over fields
+    cost several times upb's time on small messages, and RunExperts at one token is a small message.
+    """
+    lines = ["def write(message, out):", "    size = 0"]
+    namespace: dict = {"_varint": _varint, "_pack": _DOUBLE.pack, "_ZERO8": bytes(8)}
+    for i, f in enumerate(message_type.fields):
+        namespace[f"K{i}"] = f.key
+        get = f"message.{f.name}" if not keyword.iskeyword(f.name) else f"getattr(message, {f.name!r})"
+        lines.append(f"    v = {get}")
+        if f.message is not None:
+            namespace[f"W{i}"] = f.message._write
+            lines += ["    if v is not None:", "        body = []", f"        n = W{i}(v, body)",
+                      f"        h = K{i} + _varint(n)", "        out.append(h)", "        out.extend(body)",
+                      "        size += len(h) + n"]
+        elif f.repeated:
+            lines += ["    if len(v):", "        packed = b''.join([_varint(int(x)) for x in v])",
+                      f"        p = K{i} + _varint(len(packed)) + packed", "        out.append(p)",
+                      "        size += len(p)"]
+        elif f.wire_type == 0:
+            lines += ["    if v:", f"        p = K{i} + _varint(int(v))", "        out.append(p)",
+                      "        size += len(p)"]
+        elif f.wire_type == 1:  # proto3 omits +0.0 but not -0.0: compare the bits
+            lines += ["    p = _pack(v)", "    if p != _ZERO8:", f"        p = K{i} + p", "        out.append(p)",
+                      "        size += len(p)"]
+        else:
+            encode = ".encode()" if f.kind == _F.TYPE_STRING else ""
+            lines += [f"    d = v{encode}", "    n = len(d)", "    if n:", f"        h = K{i} + _varint(n)",
+                      "        out.append(h)", "        out.append(d)", "        size += len(h) + n"]
+    lines.append("    return size")
+    exec("\n".join(lines), namespace)  # code built from the descriptor alone, no outside input
+    return namespace["write"]
+
+
+Tensor = MessageType(tensor_pb2.Tensor.DESCRIPTOR, factory=WireTensor)
+_NESTED = {"moe.v1.Tensor": Tensor}
+RunExpertsRequest = MessageType(experts_pb2.RunExpertsRequest.DESCRIPTOR, nested=_NESTED)
+RunExpertsResponse = MessageType(experts_pb2.RunExpertsResponse.DESCRIPTOR, nested=_NESTED)
+ForwardRequest = MessageType(gateway_pb2.ForwardRequest.DESCRIPTOR, nested=_NESTED)
+ForwardResponse = MessageType(gateway_pb2.ForwardResponse.DESCRIPTOR, nested=_NESTED)
+
+
+TYPES = {t.descriptor.full_name: t for t in (RunExpertsRequest, RunExpertsResponse, ForwardRequest, ForwardResponse)}
+
+
+def serialize(message) -> bytes:
+    """grpc request/response serializer for zerocopy messages and ordinary protobuf messages alike."""
+    return message.SerializeToString()
