@@ -158,8 +158,9 @@ class GenerateScheduler:
             if seq.decoding or budget <= 0:
                 continue
             n = min(budget, seq.prompt.numel() - seq.prefilled)
-            if seq.cache is None:
-                seq.cache = self.model.new_cache(seq.prompt.numel() + seq.params.max_new_tokens)
+            if seq.cache is None:  # sized for the prompt: it doubles as the stream grows, so many streams with a
+                # large max_new_tokens hold only what they have generated
+                seq.cache = self.model.new_cache(seq.prompt.numel() + 16)
             entries.append(_Entry(seq, seq.prompt[seq.prefilled:seq.prefilled + n],
                                   seq.prefilled + n == seq.prompt.numel()))
             budget -= n
