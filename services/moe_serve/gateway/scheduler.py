@@ -109,6 +109,8 @@ class GenerateScheduler:
         with self._cond:
             if self._closed:
                 raise Unavailable("Generate: the gateway is shutting down")
+            if len(self._waiting) >= self.limits.max_queued:  # clients that left while waiting hold no slot
+                self._waiting = deque(s for s in self._waiting if not s.cancelled)
             if len(self._waiting) >= self.limits.max_queued:
                 raise ResourceExhausted(f"Generate: {len(self._waiting)} requests already wait for a slot, the "
                                         f"gateway's limit (--max-queued-requests {self.limits.max_queued}); "
