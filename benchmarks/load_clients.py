@@ -36,6 +36,7 @@ class LoadResult:
     first_token: list[float] = field(default_factory=list)  # Generate: seconds to the first token
     expert_share: list[float] = field(default_factory=list)  # the gateway's expert wait / its total, per request
     outcomes: Counter = field(default_factory=Counter)  # "ok", an error code name, or "unfinished"
+    cpu_ms_per_token: dict[str, float] = field(default_factory=dict)  # process role -> CPU ms per token
 
     def deliver(self, tokens: int) -> None:
         """Count tokens that just arrived."""

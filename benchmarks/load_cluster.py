@@ -94,6 +94,11 @@ class Service:
                 raise RuntimeError(f"{args[:3]} did not start; see {log}:\n{log.read_text()[-2000:]}")
             time.sleep(0.05)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, every thread) the process has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s."""
         if self.process.poll() is None:

@@ -111,6 +111,8 @@ class GenerateScheduler:
         with self._cond:
             if self._closed:
                 raise Unavailable("Generate: the gateway is shutting down")
+            if len(self._waiting) >= self.limits.max_queued:  # clients that left while waiting hold no slot
+                self._waiting = deque(s for s in self._waiting if not s.cancelled)
             if len(self._waiting) >= self.limits.max_queued:
                 raise ResourceExhausted(f"Generate: {len(self._waiting)} requests already wait for a slot, the "
                                         f"gateway's limit (--max-queued-requests {self.limits.max_queued}); "
@@ -160,8 +162,9 @@ class GenerateScheduler:
             if seq.decoding or budget <= 0:
                 continue
             n = min(budget, seq.prompt.numel() - seq.prefilled)
-            if seq.cache is None:
-                seq.cache = self.model.new_cache(seq.prompt.numel() + seq.params.max_new_tokens)
+            if seq.cache is None:  # sized for the prompt: it doubles as the stream grows, so many streams with a
+                # large max_new_tokens hold only what they have generated
+                seq.cache = self.model.new_cache(seq.prompt.numel() + 16)
             entries.append(_Entry(seq, seq.prompt[seq.prefilled:seq.prefilled + n],
                                   seq.prefilled + n == seq.prompt.numel()))
             budget -= n
