@@ -43,8 +43,11 @@ def test_replica_killed_under_load_then_rejoins(causal_checkpoints, tmp_path):
         a, b = cluster.experts
         load = soak_load.Load(cluster.address, checkpoint, clients=4, tokens=8).start()
         try:
+            load.wait_ok(10)
+            calm = time.monotonic()
             load.wait_ok(30)
             killed = time.monotonic()
+            figures["longest wait with no fault (s)"] = round(load.longest_gap(calm, killed), 2)
             a.signal(signal.SIGKILL)
             assert a.wait(10) == -signal.SIGKILL
             load.wait_ok(60)

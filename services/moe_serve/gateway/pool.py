@@ -260,7 +260,7 @@ class ServerPool:
         """Give each expert (with its slot count) to the usable replica with the least outstanding work.
 
         Work planned in this very call counts as outstanding, so one layer's experts spread over the
-        replicas; returns the plan and the experts no usable replica owns.
+        replicas; returns the plan and the experts no serving replica owns.
         """
         now = time.monotonic()
         by_expert = self.owners.get(layer, {})
@@ -268,7 +268,10 @@ class ServerPool:
         load: dict[Replica, int] = {}
         missing: list[int] = []
         for expert, slots in sorted(counts.items(), key=lambda kv: -kv[1]):
-            candidates = [r for r in by_expert.get(expert, ()) if r.address not in excluded and r.routable(now)]
+            owners = [r for r in by_expert.get(expert, ()) if r.address not in excluded and r.serving and not r.refused]
+            # A replica skipped after a failed call is still tried when it is the only one left
+            # (a skip is a preference; a server that is down or refused is never tried).
+            candidates = [r for r in owners if now >= r.ejected_until] or owners
             if not candidates:
                 missing.append(expert)
                 continue
