@@ -50,8 +50,7 @@ class ServerPool:
         self.replicas: dict[str, Replica] = {}  # address -> replica, in join order
         self.owners: dict[int, dict[int, list[Replica]]] = {}  # layer -> expert -> replicas owning it
         self.on_change: Callable[[], None] | None = None  # membership or ownership changed
-        self._tasks: set[asyncio.Task] = set()
-        self._resolver: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # watchers, the resolver, channels being retired
 
     @property
     def members(self) -> list[Replica]:
@@ -90,7 +89,7 @@ class ServerPool:
             raise
         for replica in self.members:
             replica.watcher = self._spawn(self._watch(replica))
-        self._resolver = self._spawn(self._resolve_loop())
+        self._spawn(self._resolve_loop())
 
     async def _resolve_waiting(self, target: str, deadline: float) -> dict[str, str]:
         while True:
