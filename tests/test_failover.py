@@ -154,3 +154,18 @@ def test_a_stuck_replica_is_passed_over_within_the_deadline(cluster, tiny_checkp
                 forward_ok(client, tiny_checkpoint)
     finally:
         gate.set()
+
+
+def test_a_skipped_replica_still_serves_when_it_is_the_last(cluster, tiny_checkpoint):
+    a, b = (cluster.expert_server(tiny_checkpoint) for _ in range(2))
+    gateway = cluster.gateway(tiny_checkpoint, [a, b])
+    pool = pool_of(cluster, gateway)
+    with GatewayClient(gateway) as client:
+        forward_ok(client, tiny_checkpoint)
+        for _ in range(5):  # a slow first call or two got `a` skipped for a while (up to 10 s)
+            pool.report_failure(pool.replicas[a], "DEADLINE_EXCEEDED: slow")
+            pool.replicas[a].ejected_until = time.monotonic() + 60
+        cluster.stop_one(b)  # ... just as the other replica stops
+        wait_for(lambda: not pool.replicas[b].serving, "b seen as down")
+        for _ in range(3):
+            forward_ok(client, tiny_checkpoint)  # `a` is skipped only while something else can serve

@@ -52,10 +52,17 @@ def test_missing_and_ejected_experts():
         for _ in range(4):  # four calls failing together eject once, for the shortest pause
             pool.report_failure(a, "UNAVAILABLE: gone")
         assert a.failures == 1 and 0 < a.ejected_until - time.monotonic() <= 0.5
-        plan, missing = pool.assign(0, {0: 1})
+        b = pool.replicas["b:1"] = Replica("b:1", "b:1", grpc.aio.insecure_channel("b:1"))
+        b.serving = True
+        pool._set_info(b, experts_pb2.ServerInfo(model_fingerprint="f" * 16, server_name="b:1", owned=[
+            experts_pb2.LayerExperts(layer=0, experts=[0, 2])]))
+        assert pool.assign(0, {0: 1})[0] == {b: [0]}  # the skipped replica is passed over ...
+        assert pool.assign(0, {0: 1}, excluded=frozenset({"b:1"}))[0] == {a: [0]}  # ... unless it is the last
+        a.serving = False  # down: never tried
+        plan, missing = pool.assign(0, {0: 1}, excluded=frozenset({"b:1"}))
         assert plan == {} and missing == [0]
         why, refused = pool.explain(0, [0])
-        assert "a:1 (a:1) skipped for" in why and "UNAVAILABLE: gone" in why and not refused
+        assert "a:1 (a:1) down (UNAVAILABLE: gone)" in why and not refused
 
     asyncio.run(body())
 

@@ -45,3 +45,9 @@ def test_seed_reproduces():
         return [sample_next(logits, params, gen) for _ in range(20)]
 
     assert run() == run()
+
+
+def test_vanishing_temperature_is_greedy_not_nan():
+    logits = torch.randn(50) * 10
+    assert set(draws(logits, n=20, temperature=1.4e-45)) == {int(logits.argmax())}
+    assert set(draws(logits, n=20, temperature=1e-30, top_p=0.5)) == {int(logits.argmax())}

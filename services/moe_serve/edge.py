@@ -93,8 +93,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     async def _decode(raw: bytes, deserialize, method: str, context: grpc.aio.ServicerContext):
-        # grpc's own deserialization failure is an INTERNAL "Exception deserializing request!": a
-        # malformed message is the caller's fault, and says so here.
+        # grpc itself answers a message that does not parse with UNKNOWN ("Unexpected DecodeError"):
+        # a malformed message is the caller's fault, and says so here.
         if deserialize is None:
             return raw
         try:

@@ -50,8 +50,7 @@ class ServerPool:
         self.replicas: dict[str, Replica] = {}  # address -> replica, in join order
         self.owners: dict[int, dict[int, list[Replica]]] = {}  # layer -> expert -> replicas owning it
         self.on_change: Callable[[], None] | None = None  # membership or ownership changed
-        self._tasks: set[asyncio.Task] = set()
-        self._resolver: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # watchers, the resolver, channels being retired
 
     @property
     def members(self) -> list[Replica]:
@@ -90,7 +89,7 @@ class ServerPool:
             raise
         for replica in self.members:
             replica.watcher = self._spawn(self._watch(replica))
-        self._resolver = self._spawn(self._resolve_loop())
+        self._spawn(self._resolve_loop())
 
     async def _resolve_waiting(self, target: str, deadline: float) -> dict[str, str]:
         while True:
@@ -260,7 +259,7 @@ class ServerPool:
         """Give each expert (with its slot count) to the usable replica with the least outstanding work.
 
         Work planned in this very call counts as outstanding, so one layer's experts spread over the
-        replicas; returns the plan and the experts no usable replica owns.
+        replicas; returns the plan and the experts no serving replica owns.
         """
         now = time.monotonic()
         by_expert = self.owners.get(layer, {})
@@ -268,7 +267,10 @@ class ServerPool:
         load: dict[Replica, int] = {}
         missing: list[int] = []
         for expert, slots in sorted(counts.items(), key=lambda kv: -kv[1]):
-            candidates = [r for r in by_expert.get(expert, ()) if r.address not in excluded and r.routable(now)]
+            owners = [r for r in by_expert.get(expert, ()) if r.address not in excluded and r.serving and not r.refused]
+            # A replica skipped after a failed call is still tried when it is the only one left
+            # (a skip is a preference; a server that is down or refused is never tried).
+            candidates = [r for r in owners if now >= r.ejected_until] or owners
             if not candidates:
                 missing.append(expert)
                 continue
