@@ -73,6 +73,10 @@ class ForwardBatcher:
         finally:
             item.abandoned = True
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the batch thread to end (after close)."""
+        self._thread.join(timeout)
+
     def close(self) -> None:
         """Stop taking batches; queued requests fail when the loop goes away."""
         with self._cond:

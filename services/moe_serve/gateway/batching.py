@@ -93,11 +93,20 @@ class Batching:
     scheduler: GenerateScheduler | None = None
 
     def close(self) -> None:
-        """Stop the batch threads and their micro-batch helpers."""
+        """Stop the batch threads and their micro-batch helpers (without waiting: see join)."""
         for part in (self.batcher, self.scheduler):
             if part is not None:
                 part.close()
                 part.pingpong.close()
+
+    def join(self, timeout: float = 10.0) -> None:
+        """Wait for the batch threads to end. Call it off the event loop (a step may be waiting on it).
+
+        A daemon thread still alive at interpreter exit can be torn down inside torch or gRPC code, which
+        aborts the process (seen as SIGABRT after a clean shutdown)."""
+        for part in (self.batcher, self.scheduler):
+            if part is not None:
+                part.join(timeout)
 
 
 def start_batching(config: BatchingConfig, model: SimpleMoEModel | CausalLM, experts: ExpertBackend,

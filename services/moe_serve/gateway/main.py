@@ -247,6 +247,7 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
 
     async def on_stop() -> None:
         batching.close()
+        await asyncio.get_running_loop().run_in_executor(None, batching.join)
         await pool.close()
 
     handle.on_stop = on_stop

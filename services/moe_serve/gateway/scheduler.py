@@ -127,6 +127,10 @@ class GenerateScheduler:
         finally:
             seq.cancelled = True  # a no-op once done; else the next step drops it and its cache
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the batch thread to end (after close)."""
+        self._thread.join(timeout)
+
     def close(self) -> None:
         """Stop after the current step; every request still open ends with UNAVAILABLE."""
         with self._cond:
