@@ -11,7 +11,6 @@ master.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import shutil
@@ -64,14 +63,14 @@ class LoopThread:
         self.thread.join(5)
 
 
-def _die_with_parent() -> None:
-    # Linux: SIGTERM this child when the benchmark dies, so no 1 GB expert server outlives a crash.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# SIGTERM each child when the benchmark dies, so no 1 GB expert server outlives a crash. setpriv rather
+# than a preexec_fn: that would make Python fork() this gRPC-threaded, gigabyte process.
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "SIGTERM", "--"] if shutil.which("setpriv") else []
 
 
 def _spawn(args: list[str], stdout=subprocess.DEVNULL) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], env=ENV, stdout=stdout, stderr=None, text=True,
-                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    return subprocess.Popen([*_DIE_WITH_PARENT, sys.executable, *args], env=ENV, stdout=stdout, stderr=None,
+                            text=True)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

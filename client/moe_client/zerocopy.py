@@ -112,6 +112,7 @@ class MessageType:
         self._defaults = {f.name: f.default() for f in self.fields}
         self._nested_or_repeated = [f for f in self.fields if f.message is not None or f.repeated]
         self._write = _compile_writer(self)
+        self._parse_into = _compile_reader(self)
         self.factory = factory or _view_class(descriptor.name, self)
         self.empty = self.factory(**self._defaults)
 
@@ -137,62 +138,58 @@ class MessageType:
         return self._build(self._parse_into({}, view, 0, len(view)))
 
     def _build(self, values: dict):
+        # Scalars left out take the factory's defaults; unset message fields read as empty messages.
         for f in self._nested_or_repeated:
-            if f.name in values:
-                values[f.name] = f.message._build(values[f.name]) if f.message else tuple(values[f.name])
-        return self.factory(**{**self._defaults, **values})
+            if f.message is not None:
+                sub = values.get(f.name)
+                values[f.name] = f.message.empty if sub is None else f.message._build(sub)
+            elif f.name in values:
+                values[f.name] = tuple(values[f.name])
+        return self.factory(**values)
 
-    def _parse_into(self, values: dict, buf: memoryview, pos: int, end: int) -> dict:
-        by_number = self.by_number
-        while pos < end:
-            key = buf[pos]  # one-byte varints inline: every key and most lengths here
-            pos += 1
-            if key >= 128:
-                key, pos = _read_varint(buf, pos - 1, end)
-            number, wire_type = key >> 3, key & 7
-            if wire_type == 0 or wire_type == 2:
-                if pos >= end:
-                    raise WireError(f"malformed protobuf in {self.descriptor.name}: field {number} runs past the end")
-                value = buf[pos]
-                pos += 1
-                if value >= 128:
-                    value, pos = _read_varint(buf, pos - 1, end)
-                if wire_type == 2:
-                    start, pos = pos, pos + value
-            elif wire_type == 1 or wire_type == 5:
-                start, pos = pos, pos + (8 if wire_type == 1 else 4)
-            else:
-                raise WireError(f"malformed protobuf in {self.descriptor.name}: wire type {wire_type}, field {number}")
-            if pos > end:
+    def _parse_one(self, values: dict, key: int, buf: memoryview, pos: int, end: int) -> int:
+        """Read one field whose key is already read; any encoding protobuf accepts. Returns the new position."""
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0 or wire_type == 2:
+            if pos >= end:
                 raise WireError(f"malformed protobuf in {self.descriptor.name}: field {number} runs past the end")
-            f = by_number.get(number)
-            if f is None:
-                continue  # unknown field: skipped, as protobuf does
-            if f.repeated:
-                items = values.setdefault(f.name, [])
-                if wire_type == 2:  # packed
-                    p = start
-                    while p < pos:
-                        item, p = _read_varint(buf, p, pos)
-                        items.append(_as_int(item, f.kind))
-                elif wire_type == 0:  # unpacked, as older writers send
-                    items.append(_as_int(value, f.kind))
-            elif wire_type != f.wire_type:
-                continue  # mismatched wire type: protobuf keeps it as an unknown field
-            elif f.message is not None:  # repeated occurrences of a message field merge
-                f.message._parse_into(values.setdefault(f.name, {}), buf, start, pos)
-            elif wire_type == 0:
-                values[f.name] = value if value < 0x80000000 and f.kind != _F.TYPE_BOOL else _as_int(value, f.kind)
-            elif wire_type == 1:
-                values[f.name] = _DOUBLE.unpack_from(buf, start)[0]
-            elif f.kind == _F.TYPE_STRING:
-                try:
-                    values[f.name] = str(buf[start:pos], "utf-8")
-                except UnicodeDecodeError as err:
-                    raise WireError(f"malformed protobuf: field {self.descriptor.name}.{f.name} is not UTF-8") from err
-            else:
-                values[f.name] = buf[start:pos]
-        return values
+            value = buf[pos]
+            pos += 1
+            if value >= 128:
+                value, pos = _read_varint(buf, pos - 1, end)
+            if wire_type == 2:
+                start, pos = pos, pos + value
+        elif wire_type == 1 or wire_type == 5:
+            start, pos = pos, pos + (8 if wire_type == 1 else 4)
+        else:
+            raise WireError(f"malformed protobuf in {self.descriptor.name}: wire type {wire_type}, field {number}")
+        if pos > end:
+            raise WireError(f"malformed protobuf in {self.descriptor.name}: field {number} runs past the end")
+        f = self.by_number.get(number)
+        if f is None:
+            return pos  # unknown field: skipped, as protobuf does
+        if f.repeated:
+            items = values.setdefault(f.name, [])
+            if wire_type == 2:  # packed
+                p = start
+                while p < pos:
+                    item, p = _read_varint(buf, p, pos)
+                    items.append(_as_int(item, f.kind))
+            elif wire_type == 0:  # unpacked, as older writers send
+                items.append(_as_int(value, f.kind))
+        elif wire_type != f.wire_type:
+            pass  # mismatched wire type: protobuf keeps it as an unknown field
+        elif f.message is not None:  # repeated occurrences of a message field merge
+            f.message._parse_into(values.setdefault(f.name, {}), buf, start, pos)
+        elif wire_type == 0:
+            values[f.name] = _as_int(value, f.kind)
+        elif wire_type == 1:
+            values[f.name] = _DOUBLE.unpack_from(buf, start)[0]
+        elif f.kind == _F.TYPE_STRING:
+            values[f.name] = _utf8(buf[start:pos], self.descriptor.name, f.name)
+        else:
+            values[f.name] = buf[start:pos]
+        return pos
 
     def FromString(self, data: bytes):
         """`parse`, under the name grpc stubs and protobuf classes use."""
@@ -263,6 +260,58 @@ def _compile_writer(message_type: MessageType) -> Callable[[object, list], int]:
     lines.append("    return size")
     exec("\n".join(lines), namespace)  # code built from the descriptor alone, no outside input
     return namespace["write"]
+
+
+def _utf8(data: memoryview, message: str, field: str) -> str:
+    try:
+        return str(data, "utf-8")
+    except UnicodeDecodeError as err:
+        raise WireError(f"malformed protobuf: field {message}.{field} is not UTF-8") from err
+
+
+def _compile_reader(message_type: MessageType) -> Callable[[dict, memoryview, int, int], dict]:
+    """Reader for one message type: each field in the encoding protobuf writes is read inline; any other
+    encoding (unknown fields, unpacked repeated, mismatched wire types) goes to the generic `_parse_one`."""
+    name = message_type.descriptor.name
+    namespace: dict = {"_read_varint": _read_varint, "_as_int": _as_int, "_unpack": _DOUBLE.unpack_from,
+                       "_utf8": _utf8, "_slow": message_type._parse_one, "WireError": WireError,
+                       "_PAST_END": f"malformed protobuf in {name}: a field runs past the end"}
+    varint = ["        if pos >= end:", "            raise WireError(_PAST_END)", "        v = buf[pos]",
+              "        pos += 1", "        if v >= 128:", "            v, pos = _read_varint(buf, pos - 1, end)"]
+    span = [*varint, "        start = pos", "        pos += v", "        if pos > end:",
+            "            raise WireError(_PAST_END)"]
+    lines = ["def parse_into(values, buf, pos, end):", "    while pos < end:", "        key = buf[pos]",
+             "        pos += 1", "        if key >= 128:", "            key, pos = _read_varint(buf, pos - 1, end)"]
+    branch = "if"
+    for i, f in enumerate(message_type.fields):
+        namespace[f"KIND{i}"] = f.kind
+        lines.append(f"        {branch} key == {f.number << 3 | f.wire_type}:")
+        branch = "elif"
+        body: list[str]
+        if f.message is not None:
+            namespace[f"P{i}"] = f.message._parse_into
+            body = [*span, f"        sub = values.get({f.name!r})", "        if sub is None:",
+                    f"            sub = values[{f.name!r}] = {{}}", f"        P{i}(sub, buf, start, pos)"]
+        elif f.repeated:
+            body = [*span, f"        items = values.setdefault({f.name!r}, [])", "        p = start",
+                    "        while p < pos:", "            item, p = _read_varint(buf, p, pos)",
+                    f"            items.append(_as_int(item, KIND{i}))"]
+        elif f.wire_type == 0:
+            exact = f"_as_int(v, KIND{i})"  # truncation and sign; small non-negative values are already right
+            convert = exact if f.kind == _F.TYPE_BOOL else f"v if v < 0x80000000 else {exact}"
+            body = [*varint, f"        values[{f.name!r}] = {convert}"]
+        elif f.wire_type == 1:
+            body = ["        start = pos", "        pos += 8", "        if pos > end:",
+                    "            raise WireError(_PAST_END)", f"        values[{f.name!r}] = _unpack(buf, start)[0]"]
+        elif f.kind == _F.TYPE_STRING:
+            body = [*span, f"        values[{f.name!r}] = _utf8(buf[start:pos], {name!r}, {f.name!r})"]
+        else:
+            body = [*span, f"        values[{f.name!r}] = buf[start:pos]"]
+        lines += ["    " + line for line in body]
+    lines += ["        else:" if branch == "elif" else "        if True:",
+              "            pos = _slow(values, key, buf, pos, end)", "    return values"]
+    exec("\n".join(lines), namespace)  # code built from the descriptor alone, no outside input
+    return namespace["parse_into"]
 
 
 Tensor = MessageType(tensor_pb2.Tensor.DESCRIPTOR, factory=WireTensor)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
 from moe_client import wire
@@ -30,18 +31,16 @@ _UNSPECIFIED = wire.DType.Value("DTYPE_UNSPECIFIED")
 _warned = False
 
 
-def _frombuffer(buffer, dtype: torch.dtype) -> torch.Tensor:
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
     global _warned
-    if not len(buffer):
-        return torch.empty(0, dtype=dtype)
     if _warned:
-        return torch.frombuffer(buffer, dtype=dtype)
-    # torch warns once per process that the buffer is read-only (callers never write in place);
+        return torch.from_numpy(array)
+    # torch warns once per process that the array is read-only (callers never write in place);
     # silence that one warning without paying for catch_warnings on every call.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.frombuffer(buffer, dtype=dtype)
-    _warned = memoryview(buffer).readonly  # only a read-only buffer used up torch's one warning
+        tensor = torch.from_numpy(array)
+    _warned = not array.flags.writeable  # only a read-only array used up torch's one warning
     return tensor
 
 
@@ -52,11 +51,13 @@ def from_wire(msg: tensor_pb2.Tensor | wire.WireTensor, field: str,
     if msg.dtype == wire.FLOAT8_E4M3:
         if not len(msg.data):
             return torch.empty(shape)
-        codes = _frombuffer(msg.data, torch.uint8).view(torch.float8_e4m3fn).reshape(-1, shape[-1])
-        scales = _frombuffer(msg.scales, torch.float32)
+        codes = _from_numpy(np.frombuffer(msg.data, np.uint8)).view(torch.float8_e4m3fn).reshape(-1, shape[-1])
+        scales = _from_numpy(np.frombuffer(msg.scales, "<f4"))
         return (codes.float() * scales[:, None]).reshape(shape)
-    dtype = TORCH_DTYPES[msg.dtype]
-    return _frombuffer(msg.data, dtype).reshape(shape)
+    # through numpy: half the cost of torch.frombuffer + reshape on 1-token messages
+    array = np.frombuffer(msg.data, dtype=wire.STORAGE[msg.dtype]).reshape(shape)
+    tensor = _from_numpy(array)
+    return tensor.view(torch.bfloat16) if msg.dtype == wire.BFLOAT16 else tensor
 
 
 def quantize_e4m3(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
