@@ -23,6 +23,8 @@ from moe_client import wire
 from moe_serve.checkpoint import Checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# In-process runs inside both kinds of phase: the yardstick for load that changes between phases.
+IN_GRPC, IN_RPC = "in-process, gRPC phases", "in-process, torch RPC phases"
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3")
 
 
@@ -73,7 +75,7 @@ class MoeBench:
             with GrpcPhase(self.loop, self.dir, self.shape, self.workers, dtype, self.threads) as phase:
                 sync = SyncDispatcher(phase.addresses, phase.table, wire_dtype) if self.sync_variant else None
                 for tokens in tokens_list:
-                    variants = {"in-process": local, "ours": phase.dispatcher(wire_dtype)}
+                    variants = {IN_GRPC: local, "ours": phase.dispatcher(wire_dtype)}
                     if sync is not None:
                         variants["ours sync"] = sync
                     self._time(samples, (tokens,), variants, tokens, outputs[tokens] if r == 0 else None)
@@ -82,15 +84,20 @@ class MoeBench:
             with RpcPhase(self.workers, self.dir, self.shape, dtype, self.threads) as group:
                 owner = owner_table(self.shape, self.workers)
                 for tokens in tokens_list:
-                    variants = {"in-process": local, "torch RPC (seed design)": RpcSeedDesign(owner, group.names,
+                    variants = {IN_RPC: local, "torch RPC (seed design)": RpcSeedDesign(owner, group.names,
                                                                                              DTYPES[dtype]),
                                 "torch RPC + server combine": RpcCombined(owner, group.names, DTYPES[dtype])}
                     self._time(samples, (tokens,), variants, tokens, outputs[tokens] if r == 0 else None)
         rows = []
         for tokens in tokens_list:
+            outputs[tokens]["in-process"] = outputs[tokens].pop(IN_GRPC)
+            outputs[tokens].pop(IN_RPC)
             if dtype == "float32":
                 self.reference[tokens] = outputs[tokens]["in-process"]
-            row = {"dtype": dtype, "tokens": tokens, "variants": samples.summaries((tokens,))}
+            seconds = samples.seconds[(tokens,)]
+            variants = samples.summaries((tokens,))
+            variants["in-process"] = summary(seconds[IN_GRPC] + seconds[IN_RPC])  # the yardstick, every phase
+            row = {"dtype": dtype, "tokens": tokens, "variants": variants}
             if tokens in self.reference:
                 row["errors"] = {n: errors(out, self.reference[tokens]) for n, out in outputs[tokens].items()}
             rows.append(row)

@@ -68,8 +68,8 @@ class LoopThread:
 _DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "SIGTERM", "--"] if shutil.which("setpriv") else []
 
 
-def _spawn(args: list[str], stdout=subprocess.DEVNULL) -> subprocess.Popen:
-    return subprocess.Popen([*_DIE_WITH_PARENT, sys.executable, *args], env=ENV, stdout=stdout, stderr=None,
+def _spawn(args: list[str], stdout=subprocess.DEVNULL, stderr=None) -> subprocess.Popen:
+    return subprocess.Popen([*_DIE_WITH_PARENT, sys.executable, *args], env=ENV, stdout=stdout, stderr=stderr,
                             text=True)
 
 
@@ -93,10 +93,13 @@ class GrpcPhase:
         self.loop = loop
         self.dir = tempfile.mkdtemp(prefix="moe-bench-", dir="/tmp")  # short: unix socket paths max ~107 bytes
         self.addresses = addresses = [f"unix:{self.dir}/expert{r}.sock" for r in range(1, workers + 1)]
+        # Their startup banners and loading progress go to a log, shown if one fails to start.
+        self.logs = [Path(self.dir) / f"expert{r}.log" for r in range(1, workers + 1)]
         self.procs = [_spawn(["-m", "moe_serve.expert_server.main", "--checkpoint", str(checkpoint),
                               "--experts", shape.owned_by(r, workers), "--host", address, "--dtype", dtype,
-                              "--torch-threads", str(threads), "--name", f"expert{r}", "--log-level", "WARNING"])
-                      for r, address in enumerate(addresses, 1)]
+                              "--torch-threads", str(threads), "--name", f"expert{r}", "--log-level", "WARNING"],
+                             stderr=log.open("w"))
+                      for r, (address, log) in enumerate(zip(addresses, self.logs, strict=True), 1)]
         ckpt = Checkpoint(checkpoint)
         self.spec = ckpt.spec
         # The gateway's replica pool over these servers (one replica per expert share, so no failover here).
@@ -110,10 +113,11 @@ class GrpcPhase:
     def _connect(self) -> None:
         future = asyncio.run_coroutine_threadsafe(self.pool.start(900.0), self.loop.loop)
         while not future.done():  # the pool waits for servers still loading; one that died never comes
-            dead = [p.returncode for p in self.procs if p.poll() is not None]
+            dead = [(p.returncode, log) for p, log in zip(self.procs, self.logs, strict=True) if p.poll() is not None]
             if dead:
                 future.cancel()
-                raise RuntimeError(f"expert server exited with {dead[0]} while starting")
+                code, log = dead[0]
+                raise RuntimeError(f"expert server exited with {code} while starting:\n{log.read_text()[-3000:]}")
             threading.Event().wait(0.2)
         future.result()
 

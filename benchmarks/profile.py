@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads: quiet TensorPipe teardown
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # and grpc's INFO line per closed connection
 
 import argparse
 import collections

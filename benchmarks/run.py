@@ -18,8 +18,10 @@ import time
 import warnings
 from pathlib import Path
 
-# Before torch loads: TensorPipe logs a warning per pipe when a phase's RPC group is torn down.
+# Before torch and grpc load: TensorPipe logs a warning per pipe when a phase's RPC group is torn down,
+# and grpc an INFO line per connection when a phase's servers stop.
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from benchmarks import machine, procs, report, transport
 from benchmarks.model import Shape, ensure_checkpoint
