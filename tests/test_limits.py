@@ -11,6 +11,7 @@ from test_failover import wait_for
 from test_run_experts import plain_torch
 
 from moe_client import ExpertClient, GatewayClient
+from moe_serve.gateway.batching import BatchingConfig
 from moe_serve.serving import ServingOptions
 
 
@@ -89,15 +90,21 @@ def test_gateway_queue_is_bounded(cluster, tiny_checkpoint, blocker):
             assert np.abs(future.result(30) - reference_forward(tiny_checkpoint, x)).max() <= 1e-5
 
 
-def test_caller_deadline_is_kept_and_the_gateway_recovers(cluster, tiny_checkpoint, blocker):
+def test_caller_deadline_reaches_the_expert_call_and_the_gateway_recovers(cluster, tiny_checkpoint, blocker):
     server = cluster.expert_server(tiny_checkpoint)
-    gateway = cluster.gateway(tiny_checkpoint, [server])  # rpc_timeout 60 s: the caller's 1 s must win
+    # rpc_timeout 60 s: the caller's 3 s must bound the expert call (requests run alone without batching)
+    gateway = cluster.gateway(tiny_checkpoint, [server], batching=BatchingConfig(batching=False))
+    edge = cluster.handle(server).edge
     blocker.block(server)
     hidden = np.random.default_rng().standard_normal((4, 64), dtype=np.float32)
-    with GatewayClient(gateway, timeout=1.0) as client:
+    with GatewayClient(gateway, timeout=3.0) as client, ThreadPoolExecutor(1) as pool:
+        call = pool.submit(client.forward, hidden)
+        wait_for(lambda: edge.admitted == 1, "the expert call waiting on the blocked server")
         with pytest.raises(grpc.RpcError) as err:
-            client.forward(hidden)
+            call.result(30)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # the gateway gave up on the expert call at the caller's deadline, not after rpc_timeout
+        wait_for(lambda: edge.admitted == 0, "the expert call cancelled", timeout=20)
         blocker.release()
         client.timeout = 30
         wait_for(lambda: np.abs(client.forward(hidden) - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5,

@@ -34,6 +34,10 @@ from moe_serve.tokenizer import TextTokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 LIMITED = [f"/{SERVICE_NAME}/Forward", f"/{SERVICE_NAME}/Generate"]  # counted against --max-queue
+# Well above what the batcher holds by default (a Forward batch of up to 4096 one-token requests and 1024
+# waiting; 128 running and 1024 waiting Generate streams), whose own limits refuse first; without batching
+# (--no-batching) this is what bounds the worker pool's queue.
+GATEWAY_MAX_QUEUE = 8192
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class GatewayConfig:
     resolve_interval: float = 10.0
     keepalive: float = 10.0
     expert_tls: TLSFiles | None = None
-    serving: ServingOptions = field(default_factory=ServingOptions)
+    serving: ServingOptions = field(default_factory=lambda: ServingOptions(max_queue=GATEWAY_MAX_QUEUE))
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     @property
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
                    help="logging level: INFO logs every request with its id and status (env MOE_LOG_LEVEL; "
                         "default INFO)")
-    add_serving_args(p, max_queue=64, token=True)
+    add_serving_args(p, max_queue=GATEWAY_MAX_QUEUE, token=True)
     add_batching_flags(p)
     return p
 
