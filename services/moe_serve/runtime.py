@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -19,6 +20,15 @@ RULE = "=" * 80
 def env(name: str, default: str | None = None) -> str | None:
     """Value of MOE_<NAME> from the environment (flags override it), else `default`."""
     return os.environ.get(f"MOE_{name.upper()}", default)
+
+
+def add_metrics_args(p: argparse.ArgumentParser) -> None:
+    """--metrics-port / --metrics-host, the same on every service."""
+    p.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", "0")),
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 = off (env MOE_METRICS_PORT; "
+                        "default 0)")
+    p.add_argument("--metrics-host", default=env("METRICS_HOST", "0.0.0.0"),
+                   help="address the metrics endpoint binds (env MOE_METRICS_HOST; default 0.0.0.0)")
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -21,7 +21,7 @@ from moe_serve.grpc_server import ServerHandle, start_server
 from moe_serve.malloc import keep_large_buffers
 from moe_serve.metrics import MetricsInterceptor, ServiceMetrics
 from moe_serve.placement import PlacementError, format_ownership, pick_entry, read_placement, resolve_ownership
-from moe_serve.runtime import RULE, configure_logging, env, serve_until_signal
+from moe_serve.runtime import RULE, add_metrics_args, configure_logging, env, serve_until_signal
 from moe_serve.serving import ServingOptions, add_serving_args, serving_from_args
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -88,11 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph-tokens", type=int, default=int(env("CUDA_GRAPH_TOKENS", "16384")),
                    help="on GPUs in bf16, replay captured CUDA graphs for calls of up to this many tokens; "
                         "0 = launch kernels one by one (env MOE_CUDA_GRAPH_TOKENS; default 16384)")
-    p.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", "0")),
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 = off (env MOE_METRICS_PORT; "
-                        "default 0)")
-    p.add_argument("--metrics-host", default=env("METRICS_HOST", "0.0.0.0"),
-                   help="address the metrics endpoint binds (env MOE_METRICS_HOST; default 0.0.0.0)")
+    add_metrics_args(p)
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
                    help="logging level: DEBUG logs every RPC with its request id (env MOE_LOG_LEVEL; default INFO)")
     p.add_argument("--merge-calls", action=argparse.BooleanOptionalAction,

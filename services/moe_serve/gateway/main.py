@@ -27,7 +27,7 @@ from moe_serve.malloc import keep_large_buffers
 from moe_serve.metrics import MetricsInterceptor, ServiceMetrics
 from moe_serve.models import load_dense_model
 from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
-from moe_serve.runtime import RULE, configure_logging, env, serve_until_signal
+from moe_serve.runtime import RULE, add_metrics_args, configure_logging, env, serve_until_signal
 from moe_serve.serving import ServingOptions, add_serving_args, serving_from_args
 from moe_serve.tokenizer import TextTokenizer
 
@@ -121,11 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest max_new_tokens a Generate may ask for (env MOE_MAX_NEW_TOKENS; default 4096)")
     p.add_argument("--grace", type=float, default=float(env("GRACE", "10")),
                    help="seconds to finish in-flight requests on SIGTERM (env MOE_GRACE; default 10)")
-    p.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", "0")),
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 = off (env MOE_METRICS_PORT; "
-                        "default 0)")
-    p.add_argument("--metrics-host", default=env("METRICS_HOST", "0.0.0.0"),
-                   help="address the metrics endpoint binds (env MOE_METRICS_HOST; default 0.0.0.0)")
+    add_metrics_args(p)
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
                    help="logging level: INFO logs every request with its id and status (env MOE_LOG_LEVEL; "
                         "default INFO)")
