@@ -8,9 +8,14 @@ experts of width 1408, top-6, 2 shared experts, vocab 102400; ~16.4 B parameters
   3. transformers' Qwen2-MoE at Qwen1.5-MoE-A2.7B's shape on one GPU, random weights.
 For each: prefill tokens/s (8 prompts x 512 tokens in one step) and decode tokens/s (64 sequences,
 one token each per step, greedy on the GPU), medians over repeats; distributed logits checked against
-the one-process run. Prints a table; writes JSON.
+the one-process run. Server counts with an `r` (`4r`) replicate each layer's hottest experts (their
+load counted over the benchmark's own prompts in the first row) onto the servers that carry the least
+of that layer's load; the gateway's pool then balances each call over the replicas. Prints a table;
+writes JSON after every row (a run cut short keeps what it measured).
 
-    python benchmarks/gpu_model.py --out results.json          # on a 2-GPU host
+    python -m benchmarks.gpu_model --servers 2,1 --out results.json      # on a 2-GPU host
+    python -m benchmarks.gpu_model --servers 1,2,4,4r --out results.json  # on a 4-GPU host
+    python -m benchmarks.gpu_model --tiny --device cpu --servers 2,2r     # smoke run without a GPU
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from moe_serve.expert_server.bank import ExpertBank, InProcessExperts
 from moe_serve.gateway.main import GatewayConfig, create_gateway
 from moe_serve.layout import dense_tensor_shapes
 from moe_serve.models import load_dense_model
-from moe_serve.placement import format_ranges, resolve_ownership
+from moe_serve.placement import balanced_assignment, placement_entries, resolve_ownership, write_placement
 
 DEEPSEEK_MOE_16B = {
     "model_type": "deepseek", "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
@@ -57,7 +62,7 @@ QWEN15_MOE_A27B = {
 }
 
 
-def write_checkpoint(path: Path, config: dict, seed: int) -> None:
+def write_checkpoint(path: Path, config: dict, seed: int, device: str) -> None:
     """Random weights (std 1/sqrt(fan_in); norms 1), one shard per layer, with an index file."""
     spec = spec_from_config(config)
     torch.manual_seed(seed)
@@ -74,7 +79,7 @@ def write_checkpoint(path: Path, config: dict, seed: int) -> None:
             t = torch.ones(shape, dtype=torch.bfloat16)
         else:
             scale = 0.02 if "embed" in name or "lm_head" in name else shape[-1] ** -0.5
-            t = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) * scale).cpu()
+            t = (torch.randn(shape, device=device, dtype=torch.bfloat16) * scale).cpu()
         shards.setdefault(shard, {})[name] = t
     weight_map = {}
     for shard, tensors in shards.items():
@@ -94,49 +99,113 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
-def start_servers(checkpoint: Path, count: int, gpus: int, base_port: int) -> tuple[list, list[str]]:
-    """`count` expert server processes, experts split evenly, server i on GPU i % gpus."""
-    procs, addresses = [], []
-    per = 64 // count
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class LoadCounter:
+    """ExpertBackend wrapper counting routed (token, expert) pairs per layer while `counting` is on."""
+
+    def __init__(self, experts, num_experts: int):
+        self.experts, self.num_experts = experts, num_experts
+        self.counting = False
+        self.loads: dict[int, torch.Tensor] = {}
+
+    def run(self, layer, hidden, expert_ids, weights):
+        if self.counting:
+            ids = expert_ids[expert_ids >= 0].cpu()
+            load = torch.bincount(ids, minlength=self.num_experts)
+            self.loads[layer] = self.loads.get(layer, torch.zeros_like(load)) + load
+        return self.experts.run(layer, hidden, expert_ids, weights)
+
+
+def replicated_ownership(spec, count: int, loads: dict[int, torch.Tensor], replicas: int) -> list[dict]:
+    """Even split over `count` servers, plus each layer's `replicas` hottest experts copied once more, each
+    onto the server (not already holding it) that then carries the least of the layer's load.
+
+    A replicated expert's load is counted half on each holder: the pool's least-outstanding-work choice
+    splits calls between them.
+    """
+    owned = [{layer: set(ids) for layer, ids in o.items()} for o in balanced_assignment(spec, count)]
+    for layer in spec.moe_layers:
+        load = loads[layer].double()
+        per_server = [float(sum(load[e] for e in owned[s].get(layer, ()))) for s in range(count)]
+        for expert in load.argsort(descending=True)[:replicas].tolist():
+            holder = next(s for s in range(count) if expert in owned[s].get(layer, ()))
+            target = min((s for s in range(count) if s != holder), key=lambda s: per_server[s], default=None)
+            if target is None:
+                break
+            owned[target].setdefault(layer, set()).add(expert)
+            per_server[holder] -= float(load[expert]) / 2
+            per_server[target] += float(load[expert]) / 2
+    return [{layer: tuple(sorted(ids)) for layer, ids in o.items()} for o in owned]
+
+
+def imbalance(owned: list[dict], loads: dict[int, torch.Tensor]) -> float:
+    """Mean over layers of (busiest server's pairs / mean per server), replicated experts split evenly."""
+    ratios = []
+    for layer, load in loads.items():
+        holders = torch.zeros_like(load, dtype=torch.float64)
+        for o in owned:
+            holders[list(o.get(layer, ()))] += 1
+        per_server = [float((load.double() / holders)[list(o.get(layer, ()))].sum()) for o in owned]
+        ratios.append(max(per_server) / (sum(per_server) / len(per_server)))
+    return statistics.mean(ratios)
+
+
+def start_servers(checkpoint: Path, owned: list[dict], devices: list[str], base_port: int,
+                  spec, workdir: Path) -> tuple[list, list[str], Path]:
+    """One expert server process per ownership (server i on devices[i % len]), through a placement file."""
+    addresses = [f"127.0.0.1:{base_port + i}" for i in range(len(owned))]
+    names = [f"server{i}" for i in range(len(owned))]
+    placement = workdir / f"placement-{base_port}.json"
+    write_placement(placement, placement_entries(spec, owned, addresses, names))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for i in range(count):
-        port = base_port + i
-        experts = format_ranges(list(range(i * per, (i + 1) * per)))
-        log = open(f"/tmp/expert-{count}-{i}.log", "w")  # noqa: SIM115 - closed with the process
+    procs = []
+    for i, (address, name) in enumerate(zip(addresses, names, strict=True)):
+        log = open(workdir / f"expert-{base_port}-{i}.log", "w")  # noqa: SIM115 - closed with the process
         procs.append((subprocess.Popen(
-            [sys.executable, "-m", "moe_serve.expert_server.main", "--checkpoint", str(checkpoint), "--experts",
-             experts, "--devices", f"cuda:{i % gpus}", "--dtype", "bfloat16", "--host", "127.0.0.1", "--port",
-             str(port), "--name", f"gpu{i % gpus}-{i}"], stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        addresses.append(f"127.0.0.1:{port}")
-    for address in addresses:
-        with ExpertClient(address) as client:
-            client.wait_until_serving(600)
-    return procs, addresses
+            [sys.executable, "-m", "moe_serve.expert_server.main", "--checkpoint", str(checkpoint), "--placement",
+             str(placement), "--name", name, "--devices", devices[i % len(devices)], "--dtype", "bfloat16",
+             "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]],
+            stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    try:
+        for address in addresses:
+            with ExpertClient(address) as client:
+                client.wait_until_serving(900)
+    except BaseException:
+        stop_servers(procs)
+        raise
+    return procs, addresses, placement
 
 
 def stop_servers(procs) -> None:
     for proc, _ in procs:
         proc.terminate()
     for proc, log in procs:
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         log.close()
 
 
-def timed(fn, repeats: int, warmup: int = 2) -> float:
+def timed(fn, repeats: int, device: str, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def ours_prefill_decode(model: CausalLM, experts, args) -> dict:
-    """Prefill and decode tokens/s of the moe-serve model code over `experts`, greedy on the GPU."""
+    """Prefill and decode tokens/s of the moe-serve model code over `experts`, greedy on the model's device."""
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.spec.vocab_size, (args.prefill_len,), generator=gen)
                for _ in range(args.prefill_batch)]
@@ -146,7 +215,7 @@ def ours_prefill_decode(model: CausalLM, experts, args) -> dict:
         caches = [model.new_cache(args.prefill_len) for _ in prompts]
         return model.forward(prompts, caches, experts, last_only=True)
 
-    t_prefill = timed(prefill, args.repeats)
+    t_prefill = timed(prefill, args.repeats, args.device)
 
     @torch.inference_mode()
     def decode():
@@ -155,12 +224,12 @@ def ours_prefill_decode(model: CausalLM, experts, args) -> dict:
         lengths = [args.decode_prompt] * args.decode_batch
         h = model.forward_hidden(model.embed(torch.cat(starts)), caches, lengths, experts)
         tokens = F.linear(h.view(args.decode_batch, args.decode_prompt, -1)[:, -1], model.lm_head).argmax(-1)
-        torch.cuda.synchronize()
+        sync(args.device)
         start = time.perf_counter()
         for _ in range(args.decode_steps):
             h = model.forward_hidden(model.embed(tokens), caches, [1] * args.decode_batch, experts)
             tokens = F.linear(h, model.lm_head).argmax(-1)
-        torch.cuda.synchronize()
+        sync(args.device)
         return time.perf_counter() - start
 
     decode()  # warm-up: CUDA graphs of every (layer, bucket) get captured
@@ -169,25 +238,30 @@ def ours_prefill_decode(model: CausalLM, experts, args) -> dict:
             "prefill_step_ms": t_prefill * 1e3,
             "decode_tokens_per_s": args.decode_batch * args.decode_steps / t_decode,
             "decode_step_ms": t_decode / args.decode_steps * 1e3,
-            "logits": [t.float() for t in prefill()]}
+            "logits": [t.float().cpu() for t in prefill()]}
 
 
-def transformers_qwen(args) -> dict:
-    """Qwen2-MoE at Qwen1.5-MoE-A2.7B's shape in transformers on cuda:0, same measurements."""
+def transformers_qwen(args, device: str) -> dict:
+    """Qwen2-MoE at Qwen1.5-MoE-A2.7B's shape (--tiny: shrunk as ours) in transformers, same measurements."""
     from transformers import DynamicCache, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
+    shape = dict(QWEN15_MOE_A27B)
+    if args.tiny:
+        shape.update(hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                     shared_expert_intermediate_size=512, num_hidden_layers=4, vocab_size=1000)
+    config = Qwen2MoeConfig(**shape)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda:0"):
-        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**QWEN15_MOE_A27B)).eval()
+    with torch.device(device):
+        model = Qwen2MoeForCausalLM(config).eval()
     torch.set_default_dtype(torch.float32)
     params = sum(p.numel() for p in model.parameters())
-    ids = torch.randint(0, 151936, (args.prefill_batch, args.prefill_len), device="cuda:0")
+    ids = torch.randint(0, config.vocab_size, (args.prefill_batch, args.prefill_len), device=device)
 
     @torch.inference_mode()
     def prefill():
         return model(input_ids=ids, logits_to_keep=1).logits
 
-    t_prefill = timed(prefill, args.repeats)
+    t_prefill = timed(prefill, args.repeats, args.device)
 
     @torch.inference_mode()
     def decode():
@@ -196,12 +270,12 @@ def transformers_qwen(args) -> dict:
         cache = DynamicCache()
         out = model(input_ids=start_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         tokens = out.logits[:, -1].argmax(-1)
-        torch.cuda.synchronize()
+        sync(args.device)
         start = time.perf_counter()
         for _ in range(args.decode_steps):
             out = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
             tokens = out.logits[:, -1].argmax(-1)
-        torch.cuda.synchronize()
+        sync(args.device)
         return time.perf_counter() - start
 
     decode()
@@ -217,10 +291,73 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return float((g - w).norm() / w.norm())
 
 
+class Report:
+    """The JSON report, rewritten after every row."""
+
+    def __init__(self, path: str | None, **head):
+        self.path = path
+        self.data = {**head, "rows": {}}
+        self.logits: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, name: str, row: dict) -> None:
+        if "logits" in row:
+            self.logits[name] = row.pop("logits")
+        self.data["rows"][name] = row
+        self.save()
+
+    def compare_logits(self, reference: str) -> None:
+        for name, logits in self.logits.items():
+            if name != reference:
+                self.data["rows"][name]["logits_rel_error_vs_one_process"] = relative_error(
+                    logits, self.logits[reference])
+        self.save()
+
+    def save(self) -> None:
+        if self.path:
+            Path(self.path).write_text(json.dumps(self.data, indent=2))
+
+
+def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], port: int, loop: LoopThread,
+             counter_loads: dict | None) -> dict:
+    """Start the servers, a gateway in this process, measure, stop; fills counter_loads if given."""
+    start = time.perf_counter()
+    procs, addresses, placement = start_servers(ckpt_dir, owned, devices, port, spec, Path(args.workdir))
+    started = time.perf_counter() - start
+    try:
+        config = GatewayConfig(checkpoint=str(ckpt_dir), servers=addresses, placement=str(placement),
+                               host="127.0.0.1", port=0, dense_dtype="bfloat16", dense_device=devices[0],
+                               wire_dtype="bfloat16", connect_timeout=900, rpc_timeout=300)
+        handle, servicer = loop.run(create_gateway(config))
+        try:
+            experts = servicer.engine.experts
+            if counter_loads is not None:
+                experts = LoadCounter(experts, spec.num_experts)
+                experts.counting = True
+                with torch.inference_mode():
+                    gen = torch.Generator().manual_seed(0)
+                    prompts = [torch.randint(0, spec.vocab_size, (args.prefill_len,), generator=gen)
+                               for _ in range(args.prefill_batch)]
+                    model = servicer.engine.model
+                    model.forward(prompts, [model.new_cache(args.prefill_len) for _ in prompts], experts)
+                experts.counting = False
+                counter_loads.update(experts.loads)
+            row = ours_prefill_decode(servicer.engine.model, experts, args)
+        finally:
+            loop.run(handle.stop(0))
+    finally:
+        stop_servers(procs)
+    row["servers_start_s"] = started
+    row["experts_per_server"] = [sum(len(v) for v in o.values()) for o in owned]
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="reuse this directory instead of writing a new one")
-    p.add_argument("--servers", default="2", help="expert server counts to run, e.g. 2 or 1,2,4")
+    p.add_argument("--servers", default="2", help="expert server counts to run, e.g. 2 or 1,2,4,4r "
+                   "(r: hottest experts replicated)")
+    p.add_argument("--replicate", type=int, default=8, help="hottest experts per layer replicated in 'r' rows")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run with --tiny")
     p.add_argument("--prefill-batch", type=int, default=8)
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--decode-batch", type=int, default=64)
@@ -228,66 +365,70 @@ def main() -> None:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--skip-one-process", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a 4-layer, hidden-256 model: a quick check of the script")
+    p.add_argument("--workdir", default=None, help="checkpoint, placement files and server logs (default: a temp dir)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     config = dict(DEEPSEEK_MOE_16B)
     if args.tiny:
         config.update(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
                       vocab_size=1000)
-    gpus = torch.cuda.device_count()
+    spec = spec_from_config(config)
+    on_gpu = args.device.startswith("cuda")
+    gpus = torch.cuda.device_count() if on_gpu else 0
     names = [torch.cuda.get_device_name(i) for i in range(gpus)]
-    print(f"GPUs: {gpus} x {names[0] if names else '-'}", flush=True)
-    tmp = None
+    devices = [f"cuda:{i}" for i in range(gpus)] if on_gpu else ["cpu"]
+    print(f"devices: {gpus} x {names[0]}" if gpus else "devices: cpu", flush=True)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="gpu-model-", dir=os.environ.get("TMPDIR", "/tmp"))
+    ckpt_dir = Path(args.checkpoint or Path(args.workdir) / "checkpoint")
     if args.checkpoint is None:
-        tmp = tempfile.mkdtemp(prefix="deepseek16b-", dir=os.environ.get("TMPDIR", "/tmp"))
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        write_checkpoint(Path(tmp), config, seed=0)
-        print(f"wrote random DeepSeek-MoE-16B checkpoint in {time.perf_counter() - start:.0f}s", flush=True)
-    ckpt_dir = Path(args.checkpoint or tmp)
-    results: dict = {"gpus": names, "torch": torch.__version__, "args": vars(args), "rows": {}}
+        write_checkpoint(ckpt_dir, config, seed=0, device=devices[0])
+        print(f"wrote random checkpoint ({spec.model_type}, {spec.num_layers} layers) in "
+              f"{time.perf_counter() - start:.0f}s", flush=True)
+    report = Report(args.out, gpus=names, torch=torch.__version__, args=vars(args))
     loop = LoopThread()
-    reference_logits = None
-    for count in [int(c) for c in args.servers.split(",")]:
-        procs, addresses = start_servers(ckpt_dir, count, gpus, 51000 + 10 * count)
-        try:
-            config = GatewayConfig(checkpoint=str(ckpt_dir), servers=addresses, host="127.0.0.1", port=0,
-                                   dense_dtype="bfloat16", dense_device="cuda:0", wire_dtype="bfloat16",
-                                   connect_timeout=600, rpc_timeout=120)
-            handle, servicer = loop.run(create_gateway(config))
-            row = ours_prefill_decode(servicer.engine.model, servicer.engine.experts, args)
-            loop.run(handle.stop(0))
-        finally:
-            stop_servers(procs)
-        results["rows"][f"grpc_{count}_servers"] = row
-        print(f"gRPC, {count} expert server(s) on {min(count, gpus)} GPU(s): prefill "
-              f"{row['prefill_tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.0f} tok/s", flush=True)
-    checkpoint = Checkpoint(ckpt_dir)
-    model = load_dense_model(checkpoint, torch.bfloat16, "cuda:0")
-    bank = ExpertBank.load(checkpoint, resolve_ownership(checkpoint.spec, "all"), [torch.device("cuda:0")],
-                           torch.bfloat16)
-    base = ours_prefill_decode(model, InProcessExperts(bank), args)
-    reference_logits = base.pop("logits")
-    results["rows"]["one_process_1_gpu"] = base
-    print(f"one process, one GPU: prefill {base['prefill_tokens_per_s']:.0f} tok/s, "
-          f"decode {base['decode_tokens_per_s']:.0f} tok/s", flush=True)
-    del model, bank
-    torch.cuda.empty_cache()
-    for row in results["rows"].values():
-        if "logits" in row:
-            row["logits_rel_error_vs_one_process"] = relative_error(row.pop("logits"), reference_logits)
+    loads: dict[int, torch.Tensor] = {}
+    for n, item in enumerate(args.servers.split(",")):
+        count, replicated = int(item.rstrip("r")), item.endswith("r")
+        if replicated and not loads:
+            raise SystemExit(f"--servers {args.servers}: a replicated row ({item}) needs a plain row before it, "
+                             "which counts the experts' loads")
+        owned = (replicated_ownership(spec, count, loads, args.replicate) if replicated
+                 else balanced_assignment(spec, count))
+        row = grpc_row(args, spec, ckpt_dir, owned, devices, 51000 + 20 * n, loop, None if loads else loads)
+        row["load_imbalance"] = imbalance(owned, loads)
+        name = f"grpc_{count}_servers" + ("_replicated" if replicated else "")
+        report.add(name, row)
+        print(f"{name} on {min(count, len(devices))} device(s): prefill {row['prefill_tokens_per_s']:.0f} tok/s, "
+              f"decode {row['decode_tokens_per_s']:.0f} tok/s, busiest server / mean {row['load_imbalance']:.3f}, "
+              f"servers started in {row['servers_start_s']:.0f}s", flush=True)
+    if not args.skip_one_process:
+        checkpoint = Checkpoint(ckpt_dir)
+        model = load_dense_model(checkpoint, torch.bfloat16, devices[0])
+        bank = ExpertBank.load(checkpoint, resolve_ownership(checkpoint.spec, "all"), [torch.device(devices[0])],
+                               torch.bfloat16)
+        report.add("one_process_1_device", ours_prefill_decode(model, InProcessExperts(bank), args))
+        report.compare_logits("one_process_1_device")
+        row = report.data["rows"]["one_process_1_device"]
+        print(f"one process, one device: prefill {row['prefill_tokens_per_s']:.0f} tok/s, "
+              f"decode {row['decode_tokens_per_s']:.0f} tok/s", flush=True)
+        del model, bank
+        if on_gpu:
+            torch.cuda.empty_cache()
     if not args.skip_transformers:
-        results["rows"]["transformers_qwen15_moe_a27b_1_gpu"] = transformers_qwen(args)
-        torch.cuda.empty_cache()
+        report.add("transformers_qwen15_moe_a27b_1_device", transformers_qwen(args, devices[0]))
+    rows = report.data["rows"]
+    base = rows.get("one_process_1_device")
     print(f"\n{'run':<40} {'prefill tok/s':>14} {'x 1-proc':>9} {'decode tok/s':>13} {'x 1-proc':>9} "
           f"{'step ms':>8} {'rel err':>8}")
-    for name, row in results["rows"].items():
-        print(f"{name:<40} {row['prefill_tokens_per_s']:>14.0f} "
-              f"{row['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:>9.2f} "
-              f"{row['decode_tokens_per_s']:>13.0f} {row['decode_tokens_per_s'] / base['decode_tokens_per_s']:>9.2f} "
-              f"{row['decode_step_ms']:>8.1f} {row.get('logits_rel_error_vs_one_process', 0):>8.1e}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    for name, row in rows.items():
+        pre = row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"] if base else float("nan")
+        dec = row["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else float("nan")
+        print(f"{name:<40} {row['prefill_tokens_per_s']:>14.0f} {pre:>9.2f} {row['decode_tokens_per_s']:>13.0f} "
+              f"{dec:>9.2f} {row['decode_step_ms']:>8.1f} {row.get('logits_rel_error_vs_one_process', 0):>8.1e}")
 
 
 if __name__ == "__main__":
