@@ -19,30 +19,54 @@ tensors = st.builds(
     data=st.binary(max_size=300),
     scales=st.binary(max_size=40),
 )
-scalars = {"uint32": st.integers(0, 2**32 - 1), "enum": st.integers(-(2**31), 2**31 - 1),
-           "string": st.text(max_size=20), "double": st.floats(allow_nan=False) | st.sampled_from([0.0, -0.0])}
+_F = zerocopy._F
+scalars = {_F.TYPE_UINT32: st.integers(0, 2**32 - 1), _F.TYPE_UINT64: st.integers(0, 2**64 - 1),
+           _F.TYPE_ENUM: st.integers(-(2**31), 2**31 - 1), _F.TYPE_STRING: st.text(max_size=20),
+           _F.TYPE_BYTES: st.binary(max_size=40),
+           _F.TYPE_DOUBLE: st.floats(allow_nan=False) | st.sampled_from([0.0, -0.0])}
+int64s = st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(0, 300), max_size=4).map(tuple)
 
 
 def _values(message_type, draw):
+    """Random field values for `message_type`, nested messages included (None: left unset)."""
     values = {}
     for f in message_type.fields:
-        if f.message is not None:
+        if f.message is zerocopy.Tensor:
             values[f.name] = draw(st.none() | tensors)
-        elif f.kind == zerocopy._F.TYPE_UINT32:
-            values[f.name] = draw(scalars["uint32"])
-        elif f.kind == zerocopy._F.TYPE_ENUM:
-            values[f.name] = draw(scalars["enum"])
-        elif f.kind == zerocopy._F.TYPE_STRING:
-            values[f.name] = draw(scalars["string"])
+        elif f.message is not None:
+            values[f.name] = f.message(**_values(f.message, draw)) if draw(st.booleans()) else None
+        elif f.repeated:
+            values[f.name] = draw(int64s)
         else:
-            values[f.name] = draw(scalars["double"])
+            values[f.name] = draw(scalars[f.kind])
     return values
 
 
 def _as_pb(pb_class, values):
-    kwargs = {k: (wire.to_message(v) if isinstance(v, wire.WireTensor) else v) for k, v in values.items()
-              if v is not None}
+    kwargs = {}
+    for name, v in values.items():
+        if v is None:
+            continue
+        if isinstance(v, wire.WireTensor):
+            v = wire.to_message(v)
+        elif isinstance(v, zerocopy._View):
+            sub = pb_class.DESCRIPTOR.fields_by_name[name].message_type._concrete_class
+            v = _as_pb(sub, {f.name: getattr(v, f.name) for f in v._type.fields})
+        kwargs[name] = v
     return pb_class(**kwargs)
+
+
+def _same(got, value) -> bool:
+    if value is None:  # an unset message field reads back as the empty message
+        return True
+    if isinstance(value, wire.WireTensor):
+        return (got.dtype, got.shape, bytes(got.data), bytes(got.scales)) == (
+            value.dtype, value.shape, bytes(value.data), bytes(value.scales))
+    if isinstance(value, zerocopy._View):
+        return all(_same(getattr(got, f.name), getattr(value, f.name)) for f in value._type.fields)
+    if isinstance(value, bytes):
+        return bytes(got) == value
+    return got == value or (got != got and value != value)
 
 
 @pytest.mark.parametrize("message_type", list(PB), ids=lambda t: t.descriptor.name)
@@ -54,12 +78,8 @@ def test_serialization_equals_upb_byte_for_byte(message_type, data):
     assert ours == _as_pb(PB[message_type], values).SerializeToString()
     back = message_type.parse(ours)
     for name, value in values.items():
-        got = getattr(back, name)
-        if isinstance(value, wire.WireTensor):
-            assert (got.dtype, got.shape, bytes(got.data), bytes(got.scales)) == (
-                value.dtype, value.shape, bytes(value.data), bytes(value.scales))
-        elif value is not None:
-            assert got == value or (got != got and value != value)
+        if value is not None:
+            assert _same(getattr(back, name), value), name
 
 
 def test_parse_follows_protobuf_merge_rules():

@@ -315,7 +315,9 @@ def _compile_reader(message_type: MessageType) -> Callable[[dict, memoryview, in
 
 
 Tensor = MessageType(tensor_pb2.Tensor.DESCRIPTOR, factory=WireTensor)
-_NESTED = {"moe.v1.Tensor": Tensor}
+SharedRegion = MessageType(experts_pb2.SharedRegion.DESCRIPTOR)
+SharedTensor = MessageType(experts_pb2.SharedTensor.DESCRIPTOR, nested={"moe.v1.SharedRegion": SharedRegion})
+_NESTED = {"moe.v1.Tensor": Tensor, "moe.v1.SharedTensor": SharedTensor}
 RunExpertsRequest = MessageType(experts_pb2.RunExpertsRequest.DESCRIPTOR, nested=_NESTED)
 RunExpertsResponse = MessageType(experts_pb2.RunExpertsResponse.DESCRIPTOR, nested=_NESTED)
 ForwardRequest = MessageType(gateway_pb2.ForwardRequest.DESCRIPTOR, nested=_NESTED)

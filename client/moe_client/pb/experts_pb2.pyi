@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RunExpertsRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "expert_ids", "weights", "output_dtype", "request_id", "model_fingerprint")
+    __slots__ = ("layer", "hidden", "expert_ids", "weights", "output_dtype", "request_id", "model_fingerprint", "shared_hidden", "shared_output")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,8 @@ class RunExpertsRequest(_message.Message):
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    SHARED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: _tensor_pb2.Tensor
     expert_ids: _tensor_pb2.Tensor
@@ -23,7 +25,41 @@ class RunExpertsRequest(_message.Message):
     output_dtype: _tensor_pb2.DType
     request_id: str
     model_fingerprint: str
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    shared_hidden: SharedTensor
+    shared_output: SharedTensor
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., shared_hidden: _Optional[_Union[SharedTensor, _Mapping]] = ..., shared_output: _Optional[_Union[SharedTensor, _Mapping]] = ...) -> None: ...
+
+class SharedTensor(_message.Message):
+    __slots__ = ("dtype", "shape", "region", "offset")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    dtype: _tensor_pb2.DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    region: SharedRegion
+    offset: int
+    def __init__(self, dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., region: _Optional[_Union[SharedRegion, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class SharedRegion(_message.Message):
+    __slots__ = ("kind", "name", "size", "device_uuid", "cuda_handle", "cuda_offset", "ref_counter", "ref_counter_offset")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    CUDA_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    size: int
+    device_uuid: str
+    cuda_handle: bytes
+    cuda_offset: int
+    ref_counter: bytes
+    ref_counter_offset: int
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., device_uuid: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., cuda_offset: _Optional[int] = ..., ref_counter: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ...) -> None: ...
 
 class RunExpertsResponse(_message.Message):
     __slots__ = ("output", "compute_seconds")
@@ -56,7 +92,7 @@ class ExpertPlacement(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_fingerprint", "model_type", "hidden_size", "num_experts", "moe_layers", "owned", "devices", "compute_dtype", "placement", "server_version", "server_name")
+    __slots__ = ("model_fingerprint", "model_type", "hidden_size", "num_experts", "moe_layers", "owned", "devices", "compute_dtype", "placement", "server_version", "server_name", "host_id", "shared_kinds", "gpu_uuids")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +104,9 @@ class ServerInfo(_message.Message):
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_NAME_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARED_KINDS_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     model_type: str
     hidden_size: int
@@ -79,4 +118,7 @@ class ServerInfo(_message.Message):
     placement: _containers.RepeatedCompositeFieldContainer[ExpertPlacement]
     server_version: str
     server_name: str
-    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., owned: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., devices: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., server_version: _Optional[str] = ..., server_name: _Optional[str] = ...) -> None: ...
+    host_id: str
+    shared_kinds: _containers.RepeatedScalarFieldContainer[str]
+    gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., owned: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., devices: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., server_version: _Optional[str] = ..., server_name: _Optional[str] = ..., host_id: _Optional[str] = ..., shared_kinds: _Optional[_Iterable[str]] = ..., gpu_uuids: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -159,12 +159,13 @@ class ExpertBank:
 
     @torch.inference_mode()
     def compute(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The unchecked math of `run`, as a CPU tensor of `out_dtype`.
+                out_dtype: torch.dtype = torch.float32, on_device: bool = False) -> torch.Tensor:
+        """The unchecked math of `run`, as a CPU tensor of `out_dtype` (`on_device`: left on the first GPU).
 
-        The result may be a view of a reused page-locked buffer: consume it before the next call.
+        The result may be a view of a reused buffer (page-locked, or a CUDA graph's output): consume it
+        before the next call.
         """
-        return self.gather(self.launch(layer, hidden, expert_ids, weights), out_dtype)
+        return self.gather(self.launch(layer, hidden, expert_ids, weights), out_dtype, on_device)
 
     @torch.inference_mode()
     def launch(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
@@ -189,8 +190,9 @@ class ExpertBank:
                     partials.append(expert_sums(*inputs, group.stacked, group.slot_of, group.swiglu))
         return partials
 
-    def gather(self, partials: list[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-        """Sum per-device partials: GPU ones on the first GPU, one copy back through pinned memory."""
+    def gather(self, partials: list[torch.Tensor], out_dtype: torch.dtype, on_device: bool = False) -> torch.Tensor:
+        """Sum per-device partials: GPU ones on the first GPU, one copy back through pinned memory
+        (`on_device`: the sum stays on that GPU, CPU partials added there)."""
         on_gpu = [p for p in partials if p.device.type == "cuda"]
         on_cpu = [p for p in partials if p.device.type != "cuda"]
         total = on_cpu[0] if on_cpu else None
@@ -200,6 +202,10 @@ class ExpertBank:
             gpu_total = on_gpu[0]
             for p in on_gpu[1:]:
                 gpu_total = gpu_total + p.to(gpu_total.device, non_blocking=True)
+            if on_device:
+                if total is not None:
+                    gpu_total = gpu_total + total.to(gpu_total.device)
+                return gpu_total.to(out_dtype)
             dtype = torch.float32 if on_cpu else out_dtype
             host = self._pinned_view(gpu_total.shape, dtype, "out")
             host.copy_(gpu_total.to(dtype), non_blocking=True)

@@ -21,7 +21,15 @@ from moe_serve.grpc_server import ServerHandle, start_server
 from moe_serve.malloc import keep_large_buffers
 from moe_serve.metrics import MetricsInterceptor, ServiceMetrics
 from moe_serve.placement import PlacementError, format_ownership, pick_entry, read_placement, resolve_ownership
-from moe_serve.runtime import RULE, add_metrics_args, configure_logging, env, serve_until_signal
+from moe_serve.runtime import (
+    GPU_HOST_THREADS,
+    RULE,
+    add_metrics_args,
+    configure_logging,
+    env,
+    serve_until_signal,
+    set_torch_threads,
+)
 from moe_serve.serving import ServingOptions, add_serving_args, serving_from_args
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -47,7 +55,8 @@ class ExpertServerConfig:
     metrics_port: int = 0  # 0: no /metrics endpoint
     serving: ServingOptions = field(default_factory=lambda: ServingOptions(max_queue=256))
     merge_calls: bool = True
-    torch_threads: int = 0  # 0: torch's default, one per core
+    torch_threads: int = 0  # 0: one per core on CPU devices, a few when every device is a GPU
+    shared_memory: bool = True  # offer same-host callers the shared-memory / CUDA IPC fast path
 
     @property
     def address(self) -> str:
@@ -96,8 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run RunExperts calls of one layer that queued up together (from several gateways or "
                         "micro-batches) as one computation (env MOE_MERGE_CALLS; default on)")
     p.add_argument("--torch-threads", type=int, default=int(env("TORCH_THREADS", "0")),
-                   help="torch intra-op threads for the experts; 0 = one per core. With several services on one "
-                        "host, give each its share of the cores (docs/benchmarks.md) (env MOE_TORCH_THREADS)")
+                   help="torch intra-op threads for the experts; 0 = one per core when experts run on the CPU, "
+                        f"{GPU_HOST_THREADS} when every device is a GPU (host work is then copies and checks). With "
+                        "several services on one host, give each its share of the cores (docs/benchmarks.md) "
+                        "(env MOE_TORCH_THREADS)")
+    p.add_argument("--shared-memory", action=argparse.BooleanOptionalAction,
+                   default=env("SHARED_MEMORY", "1").lower() in ("1", "true", "yes", "on"),
+                   help="let a gateway on this host leave tensors in shared memory (/dev/shm, or its GPU's memory "
+                        "through CUDA IPC) instead of sending their bytes (env MOE_SHARED_MEMORY; default on)")
     add_serving_args(p, max_queue=256)
     return p
 
@@ -116,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
         port=args.port, name=name, grace_seconds=args.grace, log_level=args.log_level,
         cuda_graph_tokens=args.cuda_graph_tokens, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
         serving=serving_from_args(args), merge_calls=args.merge_calls, torch_threads=args.torch_threads,
+        shared_memory=args.shared_memory,
     )
 
 
@@ -161,7 +177,7 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     handle = await start_server(config.address, register, [SERVICE_NAME], config.serving, LIMITED,
                                 [MetricsInterceptor(metrics, [SERVICE_NAME])])
     name = config.name or f"{socket.gethostname()}:{handle.port}"
-    servicer.info = server_info(bank, fingerprint, checkpoint.spec, name)
+    servicer.info = server_info(bank, fingerprint, checkpoint.spec, name, config.shared_memory)
     metrics.describe(name=name, model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type,
                      dtype=config.dtype)
     metrics.init_experts(bank.owned)
@@ -172,8 +188,7 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
 
 async def _serve(config: ExpertServerConfig) -> None:
     keep_large_buffers()  # reuse tensor-sized message buffers instead of mmap-ing fresh ones per call
-    if config.torch_threads > 0:
-        torch.set_num_threads(config.torch_threads)  # before any compute thread starts
+    set_torch_threads(config.torch_threads, parse_devices(config.devices))  # before any compute thread starts
     print(RULE)
     print(f"Starting expert server {config.name or config.address}")
     print(RULE)

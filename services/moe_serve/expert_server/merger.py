@@ -35,11 +35,13 @@ class _Call:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     submitted: float = 0.0  # time.perf_counter() when queued
+    on_device: bool = False  # finish() wants the result where the bank computed it (a GPU), not on the host
 
     @property
     def key(self) -> tuple:
         """Calls with equal keys can share one computation."""
-        return (self.layer, self.out_dtype, self.hidden.dtype, self.expert_ids.dtype, self.expert_ids.shape[1])
+        return (self.layer, self.out_dtype, self.hidden.dtype, self.hidden.device, self.expert_ids.dtype,
+                self.expert_ids.shape[1], self.on_device)
 
 
 class CallMerger:
@@ -59,11 +61,13 @@ class CallMerger:
         self.merged_calls = 0  # calls that shared a computation with another
 
     async def run(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                  out_dtype: torch.dtype, finish: Callable[[torch.Tensor], Any]) -> tuple[Any, float]:
-        """finish(this call's [T, H] output) and the seconds of the computation it was part of."""
+                  out_dtype: torch.dtype, finish: Callable[[torch.Tensor], Any],
+                  on_device: bool = False) -> tuple[Any, float]:
+        """finish(this call's [T, H] output) and the seconds of the computation it was part of; with
+        `on_device` the output stays on the bank's first GPU (finish copies it where it is wanted)."""
         loop = asyncio.get_running_loop()
         call = _Call(layer, hidden, expert_ids, weights, out_dtype, finish, loop, loop.create_future(),
-                     time.perf_counter())
+                     time.perf_counter(), on_device)
         with self._lock:
             self._pending.append(call)
             start = not self._draining
@@ -109,12 +113,13 @@ class CallMerger:
             for call in group:
                 self.on_wait(start - call.submitted)
         if len(group) == 1:
-            out = self.bank.compute(first.layer, first.hidden, first.expert_ids, first.weights, first.out_dtype)
+            out = self.bank.compute(first.layer, first.hidden, first.expert_ids, first.weights, first.out_dtype,
+                                    first.on_device)
             parts = [out]
         else:
             out = self.bank.compute(first.layer, torch.cat([c.hidden for c in group]),
                                     torch.cat([c.expert_ids for c in group]), torch.cat([c.weights for c in group]),
-                                    first.out_dtype)
+                                    first.out_dtype, first.on_device)
             parts = out.split([c.hidden.shape[0] for c in group])
             self.merged_calls += len(group)
         seconds = time.perf_counter() - start

@@ -3,27 +3,40 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
 from moe_client import wire, zerocopy
 from moe_client.channel import add_servicer
 from moe_client.pb import experts_pb2, experts_pb2_grpc
-from moe_serve import __version__
+from moe_serve import __version__, shared_regions
 from moe_serve.errors import FailedPrecondition, InvalidArgument
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.merger import CallMerger
 from moe_serve.grpc_server import rpc
 from moe_serve.metrics import ServiceMetrics
+from moe_serve.shared_regions import RegionMaps
 from moe_serve.tensors import TORCH_DTYPES, from_wire, to_wire_owned
 
 _INT_IDS = (wire.INT32, wire.INT64)
 _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16, wire.FLOAT8_E4M3)
 
 
-def decode_request(request, hidden_size: int):
-    """Validated (hidden [T, H], expert_ids [T, K], weights [T, K]); InvalidArgument names the bad field."""
-    hidden = from_wire(request.hidden, "hidden", _FLOAT)
+def decode_request(request, hidden_size: int, regions: RegionMaps | None = None):
+    """Validated (hidden [T, H], expert_ids [T, K], weights [T, K]); InvalidArgument names the bad field.
+
+    With `regions`, hidden states named by `shared_hidden` are read where the caller left them.
+    """
+    if request.shared_hidden.region.kind:
+        if regions is None:
+            raise FailedPrecondition("shared_hidden: this server does not map shared memory (--shared-memory "
+                                     "off); send the tensor in the message")
+        if request.hidden.data or request.hidden.shape:
+            raise InvalidArgument("hidden: set together with shared_hidden; send one of them")
+        hidden = regions.tensor(request.shared_hidden, "shared_hidden")
+    else:
+        hidden = from_wire(request.hidden, "hidden", _FLOAT)
     if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
         raise InvalidArgument(f"hidden: shape {list(hidden.shape)} must be [tokens, {hidden_size}]")
     if hidden.shape[0] == 0:
@@ -53,23 +66,46 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         # Concurrent calls of a layer share one computation; the queue wait goes to the metrics.
         self.merger = CallMerger(bank, self.executor, merge, on_wait=self.metrics.queue_wait.observe)
 
+    @property
+    def info(self) -> experts_pb2.ServerInfo:
+        return self._info
+
+    @info.setter
+    def info(self, info: experts_pb2.ServerInfo) -> None:
+        self._info = info
+        # Callers on this host may leave tensors in shared memory (shared_regions.py) of these kinds.
+        self.regions = RegionMaps(list(info.shared_kinds)) if info.shared_kinds else None
+
     @rpc
     async def RunExperts(self, request, context):
         if request.model_fingerprint and request.model_fingerprint != self.info.model_fingerprint:
             raise FailedPrecondition(
                 f"model_fingerprint: the caller serves checkpoint {request.model_fingerprint}, this server "
                 f"({self.info.server_name}) serves {self.info.model_fingerprint}; start both on the same checkpoint")
-        hidden, ids, weights = decode_request(request, self.bank.hidden_size)
-        out_dtype = request.output_dtype or request.hidden.dtype
-        if out_dtype not in _FLOAT:
-            raise InvalidArgument(f"output_dtype: {wire.dtype_name(out_dtype)} is not a float wire dtype")
+        hidden, ids, weights = decode_request(request, self.bank.hidden_size, self.regions)
+        if request.shared_output.region.kind:
+            dest = self.regions.tensor(request.shared_output, "shared_output") if self.regions else None
+            if dest is None:
+                raise FailedPrecondition("shared_output: this server does not map shared memory "
+                                         "(--shared-memory off); leave it unset")
+            if dest.shape != hidden.shape:
+                raise InvalidArgument(f"shared_output.shape: {list(dest.shape)} differs from hidden "
+                                      f"{list(hidden.shape)}")
+            out_dtype = request.shared_output.dtype
+            finish = partial(_write_shared, dest, request.shared_output.dtype)
+        else:
+            out_dtype = request.output_dtype or request.hidden.dtype or request.shared_hidden.dtype
+            if out_dtype not in _FLOAT:
+                raise InvalidArgument(f"output_dtype: {wire.dtype_name(out_dtype)} is not a float wire dtype")
+            # Encoded on the worker thread, into bytes of the reply's own: the bank's result may be a view of
+            # a buffer the next computation reuses, and plain to_wire would borrow those bytes (zero copy).
+            # fp8 replies are quantised from float32 (the quantisation makes new buffers).
+            finish = partial(to_wire_owned, dtype=out_dtype)
+            dest = None
         self.bank.check(request.layer, ids)
-        # Encoded on the worker thread, into bytes of the reply's own: the bank's result may be a view of a
-        # buffer the next computation reuses, and plain to_wire would borrow those bytes (zero copy).
-        # fp8 replies are quantised from float32 (the quantisation makes new buffers).
         output, seconds = await self.merger.run(request.layer, hidden, ids, weights,
-                                                TORCH_DTYPES.get(out_dtype, torch.float32),
-                                                lambda out: to_wire_owned(out, out_dtype))
+                                                TORCH_DTYPES.get(out_dtype, torch.float32), finish,
+                                                on_device=dest is not None and dest.is_cuda)
         self.metrics.observe_batch("RunExperts", hidden.shape[0])
         self.metrics.observe_experts(request.layer, ids, seconds)
         return zerocopy.RunExpertsResponse(output=output, compute_seconds=seconds)
@@ -79,13 +115,23 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         return self.info
 
 
+def _write_shared(dest: torch.Tensor, dtype: int, out: torch.Tensor) -> wire.WireTensor:
+    """Copy the result into the caller's region; it is complete (synchronised) before the reply goes."""
+    dest.copy_(out)
+    for t in (dest, out):
+        if t.is_cuda:
+            torch.cuda.synchronize(t.device)
+    return wire.WireTensor(dtype=dtype, shape=tuple(dest.shape))
+
+
 def add_to_server(servicer: ExpertServicer, server) -> None:
     """Register the servicer; RunExperts reads and writes its tensors without copying them (zerocopy)."""
     add_servicer(server, experts_pb2.DESCRIPTOR.services_by_name["ExpertService"], servicer)
 
 
-def server_info(bank: ExpertBank, fingerprint: str, spec, name: str) -> experts_pb2.ServerInfo:
-    """The ServerInfo a bank answers GetInfo with."""
+def server_info(bank: ExpertBank, fingerprint: str, spec, name: str,
+                shared_memory: bool = True) -> experts_pb2.ServerInfo:
+    """The ServerInfo a bank answers GetInfo with; `shared_memory` offers the same-host fast path."""
     return experts_pb2.ServerInfo(
         model_fingerprint=fingerprint,
         model_type=spec.model_type,
@@ -99,4 +145,7 @@ def server_info(bank: ExpertBank, fingerprint: str, spec, name: str) -> experts_
                    for p in bank.placement()],
         server_version=__version__,
         server_name=name,
+        host_id=shared_regions.host_id(),
+        shared_kinds=shared_regions.local_kinds() if shared_memory else [],
+        gpu_uuids=shared_regions.local_gpu_uuids() if shared_memory else [],
     )

@@ -5,12 +5,17 @@ outstanding work. A sub-batch whose call fails or passes its deadline goes to an
 the same experts, within the request's deadline; with none left the layer fails with UNAVAILABLE
 naming the (layer, expert) pairs.
 
+A server on the gateway's host that maps shared memory gets the hidden states and writes its sums
+through an arena (shared_regions.py): /dev/shm for dense layers on the CPU, the dense GPU's own memory
+through CUDA IPC for dense layers on a GPU. Then no tensor bytes cross the socket or the host.
+
 Legend: T = tokens, H = hidden size, K = top-k, E = experts per layer, S = servers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import grpc
@@ -24,9 +29,12 @@ from moe_serve.errors import DeadlineExceeded, FailedPrecondition, ResourceExhau
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
 from moe_serve.metrics import ServiceMetrics
 from moe_serve.placement import format_ranges
-from moe_serve.tensors import from_wire, to_wire
+from moe_serve.shared_regions import SHARED_DTYPES, Arena, ArenaPool, aligned, gpu_uuid, kind_for
+from moe_serve.tensors import TORCH_DTYPES, from_wire, to_wire
 
 __all__ = ["ExpertDispatcher", "StartupError"]
+
+log = logging.getLogger(__name__)
 
 Failures = dict[str, tuple[grpc.StatusCode, str]]  # address -> why its call failed, in this layer call
 # A replica answering these is not to blame (the request is bad): trying another would fail the same way.
@@ -39,21 +47,36 @@ class ExpertDispatcher:
     """ExpertBackend over gRPC: concurrent RunExperts per replica per layer, failover, partial sums added."""
 
     def __init__(self, spec: ModelSpec, pool: ServerPool, loop: asyncio.AbstractEventLoop,
-                 wire_dtype: int = wire.FLOAT32, timeout: float = 60.0, metrics: ServiceMetrics | None = None):
+                 wire_dtype: int = wire.FLOAT32, timeout: float = 60.0, metrics: ServiceMetrics | None = None,
+                 arenas: ArenaPool | None = None):
+        """`arenas`: shared memory for same-host servers that accept it (None: every byte goes by gRPC)."""
         self.spec = spec
         self.pool = pool
         self.loop = loop
         self.wire_dtype = wire_dtype
         self.timeout = timeout
         self.metrics = metrics or ServiceMetrics("gateway")
+        self.arenas = arenas
+        # Shared regions hold the wire dtype, or bf16 for fp8 (which only saves socket bytes).
+        self.shared_dtype = wire_dtype if wire_dtype in SHARED_DTYPES else wire.BFLOAT16
+        self._uuids: dict[torch.device, str] = {}
 
     def run(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Blocking form for model code on a worker thread; the calls run on the gateway's event loop."""
         deadline = REQUEST_DEADLINE.get()  # set by the edge interceptor, carried by ContextThreadPool
-        # Dense layers may run on a GPU; the wire starts from host memory.
-        hidden, expert_ids, weights = hidden.cpu(), expert_ids.cpu(), weights.cpu()
-        return asyncio.run_coroutine_threadsafe(self.run_async(layer, hidden, expert_ids, weights, deadline),
-                                                self.loop).result()
+        # Dense layers may run on a GPU: the hidden states stay there if a server maps that GPU's memory,
+        # else the wire starts from host memory. Routing is planned on the host.
+        if hidden.is_cuda and not any(self._shared_kind(r, hidden.device) for r in self.pool.members):
+            hidden = hidden.cpu()
+        expert_ids, weights = expert_ids.cpu(), weights.cpu()
+        out = asyncio.run_coroutine_threadsafe(self.run_async(layer, hidden, expert_ids, weights, deadline),
+                                               self.loop).result()
+        return out
+
+    def close(self) -> None:
+        """Unlink the shared-memory arenas."""
+        if self.arenas is not None:
+            self.arenas.close()
 
     async def run_async(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                         weights: torch.Tensor, deadline: float | None = None) -> torch.Tensor:
@@ -63,9 +86,9 @@ class ExpertDispatcher:
         failures: Failures = {}
         slots = dict(zip(experts.tolist(), counts.tolist(), strict=True))  # expert -> (token, expert) pairs
         await self._scatter(layer, hidden, expert_ids, weights, slots, deadline, frozenset(), failures, partials)
-        out = torch.zeros(hidden.shape, dtype=torch.float32)
+        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         for _, rows, partial in sorted(partials, key=lambda p: p[0]):  # a fixed order: same input, same sum
-            out.index_add_(0, rows, partial)
+            out.index_add_(0, rows.to(out.device), partial.to(out.device))
         return out
 
     async def _scatter(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
@@ -96,12 +119,37 @@ class ExpertDispatcher:
         ids = torch.where(mine, expert_ids, -1).index_select(0, rows).to(torch.int32)
         request = zerocopy.RunExpertsRequest(  # tensors travel as views of their bytes, copied once
             layer=layer,
-            hidden=to_wire(hidden.index_select(0, rows), self.wire_dtype),
             expert_ids=to_wire(ids),
             weights=to_wire(weights.index_select(0, rows).float()),
             request_id=request_ids.current(),
         )
         request.model_fingerprint = self.pool.fingerprint
+        kind = self._shared_kind(replica, hidden.device)
+        arena = self._acquire(replica, hidden, rows.numel()) if kind else None
+        done = False
+        try:
+            if arena is None:
+                request.hidden = to_wire(hidden.index_select(0, rows).cpu(), self.wire_dtype)
+                result = None
+            else:
+                result = self._stage(arena, request, hidden, rows)
+            await self._call(replica, chosen, layer, hidden, expert_ids, weights, counts, deadline, excluded,
+                             failures, partials, request, rows, result)
+            done = True
+        finally:
+            if arena is not None:
+                # After a failed, timed-out or cancelled call the server may still write into the arena:
+                # it is dropped, never reused (the server's mapping keeps the memory alive meanwhile).
+                if done:
+                    self.arenas.release(replica.address, arena)
+                else:
+                    arena.close()
+
+    async def _call(self, replica: Replica, chosen: list[int], layer: int, hidden: torch.Tensor,
+                    expert_ids: torch.Tensor, weights: torch.Tensor, counts: dict[int, int], deadline: float | None,
+                    excluded: frozenset[str], failures: Failures, partials: list, request, rows: torch.Tensor,
+                    result: torch.Tensor | None) -> None:
+        """One RunExperts call; its partial sums go to `partials` (read from `result` when shared)."""
         slots = sum(counts[e] for e in chosen)
         where = f"layer {layer} experts {format_ranges(chosen)}"
         timeout = self.timeout
@@ -118,6 +166,15 @@ class ExpertDispatcher:
             replica.outstanding -= slots
         if reply is None:
             reason = f"{error.code().name}: {error.details()}"
+            if result is not None and error.code() == grpc.StatusCode.FAILED_PRECONDITION and "shared_" in reason:
+                # This server cannot map our memory after all (another container, GPU or namespace):
+                # it keeps its place in the pool, and gets the bytes in the message from now on.
+                log.warning("expert server %s (%s) cannot use shared memory (%s); sending tensors by gRPC",
+                            replica.name, replica.address, reason)
+                replica.shared_kinds = frozenset()
+                await self._send(replica, chosen, layer, hidden, expert_ids, weights, counts, deadline, excluded,
+                                 failures, partials)
+                return
             if error.code() in _FINAL:
                 raise ServiceError(f"expert server {replica.name} ({replica.address}), {where}: {reason}") from error
             self.pool.report_failure(replica, reason, eject=error.code() not in _NO_EJECT)
@@ -126,7 +183,47 @@ class ExpertDispatcher:
                                 excluded | {replica.address}, failures, partials)
             return
         self.pool.report_success(replica)
-        partials.append((min(chosen), rows, from_wire(reply.output, "output").float()))
+        # A shared result is read (copied out) before its arena goes back to the pool.
+        partial = (result.to(torch.float32, copy=True) if result is not None  # .float() of float32 is no copy
+                   else from_wire(reply.output, "output").float())
+        partials.append((min(chosen), rows, partial))
+
+    def _shared_kind(self, replica: Replica, device: torch.device) -> str | None:
+        """The shared-memory kind to reach `replica` with for tensors on `device`, or None (gRPC bytes)."""
+        if self.arenas is None:
+            return None
+        kind = kind_for(device)
+        if kind not in replica.shared_kinds:
+            return None
+        if kind == "cuda":
+            uuid = self._uuids.get(device)
+            if uuid is None:
+                uuid = self._uuids[device] = gpu_uuid(device)
+            if uuid not in replica.gpu_uuids:
+                return None
+        return kind
+
+    def _acquire(self, replica: Replica, hidden: torch.Tensor, tokens: int) -> Arena | None:
+        """An arena for `tokens` rows in and out; None (gRPC bytes this time) if the memory is not there."""
+        row = hidden.shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize
+        try:
+            return self.arenas.acquire(replica.address, hidden.device, 2 * aligned(tokens * row))
+        except (OSError, RuntimeError) as err:  # /dev/shm full, GPU out of memory
+            log.warning("no shared memory for %d tokens to %s (%s); sending them by gRPC", tokens, replica.name, err)
+            return None
+
+    def _stage(self, arena: Arena, request, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Copy the routed rows into `arena`, name them and the result's place in `request`; returns that place.
+
+        GPU writes are complete (stream synchronised) before the request can leave."""
+        shape = (rows.numel(), hidden.shape[1])
+        out_at = aligned(shape[0] * shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize)
+        arena.view(0, self.shared_dtype, shape).copy_(hidden.index_select(0, rows.to(hidden.device)))
+        if hidden.is_cuda:
+            torch.cuda.current_stream(hidden.device).synchronize()
+        request.shared_hidden = arena.message(0, self.shared_dtype, shape)
+        request.shared_output = arena.message(out_at, self.shared_dtype, shape)
+        return arena.view(out_at, self.shared_dtype, shape)
 
     def _no_replica(self, layer: int, experts: list[int], failures: Failures) -> ServiceError:
         """UNAVAILABLE naming the pairs and why each owner is out; FAILED_PRECONDITION when they serve another

@@ -27,8 +27,17 @@ from moe_serve.malloc import keep_large_buffers
 from moe_serve.metrics import MetricsInterceptor, ServiceMetrics
 from moe_serve.models import load_dense_model
 from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
-from moe_serve.runtime import RULE, add_metrics_args, configure_logging, env, serve_until_signal
+from moe_serve.runtime import (
+    GPU_HOST_THREADS,
+    RULE,
+    add_metrics_args,
+    configure_logging,
+    env,
+    serve_until_signal,
+    set_torch_threads,
+)
 from moe_serve.serving import ServingOptions, add_serving_args, serving_from_args
+from moe_serve.shared_regions import ArenaPool
 from moe_serve.tokenizer import TextTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -65,6 +74,8 @@ class GatewayConfig:
     expert_tls: TLSFiles | None = None
     serving: ServingOptions = field(default_factory=lambda: ServingOptions(max_queue=GATEWAY_MAX_QUEUE))
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    shared_memory: bool = True  # same-host expert servers get tensors through shared memory / CUDA IPC
+    torch_threads: int = 0  # 0: one per core with dense layers on the CPU, a few with them on a GPU
 
     @property
     def address(self) -> str:
@@ -125,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
                    help="logging level: INFO logs every request with its id and status (env MOE_LOG_LEVEL; "
                         "default INFO)")
+    p.add_argument("--shared-memory", action=argparse.BooleanOptionalAction,
+                   default=env("SHARED_MEMORY", "1").lower() in ("1", "true", "yes", "on"),
+                   help="with expert servers on this host that accept it, leave hidden states in shared memory "
+                        "(/dev/shm, or the dense GPU's memory through CUDA IPC) instead of sending their bytes "
+                        "(env MOE_SHARED_MEMORY; default on)")
+    p.add_argument("--torch-threads", type=int, default=int(env("TORCH_THREADS", "0")),
+                   help=f"torch intra-op threads; 0 = one per core with --dense-device cpu, {GPU_HOST_THREADS} with "
+                        "a GPU (env MOE_TORCH_THREADS)")
     add_serving_args(p, max_queue=GATEWAY_MAX_QUEUE, token=True)
     add_batching_flags(p)
     return p
@@ -143,6 +162,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         metrics_host=args.metrics_host, metrics_port=args.metrics_port, resolve_interval=args.resolve_interval,
         keepalive=args.keepalive, expert_tls=TLSFiles.of(args.expert_tls_ca, args.expert_tls_cert, args.expert_tls_key),
         serving=serving_from_args(args), batching=batching_config_from_args(args),
+        shared_memory=args.shared_memory, torch_threads=args.torch_threads,
     )
 
 
@@ -225,7 +245,8 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     metrics = ServiceMetrics("gateway")
     metrics.describe(model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type, dtype=config.dense_dtype)
     dispatcher = ExpertDispatcher(checkpoint.spec, pool, asyncio.get_running_loop(),
-                                  wire.dtype_from_name(config.wire_dtype), config.rpc_timeout, metrics)
+                                  wire.dtype_from_name(config.wire_dtype), config.rpc_timeout, metrics,
+                                  ArenaPool() if config.shared_memory else None)
     engine = GatewayEngine(model, dispatcher, tokenizer)
 
     def info() -> gateway_pb2.ModelInfo:  # GetModelInfo lists the servers serving now
@@ -249,6 +270,7 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         batching.close()
         await asyncio.get_running_loop().run_in_executor(None, batching.join)
         await pool.close()
+        dispatcher.close()
 
     handle.on_stop = on_stop
     return handle, servicer
@@ -256,6 +278,7 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
 
 async def _serve(config: GatewayConfig) -> None:
     keep_large_buffers()  # reuse tensor-sized message buffers instead of mmap-ing fresh ones per call
+    set_torch_threads(config.torch_threads, parse_devices(config.dense_device))
     print(RULE)
     print("Starting gateway")
     print(RULE)

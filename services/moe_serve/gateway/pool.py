@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2
 
 from moe_client.channel import open_aio_channel
 from moe_client.pb import experts_pb2
+from moe_serve import shared_regions
 from moe_serve.arch import ModelSpec
 from moe_serve.gateway.replica import PoolOptions, Replica
 from moe_serve.gateway.resolve import resolve
@@ -186,6 +187,10 @@ class ServerPool:
     def _set_info(self, replica: Replica, info: experts_pb2.ServerInfo) -> None:
         replica.info = info
         replica.owns = {le.layer: frozenset(le.experts) for le in info.owned}
+        # Same host: the tensors may skip the socket (shared_regions.py), in the kinds the server maps.
+        same_host = info.host_id == shared_regions.host_id()
+        replica.shared_kinds = frozenset(info.shared_kinds) if same_host else frozenset()
+        replica.gpu_uuids = frozenset(info.gpu_uuids)
         refused = ""
         if info.model_fingerprint != self.fingerprint:
             refused = (f"serves checkpoint {info.model_fingerprint} ({info.model_type}), "

@@ -60,6 +60,8 @@ class Replica:
         self.ejected_until = 0.0
         self.outstanding = 0  # (token, expert) slots in flight on this server
         self.picks = 0
+        self.shared_kinds: frozenset[str] = frozenset()  # same-host fast paths it accepts ("shm", "cuda")
+        self.gpu_uuids: frozenset[str] = frozenset()  # GPUs whose memory it can map
         self.watcher: asyncio.Task | None = None
 
     @property

@@ -1,0 +1,244 @@
+"""Same-host fast path: tensors left in memory the gateway shares with an expert server, not in messages.
+
+When a gateway and an expert server run on one host, RunExperts can carry, instead of the hidden
+states' bytes, a SharedTensor naming where they are: a POSIX shared-memory object (host tensors) or a
+GPU allocation exported by CUDA IPC (tensors on a GPU, which a server on another GPU of the host
+reads over NVLink/PCIe peer access). The server writes its result into the same kind of region and
+the reply carries only its dtype and shape. gRPC still carries the call, its ids, weights, deadline
+and errors; only the bulk bytes skip the sockets, the encoding and the host copies.
+
+Gateway side: `ArenaPool` hands out regions ("arenas") big enough for a call's input and output and
+takes them back after the reply, so a region is exported once and reused call after call.
+Server side: `RegionMaps` maps each region once (kept mapped, least recently used dropped first) and
+views tensors in it, checking every field against the region.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+import socket
+import threading
+from collections import OrderedDict
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from moe_client import wire, zerocopy
+from moe_serve.errors import FailedPrecondition, InvalidArgument
+from moe_serve.tensors import TORCH_DTYPES
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "moe-"
+_SHM_NAME = re.compile(r"^moe-[A-Za-z0-9_-]{1,64}$")  # only regions made by ArenaPool: no other /dev/shm object
+_ALIGN = 256  # byte alignment of tensors inside an arena
+_MIN_ARENA = 1 << 20
+SHARED_DTYPES = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16)
+
+
+@cache
+def host_id() -> str:
+    """This host's identity: host name and kernel boot id (containers on one kernel differ by host name)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "unknown-boot"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def gpu_uuid(device: torch.device) -> str:
+    """'GPU-...' as nvidia-smi names the card: the same string in every process, whatever its numbering."""
+    return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
+
+
+def local_kinds() -> list[str]:
+    """The region kinds this process can map: 'shm' where /dev/shm exists, 'cuda' where a GPU is visible."""
+    kinds = ["shm"] if SHM_DIR.is_dir() else []
+    if torch.cuda.is_available():
+        kinds.append("cuda")
+    return kinds
+
+
+def local_gpu_uuids() -> list[str]:
+    if not torch.cuda.is_available():
+        return []
+    return [gpu_uuid(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
+
+
+def kind_for(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "shm"
+
+
+class Arena:
+    """One exported region on `device`: a uint8 tensor and the SharedRegion message that names it."""
+
+    def __init__(self, device: torch.device, nbytes: int):
+        self.device = device
+        self.nbytes = nbytes
+        self._path: Path | None = None
+        if device.type == "cuda":
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            # torch's CUDA IPC export (what torch.multiprocessing sends): the allocation's handle, this
+            # storage's offset in it, and a shared reference counter the mapping process holds a count on.
+            (_, handle, size, offset, ref_counter, ref_offset, _, _) = self.buffer.untyped_storage()._share_cuda_()
+            self.region = zerocopy.SharedRegion(kind="cuda", size=size, device_uuid=gpu_uuid(device),
+                                                cuda_handle=handle, cuda_offset=offset, ref_counter=ref_counter,
+                                                ref_counter_offset=ref_offset)
+        else:
+            name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+            self._path = SHM_DIR / name
+            fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                # Reserved now, so a full /dev/shm is an error here rather than SIGBUS at the first write.
+                os.posix_fallocate(fd, 0, nbytes)
+                self._map = mmap.mmap(fd, nbytes)
+            except OSError:
+                self._path.unlink(missing_ok=True)
+                raise
+            finally:
+                os.close(fd)
+            self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
+            self.region = zerocopy.SharedRegion(kind="shm", name=name, size=nbytes)
+
+    def view(self, offset: int, dtype: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor of wire dtype `dtype` at byte `offset` of the arena."""
+        torch_dtype = TORCH_DTYPES[dtype]
+        count = 1
+        for n in shape:
+            count *= n
+        return self.buffer[offset: offset + count * torch_dtype.itemsize].view(torch_dtype).view(shape)
+
+    def message(self, offset: int, dtype: int, shape: tuple[int, ...]):
+        """The SharedTensor naming that view."""
+        return zerocopy.SharedTensor(dtype=dtype, shape=tuple(shape), region=self.region, offset=offset)
+
+    def close(self) -> None:
+        """Drop the arena; a shm name is unlinked (a server's mapping stays valid until it drops it)."""
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            self._path = None
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+class ArenaPool:
+    """Arenas per (replica, device), reused across calls; one arena serves one call at a time."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep  # idle arenas kept per (replica, device)
+        self._idle: dict[tuple[str, torch.device], list[Arena]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, owner: str, device: torch.device, nbytes: int) -> Arena:
+        with self._lock:
+            idle = self._idle.setdefault((owner, device), [])
+            fits = [a for a in idle if a.nbytes >= nbytes]
+            if fits:
+                arena = min(fits, key=lambda a: a.nbytes)
+                idle.remove(arena)
+                return arena
+        size = _MIN_ARENA
+        while size < nbytes:
+            size *= 2
+        return Arena(device, size)
+
+    def release(self, owner: str, arena: Arena) -> None:
+        with self._lock:
+            idle = self._idle.setdefault((owner, arena.device), [])
+            idle.append(arena)
+            idle.sort(key=lambda a: -a.nbytes)
+            for dropped in idle[self.keep:]:
+                dropped.close()
+            del idle[self.keep:]
+
+    def close(self) -> None:
+        with self._lock:
+            for idle in self._idle.values():
+                for arena in idle:
+                    arena.close()
+            self._idle.clear()
+
+
+class RegionMaps:
+    """A server's mappings of callers' regions, each opened once; at most `limit` kept."""
+
+    def __init__(self, kinds: list[str], limit: int = 256):
+        self.kinds = list(kinds)
+        self.limit = limit
+        self._maps: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self._cuda_index = {u: i for i, u in enumerate(local_gpu_uuids())} if "cuda" in self.kinds else {}
+
+    def tensor(self, shared, field: str, dtypes=SHARED_DTYPES) -> torch.Tensor:
+        """The tensor `shared` (a SharedTensor) names, as a view of the mapped region; InvalidArgument names a
+        bad field, FailedPrecondition a region this server cannot map (another host, GPU or kind)."""
+        region = shared.region
+        if region.kind not in ("shm", "cuda"):
+            raise InvalidArgument(f"{field}.region.kind: {region.kind!r} is not 'shm' or 'cuda'")
+        if region.kind not in self.kinds:
+            raise FailedPrecondition(f"{field}: this server does not map shared memory of kind {region.kind!r} "
+                                     f"(it maps {self.kinds or 'none'}); send the tensor in the message")
+        if shared.dtype not in dtypes:
+            raise InvalidArgument(f"{field}.dtype: {wire.dtype_name(shared.dtype)} is not one of "
+                                  f"{[wire.dtype_name(d) for d in dtypes]}")
+        shape = tuple(shared.shape)
+        if len(shape) != 2 or min(shape) < 0:
+            raise InvalidArgument(f"{field}.shape: {list(shape)} must be [tokens, hidden]")
+        itemsize = TORCH_DTYPES[shared.dtype].itemsize
+        nbytes = shape[0] * shape[1] * itemsize
+        if shared.offset % itemsize or shared.offset + nbytes > region.size:
+            raise InvalidArgument(f"{field}: {nbytes} bytes at offset {shared.offset} do not fit the region of "
+                                  f"{region.size} bytes (or the offset is not a multiple of {itemsize})")
+        buffer = self._mapped(region, field)
+        view = buffer[shared.offset: shared.offset + nbytes]
+        return view.view(TORCH_DTYPES[shared.dtype]).view(shape)
+
+    def _mapped(self, region, field: str) -> torch.Tensor:
+        key = (region.kind, region.name, bytes(region.cuda_handle), region.cuda_offset, region.size)
+        with self._lock:
+            buffer = self._maps.get(key)
+            if buffer is not None:
+                self._maps.move_to_end(key)
+                return buffer
+        buffer = self._open_shm(region, field) if region.kind == "shm" else self._open_cuda(region, field)
+        with self._lock:
+            self._maps[key] = buffer
+            while len(self._maps) > self.limit:
+                self._maps.popitem(last=False)  # unmapped once no call still holds a view
+        return buffer
+
+    def _open_shm(self, region, field: str) -> torch.Tensor:
+        if not _SHM_NAME.match(region.name):
+            raise InvalidArgument(f"{field}.region.name: {region.name!r} is not a moe-serve region name (moe-...)")
+        try:
+            fd = os.open(SHM_DIR / region.name, os.O_RDWR)
+        except OSError as err:
+            raise FailedPrecondition(f"{field}: cannot open shared memory {region.name!r} on this host "
+                                     f"({err.strerror}); the caller is on another host or container") from err
+        try:
+            if os.fstat(fd).st_size < region.size:
+                raise InvalidArgument(f"{field}.region.size: {region.size} bytes but {region.name!r} holds "
+                                      f"{os.fstat(fd).st_size}")
+            mapped = mmap.mmap(fd, region.size)
+        finally:
+            os.close(fd)
+        return torch.frombuffer(mapped, dtype=torch.uint8)
+
+    def _open_cuda(self, region, field: str) -> torch.Tensor:
+        index = self._cuda_index.get(region.device_uuid)
+        if index is None:
+            raise FailedPrecondition(f"{field}.region.device_uuid: GPU {region.device_uuid!r} is not visible to "
+                                     "this server; send the tensor in the message")
+        try:
+            storage = torch.UntypedStorage._new_shared_cuda(
+                index, bytes(region.cuda_handle), region.size, region.cuda_offset, bytes(region.ref_counter),
+                region.ref_counter_offset, b"", False)
+        except RuntimeError as err:
+            raise FailedPrecondition(f"{field}: cannot map the caller's CUDA memory ({err}); "
+                                     "send the tensor in the message") from err
+        return torch.empty(0, dtype=torch.uint8, device=f"cuda:{index}").set_(storage)

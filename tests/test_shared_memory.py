@@ -1,0 +1,229 @@
+"""Same-host fast path: hidden states and sums through shared memory instead of message bytes.
+
+On CPU the regions are /dev/shm objects; the CUDA IPC kind runs the same code with GPU arenas and is
+exercised on GPU hosts (benchmarks/gpu_model.py and the GPU test at the end).
+"""
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from test_distributed_forward import reference_forward
+from test_run_experts import plain_torch
+
+from moe_client import GatewayClient, wire, zerocopy
+from moe_client.channel import unary_callable
+from moe_serve import shared_regions
+from moe_serve.shared_regions import Arena, ArenaPool
+
+
+def _mapped(cluster, server: str) -> int:
+    """Regions the expert server at `server` has mapped so far."""
+    regions = cluster.expert_servicers[server].regions
+    return 0 if regions is None else len(regions._maps)
+
+
+@pytest.mark.parametrize("tokens", [1, 33, 2048])
+def test_forward_through_shared_memory_equals_reference(cluster, tiny_checkpoint, tokens):
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-2", "3-7")]
+    gateway = cluster.gateway(tiny_checkpoint, servers)
+    hidden = np.random.default_rng().standard_normal((tokens, 64), dtype=np.float32)
+    with GatewayClient(gateway) as client:
+        first = client.forward(hidden)
+        second = client.forward(hidden[::-1].copy())  # the arenas are reused for the next call
+    want = reference_forward(tiny_checkpoint, hidden)
+    assert np.abs(first - want).max() <= 1e-5
+    assert np.abs(second - want[::-1]).max() <= 1e-5
+    pool = cluster.servicers[gateway].engine.experts.inner.pool
+    assert all(r.shared_kinds >= {"shm"} for r in pool.members)
+    assert all(_mapped(cluster, s) >= 1 for s in servers)
+
+
+@pytest.mark.parametrize("gateway_on, server_on", [(False, True), (True, False)])
+def test_either_side_can_turn_it_off(cluster, tiny_checkpoint, gateway_on, server_on):
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e, shared_memory=server_on) for e in ("0-3", "4-7")]
+    gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=gateway_on)
+    hidden = np.random.default_rng().standard_normal((3, 7, 64), dtype=np.float32)
+    with GatewayClient(gateway) as client:
+        got = client.forward(hidden)
+    assert np.abs(got - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5
+    assert all(_mapped(cluster, s) == 0 for s in servers)
+
+
+def test_a_server_on_another_host_id_gets_bytes(cluster, tiny_checkpoint, monkeypatch):
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-3", "4-7")]
+    for s in servers:  # as a container with its own host name would report
+        info = cluster.expert_servicers[s].info
+        info.host_id = "elsewhere/" + info.host_id
+    gateway = cluster.gateway(tiny_checkpoint, servers)
+    hidden = np.random.default_rng().standard_normal((5, 64), dtype=np.float32)
+    with GatewayClient(gateway) as client:
+        got = client.forward(hidden)
+    assert np.abs(got - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5
+    assert all(_mapped(cluster, s) == 0 for s in servers)
+
+
+def test_gateway_falls_back_when_the_server_cannot_map(cluster, tiny_checkpoint, tmp_path, monkeypatch):
+    """A server that claims the host but sees another /dev/shm (a container sharing the host name): the
+    first call is refused with FAILED_PRECONDITION, the gateway sends bytes from then on, nothing fails."""
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-3", "4-7")]
+    gateway = cluster.gateway(tiny_checkpoint, servers)
+    elsewhere = tmp_path / "other-shm"
+    elsewhere.mkdir()
+    for s in servers:  # the servers' RegionMaps look in a directory the gateway's arenas are not in
+        monkeypatch.setattr(cluster.expert_servicers[s].regions, "_open_shm",
+                            _open_in(elsewhere, cluster.expert_servicers[s].regions._open_shm))
+    hidden = np.random.default_rng().standard_normal((6, 64), dtype=np.float32)
+    with GatewayClient(gateway) as client:
+        got = [client.forward(hidden) for _ in range(3)]
+    want = reference_forward(tiny_checkpoint, hidden)
+    assert all(np.abs(g - want).max() <= 1e-5 for g in got)
+    pool = cluster.servicers[gateway].engine.experts.inner.pool
+    assert all(not r.shared_kinds for r in pool.members)
+
+
+def _open_in(directory, open_shm):
+    def opener(region, field):
+        original = shared_regions.SHM_DIR
+        shared_regions.SHM_DIR = directory
+        try:
+            return open_shm(region, field)
+        finally:
+            shared_regions.SHM_DIR = original
+    return opener
+
+
+# --- RunExperts called directly with shared regions ---------------------------------------------------
+
+
+@pytest.fixture
+def server(cluster, tiny_checkpoint):
+    return cluster.expert_server(tiny_checkpoint, experts="2-5")
+
+
+@pytest.fixture
+def arena():
+    a = Arena(torch.device("cpu"), 1 << 20)
+    yield a
+    a.close()
+
+
+def _call(server, request):
+    channel = grpc.insecure_channel(server)
+    try:
+        return unary_callable(channel, "/moe.v1.ExpertService/RunExperts", zerocopy.RunExpertsResponse)(
+            request, timeout=10)
+    finally:
+        channel.close()
+
+
+def _request(arena, x, ids, weights, **fields):
+    """A RunExperts request with `x` in the arena and the result's place after it; `fields` override."""
+    arena.view(0, wire.FLOAT32, x.shape).copy_(torch.from_numpy(x))
+    out_at = shared_regions.aligned(x.nbytes)
+    values = dict(layer=1, expert_ids=wire.encode_view(ids), weights=wire.encode_view(weights),
+                  shared_hidden=arena.message(0, wire.FLOAT32, x.shape),
+                  shared_output=arena.message(out_at, wire.FLOAT32, x.shape))
+    values.update(fields)
+    return zerocopy.RunExpertsRequest(**values), out_at
+
+
+def _inputs(tokens=7):
+    rng = np.random.default_rng()
+    hidden = rng.standard_normal((tokens, 64), dtype=np.float32)
+    ids = rng.integers(2, 6, size=(tokens, 2)).astype(np.int32)
+    weights = rng.random((tokens, 2), dtype=np.float32)
+    return hidden, ids, weights
+
+
+def test_run_experts_reads_and_writes_the_region(server, tiny_checkpoint, arena):
+    hidden, ids, weights = _inputs()
+    request, out_at = _request(arena, hidden, ids, weights)
+    reply = _call(server, request)
+    assert (reply.output.dtype, reply.output.shape, bytes(reply.output.data)) == (wire.FLOAT32, (7, 64), b"")
+    got = arena.view(out_at, wire.FLOAT32, (7, 64)).numpy()
+    assert np.abs(got - plain_torch(tiny_checkpoint, 1, hidden, ids, weights)).max() <= 1e-5
+
+
+def _region(arena, **changes):
+    fields = {f.name: getattr(arena.region, f.name) for f in zerocopy.SharedRegion.fields}
+    fields.update(changes)
+    return zerocopy.SharedRegion(**fields)
+
+
+BAD = {
+    "unknown kind": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
+        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, kind="nvlink"))},
+        grpc.StatusCode.INVALID_ARGUMENT, "shared_hidden.region.kind"),
+    "past the end": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
+        dtype=wire.FLOAT32, shape=h.shape, region=a.region, offset=a.nbytes - 64)},
+        grpc.StatusCode.INVALID_ARGUMENT, "do not fit the region"),
+    "not our name": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
+        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, name="../etc/passwd"))},
+        grpc.StatusCode.INVALID_ARGUMENT, "shared_hidden.region.name"),
+    "no such region": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
+        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, name="moe-gone"))},
+        grpc.StatusCode.FAILED_PRECONDITION, "cannot open shared memory 'moe-gone'"),
+    "region smaller than said": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
+        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, size=a.nbytes * 2))},
+        grpc.StatusCode.INVALID_ARGUMENT, "shared_hidden.region.size"),
+    "integer dtype": (lambda a, h: {"shared_output": zerocopy.SharedTensor(
+        dtype=wire.INT32, shape=h.shape, region=a.region, offset=a.nbytes // 2)},
+        grpc.StatusCode.INVALID_ARGUMENT, "shared_output.dtype"),
+    "output shape": (lambda a, h: {"shared_output": zerocopy.SharedTensor(
+        dtype=wire.FLOAT32, shape=(h.shape[0] + 1, 64), region=a.region, offset=a.nbytes // 2)},
+        grpc.StatusCode.INVALID_ARGUMENT, "shared_output.shape"),
+    "bytes and region": (lambda a, h: {"hidden": wire.encode_view(h)},
+                         grpc.StatusCode.INVALID_ARGUMENT, "set together with shared_hidden"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_shared_fields_are_named_and_the_server_stays_well(server, tiny_checkpoint, arena, case):
+    make, code, text = BAD[case]
+    hidden, ids, weights = _inputs()
+    request, _ = _request(arena, hidden, ids, weights, **make(arena, hidden))
+    with pytest.raises(grpc.RpcError) as err:
+        _call(server, request)
+    assert err.value.code() == code and text in err.value.details(), err.value.details()
+    good, out_at = _request(arena, hidden, ids, weights)
+    _call(server, good)
+    got = arena.view(out_at, wire.FLOAT32, (7, 64)).numpy()
+    assert np.abs(got - plain_torch(tiny_checkpoint, 1, hidden, ids, weights)).max() <= 1e-5
+
+
+def test_server_with_it_off_refuses_shared_requests(cluster, tiny_checkpoint, arena):
+    server = cluster.expert_server(tiny_checkpoint, experts="2-5", shared_memory=False)
+    hidden, ids, weights = _inputs()
+    request, _ = _request(arena, hidden, ids, weights)
+    with pytest.raises(grpc.RpcError) as err:
+        _call(server, request)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "shared_hidden" in err.value.details() and "--shared-memory off" in err.value.details()
+
+
+def test_arena_pool_reuses_and_unlinks():
+    pool = ArenaPool(keep=1)
+    a = pool.acquire("s", torch.device("cpu"), 1000)
+    pool.release("s", a)
+    assert pool.acquire("s", torch.device("cpu"), 2000) is a  # the smallest idle arena that fits
+    big = pool.acquire("s", torch.device("cpu"), 3 << 20)
+    assert big.nbytes == 4 << 20
+    pool.release("s", a)
+    pool.release("s", big)  # keep=1: the smaller one goes, its name unlinked
+    assert not (shared_regions.SHM_DIR / a.region.name).exists()
+    assert (shared_regions.SHM_DIR / big.region.name).exists()
+    pool.close()
+    assert not (shared_regions.SHM_DIR / big.region.name).exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU (run on the lent GPU hosts)")
+def test_forward_through_cuda_ipc(cluster, tiny_checkpoint):
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e, devices="cuda:0") for e in ("0-3", "4-7")]
+    gateway = cluster.gateway(tiny_checkpoint, servers, dense_device="cuda:0")
+    hidden = np.random.default_rng().standard_normal((2, 9, 64), dtype=np.float32)
+    with GatewayClient(gateway) as client:
+        got = client.forward(hidden)
+    assert np.abs(got - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-4
+    assert all(r.shared_kinds >= {"cuda"} for r in cluster.servicers[gateway].engine.experts.inner.pool.members)
+    assert all(_mapped(cluster, s) >= 1 for s in servers)
