@@ -23,6 +23,7 @@ import torch
 from moe_serve.core.experts import ExpertWeights
 from moe_serve.core.routing import route
 from moe_serve.expert_server.bank import ExpertBank, assign_devices
+from moe_serve.runtime import set_torch_threads
 
 HIDDEN, WIDTH, EXPERTS, TOP_K = 2048, 1408, 64, 6
 
@@ -74,9 +75,13 @@ def main() -> None:
     p.add_argument("--tokens", default="1,16,128,512,1024,2048,4096,8192,16384")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="tiny shapes, for a run without a GPU")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch host threads; 0 = as the expert server sets them for these devices")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     devices = [torch.device(d) for d in args.devices.split(",")]
+    threads = set_torch_threads(args.torch_threads, devices)
+    print(f"torch host threads: {threads}", flush=True)
     hidden, width, experts = (HIDDEN, WIDTH, EXPERTS) if not args.quick else (256, 128, 16)
     tokens_list = [int(t) for t in args.tokens.split(",")] if not args.quick else [1, 64, 512]
     primary = devices[0]
@@ -109,7 +114,7 @@ def main() -> None:
     names = [torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or "cpu" for d in devices]
     result = {"devices": [str(d) for d in devices], "device_names": names, "gemm_peak_tflops": peak,
               "shape": {"hidden": hidden, "width": width, "experts": experts, "top_k": TOP_K},
-              "torch": torch.__version__, "rows": rows}
+              "torch": torch.__version__, "torch_threads": threads, "rows": rows}
     print(f"bf16 GEMM peak measured on {names[0]}: {peak:.1f} TFLOP/s")
     if args.out:
         with open(args.out, "w") as f:

@@ -8,13 +8,15 @@ experts of width 1408, top-6, 2 shared experts, vocab 102400; ~16.4 B parameters
   3. transformers' Qwen2-MoE at Qwen1.5-MoE-A2.7B's shape on one GPU, random weights.
 For each: prefill tokens/s (8 prompts x 512 tokens in one step) and decode tokens/s (64 sequences,
 one token each per step, greedy on the GPU), medians over repeats; distributed logits checked against
-the one-process run. Server counts with an `r` (`4r`) replicate each layer's hottest experts (their
-load counted over the benchmark's own prompts in the first row) onto the servers that carry the least
-of that layer's load; the gateway's pool then balances each call over the replicas. Prints a table;
-writes JSON after every row (a run cut short keeps what it measured).
+the one-process run. The gateway reaches its same-host servers through CUDA IPC (the hidden states
+stay in GPU memory; gRPC carries the call); a `t` after a server count (`2t`) turns that off, so every
+tensor crosses loopback TCP as message bytes. An `r` (`4r`) replicates each layer's hottest experts
+(their load counted over the benchmark's own prompts in the first row) onto the servers that carry the
+least of that layer's load; the gateway's pool then balances each call over the replicas. Prints a
+table; writes JSON after every row (a run cut short keeps what it measured; a failed row is recorded).
 
-    python -m benchmarks.gpu_model --servers 2,1 --out results.json      # on a 2-GPU host
-    python -m benchmarks.gpu_model --servers 1,2,4,4r --out results.json  # on a 4-GPU host
+    python -m benchmarks.gpu_model --servers 2,2t,1 --out results.json      # on a 2-GPU host
+    python -m benchmarks.gpu_model --servers 1,2,4,4r,2t --out results.json  # on a 4-GPU host
     python -m benchmarks.gpu_model --tiny --device cpu --servers 2,2r     # smoke run without a GPU
 """
 
@@ -45,6 +47,7 @@ from moe_serve.gateway.main import GatewayConfig, create_gateway
 from moe_serve.layout import dense_tensor_shapes
 from moe_serve.models import load_dense_model
 from moe_serve.placement import balanced_assignment, placement_entries, resolve_ownership, write_placement
+from moe_serve.runtime import set_torch_threads
 
 DEEPSEEK_MOE_16B = {
     "model_type": "deepseek", "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
@@ -318,7 +321,7 @@ class Report:
 
 
 def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], port: int, loop: LoopThread,
-             counter_loads: dict | None) -> dict:
+             counter_loads: dict | None, shared_memory: bool) -> dict:
     """Start the servers, a gateway in this process, measure, stop; fills counter_loads if given."""
     start = time.perf_counter()
     procs, addresses, placement = start_servers(ckpt_dir, owned, devices, port, spec, Path(args.workdir))
@@ -326,10 +329,13 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
     try:
         config = GatewayConfig(checkpoint=str(ckpt_dir), servers=addresses, placement=str(placement),
                                host="127.0.0.1", port=0, dense_dtype="bfloat16", dense_device=devices[0],
-                               wire_dtype="bfloat16", connect_timeout=900, rpc_timeout=300)
+                               wire_dtype="bfloat16", connect_timeout=900, rpc_timeout=300,
+                               shared_memory=shared_memory)
         handle, servicer = loop.run(create_gateway(config))
         try:
             experts = servicer.engine.experts
+            kinds = set().union(*(r.shared_kinds for r in experts.inner.pool.members)) if shared_memory else set()
+            row = {"shared_kinds": sorted(kinds)}
             if counter_loads is not None:
                 experts = LoadCounter(experts, spec.num_experts)
                 experts.counting = True
@@ -341,7 +347,7 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
                     model.forward(prompts, [model.new_cache(args.prefill_len) for _ in prompts], experts)
                 experts.counting = False
                 counter_loads.update(experts.loads)
-            row = ours_prefill_decode(servicer.engine.model, experts, args)
+            row.update(ours_prefill_decode(servicer.engine.model, experts, args))
         finally:
             loop.run(handle.stop(0))
     finally:
@@ -376,6 +382,8 @@ def main() -> None:
                       vocab_size=1000)
     spec = spec_from_config(config)
     on_gpu = args.device.startswith("cuda")
+    # As the gateway and expert servers set theirs: few host threads when the tensors live on GPUs.
+    threads = set_torch_threads(0, [torch.device(args.device)])
     gpus = torch.cuda.device_count() if on_gpu else 0
     names = [torch.cuda.get_device_name(i) for i in range(gpus)]
     devices = [f"cuda:{i}" for i in range(gpus)] if on_gpu else ["cpu"]
@@ -388,36 +396,45 @@ def main() -> None:
         write_checkpoint(ckpt_dir, config, seed=0, device=devices[0])
         print(f"wrote random checkpoint ({spec.model_type}, {spec.num_layers} layers) in "
               f"{time.perf_counter() - start:.0f}s", flush=True)
-    report = Report(args.out, gpus=names, torch=torch.__version__, args=vars(args))
-    loop = LoopThread()
-    loads: dict[int, torch.Tensor] = {}
-    for n, item in enumerate(args.servers.split(",")):
-        count, replicated = int(item.rstrip("r")), item.endswith("r")
-        if replicated and not loads:
-            raise SystemExit(f"--servers {args.servers}: a replicated row ({item}) needs a plain row before it, "
-                             "which counts the experts' loads")
-        owned = (replicated_ownership(spec, count, loads, args.replicate) if replicated
-                 else balanced_assignment(spec, count))
-        row = grpc_row(args, spec, ckpt_dir, owned, devices, 51000 + 20 * n, loop, None if loads else loads)
-        row["load_imbalance"] = imbalance(owned, loads)
-        name = f"grpc_{count}_servers" + ("_replicated" if replicated else "")
-        report.add(name, row)
-        print(f"{name} on {min(count, len(devices))} device(s): prefill {row['prefill_tokens_per_s']:.0f} tok/s, "
-              f"decode {row['decode_tokens_per_s']:.0f} tok/s, busiest server / mean {row['load_imbalance']:.3f}, "
-              f"servers started in {row['servers_start_s']:.0f}s", flush=True)
+    report = Report(args.out, gpus=names, torch=torch.__version__, torch_threads=threads, args=vars(args))
     if not args.skip_one_process:
         checkpoint = Checkpoint(ckpt_dir)
         model = load_dense_model(checkpoint, torch.bfloat16, devices[0])
         bank = ExpertBank.load(checkpoint, resolve_ownership(checkpoint.spec, "all"), [torch.device(devices[0])],
                                torch.bfloat16)
         report.add("one_process_1_device", ours_prefill_decode(model, InProcessExperts(bank), args))
-        report.compare_logits("one_process_1_device")
         row = report.data["rows"]["one_process_1_device"]
         print(f"one process, one device: prefill {row['prefill_tokens_per_s']:.0f} tok/s, "
               f"decode {row['decode_tokens_per_s']:.0f} tok/s", flush=True)
         del model, bank
         if on_gpu:
             torch.cuda.empty_cache()
+    loop = LoopThread()
+    loads: dict[int, torch.Tensor] = {}
+    for n, item in enumerate(args.servers.split(",")):
+        count, replicated, tcp = int(item.rstrip("rt")), "r" in item, "t" in item
+        if replicated and not loads:
+            raise SystemExit(f"--servers {args.servers}: a replicated row ({item}) needs a plain row before it, "
+                             "which counts the experts' loads")
+        owned = (replicated_ownership(spec, count, loads, args.replicate) if replicated
+                 else balanced_assignment(spec, count))
+        name = f"grpc_{count}_servers" + ("_replicated" if replicated else "") + ("_tcp_bytes" if tcp else "")
+        try:
+            row = grpc_row(args, spec, ckpt_dir, owned, devices, 51000 + 20 * n, loop, None if loads else loads,
+                           shared_memory=not tcp)
+        except Exception as err:  # recorded; the other rows still run
+            report.data.setdefault("failed", {})[name] = repr(err)
+            report.save()
+            print(f"{name}: FAILED {err!r}", flush=True)
+            continue
+        row["load_imbalance"] = imbalance(owned, loads)
+        report.add(name, row)
+        print(f"{name} on {min(count, len(devices))} device(s), shared {row['shared_kinds'] or 'none'}: prefill "
+              f"{row['prefill_tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.0f} tok/s, busiest "
+              f"server / mean {row['load_imbalance']:.3f}, servers started in {row['servers_start_s']:.0f}s",
+              flush=True)
+    if "one_process_1_device" in report.logits:
+        report.compare_logits("one_process_1_device")
     if not args.skip_transformers:
         report.add("transformers_qwen15_moe_a27b_1_device", transformers_qwen(args, devices[0]))
     rows = report.data["rows"]
