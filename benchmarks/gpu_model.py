@@ -10,7 +10,8 @@ For each: prefill tokens/s (8 prompts x 512 tokens in one step) and decode token
 one token each per step, greedy on the GPU), medians over repeats; distributed logits checked against
 the one-process run. The gateway reaches its same-host servers through CUDA IPC (the hidden states
 stay in GPU memory; gRPC carries the call); a `t` after a server count (`2t`) turns that off, so every
-tensor crosses loopback TCP as message bytes. An `r` (`4r`) replicates each layer's hottest experts
+tensor crosses loopback TCP as message bytes; a `b` (`2b`) has the servers write their sums in bf16
+instead of float32 (the comparison behind the float32 default). An `r` (`4r`) replicates each layer's hottest experts
 (their load counted over the benchmark's own prompts in the first row) onto the servers that carry the
 least of that layer's load; the gateway's pool then balances each call over the replicas. Prints a
 table; writes JSON after every row (a run cut short keeps what it measured; a failed row is recorded).
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from moe_client import wire
 from moe_client.client import ExpertClient
 from moe_serve.arch import spec_from_config
 from moe_serve.checkpoint import Checkpoint
@@ -321,7 +323,7 @@ class Report:
 
 
 def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], port: int, loop: LoopThread,
-             counter_loads: dict | None, shared_memory: bool) -> dict:
+             counter_loads: dict | None, shared_memory: bool, bf16_sums: bool = False) -> dict:
     """Start the servers, a gateway in this process, measure, stop; fills counter_loads if given."""
     start = time.perf_counter()
     procs, addresses, placement = start_servers(ckpt_dir, owned, devices, port, spec, Path(args.workdir))
@@ -334,6 +336,8 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
         handle, servicer = loop.run(create_gateway(config))
         try:
             experts = servicer.engine.experts
+            if bf16_sums:
+                experts.inner.shared_out_dtype = wire.BFLOAT16
             kinds = set().union(*(r.shared_kinds for r in experts.inner.pool.members)) if shared_memory else set()
             row = {"shared_kinds": sorted(kinds)}
             if counter_loads is not None:
@@ -412,16 +416,19 @@ def main() -> None:
     loop = LoopThread()
     loads: dict[int, torch.Tensor] = {}
     for n, item in enumerate(args.servers.split(",")):
-        count, replicated, tcp = int(item.rstrip("rt")), "r" in item, "t" in item
+        count, replicated, tcp, bf16 = int(item.rstrip("rtb")), "r" in item, "t" in item, "b" in item
         if replicated and not loads:
             raise SystemExit(f"--servers {args.servers}: a replicated row ({item}) needs a plain row before it, "
                              "which counts the experts' loads")
         owned = (replicated_ownership(spec, count, loads, args.replicate) if replicated
                  else balanced_assignment(spec, count))
-        name = f"grpc_{count}_servers" + ("_replicated" if replicated else "") + ("_tcp_bytes" if tcp else "")
+        name = (f"grpc_{count}_servers" + ("_replicated" if replicated else "") + ("_tcp_bytes" if tcp else "")
+                + ("_bf16_sums" if bf16 else ""))
+        if name in report.data["rows"]:
+            name += f"_again_{n}"
         try:
             row = grpc_row(args, spec, ckpt_dir, owned, devices, 51000 + 20 * n, loop, None if loads else loads,
-                           shared_memory=not tcp)
+                           shared_memory=not tcp, bf16_sums=bf16)
         except Exception as err:  # recorded; the other rows still run
             report.data.setdefault("failed", {})[name] = repr(err)
             report.save()
