@@ -4,6 +4,8 @@ On CPU the regions are /dev/shm objects; the CUDA IPC kind runs the same code wi
 exercised on GPU hosts (benchmarks/gpu_model.py and the GPU test at the end).
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from test_run_experts import plain_torch
 from moe_client import GatewayClient, wire, zerocopy
 from moe_client.channel import unary_callable
 from moe_serve import shared_regions
+from moe_serve.gateway.batching import BatchingConfig
 from moe_serve.shared_regions import Arena, ArenaPool
 
 
@@ -37,6 +40,18 @@ def test_forward_through_shared_memory_equals_reference(cluster, tiny_checkpoint
     pool = cluster.servicers[gateway].engine.experts.inner.pool
     assert all(r.shared_kinds >= {"shm"} for r in pool.members)
     assert all(_mapped(cluster, s) >= 1 for s in servers)
+
+
+def test_concurrent_calls_keep_their_own_arenas(cluster, tiny_checkpoint):
+    """Many requests in flight at once: each result is read out of its arena before the arena is reused."""
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-3", "4-7")]
+    gateway = cluster.gateway(tiny_checkpoint, servers, batching=BatchingConfig(batching=False))
+    rng = np.random.default_rng()
+    inputs = [rng.standard_normal((int(rng.integers(1, 40)), 64), dtype=np.float32) for _ in range(24)]
+    with GatewayClient(gateway) as client, ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(client.forward, inputs))
+    for x, y in zip(inputs, got, strict=True):
+        assert np.abs(y - reference_forward(tiny_checkpoint, x)).max() <= 1e-5
 
 
 @pytest.mark.parametrize("gateway_on, server_on", [(False, True), (True, False)])

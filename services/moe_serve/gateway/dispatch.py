@@ -132,7 +132,7 @@ class ExpertDispatcher:
         done = False
         try:
             if arena is None:
-                request.hidden = to_wire(hidden.index_select(0, rows).cpu(), self.wire_dtype)
+                request.hidden = to_wire(hidden.index_select(0, rows.to(hidden.device)).cpu(), self.wire_dtype)
                 result = None
             else:
                 result = self._stage(arena, request, hidden, rows)
