@@ -195,11 +195,13 @@ def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[Replica],
     )
 
 
-def print_mapping(pool: ServerPool) -> None:
+def print_mapping(pool: ServerPool, shared_memory: bool = True) -> None:
     """The seed's 'Expert-to-worker mapping', per MoE layer; an expert with replicas lists them all."""
     for server in pool.members:
+        kinds = sorted(server.shared_kinds) if shared_memory else []
+        how = f", same host: tensors through shared memory ({', '.join(kinds)})" if kinds else ""
         print(f"  {server.name} at {server.address}: experts {'; '.join(format_ownership(server.owned))} "
-              f"on {', '.join(server.info.devices)} ({server.info.compute_dtype})")
+              f"on {', '.join(server.info.devices)} ({server.info.compute_dtype}){how}")
     for layer in pool.spec.moe_layers:
         owners = pool.owners.get(layer, {})
         names = {e: [r.name for r in owners.get(e, [])] for e in range(pool.spec.num_experts)}
@@ -241,7 +243,7 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         await pool.close()
         raise
     if verbose:
-        print_mapping(pool)
+        print_mapping(pool, config.shared_memory)
     metrics = ServiceMetrics("gateway")
     metrics.describe(model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type, dtype=config.dense_dtype)
     dispatcher = ExpertDispatcher(checkpoint.spec, pool, asyncio.get_running_loop(),
