@@ -42,16 +42,25 @@ def test_forward_through_shared_memory_equals_reference(cluster, tiny_checkpoint
     assert all(_mapped(cluster, s) >= 1 for s in servers)
 
 
-def test_concurrent_calls_keep_their_own_arenas(cluster, tiny_checkpoint):
-    """Many requests in flight at once: each result is read out of its arena before the arena is reused."""
+def test_results_are_read_out_before_the_arena_is_reused(cluster, tiny_checkpoint, monkeypatch):
+    """An arena goes back to the pool once its call is done, and the next call may overwrite it at once.
+    Poisoning every released arena (0xFF bytes: NaN) makes any result still read from one show."""
+    release = ArenaPool.release
+
+    def poison_then_release(self, owner, arena):
+        arena.buffer.fill_(0xFF)
+        release(self, owner, arena)
+
+    monkeypatch.setattr(ArenaPool, "release", poison_then_release)
     servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-3", "4-7")]
     gateway = cluster.gateway(tiny_checkpoint, servers, batching=BatchingConfig(batching=False))
     rng = np.random.default_rng()
-    inputs = [rng.standard_normal((int(rng.integers(1, 40)), 64), dtype=np.float32) for _ in range(24)]
-    with GatewayClient(gateway) as client, ThreadPoolExecutor(8) as pool:
+    inputs = [rng.standard_normal((int(rng.integers(1, 40)), 64), dtype=np.float32) for _ in range(16)]
+    with GatewayClient(gateway) as client, ThreadPoolExecutor(8) as pool:  # concurrent calls, too
         got = list(pool.map(client.forward, inputs))
     for x, y in zip(inputs, got, strict=True):
         assert np.abs(y - reference_forward(tiny_checkpoint, x)).max() <= 1e-5
+    assert all(_mapped(cluster, s) >= 1 for s in servers)
 
 
 @pytest.mark.parametrize("gateway_on, server_on", [(False, True), (True, False)])
