@@ -3,7 +3,8 @@
 Every variant routes the same input with the same router in this process and runs the same
 experts with the same kernels (ExpertBank): in-process here, or split over two worker processes
 reached by the gateway's ExpertDispatcher over gRPC (ours: the real moe-expert-server on unix
-sockets), or by torch RPC (the seed's design, and our design on torch RPC). gRPC and torch RPC
+sockets, tensors as message bytes or, as the gateway does for same-host servers, in /dev/shm), or
+by torch RPC (the seed's design, and our design on torch RPC). gRPC and torch RPC
 phases alternate (benchmarks.procs), each timed interleaved with in-process. Errors are against
 the fp32 in-process output for the same input.
 """
@@ -75,7 +76,8 @@ class MoeBench:
             with GrpcPhase(self.loop, self.dir, self.shape, self.workers, dtype, self.threads) as phase:
                 sync = SyncDispatcher(phase.addresses, phase.table, wire_dtype) if self.sync_variant else None
                 for tokens in tokens_list:
-                    variants = {IN_GRPC: local, "ours": phase.dispatcher(wire_dtype)}
+                    variants = {IN_GRPC: local, "ours": phase.dispatcher(wire_dtype),
+                                "ours, shared memory": phase.dispatcher(wire_dtype, shared_memory=True)}
                     if sync is not None:
                         variants["ours sync"] = sync
                     self._time(samples, (tokens,), variants, tokens, outputs[tokens] if r == 0 else None)

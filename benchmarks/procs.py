@@ -30,6 +30,7 @@ from moe_client import wire
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.pool import PoolOptions, ServerPool
+from moe_serve.shared_regions import ArenaPool
 
 ROOT = Path(__file__).resolve().parent.parent
 MALLOC_DEFAULT: list[str] = []  # ["--malloc-default"] to leave the benchmark's own processes untuned
@@ -102,6 +103,7 @@ class GrpcPhase:
                       for r, (address, log) in enumerate(zip(addresses, self.logs, strict=True), 1)]
         ckpt = Checkpoint(checkpoint)
         self.spec = ckpt.spec
+        self._arenas: list[ArenaPool] = []
         # The gateway's replica pool over these servers (one replica per expert share, so no failover here).
         self.pool = ServerPool(addresses, self.spec, ckpt.fingerprint(), PoolOptions(rpc_timeout=900.0))
         try:
@@ -121,12 +123,18 @@ class GrpcPhase:
             threading.Event().wait(0.2)
         future.result()
 
-    def dispatcher(self, wire_dtype: int = wire.FLOAT32) -> ExpertDispatcher:
-        """The gateway's dispatcher over these servers, sending hidden states in `wire_dtype`."""
-        return ExpertDispatcher(self.spec, self.pool, self.loop.loop, wire_dtype, 900.0)
+    def dispatcher(self, wire_dtype: int = wire.FLOAT32, shared_memory: bool = False) -> ExpertDispatcher:
+        """The gateway's dispatcher over these servers, sending hidden states in `wire_dtype` (or, with
+        `shared_memory`, leaving them in /dev/shm arenas as the gateway does for same-host servers)."""
+        arenas = ArenaPool() if shared_memory else None
+        if arenas is not None:
+            self._arenas.append(arenas)
+        return ExpertDispatcher(self.spec, self.pool, self.loop.loop, wire_dtype, 900.0, arenas=arenas)
 
     def close(self) -> None:
         """Close the channels and stop the servers."""
+        for arenas in self._arenas:
+            arenas.close()
         self.loop.run(self.pool.close())
         _stop(self.procs)
         shutil.rmtree(self.dir, ignore_errors=True)

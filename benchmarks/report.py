@@ -64,6 +64,9 @@ def variants_table(rows: list[dict]) -> str:
                    "tcp vs before"], lines)
 
 
+SHM = "ours, shared memory"  # same-host servers reached through /dev/shm arenas
+
+
 def moe_table(rows: list[dict]) -> str:
     """Per-layer medians (ms) and speed ratios of ours against each other variant."""
     lines = []
@@ -75,9 +78,11 @@ def moe_table(rows: list[dict]) -> str:
         lines.append([row["dtype"], str(row["tokens"]), _ms(v["in-process"]), _ms(v["ours"]) + sync, _ms(v[RPC_SEED]),
                       _ms(v[RPC_COMBINE]), f"{speed(row, 'ours', 'in-process'):.2f}x",
                       f"{speed(row, 'ours', RPC_SEED):.2f}x", "-" if norm is None else f"{norm:.2f}x",
-                      f"{speed(row, 'ours', RPC_COMBINE):.2f}x", "-" if err is None else f"{err:.1e}"])
+                      f"{speed(row, 'ours', RPC_COMBINE):.2f}x", "-" if err is None else f"{err:.1e}",
+                      *((_ms(v[SHM]), f"{speed(row, SHM, 'in-process'):.2f}x", f"{speed(row, SHM, RPC_SEED):.2f}x")
+                        if SHM in v else ("-", "-", "-"))])
     header = ["dtype", "tokens", "in-proc ms", "ours ms", "RPC seed ms", "RPC+comb ms", "vs in-proc", "vs RPC seed",
-              "(normalised)", "vs RPC+comb", "ours err"]
+              "(normalised)", "vs RPC+comb", "ours err", "ours shm ms", "shm vs in-proc", "shm vs RPC seed"]
     return _table(header, lines)
 
 
