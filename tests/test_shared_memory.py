@@ -90,6 +90,10 @@ def test_a_server_on_another_host_id_gets_bytes(cluster, tiny_checkpoint, monkey
 def test_gateway_falls_back_when_the_server_cannot_map(cluster, tiny_checkpoint, tmp_path, monkeypatch):
     """A server that claims the host but sees another /dev/shm (a container sharing the host name): the
     first call is refused with FAILED_PRECONDITION, the gateway sends bytes from then on, nothing fails."""
+    released, closed = [], []
+    release, close = ArenaPool.release, Arena.close
+    monkeypatch.setattr(ArenaPool, "release", lambda self, owner, a: (released.append(a), release(self, owner, a)))
+    monkeypatch.setattr(Arena, "close", lambda self: (closed.append(self), close(self)))
     servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-3", "4-7")]
     gateway = cluster.gateway(tiny_checkpoint, servers)
     elsewhere = tmp_path / "other-shm"
@@ -104,6 +108,8 @@ def test_gateway_falls_back_when_the_server_cannot_map(cluster, tiny_checkpoint,
     assert all(np.abs(g - want).max() <= 1e-5 for g in got)
     pool = cluster.servicers[gateway].engine.experts.inner.pool
     assert all(not r.shared_kinds for r in pool.members)
+    # The refused calls' arenas are dropped, not pooled: a server that failed a call may still write.
+    assert released == [] and len(closed) == 2
 
 
 def _open_in(directory, open_shm):

@@ -136,13 +136,13 @@ class ExpertDispatcher:
                 result = None
             else:
                 result = self._stage(arena, request, hidden, rows)
-            await self._call(replica, chosen, layer, hidden, expert_ids, weights, counts, deadline, excluded,
-                             failures, partials, request, rows, result)
-            done = True
+            done = await self._call(replica, chosen, layer, hidden, expert_ids, weights, counts, deadline, excluded,
+                                    failures, partials, request, rows, result)
         finally:
             if arena is not None:
-                # After a failed, timed-out or cancelled call the server may still write into the arena:
-                # it is dropped, never reused (the server's mapping keeps the memory alive meanwhile).
+                # After a failed, timed-out or cancelled call (even one another replica then answered) the
+                # server may still write into the arena: it is dropped, never reused (the server's mapping
+                # keeps the memory alive meanwhile).
                 if done:
                     self.arenas.release(replica.address, arena)
                 else:
@@ -151,8 +151,9 @@ class ExpertDispatcher:
     async def _call(self, replica: Replica, chosen: list[int], layer: int, hidden: torch.Tensor,
                     expert_ids: torch.Tensor, weights: torch.Tensor, counts: dict[int, int], deadline: float | None,
                     excluded: frozenset[str], failures: Failures, partials: list, request, rows: torch.Tensor,
-                    result: torch.Tensor | None) -> None:
-        """One RunExperts call; its partial sums go to `partials` (read from `result` when shared)."""
+                    result: torch.Tensor | None) -> bool:
+        """One RunExperts call; its partial sums go to `partials` (read from `result` when shared). True if
+        `replica` answered; False if the sums came from elsewhere (failover, or bytes after a refused region)."""
         slots = sum(counts[e] for e in chosen)
         where = f"layer {layer} experts {format_ranges(chosen)}"
         timeout = self.timeout
@@ -177,19 +178,20 @@ class ExpertDispatcher:
                 replica.shared_kinds = frozenset()
                 await self._send(replica, chosen, layer, hidden, expert_ids, weights, counts, deadline, excluded,
                                  failures, partials)
-                return
+                return False
             if error.code() in _FINAL:
                 raise ServiceError(f"expert server {replica.name} ({replica.address}), {where}: {reason}") from error
             self.pool.report_failure(replica, reason, eject=error.code() not in _NO_EJECT)
             failures[replica.address] = (error.code(), f"{replica.name} ({replica.address}) {reason}")
             await self._scatter(layer, hidden, expert_ids, weights, {e: counts[e] for e in chosen}, deadline,
                                 excluded | {replica.address}, failures, partials)
-            return
+            return False
         self.pool.report_success(replica)
         # A shared result is read (copied out) before its arena goes back to the pool.
         partial = (result.to(torch.float32, copy=True) if result is not None  # .float() of float32 is no copy
                    else from_wire(reply.output, "output").float())
         partials.append((min(chosen), rows, partial))
+        return True
 
     def _shared_kind(self, replica: Replica, device: torch.device) -> str | None:
         """The shared-memory kind to reach `replica` with for tensors on `device`, or None (gRPC bytes)."""
