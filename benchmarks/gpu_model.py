@@ -209,11 +209,15 @@ def timed(fn, repeats: int, device: str, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def prefill_prompts(spec, args) -> list[torch.Tensor]:
+    """The benchmark's prompts (seeded: every row and the load count see the same tokens)."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, spec.vocab_size, (args.prefill_len,), generator=gen) for _ in range(args.prefill_batch)]
+
+
 def ours_prefill_decode(model: CausalLM, experts, args) -> dict:
     """Prefill and decode tokens/s of the moe-serve model code over `experts`, greedy on the model's device."""
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, model.spec.vocab_size, (args.prefill_len,), generator=gen)
-               for _ in range(args.prefill_batch)]
+    prompts = prefill_prompts(model.spec, args)
 
     @torch.inference_mode()
     def prefill():
@@ -344,9 +348,7 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
                 experts = LoadCounter(experts, spec.num_experts)
                 experts.counting = True
                 with torch.inference_mode():
-                    gen = torch.Generator().manual_seed(0)
-                    prompts = [torch.randint(0, spec.vocab_size, (args.prefill_len,), generator=gen)
-                               for _ in range(args.prefill_batch)]
+                    prompts = prefill_prompts(spec, args)
                     model = servicer.engine.model
                     model.forward(prompts, [model.new_cache(args.prefill_len) for _ in prompts], experts)
                 experts.counting = False

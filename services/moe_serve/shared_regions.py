@@ -15,6 +15,7 @@ views tensors in it, checking every field against the region.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -106,10 +107,7 @@ class Arena:
     def view(self, offset: int, dtype: int, shape: tuple[int, ...]) -> torch.Tensor:
         """A tensor of wire dtype `dtype` at byte `offset` of the arena."""
         torch_dtype = TORCH_DTYPES[dtype]
-        count = 1
-        for n in shape:
-            count *= n
-        return self.buffer[offset: offset + count * torch_dtype.itemsize].view(torch_dtype).view(shape)
+        return self.buffer[offset: offset + math.prod(shape) * torch_dtype.itemsize].view(torch_dtype).view(shape)
 
     def message(self, offset: int, dtype: int, shape: tuple[int, ...]):
         """The SharedTensor naming that view."""

@@ -72,9 +72,8 @@ class ExpertDispatcher:
         if hidden.is_cuda and not any(self._shared_kind(r, hidden.device) for r in self.pool.members):
             hidden = hidden.cpu()
         expert_ids, weights = expert_ids.cpu(), weights.cpu()
-        out = asyncio.run_coroutine_threadsafe(self.run_async(layer, hidden, expert_ids, weights, deadline),
-                                               self.loop).result()
-        return out
+        return asyncio.run_coroutine_threadsafe(self.run_async(layer, hidden, expert_ids, weights, deadline),
+                                                self.loop).result()
 
     def close(self) -> None:
         """Unlink the shared-memory arenas."""
