@@ -78,7 +78,8 @@ def test_two_micro_batches_equal_one_batch(causal_checkpoints, overlap):
     halves = results[0] + results[1]
     assert waited > 0 and runner.split_runs == (1 if overlap else 0)
     for got, want in zip(halves, whole, strict=True):
-        assert (got - want).abs().max() <= 1e-5
+        # Two halves run GEMMs of other shapes than one batch: fp32 rounding, relative to logits of ~10.
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
 def test_a_failing_micro_batch_fails_the_run_and_the_other_finishes():

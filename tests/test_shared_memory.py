@@ -39,7 +39,9 @@ def test_forward_through_shared_memory_equals_reference(cluster, tiny_checkpoint
     assert np.abs(second - want[::-1]).max() <= 1e-5
     pool = cluster.servicers[gateway].engine.experts.inner.pool
     assert all(r.shared_kinds >= {"shm"} for r in pool.members)
-    assert all(_mapped(cluster, s) >= 1 for s in servers)
+    # One token picks top-2 of 8 experts: both may sit on one server, and the other is never called.
+    mapped = [_mapped(cluster, s) >= 1 for s in servers]
+    assert all(mapped) if tokens > 1 else any(mapped)
 
 
 def test_results_are_read_out_before_the_arena_is_reused(cluster, tiny_checkpoint, monkeypatch):
