@@ -103,7 +103,8 @@ def test_gateway_falls_back_when_the_server_cannot_map(cluster, tiny_checkpoint,
     for s in servers:  # the servers' RegionMaps look in a directory the gateway's arenas are not in
         monkeypatch.setattr(cluster.expert_servicers[s].regions, "_open_shm",
                             _open_in(elsewhere, cluster.expert_servicers[s].regions._open_shm))
-    hidden = np.random.default_rng().standard_normal((6, 64), dtype=np.float32)
+    # 16 tokens: both servers get a call in the first forward (one-sided routing has odds ~1e-10)
+    hidden = np.random.default_rng().standard_normal((16, 64), dtype=np.float32)
     with GatewayClient(gateway) as client:
         got = [client.forward(hidden) for _ in range(3)]
     want = reference_forward(tiny_checkpoint, hidden)
