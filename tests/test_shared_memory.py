@@ -4,6 +4,7 @@ On CPU the regions are /dev/shm objects; the CUDA IPC kind runs the same code wi
 exercised on GPU hosts (benchmarks/gpu_model.py and the GPU test at the end).
 """
 
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -50,7 +51,7 @@ def test_results_are_read_out_before_the_arena_is_reused(cluster, tiny_checkpoin
     release = ArenaPool.release
 
     def poison_then_release(self, owner, arena):
-        arena.buffer.fill_(0xFF)
+        arena.poison()
         release(self, owner, arena)
 
     monkeypatch.setattr(ArenaPool, "release", poison_then_release)
@@ -192,13 +193,13 @@ BAD = {
         dtype=wire.FLOAT32, shape=h.shape, region=a.region, offset=a.nbytes - 64)},
         grpc.StatusCode.INVALID_ARGUMENT, "do not fit the region"),
     "not our name": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
-        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, name="../etc/passwd"))},
+        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, name="../etc/passwd"), offset=256)},
         grpc.StatusCode.INVALID_ARGUMENT, "shared_hidden.region.name"),
     "no such region": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
-        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, name="moe-gone"))},
+        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, name="moe-gone"), offset=256)},
         grpc.StatusCode.FAILED_PRECONDITION, "cannot open shared memory 'moe-gone'"),
     "region smaller than said": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
-        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, size=a.nbytes * 2))},
+        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, size=a.nbytes * 2), offset=256)},
         grpc.StatusCode.INVALID_ARGUMENT, "shared_hidden.region.size"),
     "integer dtype": (lambda a, h: {"shared_output": zerocopy.SharedTensor(
         dtype=wire.INT32, shape=h.shape, region=a.region, offset=a.nbytes // 2)},
@@ -208,6 +209,15 @@ BAD = {
         grpc.StatusCode.INVALID_ARGUMENT, "shared_output.shape"),
     "bytes and region": (lambda a, h: {"hidden": wire.encode_view(h)},
                          grpc.StatusCode.INVALID_ARGUMENT, "set together with shared_hidden"),
+    "name without its key": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
+        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, key=b""), offset=256)},
+        grpc.StatusCode.PERMISSION_DENIED, "shared_hidden.region.key"),
+    "another key": (lambda a, h: {"shared_output": zerocopy.SharedTensor(
+        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, key=bytes(16)), offset=a.nbytes // 2)},
+        grpc.StatusCode.PERMISSION_DENIED, "shared_output.region.key"),
+    "inside the key header": (lambda a, h: {"shared_output": zerocopy.SharedTensor(
+        dtype=wire.FLOAT32, shape=h.shape, region=a.region, offset=0)},
+        grpc.StatusCode.INVALID_ARGUMENT, "shared_output.offset: 0 is inside the region's key header"),
 }
 
 
@@ -223,6 +233,26 @@ def test_bad_shared_fields_are_named_and_the_server_stays_well(server, tiny_chec
     _call(server, good)
     got = arena.view(out_at, wire.FLOAT32, (7, 64)).numpy()
     assert np.abs(got - plain_torch(tiny_checkpoint, 1, hidden, ids, weights)).max() <= 1e-5
+
+
+def test_a_mapped_region_still_needs_its_key(server, tiny_checkpoint, arena):
+    """Once a server has mapped a region, its name alone (listed in /dev/shm by anyone on the host) does not
+    reach it: a caller without the key can neither read the hidden states nor write the sums."""
+    hidden, ids, weights = _inputs()
+    good, out_at = _request(arena, hidden, ids, weights)
+    _call(server, good)
+    want = arena.view(out_at, wire.FLOAT32, (7, 64)).clone()
+    thief = _region(arena, key=secrets.token_bytes(16))
+    stolen = zerocopy.RunExpertsRequest(
+        layer=1, expert_ids=wire.encode_view(ids), weights=wire.encode_view(weights),
+        shared_hidden=zerocopy.SharedTensor(dtype=wire.FLOAT32, shape=hidden.shape, region=thief,
+                                            offset=good.shared_hidden.offset),
+        shared_output=zerocopy.SharedTensor(dtype=wire.FLOAT32, shape=hidden.shape, region=thief,
+                                            offset=good.shared_output.offset))
+    with pytest.raises(grpc.RpcError) as err:
+        _call(server, stolen)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "region.key" in err.value.details()
+    assert torch.equal(arena.view(out_at, wire.FLOAT32, (7, 64)), want)
 
 
 def test_server_with_it_off_refuses_shared_requests(cluster, tiny_checkpoint, arena):

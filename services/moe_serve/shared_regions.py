@@ -11,10 +11,16 @@ Gateway side: `ArenaPool` hands out regions ("arenas") big enough for a call's i
 takes them back after the reply, so a region is exported once and reused call after call.
 Server side: `RegionMaps` maps each region once (kept mapped, least recently used dropped first) and
 views tensors in it, checking every field against the region.
+
+A /dev/shm object is mode 0600, but its name is visible to everyone on the host, and an expert server
+opens whatever a caller names. So each one begins with a random key that only its gateway and the
+server (once it has mapped it) know; a request must carry it, or the server refuses the region
+(PERMISSION_DENIED). A CUDA IPC handle is itself an unguessable secret, sent only in requests.
 """
 
 from __future__ import annotations
 
+import hmac
 import math
 import mmap
 import os
@@ -29,13 +35,15 @@ from pathlib import Path
 import torch
 
 from moe_client import wire, zerocopy
-from moe_serve.errors import FailedPrecondition, InvalidArgument
+from moe_serve.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from moe_serve.tensors import TORCH_DTYPES
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "moe-"
 _SHM_NAME = re.compile(r"^moe-[A-Za-z0-9_-]{1,64}$")  # only regions made by ArenaPool: no other /dev/shm object
 _ALIGN = 256  # byte alignment of tensors inside an arena
+_KEY_BYTES = 16
+_SHM_HEADER = _ALIGN  # a shm arena's key, then tensors from here
 _MIN_ARENA = 1 << 20
 SHARED_DTYPES = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16)
 
@@ -74,13 +82,17 @@ def kind_for(device: torch.device) -> str:
 
 
 class Arena:
-    """One exported region on `device`: a uint8 tensor and the SharedRegion message that names it."""
+    """One exported region on `device` with `nbytes` for tensors, and the SharedRegion message that names it.
+
+    Offsets given to view() and message() count from the first byte for tensors (after a shm arena's key).
+    """
 
     def __init__(self, device: torch.device, nbytes: int):
         self.device = device
         self.nbytes = nbytes
         self._path: Path | None = None
         if device.type == "cuda":
+            self._start = 0
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
             # torch's CUDA IPC export (what torch.multiprocessing sends): the allocation's handle, this
             # storage's offset in it, and a shared reference counter the mapping process holds a count on.
@@ -89,29 +101,38 @@ class Arena:
                                                 cuda_handle=handle, cuda_offset=offset, ref_counter=ref_counter,
                                                 ref_counter_offset=ref_offset)
         else:
+            self._start = _SHM_HEADER
             name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+            key = secrets.token_bytes(_KEY_BYTES)
+            size = _SHM_HEADER + nbytes
             self._path = SHM_DIR / name
             fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             try:
                 # Reserved now, so a full /dev/shm is an error here rather than SIGBUS at the first write.
-                os.posix_fallocate(fd, 0, nbytes)
-                self._map = mmap.mmap(fd, nbytes)
+                os.posix_fallocate(fd, 0, size)
+                self._map = mmap.mmap(fd, size)
             except OSError:
                 self._path.unlink(missing_ok=True)
                 raise
             finally:
                 os.close(fd)
+            self._map[:_KEY_BYTES] = key
             self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
-            self.region = zerocopy.SharedRegion(kind="shm", name=name, size=nbytes)
+            self.region = zerocopy.SharedRegion(kind="shm", name=name, size=size, key=key)
 
     def view(self, offset: int, dtype: int, shape: tuple[int, ...]) -> torch.Tensor:
-        """A tensor of wire dtype `dtype` at byte `offset` of the arena."""
+        """A tensor of wire dtype `dtype` at byte `offset` of the arena's room for tensors."""
         torch_dtype = TORCH_DTYPES[dtype]
-        return self.buffer[offset: offset + math.prod(shape) * torch_dtype.itemsize].view(torch_dtype).view(shape)
+        start = self._start + offset
+        return self.buffer[start: start + math.prod(shape) * torch_dtype.itemsize].view(torch_dtype).view(shape)
 
     def message(self, offset: int, dtype: int, shape: tuple[int, ...]):
         """The SharedTensor naming that view."""
-        return zerocopy.SharedTensor(dtype=dtype, shape=tuple(shape), region=self.region, offset=offset)
+        return zerocopy.SharedTensor(dtype=dtype, shape=tuple(shape), region=self.region, offset=self._start + offset)
+
+    def poison(self) -> None:
+        """Fill the room for tensors with 0xFF bytes (NaN as floats): tests reading after release see it."""
+        self.buffer[self._start:].fill_(0xFF)
 
     def close(self) -> None:
         """Drop the arena; a shm name is unlinked (a server's mapping stays valid until it drops it)."""
@@ -192,12 +213,18 @@ class RegionMaps:
         if shared.offset % itemsize or shared.offset + nbytes > region.size:
             raise InvalidArgument(f"{field}: {nbytes} bytes at offset {shared.offset} do not fit the region of "
                                   f"{region.size} bytes (or the offset is not a multiple of {itemsize})")
+        if region.kind == "shm" and shared.offset < _SHM_HEADER:
+            raise InvalidArgument(f"{field}.offset: {shared.offset} is inside the region's key header "
+                                  f"(tensors start at byte {_SHM_HEADER})")
         buffer = self._mapped(region, field)
         view = buffer[shared.offset: shared.offset + nbytes]
         return view.view(TORCH_DTYPES[shared.dtype]).view(shape)
 
     def _mapped(self, region, field: str) -> torch.Tensor:
-        key = (region.kind, region.name, bytes(region.cuda_handle), region.cuda_offset, region.size)
+        # The key is part of the cache key: a request naming a mapped region with another key maps it
+        # anew, and is refused there.
+        key = (region.kind, region.name, bytes(region.key), bytes(region.cuda_handle), region.cuda_offset,
+               region.size)
         with self._lock:
             buffer = self._maps.get(key)
             if buffer is not None:
@@ -225,6 +252,10 @@ class RegionMaps:
             mapped = mmap.mmap(fd, region.size)
         finally:
             os.close(fd)
+        if not hmac.compare_digest(mapped[:_KEY_BYTES], bytes(region.key)):
+            mapped.close()
+            raise PermissionDenied(f"{field}.region.key: does not match the key of shared memory {region.name!r}; "
+                                   "only the process that made a region may name it")
         return torch.frombuffer(mapped, dtype=torch.uint8)
 
     def _open_cuda(self, region, field: str) -> torch.Tensor:

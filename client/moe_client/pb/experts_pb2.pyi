@@ -42,7 +42,7 @@ class SharedTensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., region: _Optional[_Union[SharedRegion, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class SharedRegion(_message.Message):
-    __slots__ = ("kind", "name", "size", "device_uuid", "cuda_handle", "cuda_offset", "ref_counter", "ref_counter_offset")
+    __slots__ = ("kind", "name", "size", "device_uuid", "cuda_handle", "cuda_offset", "ref_counter", "ref_counter_offset", "key")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class SharedRegion(_message.Message):
     CUDA_OFFSET_FIELD_NUMBER: _ClassVar[int]
     REF_COUNTER_FIELD_NUMBER: _ClassVar[int]
     REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
     kind: str
     name: str
     size: int
@@ -59,7 +60,8 @@ class SharedRegion(_message.Message):
     cuda_offset: int
     ref_counter: bytes
     ref_counter_offset: int
-    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., device_uuid: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., cuda_offset: _Optional[int] = ..., ref_counter: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ...) -> None: ...
+    key: bytes
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., device_uuid: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., cuda_offset: _Optional[int] = ..., ref_counter: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., key: _Optional[bytes] = ...) -> None: ...
 
 class RunExpertsResponse(_message.Message):
     __slots__ = ("output", "compute_seconds")
