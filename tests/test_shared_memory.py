@@ -18,6 +18,7 @@ from moe_client import GatewayClient, wire, zerocopy
 from moe_client.channel import unary_callable
 from moe_serve import shared_regions
 from moe_serve.gateway.batching import BatchingConfig
+from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.shared_regions import Arena, ArenaPool
 
 
@@ -289,4 +290,31 @@ def test_forward_through_cuda_ipc(cluster, tiny_checkpoint):
         got = client.forward(hidden)
     assert np.abs(got - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-4
     assert all(r.shared_kinds >= {"cuda"} for r in cluster.servicers[gateway].engine.experts.inner.pool.members)
-    assert all(_mapped(cluster, s) >= 1 for s in servers)
+    # Served through the batcher and the micro-batch overlap, the hidden states stayed on the GPU.
+    assert all(_mapped_kinds(cluster, s) == {"cuda"} for s in servers)
+
+
+def _mapped_kinds(cluster, server: str) -> set[str]:
+    regions = cluster.expert_servicers[server].regions
+    return {key[0] for key in regions._maps}
+
+
+def test_served_requests_start_their_calls_in_the_dispatcher(cluster, tiny_checkpoint, monkeypatch):
+    """Forward through the batcher and the micro-batch overlap (the default) starts each layer's calls in
+    ExpertDispatcher.submit, the one place that chooses where the tensors start from (a GPU's memory for
+    CUDA IPC). An earlier overlap path copied the hidden states to the host before it."""
+    seen = []
+    submit = ExpertDispatcher.submit
+
+    def recording(self, layer, hidden, expert_ids, weights):
+        seen.append(layer)
+        return submit(self, layer, hidden, expert_ids, weights)
+
+    monkeypatch.setattr(ExpertDispatcher, "submit", recording)
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-3", "4-7")]
+    gateway = cluster.gateway(tiny_checkpoint, servers)
+    hidden = np.random.default_rng().standard_normal((3, 7, 64), dtype=np.float32)
+    with GatewayClient(gateway) as client:
+        got = client.forward(hidden)
+    assert np.abs(got - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5
+    assert sorted(seen) == [0, 1]  # both MoE layers, once each

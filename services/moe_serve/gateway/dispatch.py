@@ -15,6 +15,7 @@ Legend: T = tokens, H = hidden size, K = top-k, E = experts per layer, S = serve
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 
@@ -66,6 +67,12 @@ class ExpertDispatcher:
 
     def run(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Blocking form for model code on a worker thread; the calls run on the gateway's event loop."""
+        return self.submit(layer, hidden, expert_ids, weights).result()
+
+    def submit(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+               weights: torch.Tensor) -> concurrent.futures.Future:
+        """Start the layer's calls on the gateway's event loop and return at once (the caller computes the
+        shared experts, or the other micro-batch, meanwhile); the future holds the [T, H] float32 sum."""
         deadline = REQUEST_DEADLINE.get()  # set by the edge interceptor, carried by ContextThreadPool
         # Dense layers may run on a GPU: the hidden states stay there if a server maps that GPU's memory,
         # else the wire starts from host memory. Routing is planned on the host.
@@ -73,7 +80,7 @@ class ExpertDispatcher:
             hidden = hidden.cpu()
         expert_ids, weights = expert_ids.cpu(), weights.cpu()
         return asyncio.run_coroutine_threadsafe(self.run_async(layer, hidden, expert_ids, weights, deadline),
-                                                self.loop).result()
+                                                self.loop)
 
     def close(self) -> None:
         """Unlink the shared-memory arenas."""
@@ -83,9 +90,9 @@ class ExpertDispatcher:
     async def run_async(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                         weights: torch.Tensor, deadline: float | None = None) -> torch.Tensor:
         """hidden [T, H], expert_ids [T, K], weights [T, K] -> [T, H] float32; `deadline` is time.monotonic()."""
-        experts, counts = torch.unique(expert_ids[expert_ids >= 0], return_counts=True)
         partials: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         failures: Failures = {}
+        experts, counts = torch.unique(expert_ids[expert_ids >= 0], return_counts=True)
         slots = dict(zip(experts.tolist(), counts.tolist(), strict=True))  # expert -> (token, expert) pairs
         await self._scatter(layer, hidden, expert_ids, weights, slots, deadline, frozenset(), failures, partials)
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)

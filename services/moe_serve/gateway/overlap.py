@@ -11,7 +11,6 @@ tokens), so the results are those of one batch: only GEMM shapes change.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import threading
 import time
@@ -37,22 +36,19 @@ class AsyncExperts:
         return self.submit(layer, hidden, expert_ids, weights).result()
 
     def submit(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Future:
-        """Start the layer's routed experts; the future holds the [T, H] float32 sum."""
+        """Start the layer's routed experts; the future holds the [T, H] float32 sum.
+
+        The backend's own `submit` (the gRPC dispatcher's) decides where the tensors start from: dense
+        layers on a GPU keep the hidden states there for servers that map its memory (CUDA IPC)."""
         own = getattr(self.inner, "submit", None)
         if own is not None:  # the backend starts its calls itself
             return own(layer, hidden, expert_ids, weights)
-        run_async = getattr(self.inner, "run_async", None)
-        loop = getattr(self.inner, "loop", None)
-        if run_async is None or loop is None:  # an in-process backend: nothing to overlap with
-            done: Future = Future()
-            try:
-                done.set_result(self.inner.run(layer, hidden, expert_ids, weights))
-            except Exception as err:
-                done.set_exception(err)
-            return done
-        # The wire starts from host memory, whatever device the dense layers use.
-        coro = run_async(layer, hidden.cpu(), expert_ids.cpu(), weights.cpu())
-        return asyncio.run_coroutine_threadsafe(coro, loop)
+        done: Future = Future()  # an in-process backend: nothing to overlap with
+        try:
+            done.set_result(self.inner.run(layer, hidden, expert_ids, weights))
+        except Exception as err:
+            done.set_exception(err)
+        return done
 
 
 class _Turn:
