@@ -28,6 +28,7 @@ from moe_serve.arch import ModelSpec
 from moe_serve.deadlines import REQUEST_DEADLINE
 from moe_serve.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, ServiceError, Unavailable
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
+from moe_serve.gateway.routing_plan import expert_counts, rows_for
 from moe_serve.metrics import ServiceMetrics
 from moe_serve.placement import format_ranges
 from moe_serve.shared_regions import SHARED_DTYPES, Arena, ArenaPool, aligned, gpu_uuid, kind_for
@@ -92,8 +93,7 @@ class ExpertDispatcher:
         """hidden [T, H], expert_ids [T, K], weights [T, K] -> [T, H] float32; `deadline` is time.monotonic()."""
         partials: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         failures: Failures = {}
-        experts, counts = torch.unique(expert_ids[expert_ids >= 0], return_counts=True)
-        slots = dict(zip(experts.tolist(), counts.tolist(), strict=True))  # expert -> (token, expert) pairs
+        slots = expert_counts(expert_ids, self.spec.num_experts)  # expert -> (token, expert) pairs
         await self._scatter(layer, hidden, expert_ids, weights, slots, deadline, frozenset(), failures, partials)
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         for _, rows, partial in sorted(partials, key=lambda p: p[0]):  # a fixed order: same input, same sum
@@ -123,9 +123,7 @@ class ExpertDispatcher:
     async def _send(self, replica: Replica, chosen: list[int], layer: int, hidden: torch.Tensor,
                     expert_ids: torch.Tensor, weights: torch.Tensor, counts: dict[int, int], deadline: float | None,
                     excluded: frozenset[str], failures: Failures, partials: list) -> None:
-        mine = torch.isin(expert_ids, torch.tensor(chosen, dtype=expert_ids.dtype))  # [T, K]
-        rows = mine.any(dim=1).nonzero().squeeze(1)  # tokens with >= 1 chosen expert
-        ids = torch.where(mine, expert_ids, -1).index_select(0, rows).to(torch.int32)
+        rows, ids = rows_for(expert_ids, chosen, self.spec.num_experts)  # tokens with >= 1 chosen expert
         request = zerocopy.RunExpertsRequest(  # tensors travel as views of their bytes, copied once
             layer=layer,
             expert_ids=to_wire(ids),
