@@ -13,11 +13,14 @@ stay in GPU memory; gRPC carries the call); a `t` after a server count (`2t`) tu
 tensor crosses loopback TCP as message bytes; a `b` (`2b`) has the servers write their sums in bf16
 instead of float32 (the comparison behind the float32 default). An `r` (`4r`) replicates each layer's hottest experts
 (their load counted over the benchmark's own prompts in the first row) onto the servers that carry the
-least of that layer's load; the gateway's pool then balances each call over the replicas. Prints a
+least of that layer's load; the gateway's pool then balances each call over the replicas. An `o` (`2o`)
+runs every step as the gateway serves it: two micro-batches taking turns on the dense layers, each one's
+RunExperts calls in flight while the other computes (gateway/overlap.py). Prints a
 table; writes JSON after every row (a run cut short keeps what it measured; a failed row is recorded).
 
     python -m benchmarks.gpu_model --servers 2,2t,1 --out results.json      # on a 2-GPU host
     python -m benchmarks.gpu_model --servers 1,2,4,4r,2t --out results.json  # on a 4-GPU host
+    python -m benchmarks.gpu_model --servers 2,2o --out results.json          # overlap against none
     python -m benchmarks.gpu_model --tiny --device cpu --servers 2,2r     # smoke run without a GPU
 """
 
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,6 +50,7 @@ from moe_serve.checkpoint import Checkpoint
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.expert_server.bank import ExpertBank, InProcessExperts
 from moe_serve.gateway.main import GatewayConfig, create_gateway
+from moe_serve.gateway.overlap import PingPong
 from moe_serve.layout import dense_tensor_shapes
 from moe_serve.models import load_dense_model
 from moe_serve.placement import balanced_assignment, placement_entries, resolve_ownership, write_placement
@@ -215,14 +220,27 @@ def prefill_prompts(spec, args) -> list[torch.Tensor]:
     return [torch.randint(0, spec.vocab_size, (args.prefill_len,), generator=gen) for _ in range(args.prefill_batch)]
 
 
-def ours_prefill_decode(model: CausalLM, experts, args) -> dict:
-    """Prefill and decode tokens/s of the moe-serve model code over `experts`, greedy on the model's device."""
+def in_parts(pingpong: PingPong | None, experts, count: int, part) -> list:
+    """part(lo, hi, backend) -> list over items [lo, hi): all at once over `experts`, or with `pingpong` as two
+    micro-batches (halves) taking turns on the dense layers while the other's expert calls are out, as
+    the gateway's batcher and scheduler run a step."""
+    if pingpong is None:
+        return part(0, count, experts)
+    cut = count // 2
+    (first, second), _ = pingpong.run([lambda b: part(0, cut, b), lambda b: part(cut, count, b)])
+    return first + second
+
+
+def ours_prefill_decode(model: CausalLM, experts, args, pingpong: PingPong | None = None) -> dict:
+    """Prefill and decode tokens/s of the moe-serve model code over `experts`, greedy on the model's device;
+    with `pingpong`, every step as two overlapped micro-batches."""
     prompts = prefill_prompts(model.spec, args)
 
     @torch.inference_mode()
     def prefill():
         caches = [model.new_cache(args.prefill_len) for _ in prompts]
-        return model.forward(prompts, caches, experts, last_only=True)
+        return in_parts(pingpong, experts, len(prompts),
+                        lambda lo, hi, b: model.forward(prompts[lo:hi], caches[lo:hi], b, last_only=True))
 
     t_prefill = timed(prefill, args.repeats, args.device)
 
@@ -233,10 +251,14 @@ def ours_prefill_decode(model: CausalLM, experts, args) -> dict:
         lengths = [args.decode_prompt] * args.decode_batch
         h = model.forward_hidden(model.embed(torch.cat(starts)), caches, lengths, experts)
         tokens = F.linear(h.view(args.decode_batch, args.decode_prompt, -1)[:, -1], model.lm_head).argmax(-1)
+
+        def step(last: torch.Tensor, lo: int, hi: int, backend) -> list[torch.Tensor]:
+            return [model.forward_hidden(model.embed(last[lo:hi]), caches[lo:hi], [1] * (hi - lo), backend)]
+
         sync(args.device)
         start = time.perf_counter()
         for _ in range(args.decode_steps):
-            h = model.forward_hidden(model.embed(tokens), caches, [1] * args.decode_batch, experts)
+            h = torch.cat(in_parts(pingpong, experts, args.decode_batch, partial(step, tokens)))
             tokens = F.linear(h, model.lm_head).argmax(-1)
         sync(args.device)
         return time.perf_counter() - start
@@ -327,7 +349,7 @@ class Report:
 
 
 def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], port: int, loop: LoopThread,
-             counter_loads: dict | None, shared_memory: bool, bf16_sums: bool = False) -> dict:
+             counter_loads: dict | None, shared_memory: bool, bf16_sums: bool = False, overlap: bool = False) -> dict:
     """Start the servers, a gateway in this process, measure, stop; fills counter_loads if given."""
     start = time.perf_counter()
     procs, addresses, placement = start_servers(ckpt_dir, owned, devices, port, spec, Path(args.workdir))
@@ -353,7 +375,14 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
                     model.forward(prompts, [model.new_cache(args.prefill_len) for _ in prompts], experts)
                 experts.counting = False
                 counter_loads.update(experts.loads)
-            row.update(ours_prefill_decode(servicer.engine.model, experts, args))
+            # As the gateway serves a step: two micro-batches, each one's expert calls out while the other
+            # computes (PingPong over the dispatcher, which starts calls without waiting).
+            pingpong = PingPong(servicer.engine.experts.inner, overlap=True, min_split_tokens=0) if overlap else None
+            try:
+                row.update(ours_prefill_decode(servicer.engine.model, experts, args, pingpong))
+            finally:
+                if pingpong is not None:
+                    pingpong.close()
         finally:
             loop.run(handle.stop(0))
     finally:
@@ -418,19 +447,20 @@ def main() -> None:
     loop = LoopThread()
     loads: dict[int, torch.Tensor] = {}
     for n, item in enumerate(args.servers.split(",")):
-        count, replicated, tcp, bf16 = int(item.rstrip("rtb")), "r" in item, "t" in item, "b" in item
+        count, replicated, tcp, bf16, overlap = (int(item.rstrip("rtbo")), "r" in item, "t" in item, "b" in item,
+                                                 "o" in item)
         if replicated and not loads:
             raise SystemExit(f"--servers {args.servers}: a replicated row ({item}) needs a plain row before it, "
                              "which counts the experts' loads")
         owned = (replicated_ownership(spec, count, loads, args.replicate) if replicated
                  else balanced_assignment(spec, count))
         name = (f"grpc_{count}_servers" + ("_replicated" if replicated else "") + ("_tcp_bytes" if tcp else "")
-                + ("_bf16_sums" if bf16 else ""))
+                + ("_bf16_sums" if bf16 else "") + ("_overlap" if overlap else ""))
         if name in report.data["rows"]:
             name += f"_again_{n}"
         try:
             row = grpc_row(args, spec, ckpt_dir, owned, devices, 51000 + 20 * n, loop, None if loads else loads,
-                           shared_memory=not tcp, bf16_sums=bf16)
+                           shared_memory=not tcp, bf16_sums=bf16, overlap=overlap)
         except Exception as err:  # recorded; the other rows still run
             report.data.setdefault("failed", {})[name] = repr(err)
             report.save()
