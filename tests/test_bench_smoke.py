@@ -23,3 +23,31 @@ def test_benchmark_runs_end_to_end(tmp_path):
     for row in report["moe"]:  # every distributed variant computed the in-process answer
         assert all(e["max_abs"] <= 1e-5 for e in row["errors"].values()), row["errors"]
     assert "Transport" in proc.stdout and "One MoE layer" in proc.stdout
+
+
+def _run_module(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "client"), str(ROOT / "services")]),
+           "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_gpu_model_benchmark_on_cpu_matches_one_process(tmp_path):
+    """The GPU benchmark's CPU smoke mode: real expert server processes, plain and overlapped steps, and
+    the logits of both as the one-process run's (bf16 weights: halves run GEMMs of other shapes)."""
+    out = tmp_path / "gpu-model.json"
+    _run_module(["-m", "benchmarks.gpu_model", "--tiny", "--device", "cpu", "--servers", "2,2o", "--skip-transformers",
+                 "--prefill-batch", "4", "--prefill-len", "64", "--decode-batch", "8", "--decode-steps", "2",
+                 "--repeats", "1", "--out", str(out)], tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"one_process_1_device", "grpc_2_servers", "grpc_2_servers_overlap"}
+    for name in ("grpc_2_servers", "grpc_2_servers_overlap"):
+        assert rows[name]["shared_kinds"] == ["shm"] and rows[name]["logits_rel_error_vs_one_process"] <= 5e-3
+        assert rows[name]["prefill_tokens_per_s"] > 0 and rows[name]["decode_tokens_per_s"] > 0
+
+
+def test_routing_plan_benchmark_checks_both_forms_agree(tmp_path):
+    proc = _run_module(["benchmarks/routing_plan.py", "--tokens", "1,300", "--servers", "2,3", "--repeats", "2"],
+                       tmp_path)
+    assert len(proc.stdout.strip().splitlines()) == 1 + 2 * 2  # header, then one line per (tokens, servers)
