@@ -224,7 +224,7 @@ def in_parts(pingpong: PingPong | None, experts, count: int, part) -> list:
     """part(lo, hi, backend) -> list over items [lo, hi): all at once over `experts`, or with `pingpong` as two
     micro-batches (halves) taking turns on the dense layers while the other's expert calls are out, as
     the gateway's batcher and scheduler run a step."""
-    if pingpong is None:
+    if pingpong is None or count < 2:
         return part(0, count, experts)
     cut = count // 2
     (first, second), _ = pingpong.run([lambda b: part(0, cut, b), lambda b: part(cut, count, b)])

@@ -30,13 +30,14 @@ def test_inspect_placement_servers_gateway_generate(processes, tmp_path):
         client.wait_until_serving(90)
         want = list(client.generate("The gateway routes", max_new_tokens=12, ignore_eos=True))
 
+    # Bytes, decoded here: random weights may generate a "\r", which text mode would read as "\n".
     run = subprocess.run([str(BIN / "moe-client"), "--address", gateway, "generate", "The gateway routes",
-                          "--max-new-tokens", "12", "--ignore-eos"], capture_output=True, text=True, timeout=60,
-                         check=False)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout == "".join(t.text for t in want) + "\n"
+                          "--max-new-tokens", "12", "--ignore-eos"], capture_output=True, timeout=60, check=False)
+    stdout, stderr = run.stdout.decode(), run.stderr.decode()
+    assert run.returncode == 0, stderr
+    assert stdout == "".join(t.text for t in want) + "\n"
     prompt_len = len(build_tokenizer().encode("The gateway routes").ids)
-    assert f"[finish: length; prompt {prompt_len} tokens, generated 12 in" in run.stderr
+    assert f"[finish: length; prompt {prompt_len} tokens, generated 12 in" in stderr
 
     gateway_log = stop(processes[2])
     assert "Causal LM: 3 decoder layers (dense MLP: [0])" in gateway_log and "tokenizer.json yes" in gateway_log
