@@ -46,7 +46,8 @@ class TextTokenizer:
 class TextStream:
     """Turns generated tokens into text pieces as they arrive; the pieces add up to the decoded text.
 
-    A token that ends inside a multi-byte character yields "" until the character completes.
+    A token that ends inside a multi-byte character yields "" until the character completes; the last
+    token yields whatever is still held back (with U+FFFD for bytes no character completes).
     """
 
     def __init__(self, tokenizer: TextTokenizer, prompt_ids: list[int]):
@@ -55,12 +56,12 @@ class TextStream:
         self.prefix = max(len(self.ids) - _CONTEXT, 0)  # where the decoded window starts
         self.read = len(self.ids)  # tokens before this are already turned into text
 
-    def push(self, token: int) -> str:
-        """The new text that `token` completes."""
+    def push(self, token: int, last: bool = False) -> str:
+        """The new text that `token` completes; with `last`, all text not yet returned."""
         self.ids.append(token)
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         after = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        if last or (len(after) > len(before) and not after.endswith("\ufffd")):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before):]
         return ""

@@ -108,6 +108,7 @@ class GatewayEngine:
             prompt = torch.tensor(list(prompt_ids), dtype=torch.long)
             for token, finish in generate(self.model, self.experts, prompt, params):
                 stats.total_seconds = time.perf_counter() - start
-                yield GeneratedToken(token, text.push(token) if text is not None else None, finish)
+                yield GeneratedToken(token, text.push(token, last=finish is not None) if text is not None else None,
+                                     finish)
         finally:
             self.experts.local.stats = None

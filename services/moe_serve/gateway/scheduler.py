@@ -224,7 +224,8 @@ class GenerateScheduler:
             finish = FinishReason.LENGTH
         seq.next_token = token
         seq.stats.total_seconds = now - seq.arrival
-        seq.emit(GeneratedToken(token, seq.text.push(token) if seq.text is not None else None, finish))
+        text = seq.text.push(token, last=finish is not None) if seq.text is not None else None
+        seq.emit(GeneratedToken(token, text, finish))
         if finish is not None:
             seq.done = True
             seq.emit(_END)
