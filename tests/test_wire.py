@@ -47,6 +47,19 @@ def test_errors_name_the_field():
         wire.check(msg, "hidden")
 
 
+def test_empty_shapes_that_numpy_cannot_hold_are_refused():
+    """No elements and no bytes, but numpy refuses these shapes (the fuzz test found the first one:
+    INTERNAL "array is too big" from the gateway's Forward)."""
+    empty = wire.encode(np.ones((0, 3), np.float32))
+    for shape, text in (([2, 64, 26, 512, 0, 0, 8064, 0, 0, 8064, 8064, 8064], "beside a zero dimension"),
+                        ([1] * 40 + [0], "41 dimensions, more than the limit 32")):
+        empty.shape[:] = shape
+        with pytest.raises(wire.WireError, match=text):
+            wire.check(empty, "hidden")
+    empty.shape[:] = [1 << 20, 0, 1 << 10]  # within the limit: an empty array of that shape
+    assert wire.decode(empty, "hidden").shape == (1 << 20, 0, 1 << 10)
+
+
 def _e4m3_probe_values() -> torch.Tensor:
     """Every grid point, every midpoint between neighbours (ties), random values, zeros of both signs."""
     grid = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()

@@ -36,6 +36,7 @@ NAMES = {"float32": FLOAT32, "bfloat16": BFLOAT16, "float16": FLOAT16, "float8_e
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3"}
 FLOAT_DTYPES = (FLOAT32, BFLOAT16, FLOAT16, FLOAT8_E4M3)
 MAX_ELEMENTS = 1 << 34  # refuse shapes beyond this before any allocation
+MAX_DIMS = 32  # numpy 1.x's limit (2.x allows 64); our tensors have up to 3
 
 
 class WireError(ValueError):
@@ -150,9 +151,16 @@ def check(msg: tensor_pb2.Tensor | WireTensor, field: str, allowed: tuple[int, .
     shape = tuple(msg.shape)  # ints already, from protobuf and from zerocopy alike
     if shape and min(shape) < 0:
         raise WireError(f"{field}: negative dimension in shape {list(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise WireError(f"{field}: shape {list(shape)} has {len(shape)} dimensions, more than the limit {MAX_DIMS}")
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise WireError(f"{field}: shape {list(shape)} has {count} elements, more than the limit {MAX_ELEMENTS}")
+    # With a zero dimension there are no elements, but numpy and torch still multiply the others and
+    # refuse a product past int64 ("array is too big"): the same limit holds for the non-zero dimensions.
+    if count == 0 and math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise WireError(f"{field}: shape {list(shape)} has dimensions past the limit of {MAX_ELEMENTS} elements "
+                        "(beside a zero dimension)")
     expected = count * storage.itemsize
     if len(msg.data) != expected:
         raise WireError(
