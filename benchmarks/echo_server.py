@@ -18,9 +18,9 @@ import numpy as np
 
 from moe_client import zerocopy
 from moe_client.pb import experts_pb2, tensor_pb2
-from moe_serve.grpc_server import start_server
-from moe_serve.malloc import keep_large_buffers
-from moe_serve.tensors import from_wire, to_wire
+from moe_serve.process.malloc import keep_large_buffers
+from moe_serve.rpc.codec import from_wire, to_wire
+from moe_serve.rpc.server import start_server
 
 
 async def echo(request, context):

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from moe_client import ExpertClient
-from moe_serve.checkpoint import Checkpoint
-from moe_serve.synthetic import SyntheticConfig, write_checkpoint
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.synthetic import SyntheticConfig, write_checkpoint
 
 # 4 MoE layers x 16 experts of 3 x 1024 x 2048 float32 = 24 MiB each: 1.5 GiB of experts.
 CONFIG = SyntheticConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_experts=16,

@@ -23,7 +23,7 @@ import torch
 from moe_serve.core.experts import ExpertWeights
 from moe_serve.core.routing import route
 from moe_serve.expert_server.bank import ExpertBank, assign_devices
-from moe_serve.runtime import set_torch_threads
+from moe_serve.process.threads import set_torch_threads
 
 HIDDEN, WIDTH, EXPERTS, TOP_K = 2048, 1408, 64, 6
 

@@ -45,16 +45,16 @@ from safetensors.torch import save_file
 
 from moe_client import wire
 from moe_client.client import ExpertClient
-from moe_serve.arch import spec_from_config
-from moe_serve.checkpoint import Checkpoint
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.expert_server.bank import ExpertBank, InProcessExperts
 from moe_serve.gateway.main import GatewayConfig, create_gateway
 from moe_serve.gateway.overlap import PingPong
-from moe_serve.layout import dense_tensor_shapes
-from moe_serve.models import load_dense_model
-from moe_serve.placement import balanced_assignment, placement_entries, resolve_ownership, write_placement
-from moe_serve.runtime import set_torch_threads
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.config import spec_from_config
+from moe_serve.model.loader import load_dense_model
+from moe_serve.model.placement import balanced_assignment, placement_entries, resolve_ownership, write_placement
+from moe_serve.model.tensor_shapes import dense_tensor_shapes
+from moe_serve.process.threads import set_torch_threads
 
 DEEPSEEK_MOE_16B = {
     "model_type": "deepseek", "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,

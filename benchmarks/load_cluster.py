@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moe_serve.arch import spec_from_config
-from moe_serve.layout import dense_tensor_shapes, expert_tensor_shapes
+from moe_serve.model.config import spec_from_config
+from moe_serve.model.tensor_shapes import dense_tensor_shapes, expert_tensor_shapes
 
 
 @dataclass(frozen=True)

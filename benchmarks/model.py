@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from moe_serve.checkpoint import Checkpoint
 from moe_serve.core.routing import route, router_logits
 from moe_serve.expert_server.bank import ExpertBank
-from moe_serve.synthetic import SyntheticConfig, write_checkpoint
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.synthetic import SyntheticConfig, write_checkpoint
 
 LAYER = 0
 

@@ -21,7 +21,7 @@ from benchmarks.rpc_design import RpcCombined, RpcSeedDesign
 from benchmarks.sync_dispatch import SyncDispatcher
 from benchmarks.timing import Samples, interleaved, summary
 from moe_client import wire
-from moe_serve.checkpoint import Checkpoint
+from moe_serve.model.checkpoint import Checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # In-process runs inside both kinds of phase: the yardstick for load that changes between phases.

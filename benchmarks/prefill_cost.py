@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from load_cluster import ModelSize, write_checkpoint
 
-from moe_serve.checkpoint import Checkpoint
-from moe_serve.models import load_reference
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.loader import load_reference
 
 
 def step_times(model, experts, decoding: int, chunks: list[int], repeats: int) -> dict[int, float]:

@@ -27,10 +27,10 @@ import torch.distributed.rpc as rpc
 from benchmarks import rpc_worker
 from benchmarks.model import Shape
 from moe_client import wire
-from moe_serve.checkpoint import Checkpoint
 from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.pool import PoolOptions, ServerPool
-from moe_serve.shared_regions import ArenaPool
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.rpc.shared_regions import ArenaPool
 
 ROOT = Path(__file__).resolve().parent.parent
 MALLOC_DEFAULT: list[str] = []  # ["--malloc-default"] to leave the benchmark's own processes untuned

@@ -33,8 +33,8 @@ from benchmarks import rpc_worker, transport
 from benchmarks.model import Shape, ensure_checkpoint, make_input, moe_layer, owner_table
 from benchmarks.procs import ROOT, EchoPhase, GrpcPhase, LoopThread, RpcPhase
 from benchmarks.rpc_design import RpcSeedDesign
-from moe_serve.checkpoint import Checkpoint
-from moe_serve.malloc import keep_large_buffers
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.process.malloc import keep_large_buffers
 
 # (category, pattern on "dso symbol"), first match wins.
 CATEGORIES = [

@@ -17,10 +17,10 @@ import torch
 import torch.distributed.rpc as rpc
 
 from benchmarks.model import LAYER
-from moe_serve.checkpoint import Checkpoint
 from moe_serve.expert_server.bank import ExpertBank
-from moe_serve.malloc import keep_large_buffers
-from moe_serve.placement import parse_ranges
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.placement import parse_ranges
+from moe_serve.process.malloc import keep_large_buffers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # TensorPipe between hosts: the TCP transport and the basic channel (no shared memory, no cross-memory attach).

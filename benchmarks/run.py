@@ -27,7 +27,7 @@ from benchmarks import machine, procs, report, transport
 from benchmarks.model import Shape, ensure_checkpoint
 from benchmarks.moe_layer import MoeBench
 from benchmarks.procs import ROOT, LoopThread
-from moe_serve.malloc import keep_large_buffers
+from moe_serve.process.malloc import keep_large_buffers
 
 SECTIONS = ("transport", "moe", "wire", "threads")
 PLANS = {  # tokens per call, rounds of alternating phases, and what each section covers

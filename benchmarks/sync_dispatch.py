@@ -6,7 +6,7 @@ import torch
 
 from moe_client import zerocopy
 from moe_client.channel import insecure_channel, unary_callable
-from moe_serve.tensors import from_wire, to_wire
+from moe_serve.rpc.codec import from_wire, to_wire
 
 
 class SyncDispatcher:

@@ -23,7 +23,7 @@ from benchmarks.timing import Samples, interleaved
 from moe_client import wire, zerocopy
 from moe_client.channel import unary_callable
 from moe_client.pb import experts_pb2, tensor_pb2
-from moe_serve.tensors import from_wire, to_wire
+from moe_serve.rpc.codec import from_wire, to_wire
 
 UPB = experts_pb2.RunExpertsRequest.SerializeToString, experts_pb2.RunExpertsResponse.FromString
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from soak_cluster import ProcessCluster, Service
 from soak_load import Load
 
-from moe_serve.synthetic import SyntheticConfig, write_checkpoint
+from moe_serve.model.synthetic import SyntheticConfig, write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from moe_client import GatewayClient
-from moe_serve.checkpoint import Checkpoint
 from moe_serve.core.generation import SamplingParams
 from moe_serve.gateway.engine import GatewayEngine
-from moe_serve.models import load_all_experts, load_dense_model
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.loader import load_all_experts, load_dense_model
 
 
 class Load:

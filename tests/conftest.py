@@ -15,7 +15,7 @@ import pytest
 
 from moe_serve.expert_server.main import ExpertServerConfig, create_server
 from moe_serve.gateway.main import GatewayConfig, create_gateway
-from moe_serve.synthetic import SyntheticConfig, write_checkpoint
+from moe_serve.model.synthetic import SyntheticConfig, write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,9 +11,9 @@ import torch
 from references import random_prompts, reference_greedy
 
 from moe_client import GatewayClient
-from moe_serve.checkpoint import Checkpoint
-from moe_serve.gateway.batching import BatchingConfig
-from moe_serve.models import load_reference
+from moe_serve.gateway.batching_config import BatchingConfig
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.loader import load_reference
 
 
 def start(cluster, path, **batching) -> str:

@@ -17,7 +17,7 @@ from hf_models import build_checkpoint
 from references import random_prompts, reference_greedy
 
 from moe_client import GatewayClient
-from moe_serve.gateway.batching import BatchingConfig
+from moe_serve.gateway.batching_config import BatchingConfig
 
 
 def wait_for(condition, what: str, timeout: float = 30.0) -> None:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from references import random_prompts, reference_logits
 
-from moe_serve.checkpoint import Checkpoint
-from moe_serve.models import load_reference
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.loader import load_reference
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek"]
 

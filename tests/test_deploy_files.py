@@ -9,10 +9,10 @@ import pytest
 import yaml
 from prometheus_server import ROOT, render_config
 
-from moe_serve.arch import spec_from_config
-from moe_serve.metrics import ServiceMetrics
-from moe_serve.placement import missing_pairs, read_placement, resolve_ownership
-from moe_serve.synthetic import SyntheticConfig
+from moe_serve.model.config import spec_from_config
+from moe_serve.model.placement import missing_pairs, read_placement, resolve_ownership
+from moe_serve.model.synthetic import SyntheticConfig
+from moe_serve.observability.metrics import ServiceMetrics
 
 DEPLOY = ROOT / "deploy"
 DEMO_SPEC = spec_from_config(SyntheticConfig().to_json())  # the embedded model both deployments serve

@@ -8,9 +8,9 @@ import torch
 from conftest import TINY
 
 from moe_client import GatewayClient
-from moe_serve.checkpoint import Checkpoint
-from moe_serve.models import load_reference
-from moe_serve.synthetic import write_checkpoint
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.loader import load_reference
+from moe_serve.model.synthetic import write_checkpoint
 
 ASSIGNMENTS = {
     "one server": ["all"],

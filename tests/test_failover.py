@@ -12,7 +12,7 @@ from test_distributed_forward import reference_forward
 
 from moe_client import ExpertClient, GatewayClient, wire
 from moe_client.pb import experts_pb2, experts_pb2_grpc
-from moe_serve.synthetic import write_checkpoint
+from moe_serve.model.synthetic import write_checkpoint
 
 
 def forward_ok(client: GatewayClient, checkpoint, tokens: int = 12) -> None:

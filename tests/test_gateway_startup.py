@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY
 
 from moe_serve.gateway.dispatch import StartupError
-from moe_serve.synthetic import write_checkpoint
+from moe_serve.model.synthetic import write_checkpoint
 
 
 def test_refuses_when_an_expert_has_no_owner(cluster, tiny_checkpoint):

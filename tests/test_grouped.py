@@ -74,10 +74,10 @@ def test_fused_kernels_match_torch():
 
 
 def test_in_process_backend_equals_bank(tiny_checkpoint):
-    from moe_serve.checkpoint import Checkpoint
     from moe_serve.expert_server.bank import InProcessExperts
-    from moe_serve.models import load_all_experts
-    from moe_serve.placement import resolve_ownership
+    from moe_serve.model.checkpoint import Checkpoint
+    from moe_serve.model.loader import load_all_experts
+    from moe_serve.model.placement import resolve_ownership
 
     checkpoint = Checkpoint(tiny_checkpoint)
     bank = ExpertBank.load(checkpoint, resolve_ownership(checkpoint.spec, "all"), [torch.device("cpu")],

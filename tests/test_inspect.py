@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from moe_serve.arch import spec_from_config
-from moe_serve.checkpoint import Checkpoint
-from moe_serve.inspect_checkpoint import dense_bytes, expert_bytes
-from moe_serve.placement import balanced_assignment, missing_pairs, read_placement, resolve_ownership
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.config import spec_from_config
+from moe_serve.model.placement import balanced_assignment, missing_pairs, read_placement, resolve_ownership
+from moe_serve.tools.inspect_checkpoint import dense_bytes, expert_bytes
 
 BIN = Path(sys.executable).parent
 

@@ -11,8 +11,8 @@ from test_failover import wait_for
 from test_run_experts import plain_torch
 
 from moe_client import ExpertClient, GatewayClient
-from moe_serve.gateway.batching import BatchingConfig
-from moe_serve.serving import ServingOptions
+from moe_serve.gateway.batching_config import BatchingConfig
+from moe_serve.rpc.options import ServingOptions
 
 
 class Blocker:

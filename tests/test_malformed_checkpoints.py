@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_serve.checkpoint import Checkpoint, CheckpointError
 from moe_serve.gateway.dispatch import StartupError
+from moe_serve.model.checkpoint import Checkpoint, CheckpointError
 
 
 def rewrite(src, dst, drop=(), replace=None, config=None):

@@ -11,11 +11,11 @@ import torch
 from test_batching import concurrently, reference_forward
 
 from moe_client import GatewayClient
-from moe_serve.checkpoint import Checkpoint
 from moe_serve.core.routing import route
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.merger import CallMerger
-from moe_serve.placement import resolve_ownership
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.placement import resolve_ownership
 
 
 def random_call(layer: int, tokens: int, owned: list[int], num_experts: int = 8, hidden: int = 64):

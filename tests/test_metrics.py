@@ -19,14 +19,14 @@ from prometheus_server import free_port
 
 from moe_client import ExpertClient, GatewayClient, wire
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
-from moe_serve.console import LoadProgress
 from moe_serve.expert_server.main import ExpertServerConfig, create_server
 from moe_serve.expert_server.main import build_parser as expert_parser
 from moe_serve.gateway.main import GatewayConfig, create_gateway
 from moe_serve.gateway.main import build_parser as gateway_parser
-from moe_serve.metrics import ServiceMetrics
-from moe_serve.placement import PlacementError, ServerEntry, pick_entry
-from moe_serve.request_ids import RequestIdFilter
+from moe_serve.model.placement import PlacementError, ServerEntry, pick_entry
+from moe_serve.observability.metrics import ServiceMetrics
+from moe_serve.process.console import LoadProgress
+from moe_serve.rpc.request_ids import RequestIdFilter
 
 BIN = Path(sys.executable).parent
 
@@ -60,7 +60,7 @@ class Records(logging.Handler):
 @pytest.fixture
 def access_log():
     records = Records()
-    logger = logging.getLogger("moe_serve.metrics")
+    logger = logging.getLogger("moe_serve.observability.metrics")
     old = logger.level
     logger.setLevel(logging.DEBUG)
     logger.addHandler(records)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import moe_serve.core.decoder as decoder
-from moe_serve.checkpoint import Checkpoint
 from moe_serve.gateway.overlap import PingPong, split_point
-from moe_serve.models import load_reference
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.loader import load_reference
 
 
 class SlowExperts:

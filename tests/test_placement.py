@@ -2,9 +2,9 @@
 
 import pytest
 
-from moe_serve.arch import spec_from_config
-from moe_serve.placement import PlacementError, format_ranges, missing_pairs, parse_ranges, resolve_ownership
-from moe_serve.synthetic import SyntheticConfig
+from moe_serve.model.config import spec_from_config
+from moe_serve.model.placement import PlacementError, format_ranges, missing_pairs, parse_ranges, resolve_ownership
+from moe_serve.model.synthetic import SyntheticConfig
 
 SPEC = spec_from_config(SyntheticConfig(num_experts=8, num_hidden_layers=3).to_json())
 

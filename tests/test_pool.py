@@ -6,11 +6,11 @@ import time
 import grpc
 
 from moe_client.pb import experts_pb2
-from moe_serve.arch import spec_from_config
 from moe_serve.gateway.pool import ServerPool
 from moe_serve.gateway.replica import Replica
 from moe_serve.gateway.resolve import resolve, split_target
-from moe_serve.synthetic import SyntheticConfig
+from moe_serve.model.config import spec_from_config
+from moe_serve.model.synthetic import SyntheticConfig
 
 SPEC = spec_from_config(SyntheticConfig(num_experts=4, num_hidden_layers=1).to_json())
 

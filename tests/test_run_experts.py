@@ -7,7 +7,7 @@ import torch
 
 from moe_client import ExpertClient, wire
 from moe_client.pb import experts_pb2, experts_pb2_grpc
-from moe_serve.checkpoint import Checkpoint
+from moe_serve.model.checkpoint import Checkpoint
 
 
 def plain_torch(checkpoint_dir, layer, hidden, ids, weights):

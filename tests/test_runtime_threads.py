@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from moe_serve.runtime import GPU_HOST_THREADS, set_torch_threads
+from moe_serve.process.threads import GPU_HOST_THREADS, set_torch_threads
 
 
 def test_thread_defaults_follow_the_devices():

@@ -19,7 +19,7 @@ from moe_serve.expert_server.main import config_from_args as expert_config
 from moe_serve.gateway.main import build_parser as gateway_parser
 from moe_serve.gateway.main import config_from_args as gateway_config
 from moe_serve.gateway.pool import StartupError
-from moe_serve.serving import ServingOptions
+from moe_serve.rpc.options import ServingOptions
 
 TOKEN = "s3cret-token"
 

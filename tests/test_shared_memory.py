@@ -16,10 +16,10 @@ from test_run_experts import plain_torch
 
 from moe_client import GatewayClient, wire, zerocopy
 from moe_client.channel import unary_callable
-from moe_serve import shared_regions
-from moe_serve.gateway.batching import BatchingConfig
+from moe_serve.gateway.batching_config import BatchingConfig
 from moe_serve.gateway.dispatch import ExpertDispatcher
-from moe_serve.shared_regions import Arena, ArenaPool
+from moe_serve.rpc import shared_regions
+from moe_serve.rpc.shared_regions import Arena, ArenaPool
 
 
 def _mapped(cluster, server: str) -> int:

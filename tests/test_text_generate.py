@@ -5,7 +5,7 @@ import torch
 from text_checkpoint import build_tokenizer, write_text_checkpoint
 
 from moe_client import GatewayClient
-from moe_serve.tokenizer import TextTokenizer
+from moe_serve.model.tokenizer import TextTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe_client import wire
-from moe_serve.tensors import from_wire, to_wire, to_wire_owned
+from moe_serve.rpc.codec import from_wire, to_wire, to_wire_owned
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int32", "int64"])

@@ -15,7 +15,7 @@ from moe_client import GatewayClient, wire
 from moe_client.pb import experts_pb2, experts_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from moe_serve.expert_server.main import ExpertServerConfig, create_server
 from moe_serve.gateway.main import GatewayConfig, create_gateway
-from moe_serve.synthetic import write_checkpoint
+from moe_serve.model.synthetic import write_checkpoint
 
 
 def test_standard_protobuf_clients_get_standard_answers(cluster, tiny_checkpoint):

@@ -1,7 +1,7 @@
 """TLS credentials and bearer tokens for moe-serve: the one place certificate files are read.
 
-Clients, the gateway (both as a server and as a client of expert servers) and expert servers build
-their credentials here, from PEM files named by flags, so every hop checks certificates the same way.
+Clients, the gateway (as a client of expert servers) and the servers (`moe_serve.rpc.server`) read their
+PEM files here, named by flags, so every hop checks certificates the same way.
 """
 
 from __future__ import annotations
@@ -57,19 +57,6 @@ def channel_credentials(tls: TLSFiles) -> grpc.ChannelCredentials:
         root_certificates=read_pem(tls.ca, "TLS CA"),
         private_key=read_pem(tls.key, "TLS key"),
         certificate_chain=read_pem(tls.cert, "TLS certificate"),
-    )
-
-
-def server_credentials(tls: TLSFiles, require_client_cert: bool = False) -> grpc.ServerCredentials:
-    """Server side: serve `tls.cert`; with `require_client_cert`, accept only clients signed by `tls.ca`."""
-    if not tls.cert:
-        raise ValueError("serving TLS needs a certificate and key (--tls-cert, --tls-key)")
-    if require_client_cert and not tls.ca:
-        raise ValueError("--require-client-cert needs --tls-ca, the CA that signs the clients' certificates")
-    return grpc.ssl_server_credentials(
-        [(read_pem(tls.key, "TLS key"), read_pem(tls.cert, "TLS certificate"))],
-        root_certificates=read_pem(tls.ca, "TLS CA"),
-        require_client_auth=require_client_cert,
     )
 
 

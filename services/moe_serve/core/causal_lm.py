@@ -13,13 +13,13 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from moe_serve.arch import ModelSpec
 from moe_serve.core.attention import AttentionConfig, AttentionWeights, positions_of
 from moe_serve.core.decoder import DecoderLayerWeights, RouterConfig, decoder_layer
 from moe_serve.core.experts import ExpertBackend, ExpertWeights
 from moe_serve.core.kv_cache import KVCache
 from moe_serve.core.norms import rms_norm
 from moe_serve.core.rotary import RotaryEmbedding
+from moe_serve.core.spec import ModelSpec
 
 
 def _swiglu(tensors: Mapping[str, torch.Tensor], prefix: str) -> ExpertWeights:

@@ -11,10 +11,10 @@ from collections.abc import Mapping
 
 import torch
 
-from moe_serve.arch import ModelSpec
 from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.norms import rms_norm
 from moe_serve.core.routing import route, router_logits
+from moe_serve.core.spec import ModelSpec
 
 
 class SimpleMoEModel:

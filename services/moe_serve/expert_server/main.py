@@ -12,25 +12,19 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_client.pb import experts_pb2
-from moe_serve.checkpoint import Checkpoint, CheckpointError
-from moe_serve.console import LoadProgress, summary
-from moe_serve.devices import describe_devices, parse_devices
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.servicer import ExpertServicer, add_to_server, server_info
-from moe_serve.grpc_server import ServerHandle, start_server
-from moe_serve.malloc import keep_large_buffers
-from moe_serve.metrics import MetricsInterceptor, ServiceMetrics
-from moe_serve.placement import PlacementError, format_ownership, pick_entry, read_placement, resolve_ownership
-from moe_serve.runtime import (
-    GPU_HOST_THREADS,
-    RULE,
-    add_metrics_args,
-    configure_logging,
-    env,
-    serve_until_signal,
-    set_torch_threads,
-)
-from moe_serve.serving import ServingOptions, add_serving_args, serving_from_args
+from moe_serve.model.checkpoint import Checkpoint, CheckpointError
+from moe_serve.model.placement import PlacementError, format_ownership, pick_entry, read_placement, resolve_ownership
+from moe_serve.observability.logs import configure_logging
+from moe_serve.observability.metrics import MetricsInterceptor, ServiceMetrics, add_metrics_args
+from moe_serve.process.console import RULE, LoadProgress, summary
+from moe_serve.process.devices import describe_devices, parse_devices
+from moe_serve.process.env import env
+from moe_serve.process.malloc import keep_large_buffers
+from moe_serve.process.threads import GPU_HOST_THREADS, set_torch_threads
+from moe_serve.rpc.options import ServingOptions, add_serving_args, serving_from_args
+from moe_serve.rpc.server import ServerHandle, serve_until_signal, start_server
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 SERVICE_NAME = experts_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name

@@ -8,16 +8,17 @@ from functools import partial
 import torch
 
 from moe_client import wire, zerocopy
-from moe_client.channel import add_servicer
 from moe_client.pb import experts_pb2, experts_pb2_grpc
-from moe_serve import __version__, shared_regions
-from moe_serve.errors import FailedPrecondition, InvalidArgument
+from moe_serve import __version__
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.merger import CallMerger
-from moe_serve.grpc_server import rpc
-from moe_serve.metrics import ServiceMetrics
-from moe_serve.shared_regions import RegionMaps
-from moe_serve.tensors import TORCH_DTYPES, from_wire, to_wire_owned
+from moe_serve.observability.metrics import ServiceMetrics
+from moe_serve.rpc import shared_regions
+from moe_serve.rpc.codec import TORCH_DTYPES, from_wire, to_wire_owned
+from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument
+from moe_serve.rpc.registration import add_servicer
+from moe_serve.rpc.server import rpc
+from moe_serve.rpc.shared_regions import RegionMaps
 
 _INT_IDS = (wire.INT32, wire.INT64)
 _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16, wire.FLOAT8_E4M3)

@@ -23,16 +23,16 @@ import grpc
 import torch
 
 from moe_client import wire, zerocopy
-from moe_serve import request_ids
-from moe_serve.arch import ModelSpec
-from moe_serve.deadlines import REQUEST_DEADLINE
-from moe_serve.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, ServiceError, Unavailable
+from moe_serve.core.spec import ModelSpec
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
 from moe_serve.gateway.routing_plan import expert_counts, rows_for
-from moe_serve.metrics import ServiceMetrics
-from moe_serve.placement import format_ranges
-from moe_serve.shared_regions import SHARED_DTYPES, Arena, ArenaPool, aligned, gpu_uuid, kind_for
-from moe_serve.tensors import TORCH_DTYPES, from_wire, to_wire
+from moe_serve.model.placement import format_ranges
+from moe_serve.observability.metrics import ServiceMetrics
+from moe_serve.rpc import request_ids
+from moe_serve.rpc.codec import TORCH_DTYPES, from_wire, to_wire
+from moe_serve.rpc.deadlines import REQUEST_DEADLINE
+from moe_serve.rpc.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, ServiceError, Unavailable
+from moe_serve.rpc.shared_regions import SHARED_DTYPES, Arena, ArenaPool, aligned, gpu_uuid, kind_for
 
 __all__ = ["ExpertDispatcher", "StartupError"]
 

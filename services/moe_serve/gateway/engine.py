@@ -13,7 +13,7 @@ from moe_serve.core.causal_lm import CausalLM
 from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.generation import FinishReason, SamplingParams, generate
 from moe_serve.core.simple_model import SimpleMoEModel
-from moe_serve.tokenizer import TextTokenizer
+from moe_serve.model.tokenizer import TextTokenizer
 
 
 @dataclass

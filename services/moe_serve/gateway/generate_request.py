@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 from moe_client.pb import gateway_pb2
-from moe_serve.arch import ModelSpec
 from moe_serve.core.generation import FinishReason, SamplingParams
-from moe_serve.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from moe_serve.tokenizer import TextTokenizer
+from moe_serve.core.spec import ModelSpec
+from moe_serve.model.tokenizer import TextTokenizer
+from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 DEFAULT_MAX_NEW_TOKENS = 16
 FINISH_REASONS = {None: gateway_pb2.FINISH_REASON_UNSPECIFIED, FinishReason.LENGTH: gateway_pb2.FINISH_REASON_LENGTH,

@@ -14,31 +14,30 @@ import torch
 from moe_client import wire
 from moe_client.pb import gateway_pb2
 from moe_client.security import TLSFiles
-from moe_serve.checkpoint import Checkpoint, CheckpointError
-from moe_serve.console import summary
-from moe_serve.devices import parse_devices
-from moe_serve.gateway.batching import BatchingConfig, add_batching_flags, batching_config_from_args, start_batching
+from moe_serve.gateway.batching_config import (
+    BatchingConfig,
+    add_batching_flags,
+    batching_config_from_args,
+    start_batching,
+)
 from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.pool import PoolOptions, Replica, ServerPool, StartupError
 from moe_serve.gateway.servicer import GatewayServicer, add_to_server
-from moe_serve.grpc_server import ServerHandle, start_server
-from moe_serve.malloc import keep_large_buffers
-from moe_serve.metrics import MetricsInterceptor, ServiceMetrics
-from moe_serve.models import load_dense_model
-from moe_serve.placement import PlacementError, format_ownership, read_placement, resolve_ownership
-from moe_serve.runtime import (
-    GPU_HOST_THREADS,
-    RULE,
-    add_metrics_args,
-    configure_logging,
-    env,
-    serve_until_signal,
-    set_torch_threads,
-)
-from moe_serve.serving import ServingOptions, add_serving_args, serving_from_args
-from moe_serve.shared_regions import ArenaPool
-from moe_serve.tokenizer import TextTokenizer
+from moe_serve.model.checkpoint import Checkpoint, CheckpointError
+from moe_serve.model.loader import load_dense_model
+from moe_serve.model.placement import PlacementError, format_ownership, read_placement, resolve_ownership
+from moe_serve.model.tokenizer import TextTokenizer
+from moe_serve.observability.logs import configure_logging
+from moe_serve.observability.metrics import MetricsInterceptor, ServiceMetrics, add_metrics_args
+from moe_serve.process.console import RULE, summary
+from moe_serve.process.devices import parse_devices
+from moe_serve.process.env import env
+from moe_serve.process.malloc import keep_large_buffers
+from moe_serve.process.threads import GPU_HOST_THREADS, set_torch_threads
+from moe_serve.rpc.options import ServingOptions, add_serving_args, serving_from_args
+from moe_serve.rpc.server import ServerHandle, serve_until_signal, start_server
+from moe_serve.rpc.shared_regions import ArenaPool
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_serve import request_ids
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.generation import FinishReason, SamplingParams, sample_next
-from moe_serve.errors import ResourceExhausted, Unavailable
 from moe_serve.gateway.engine import ForwardStats, GeneratedToken
 from moe_serve.gateway.overlap import PingPong
-from moe_serve.tokenizer import TextTokenizer
+from moe_serve.model.tokenizer import TextTokenizer
+from moe_serve.rpc import request_ids
+from moe_serve.rpc.errors import ResourceExhausted, Unavailable
 
 _END = object()
 

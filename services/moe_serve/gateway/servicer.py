@@ -5,18 +5,18 @@ from __future__ import annotations
 import torch
 
 from moe_client import wire, zerocopy
-from moe_client.channel import add_servicer
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
-from moe_serve.deadlines import ContextThreadPool
-from moe_serve.errors import InvalidArgument, ResourceExhausted
-from moe_serve.gateway.batcher import ForwardBatcher
 from moe_serve.gateway.engine import ForwardStats, GatewayEngine
+from moe_serve.gateway.forward_batcher import ForwardBatcher
 from moe_serve.gateway.generate_request import FINISH_REASONS, prompt_ids, require_causal, sampling_params
 from moe_serve.gateway.scheduler import GenerateScheduler
 from moe_serve.gateway.streaming import iterate_in_thread
-from moe_serve.grpc_server import rpc, rpc_stream
-from moe_serve.metrics import ServiceMetrics
-from moe_serve.tensors import from_wire, to_wire
+from moe_serve.observability.metrics import ServiceMetrics
+from moe_serve.rpc.codec import from_wire, to_wire
+from moe_serve.rpc.deadlines import ContextThreadPool
+from moe_serve.rpc.errors import InvalidArgument, ResourceExhausted
+from moe_serve.rpc.registration import add_servicer
+from moe_serve.rpc.server import rpc, rpc_stream
 
 _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16, wire.FLOAT8_E4M3)
 
@@ -34,7 +34,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.metrics = metrics or ServiceMetrics("gateway")
         self.max_tokens = max_tokens
         self.max_new_tokens = max_new_tokens
-        # ContextThreadPool: the engine's thread sees the request's deadline (moe_serve.deadlines)
+        # ContextThreadPool: the engine's thread sees the request's deadline (moe_serve.rpc.deadlines)
         self.executor = ContextThreadPool(max_workers=workers, thread_name_prefix="gateway")
 
     def decode_hidden(self, msg) -> torch.Tensor:

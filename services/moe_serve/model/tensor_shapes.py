@@ -5,7 +5,7 @@ The gateway loads exactly these (and checks each shape); `moe-serve inspect` siz
 
 from __future__ import annotations
 
-from moe_serve.arch import ModelSpec
+from moe_serve.core.spec import ModelSpec
 
 Shape = tuple[int, ...]
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moe_serve.arch import ConfigError, ModelSpec, spec_from_config
+from moe_serve.core.spec import ModelSpec
+from moe_serve.model.config import ConfigError, spec_from_config
 
 _SAMPLE = 4096  # bytes hashed at a few offsets of each file for the fingerprint
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import grpc
 
 from moe_client.security import AUTH_METADATA
-from moe_serve.deadlines import REQUEST_DEADLINE, deadline_after
+from moe_serve.rpc.deadlines import REQUEST_DEADLINE, deadline_after
 
 log = logging.getLogger(__name__)
 EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import torch
 
-from moe_serve.checkpoint import CheckpointError
-from moe_serve.inspect_checkpoint import add_parser as add_inspect_parser
-from moe_serve.inspect_checkpoint import run as inspect_checkpoint
-from moe_serve.placement import PlacementError
-from moe_serve.synthetic import SyntheticConfig, write_checkpoint
+from moe_serve.model.checkpoint import CheckpointError
+from moe_serve.model.placement import PlacementError
+from moe_serve.model.synthetic import SyntheticConfig, write_checkpoint
+from moe_serve.tools.inspect_checkpoint import add_parser as add_inspect_parser
+from moe_serve.tools.inspect_checkpoint import run as inspect_checkpoint
 
 
 def _create_model(args: argparse.Namespace) -> int:
@@ -27,8 +27,8 @@ def _create_model(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     """Send fresh random input through the gateway and compare with the in-process reference."""
     from moe_client.client import GatewayClient
-    from moe_serve.checkpoint import Checkpoint
-    from moe_serve.models import load_reference
+    from moe_serve.model.checkpoint import Checkpoint
+    from moe_serve.model.loader import load_reference
 
     checkpoint = Checkpoint(args.checkpoint)
     model, experts = load_reference(checkpoint)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moe_serve.checkpoint import Checkpoint
-from moe_serve.layout import expert_tensor_shapes
-from moe_serve.placement import (
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.placement import (
     Ownership,
     balanced_assignment,
     format_ownership,
@@ -15,6 +14,7 @@ from moe_serve.placement import (
     placement_entries,
     write_placement,
 )
+from moe_serve.model.tensor_shapes import expert_tensor_shapes
 
 
 def _size(n: float) -> str:

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.simple_model import SimpleMoEModel
-from moe_serve.gateway.batcher import ForwardBatcher
+from moe_serve.gateway.forward_batcher import ForwardBatcher
 from moe_serve.gateway.overlap import PingPong
 from moe_serve.gateway.scheduler import GenerateScheduler, SchedulerLimits
-from moe_serve.runtime import env
-from moe_serve.tokenizer import TextTokenizer
+from moe_serve.model.tokenizer import TextTokenizer
+from moe_serve.process.env import env
 
 
 @dataclass(frozen=True)

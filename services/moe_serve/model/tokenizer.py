@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from moe_serve.checkpoint import CheckpointError
+from moe_serve.model.checkpoint import CheckpointError
 
 # Tokens decoded again together with each new one, so word pieces and spaces join as they would in a full decode.
 _CONTEXT = 5

@@ -6,6 +6,8 @@ import sys
 import time
 from typing import TextIO
 
+RULE = "=" * 80  # above and below a startup summary
+
 
 class LoadProgress:
     """Counts loaded items on stderr: redrawn in place on a terminal, a line every `every` s in logs."""

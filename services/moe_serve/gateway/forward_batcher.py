@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe_serve import request_ids
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.simple_model import SimpleMoEModel
-from moe_serve.errors import ResourceExhausted
 from moe_serve.gateway.engine import ForwardStats
 from moe_serve.gateway.overlap import PingPong
+from moe_serve.rpc import request_ids
+from moe_serve.rpc.errors import ResourceExhausted
 
 
 @dataclass

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_serve.arch import ModelSpec
+from moe_serve.core.spec import ModelSpec
 
 Ownership = dict[int, tuple[int, ...]]  # MoE layer -> sorted expert ids
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moe_client.channel import MAX_MESSAGE_BYTES
 from moe_client.security import TLSFiles
-from moe_serve.runtime import env
+from moe_serve.process.env import env
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 import grpc
@@ -13,10 +14,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moe_client.channel import TRANSPORT_OPTIONS, merge_options
-from moe_client.security import server_credentials
-from moe_serve.edge import EdgeInterceptor
-from moe_serve.errors import status_of
-from moe_serve.serving import ServingOptions
+from moe_client.security import TLSFiles, read_pem
+from moe_serve.rpc.edge import EdgeInterceptor
+from moe_serve.rpc.errors import status_of
+from moe_serve.rpc.options import ServingOptions
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,19 @@ def rpc_stream(handler: Callable[..., AsyncIterator]) -> Callable[..., AsyncIter
             await context.abort(*_status(handler.__name__, err))
 
     return wrapped
+
+
+def server_credentials(tls: TLSFiles, require_client_cert: bool = False) -> grpc.ServerCredentials:
+    """Server side: serve `tls.cert`; with `require_client_cert`, accept only clients signed by `tls.ca`."""
+    if not tls.cert:
+        raise ValueError("serving TLS needs a certificate and key (--tls-cert, --tls-key)")
+    if require_client_cert and not tls.ca:
+        raise ValueError("--require-client-cert needs --tls-ca, the CA that signs the clients' certificates")
+    return grpc.ssl_server_credentials(
+        [(read_pem(tls.key, "TLS key"), read_pem(tls.cert, "TLS certificate"))],
+        root_certificates=read_pem(tls.ca, "TLS CA"),
+        require_client_auth=require_client_cert,
+    )
 
 
 class _Health(health.aio.HealthServicer):
@@ -150,3 +164,15 @@ async def start_server(
     handle = ServerHandle(server, port, health_servicer, names, edge)
     await handle.set_serving(True)
     return handle
+
+
+async def serve_until_signal(handle: ServerHandle, grace: float) -> None:
+    """Run until SIGTERM or SIGINT; then NOT_SERVING, finish in-flight calls within `grace`, and return."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print(f"Shutting down (finishing in-flight requests, up to {grace:.0f}s)...", flush=True)
+    await handle.stop(grace)
+    print("Stopped.", flush=True)

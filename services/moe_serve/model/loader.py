@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from moe_serve.checkpoint import Checkpoint
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.core.experts import ExpertWeights, LocalExperts
 from moe_serve.core.simple_model import SimpleMoEModel
-from moe_serve.layout import dense_tensor_shapes, expert_tensor_shapes
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.tensor_shapes import dense_tensor_shapes, expert_tensor_shapes
 
 DenseModel = SimpleMoEModel | CausalLM
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from moe_client import wire, zerocopy
-from moe_serve.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from moe_serve.tensors import TORCH_DTYPES
+from moe_serve.rpc.codec import TORCH_DTYPES
+from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "moe-"

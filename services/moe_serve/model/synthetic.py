@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moe_serve.arch import spec_from_config
+from moe_serve.model.config import spec_from_config
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ compute seconds), and the gateway times each RunExperts call through `call_exper
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import contextvars
@@ -33,8 +34,9 @@ from prometheus_client import (
     start_http_server,
 )
 
-from moe_serve import request_ids
-from moe_serve.metrics_collectors import DeviceMemoryCollector, ExpertTokenCounter
+from moe_serve.observability.collectors import DeviceMemoryCollector, ExpertTokenCounter
+from moe_serve.process.env import env
+from moe_serve.rpc import request_ids
 
 log = logging.getLogger(__name__)
 
@@ -275,3 +277,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 def _code_name(context) -> str | None:
     code = context.code()
     return code.name if isinstance(code, grpc.StatusCode) else None
+
+
+def add_metrics_args(p: argparse.ArgumentParser) -> None:
+    """--metrics-port / --metrics-host, the same on every service."""
+    p.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", "0")),
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 = off (env MOE_METRICS_PORT; "
+                        "default 0)")
+    p.add_argument("--metrics-host", default=env("METRICS_HOST", "0.0.0.0"),
+                   help="address the metrics endpoint binds (env MOE_METRICS_HOST; default 0.0.0.0)")
