@@ -11,7 +11,6 @@ Legend: T = tokens, H = hidden size, K = expert slots per token.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from moe_serve.expert_server.bank import ExpertBank
+from moe_serve.process.handoff import settle_from_thread
 
 
 @dataclass
@@ -103,8 +103,7 @@ class CallMerger:
             except Exception as err:  # each call of the group gets the error
                 results = [(None, err)] * len(group)
             for call, (value, error) in zip(group, results, strict=True):
-                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
-                    call.loop.call_soon_threadsafe(_settle, call.future, value, error)
+                settle_from_thread(call.loop, call.future, value, error)
 
     def _compute(self, group: list[_Call]) -> list[tuple[Any, BaseException | None]]:
         first = group[0]
@@ -132,12 +131,3 @@ class CallMerger:
             except Exception as err:  # only this call fails
                 results.append((None, err))
         return results
-
-
-def _settle(future: asyncio.Future, value, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)

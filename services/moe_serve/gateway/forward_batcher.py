@@ -10,7 +10,6 @@ Legend: T = tokens, H = hidden size, B = sequences of a request, S = their lengt
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections import deque
@@ -23,6 +22,7 @@ from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.simple_model import SimpleMoEModel
 from moe_serve.gateway.engine import ForwardStats
 from moe_serve.gateway.overlap import PingPong
+from moe_serve.process.handoff import settle_from_thread
 from moe_serve.rpc import request_ids
 from moe_serve.rpc.errors import ResourceExhausted
 
@@ -114,7 +114,7 @@ class ForwardBatcher:
                 outs, expert_seconds = self.run([item.hidden for item in batch])
             except Exception as err:  # every request of the batch gets the error (e.g. an expert server is down)
                 for item in batch:
-                    _deliver(item, None, err)
+                    settle_from_thread(item.loop, item.future, error=err)
                 continue
             finally:
                 request_ids.unbind(token)
@@ -122,7 +122,7 @@ class ForwardBatcher:
             now = time.perf_counter()
             for item, out in zip(batch, outs, strict=True):
                 stats = ForwardStats(total_seconds=now - item.arrival, expert_seconds=expert_seconds)
-                _deliver(item, (out, stats), None)
+                settle_from_thread(item.loop, item.future, (out, stats))
 
     def run(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
         """Each request's output (same shape as its input), computed as one batch; and the expert wait."""
@@ -151,17 +151,3 @@ class ForwardBatcher:
         caches = [self.model.new_cache(n) for n in lengths]
         out = self.model.forward_hidden(torch.cat(seqs), caches, lengths, backend)  # [T, H]
         return list(out.split(lengths))
-
-
-def _deliver(item: _Pending, result, error: BaseException | None) -> None:
-    with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is waiting any more
-        item.loop.call_soon_threadsafe(_settle, item.future, result, error)
-
-
-def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
-    if future.done():  # the caller was cancelled meanwhile
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -11,16 +11,16 @@ tokens), so the results are those of one batch: only GEMM shapes change.
 
 from __future__ import annotations
 
-import contextvars
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TypeVar
 
 import torch
 
 from moe_serve.core.experts import ExpertBackend
+from moe_serve.process.handoff import ContextThreadPool
 
 T = TypeVar("T")
 Part = Callable[[ExpertBackend], T]
@@ -110,7 +110,7 @@ class PingPong:
         # Two micro-batches make twice the expert calls, each paying a fixed cost (the call, and on CPUs
         # reading every hit expert's weights): below this many tokens a step stays whole.
         self.min_split_tokens = min_split_tokens
-        self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="microbatch") if overlap else None
+        self._helper = ContextThreadPool(max_workers=1, thread_name_prefix="microbatch") if overlap else None
         self.split_runs = 0  # runs done as two micro-batches (tests and benchmarks read it)
 
     def run(self, parts: Sequence[Part]) -> tuple[list, float]:
@@ -129,7 +129,7 @@ class PingPong:
             with torch.inference_mode(), lock:
                 return parts[i](turns[i])
 
-        other = self._helper.submit(contextvars.copy_context().run, body, 1) if len(parts) == 2 else None
+        other = self._helper.submit(body, 1) if len(parts) == 2 else None
         self.split_runs += other is not None
         try:
             first = body(0)

@@ -25,6 +25,7 @@ from moe_serve.core.generation import FinishReason, SamplingParams, sample_next
 from moe_serve.gateway.engine import ForwardStats, GeneratedToken
 from moe_serve.gateway.overlap import PingPong
 from moe_serve.model.tokenizer import TextTokenizer
+from moe_serve.process.handoff import put_from_thread
 from moe_serve.rpc import request_ids
 from moe_serve.rpc.errors import ResourceExhausted, Unavailable
 
@@ -71,9 +72,7 @@ class _Sequence:
 
     def emit(self, item: object) -> None:
         """Hand a token, an error or the end to the stream (from the scheduler thread)."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop has closed: nobody is listening
+        if not put_from_thread(self.loop, self.queue, item):  # the event loop has closed: nobody is listening
             self.cancelled = True
 
 

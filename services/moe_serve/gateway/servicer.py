@@ -12,8 +12,8 @@ from moe_serve.gateway.generate_request import FINISH_REASONS, prompt_ids, requi
 from moe_serve.gateway.scheduler import GenerateScheduler
 from moe_serve.gateway.streaming import iterate_in_thread
 from moe_serve.observability.metrics import ServiceMetrics
+from moe_serve.process.handoff import ContextThreadPool
 from moe_serve.rpc.codec import from_wire, to_wire
-from moe_serve.rpc.deadlines import ContextThreadPool
 from moe_serve.rpc.errors import InvalidArgument, ResourceExhausted
 from moe_serve.rpc.registration import add_servicer
 from moe_serve.rpc.server import rpc, rpc_stream
@@ -34,7 +34,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.metrics = metrics or ServiceMetrics("gateway")
         self.max_tokens = max_tokens
         self.max_new_tokens = max_new_tokens
-        # ContextThreadPool: the engine's thread sees the request's deadline (moe_serve.rpc.deadlines)
+        # ContextThreadPool: the engine's thread sees the request's deadline (moe_serve.process.handoff)
         self.executor = ContextThreadPool(max_workers=workers, thread_name_prefix="gateway")
 
     def decode_hidden(self, msg) -> torch.Tensor:

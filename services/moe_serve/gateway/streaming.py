@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from typing import TypeVar
 
+from moe_serve.process.handoff import put_from_thread
+
 T = TypeVar("T")
 _END = object()
 
@@ -22,9 +24,7 @@ async def iterate_in_thread(executor: Executor, make: Callable[[], Iterator[T]])
     stop = threading.Event()
 
     def put(item: object) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop has closed: nobody is listening any more
+        if not put_from_thread(loop, queue, item):  # the loop has closed: nobody is listening any more
             stop.set()
 
     def pump() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import contextvars
 import inspect
 import logging
 import time
@@ -36,6 +35,7 @@ from prometheus_client import (
 
 from moe_serve.observability.collectors import DeviceMemoryCollector, ExpertTokenCounter
 from moe_serve.process.env import env
+from moe_serve.process.handoff import ContextThreadPool
 from moe_serve.rpc import request_ids
 
 log = logging.getLogger(__name__)
@@ -132,16 +132,16 @@ class ServiceMetrics:
         if compute_seconds is not None:
             self.child(self.expert_compute, str(layer)).observe(compute_seconds)
 
-    async def run_queued(self, executor, fn: Callable, *args):
-        """`fn(*args)` on `executor`, timing the wait for a worker and keeping the request id (contextvars)."""
+    async def run_queued(self, executor: ContextThreadPool, fn: Callable, *args):
+        """`fn(*args)` on `executor`, timing the wait for a worker; the executor carries the request's
+        contextvars (id, deadline) to the worker."""
         submitted = time.perf_counter()
-        context = contextvars.copy_context()  # run_in_executor does not carry it over by itself
 
         def job():
             self.queue_wait.observe(time.perf_counter() - submitted)
             return fn(*args)
 
-        return await asyncio.get_running_loop().run_in_executor(executor, context.run, job)
+        return await asyncio.get_running_loop().run_in_executor(executor, job)
 
     async def call_expert(self, server: str, method: Callable[..., Awaitable], request, **kwargs):
         """`await method(request, **kwargs)` (a RunExperts stub call), recording latency, status and bytes."""
