@@ -4,8 +4,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test protos lint bench bench-load soak clean deploy-check compose-test cluster cluster-down
+.PHONY: help setup demo test protos lint bench bench-load soak clean deploy-check compose-test cluster cluster-down
 
+## List the targets and what each does (the default goal).
+help:
+	@awk '/^## /{doc = doc (doc ? " " : "") substr($$0, 4); next} \
+	     /^[a-z][a-z-]*:/{if (doc) {split($$0, t, ":"); printf "%-14s %s\n", t[1], doc}; doc = ""; next} \
+	     {doc = ""}' $(MAKEFILE_LIST)
+
+## Create .venv and install the client, the services and the development tools (again when
+## requirements-dev.txt or a pyproject.toml changes).
 setup: $(STAMP)
 
 $(STAMP): requirements-dev.txt client/pyproject.toml services/pyproject.toml
@@ -22,6 +30,7 @@ protos: setup
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
+## The test suite (real servers on loopback, a real Prometheus; about 3 minutes on 2 cores).
 test: setup
 	$(BIN)/python -m pytest -q tests
 
@@ -37,26 +46,28 @@ compose-test: setup
 cluster:
 	bash deploy/local/cluster.sh up
 
+## Stop the cluster that `make cluster` started.
 cluster-down:
 	bash deploy/local/cluster.sh down
 
 ## 10 minutes of Forward + Generate load on 2 replicas and a gateway, a replica killed each minute (docs/reliability.md).
 soak: setup
 	$(BIN)/python scripts/soak.py --duration 600 --chaos-every 60
-## Load benchmark (about 10 minutes on 2 cores): 1-128 concurrent Generate/Forward clients on a loopback
-## cluster, batching and overlap on and off; results into docs/benchmarks.md.
-bench-load: setup
-	$(BIN)/python benchmarks/load.py --write-doc docs/benchmarks.md
-
-bench: bench-load
-
 ## Transport and MoE-layer benchmarks, ours vs torch.distributed.rpc vs in-process; prints tables and
 ## writes JSON to bench-results/ (docs/benchmarks.md). BENCH_ARGS=--full for more points (slower).
 bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
+## Load benchmark (about 10 minutes on 2 cores): 1-128 concurrent Generate/Forward clients on a loopback
+## cluster, batching and overlap on and off; prints the tables (LOAD_ARGS="--write-doc docs/benchmarks.md"
+## rewrites that doc's section).
+bench-load: setup
+	$(BIN)/python benchmarks/load.py $(LOAD_ARGS)
+
+## ruff over every Python folder.
 lint: setup
 	$(BIN)/ruff check client services tests scripts benchmarks
 
+## Remove .venv and the demo's files.
 clean:
 	rm -rf $(VENV) .demo
