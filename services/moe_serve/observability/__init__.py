@@ -1,0 +1,1 @@
+"""What the services tell their operators: Prometheus metrics and scrape-time collectors, log lines."""

@@ -1,0 +1,1 @@
+"""The `moe-serve` command: make a synthetic checkpoint, inspect one and plan placement, verify a gateway."""
