@@ -1,12 +1,14 @@
-"""Expert ownership as text: ranges ("0-3,6") and layers ("0:0-3,6").
+"""Expert ownership between the protocol's messages and text: ranges ("0-3,6") and layers ("0:0-3,6").
 
-People read what a server owns as "layer:ranges" text, in the client's output and in the services' logs
-and errors.
+The protocol carries what a server owns as `LayerExperts` messages (a layer and its expert ids); people
+read it as "layer:ranges" text, in the `moe-client info` output and in the services' logs and errors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+
+from moe_client.pb import experts_pb2
 
 Ownership = dict[int, tuple[int, ...]]  # MoE layer -> sorted expert ids
 
@@ -29,3 +31,15 @@ def format_ownership(owned: Mapping[int, Iterable[int]]) -> list[str]:
     """{0: (0, 1, 2)} -> ['0:0-2'], layers ascending; layers without experts left out."""
     return [f"{layer}:{format_ranges(experts)}" for layer, experts in sorted(owned.items()) if experts]
 
+
+def from_messages(layers: Iterable[experts_pb2.LayerExperts]) -> Ownership:
+    """LayerExperts messages -> {layer: sorted expert ids} (a layer named twice gets the ids of both)."""
+    owned: dict[int, set[int]] = {}
+    for entry in layers:
+        owned.setdefault(entry.layer, set()).update(entry.experts)
+    return {layer: tuple(sorted(ids)) for layer, ids in sorted(owned.items())}
+
+
+def to_messages(owned: Mapping[int, Iterable[int]]) -> list[experts_pb2.LayerExperts]:
+    """{layer: expert ids} -> LayerExperts messages, in the mapping's order."""
+    return [experts_pb2.LayerExperts(layer=layer, experts=list(ids)) for layer, ids in owned.items()]
