@@ -64,10 +64,26 @@ bench: setup
 bench-load: setup
 	$(BIN)/python benchmarks/load.py $(LOAD_ARGS)
 
-## ruff over every Python folder.
-lint: setup
-	$(BIN)/ruff check client services tests scripts benchmarks
+# buf, pinned, from npm into a folder of this clone (.tools/, git-ignored; no global install).
+BUF_VERSION := 1.75.0
+BUF := .tools/buf-$(BUF_VERSION)/node_modules/.bin/buf
+$(BUF):
+	npm install --prefix .tools/buf-$(BUF_VERSION) --no-save --no-audit --no-fund --loglevel=error \
+	  @bufbuild/buf@$(BUF_VERSION)
+	$@ --version
 
-## Remove .venv and the demo's files.
+## ruff, then buf on protos/ (buf.yaml): `buf lint`, and `buf breaking` against the previous commit
+## (BUF_AGAINST=<buf input> for another baseline, e.g. '.git#branch=main,subdir=protos').
+lint: setup $(BUF)
+	$(BIN)/ruff check client services tests scripts benchmarks
+	$(BUF) lint
+	@against='$(BUF_AGAINST)'; \
+	if [ -z "$$against" ] && git rev-parse -q --verify 'HEAD~1^{commit}' >/dev/null 2>&1; then \
+	  against='.git#ref=HEAD~1,subdir=protos'; fi; \
+	if [ -z "$$against" ]; then \
+	  echo "buf breaking: not checked: no previous commit here (a shallow or first-commit clone, or no git)"; \
+	else echo "$(BUF) breaking protos --against '$$against'"; $(BUF) breaking protos --against "$$against"; fi
+
+## Remove .venv, the demo's files and the tools make lint installed.
 clean:
-	rm -rf $(VENV) .demo
+	rm -rf $(VENV) .demo .tools

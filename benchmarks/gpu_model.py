@@ -55,6 +55,7 @@ from moe_serve.model.loader import load_dense_model
 from moe_serve.model.placement import balanced_assignment, placement_entries, resolve_ownership, write_placement
 from moe_serve.model.tensor_shapes import dense_tensor_shapes
 from moe_serve.process.threads import set_torch_threads
+from moe_serve.rpc.shared_regions import kind_names
 
 DEEPSEEK_MOE_16B = {
     "model_type": "deepseek", "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
@@ -365,7 +366,7 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
             if bf16_sums:
                 experts.inner.shared_out_dtype = wire.BFLOAT16
             kinds = set().union(*(r.shared_kinds for r in experts.inner.pool.members)) if shared_memory else set()
-            row = {"shared_kinds": sorted(kinds)}
+            row = {"shared_kinds": kind_names(kinds)}
             if counter_loads is not None:
                 experts = LoadCounter(experts, spec.num_experts)
                 experts.counting = True

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY
 
-from moe_client import GatewayClient
+from moe_client import GatewayClient, cli, wire
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.loader import load_reference
 from moe_serve.model.synthetic import write_checkpoint
@@ -77,12 +77,18 @@ def test_bf16_wire_and_compute_stay_close(cluster, tmp_path):
     assert relative < 1e-2 and np.abs(got - want).max() < 5e-2, (relative, np.abs(got - want).max())
 
 
-def test_model_info_lists_servers(cluster, tiny_checkpoint):
+def test_model_info_lists_servers(cluster, tiny_checkpoint, capsys):
     servers = [cluster.expert_server(tiny_checkpoint, experts=e, name=n) for e, n in (("0-3", "a"), ("4-7", "b"))]
     gateway = cluster.gateway(tiny_checkpoint, servers)
     with GatewayClient(gateway) as client:
         info = client.model_info()
         assert client.health() == "SERVING"
     assert info.model_type == "simple_moe" and info.hidden_size == 64 and info.num_experts == 8
-    assert [s.address for s in info.servers] == servers
-    assert list(info.servers[1].owned) == ["0:4-7", "1:4-7"]
+    assert info.dense_dtype == wire.FLOAT32
+    assert [(s.name, s.address) for s in info.servers] == [("a", servers[0]), ("b", servers[1])]
+    assert [(o.layer, list(o.experts)) for o in info.servers[1].owned] == [(0, [4, 5, 6, 7]), (1, [4, 5, 6, 7])]
+    # `moe-client info` prints the structured ownership as ranges.
+    assert cli.main(["--address", gateway, "info"]) == 0
+    out = capsys.readouterr().out
+    assert "dense dtype float32" in out
+    assert f"  b at {servers[1]}  devices cpu  experts 0:4-7; 1:4-7" in out

@@ -2,6 +2,7 @@
 
 import pytest
 
+from moe_client.ownership import format_ownership, from_messages, to_messages
 from moe_serve.model.config import spec_from_config
 from moe_serve.model.placement import PlacementError, format_ranges, missing_pairs, parse_ranges, resolve_ownership
 from moe_serve.model.synthetic import SyntheticConfig
@@ -12,6 +13,15 @@ SPEC = spec_from_config(SyntheticConfig(num_experts=8, num_hidden_layers=3).to_j
 def test_ranges_round_trip():
     assert parse_ranges("0-3,6, 9-10") == [0, 1, 2, 3, 6, 9, 10]
     assert format_ranges([0, 1, 2, 3, 6, 9, 10]) == "0-3,6,9-10"
+
+
+def test_ownership_travels_as_layer_experts_messages():
+    """GetInfo and GetModelInfo carry ownership as LayerExperts; `moe-client info` prints it as ranges."""
+    owned = resolve_ownership(SPEC, ["1:4-7", "0:0-3,6"])
+    messages = to_messages(owned)
+    assert [(m.layer, list(m.experts)) for m in messages] == [(1, [4, 5, 6, 7]), (0, [0, 1, 2, 3, 6])]
+    assert from_messages(messages) == {0: (0, 1, 2, 3, 6), 1: (4, 5, 6, 7)}
+    assert format_ownership(from_messages(messages)) == ["0:0-3,6", "1:4-7"]
 
 
 @pytest.mark.parametrize("text,needle", [("a-b", "'a-b'"), ("3-1", "'3-1'"), ("", "empty"), ("-2", "'-2'")])

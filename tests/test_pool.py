@@ -21,7 +21,7 @@ def pool_of(owned: dict[str, list[int]]) -> ServerPool:
     for address, experts in owned.items():
         replica = pool.replicas[address] = Replica(address, address, grpc.aio.insecure_channel(address))
         replica.serving = True
-        pool._set_info(replica, experts_pb2.ServerInfo(model_fingerprint="f" * 16, server_name=address, owned=[
+        pool._set_info(replica, experts_pb2.GetInfoResponse(model_fingerprint="f" * 16, server_name=address, owned=[
             experts_pb2.LayerExperts(layer=0, experts=experts)]))
     return pool
 
@@ -54,7 +54,7 @@ def test_missing_and_ejected_experts():
         assert a.failures == 1 and 0 < a.ejected_until - time.monotonic() <= 0.5
         b = pool.replicas["b:1"] = Replica("b:1", "b:1", grpc.aio.insecure_channel("b:1"))
         b.serving = True
-        pool._set_info(b, experts_pb2.ServerInfo(model_fingerprint="f" * 16, server_name="b:1", owned=[
+        pool._set_info(b, experts_pb2.GetInfoResponse(model_fingerprint="f" * 16, server_name="b:1", owned=[
             experts_pb2.LayerExperts(layer=0, experts=[0, 2])]))
         assert pool.assign(0, {0: 1})[0] == {b: [0]}  # the skipped replica is passed over ...
         assert pool.assign(0, {0: 1}, excluded=frozenset({"b:1"}))[0] == {a: [0]}  # ... unless it is the last

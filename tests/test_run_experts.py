@@ -40,6 +40,7 @@ def test_run_experts_matches_plain_torch(server, tiny_checkpoint):
         info = client.info()
     assert np.abs(got - plain_torch(tiny_checkpoint, 1, hidden, ids, weights)).max() <= 1e-5
     assert [(o.layer, list(o.experts)) for o in info.owned] == [(0, [2, 3, 4, 5]), (1, [2, 3, 4, 5])]
+    assert info.compute_dtype == wire.FLOAT32
 
 
 def request(hidden=None, ids=None, weights=None, layer=0):

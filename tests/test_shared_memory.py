@@ -40,7 +40,7 @@ def test_forward_through_shared_memory_equals_reference(cluster, tiny_checkpoint
     assert np.abs(first - want).max() <= 1e-5
     assert np.abs(second - want[::-1]).max() <= 1e-5
     pool = cluster.servicers[gateway].engine.experts.inner.pool
-    assert all(r.shared_kinds >= {"shm"} for r in pool.members)
+    assert all(r.shared_kinds >= {shared_regions.SHM} for r in pool.members)
     # One token picks top-2 of 8 experts: both may sit on one server, and the other is never called.
     mapped = [_mapped(cluster, s) >= 1 for s in servers]
     assert all(mapped) if tokens > 1 else any(mapped)
@@ -188,7 +188,7 @@ def _region(arena, **changes):
 
 BAD = {
     "unknown kind": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
-        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, kind="nvlink"))},
+        dtype=wire.FLOAT32, shape=h.shape, region=_region(a, kind=7))},  # no such RegionKind
         grpc.StatusCode.INVALID_ARGUMENT, "shared_hidden.region.kind"),
     "past the end": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
         dtype=wire.FLOAT32, shape=h.shape, region=a.region, offset=a.nbytes - 64)},
@@ -289,12 +289,13 @@ def test_forward_through_cuda_ipc(cluster, tiny_checkpoint):
     with GatewayClient(gateway) as client:
         got = client.forward(hidden)
     assert np.abs(got - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-4
-    assert all(r.shared_kinds >= {"cuda"} for r in cluster.servicers[gateway].engine.experts.inner.pool.members)
+    pool = cluster.servicers[gateway].engine.experts.inner.pool
+    assert all(r.shared_kinds >= {shared_regions.CUDA} for r in pool.members)
     # Served through the batcher and the micro-batch overlap, the hidden states stayed on the GPU.
-    assert all(_mapped_kinds(cluster, s) == {"cuda"} for s in servers)
+    assert all(_mapped_kinds(cluster, s) == {shared_regions.CUDA} for s in servers)
 
 
-def _mapped_kinds(cluster, server: str) -> set[str]:
+def _mapped_kinds(cluster, server: str) -> set[int]:
     regions = cluster.expert_servicers[server].regions
     return {key[0] for key in regions._maps}
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from moe_client import wire
 from moe_client.client import GatewayClient
+from moe_client.ownership import format_ownership, from_messages
 from moe_client.security import TLSFiles
 from moe_client.wire import dtype_from_name
 
@@ -92,13 +93,15 @@ def _print_info(client: GatewayClient) -> None:
     info = client.model_info()
     print(f"Model: {info.model_type}  fingerprint {info.model_fingerprint}")
     print(f"  hidden {info.hidden_size}, {info.num_layers} layers, MoE layers {list(info.moe_layers)}, "
-          f"{info.num_experts} experts, top-{info.top_k}, dense dtype {info.dense_dtype}")
+          f"{info.num_experts} experts, top-{info.top_k}, dense dtype {wire.dtype_name(info.dense_dtype)}")
     if info.vocab_size:
         print(f"  causal LM: vocab {info.vocab_size}, context {info.max_position_embeddings}, "
               f"end-of-sequence ids {list(info.eos_token_ids)}, text prompts {'yes' if info.has_tokenizer else 'no'}")
     print(f"Expert servers ({len(info.servers)}):")
     for server in info.servers:
-        print(f"  {server.address}  devices {', '.join(server.devices)}  experts {'; '.join(server.owned)}")
+        owned = "; ".join(format_ownership(from_messages(server.owned)))
+        name = f"{server.name} at " if server.name else ""
+        print(f"  {name}{server.address}  devices {', '.join(server.devices)}  experts {owned}")
 
 
 def _forward(client: GatewayClient, args: argparse.Namespace) -> None:

@@ -85,7 +85,7 @@ class GatewayClient(_Client):
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._forward = unary_callable(self._channel, "/moe.v1.GatewayService/Forward", zerocopy.ForwardResponse)
 
-    def model_info(self) -> gateway_pb2.ModelInfo:
+    def model_info(self) -> gateway_pb2.GetModelInfoResponse:
         """What the gateway serves, and the expert servers behind it."""
         return self._stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=self.timeout)
 
@@ -138,7 +138,7 @@ class ExpertClient(_Client):
         self._stub = experts_pb2_grpc.ExpertServiceStub(self._channel)
         self._run = unary_callable(self._channel, "/moe.v1.ExpertService/RunExperts", zerocopy.RunExpertsResponse)
 
-    def info(self) -> experts_pb2.ServerInfo:
+    def info(self) -> experts_pb2.GetInfoResponse:
         """The server's checkpoint fingerprint, owned experts and devices."""
         return self._stub.GetInfo(experts_pb2.GetInfoRequest(), timeout=self.timeout)
 

@@ -18,9 +18,9 @@ import numpy as np
 
 from moe_client.pb import tensor_pb2
 
-DType = tensor_pb2.DType
-FLOAT32, BFLOAT16, FLOAT16 = tensor_pb2.FLOAT32, tensor_pb2.BFLOAT16, tensor_pb2.FLOAT16
-FLOAT8_E4M3, INT32, INT64 = tensor_pb2.FLOAT8_E4M3, tensor_pb2.INT32, tensor_pb2.INT64
+DType = tensor_pb2.DType  # the enum; below, short names of its values (wire.FLOAT32 is DTYPE_FLOAT32)
+FLOAT32, BFLOAT16, FLOAT16 = tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_BFLOAT16, tensor_pb2.DTYPE_FLOAT16
+FLOAT8_E4M3, INT32, INT64 = tensor_pb2.DTYPE_FLOAT8_E4M3, tensor_pb2.DTYPE_INT32, tensor_pb2.DTYPE_INT64
 
 # Storage dtype of each wire dtype, as numpy holds it.
 STORAGE = {

@@ -1,11 +1,21 @@
 from moe_client.pb import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REGION_KIND_UNSPECIFIED: _ClassVar[RegionKind]
+    REGION_KIND_SHM: _ClassVar[RegionKind]
+    REGION_KIND_CUDA: _ClassVar[RegionKind]
+REGION_KIND_UNSPECIFIED: RegionKind
+REGION_KIND_SHM: RegionKind
+REGION_KIND_CUDA: RegionKind
 
 class RunExpertsRequest(_message.Message):
     __slots__ = ("layer", "hidden", "expert_ids", "weights", "output_dtype", "request_id", "model_fingerprint", "shared_hidden", "shared_output")
@@ -52,7 +62,7 @@ class SharedRegion(_message.Message):
     REF_COUNTER_FIELD_NUMBER: _ClassVar[int]
     REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
-    kind: str
+    kind: RegionKind
     name: str
     size: int
     device_uuid: str
@@ -61,7 +71,7 @@ class SharedRegion(_message.Message):
     ref_counter: bytes
     ref_counter_offset: int
     key: bytes
-    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., device_uuid: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., cuda_offset: _Optional[int] = ..., ref_counter: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., key: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[RegionKind, str]] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., device_uuid: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., cuda_offset: _Optional[int] = ..., ref_counter: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., key: _Optional[bytes] = ...) -> None: ...
 
 class RunExpertsResponse(_message.Message):
     __slots__ = ("output", "compute_seconds")
@@ -93,7 +103,7 @@ class ExpertPlacement(_message.Message):
     device: str
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
-class ServerInfo(_message.Message):
+class GetInfoResponse(_message.Message):
     __slots__ = ("model_fingerprint", "model_type", "hidden_size", "num_experts", "moe_layers", "owned", "devices", "compute_dtype", "placement", "server_version", "server_name", "host_id", "shared_kinds", "gpu_uuids")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -116,11 +126,11 @@ class ServerInfo(_message.Message):
     moe_layers: _containers.RepeatedScalarFieldContainer[int]
     owned: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     devices: _containers.RepeatedScalarFieldContainer[str]
-    compute_dtype: str
+    compute_dtype: _tensor_pb2.DType
     placement: _containers.RepeatedCompositeFieldContainer[ExpertPlacement]
     server_version: str
     server_name: str
     host_id: str
-    shared_kinds: _containers.RepeatedScalarFieldContainer[str]
+    shared_kinds: _containers.RepeatedScalarFieldContainer[RegionKind]
     gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., owned: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., devices: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., server_version: _Optional[str] = ..., server_name: _Optional[str] = ..., host_id: _Optional[str] = ..., shared_kinds: _Optional[_Iterable[str]] = ..., gpu_uuids: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., owned: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., devices: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., server_version: _Optional[str] = ..., server_name: _Optional[str] = ..., host_id: _Optional[str] = ..., shared_kinds: _Optional[_Iterable[_Union[RegionKind, str]]] = ..., gpu_uuids: _Optional[_Iterable[str]] = ...) -> None: ...

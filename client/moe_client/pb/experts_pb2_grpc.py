@@ -43,7 +43,7 @@ class ExpertServiceStub:
         self.GetInfo = channel.unary_unary(
                 '/moe.v1.ExpertService/GetInfo',
                 request_serializer=moe_dot_v1_dot_experts__pb2.GetInfoRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_experts__pb2.ServerInfo.FromString,
+                response_deserializer=moe_dot_v1_dot_experts__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -77,7 +77,7 @@ def add_ExpertServiceServicer_to_server(servicer, server):
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
                     request_deserializer=moe_dot_v1_dot_experts__pb2.GetInfoRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_experts__pb2.ServerInfo.SerializeToString,
+                    response_serializer=moe_dot_v1_dot_experts__pb2.GetInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,7 +134,7 @@ class ExpertService:
             target,
             '/moe.v1.ExpertService/GetInfo',
             moe_dot_v1_dot_experts__pb2.GetInfoRequest.SerializeToString,
-            moe_dot_v1_dot_experts__pb2.ServerInfo.FromString,
+            moe_dot_v1_dot_experts__pb2.GetInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,7 +48,7 @@ class GatewayServiceStub:
         self.GetModelInfo = channel.unary_unary(
                 '/moe.v1.GatewayService/GetModelInfo',
                 request_serializer=moe_dot_v1_dot_gateway__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_gateway__pb2.ModelInfo.FromString,
+                response_deserializer=moe_dot_v1_dot_gateway__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -96,7 +96,7 @@ def add_GatewayServiceServicer_to_server(servicer, server):
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=moe_dot_v1_dot_gateway__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_gateway__pb2.ModelInfo.SerializeToString,
+                    response_serializer=moe_dot_v1_dot_gateway__pb2.GetModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,7 +180,7 @@ class GatewayService:
             target,
             '/moe.v1.GatewayService/GetModelInfo',
             moe_dot_v1_dot_gateway__pb2.GetModelInfoRequest.SerializeToString,
-            moe_dot_v1_dot_gateway__pb2.ModelInfo.FromString,
+            moe_dot_v1_dot_gateway__pb2.GetModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,19 +10,19 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DTYPE_UNSPECIFIED: _ClassVar[DType]
-    FLOAT32: _ClassVar[DType]
-    BFLOAT16: _ClassVar[DType]
-    FLOAT16: _ClassVar[DType]
-    FLOAT8_E4M3: _ClassVar[DType]
-    INT32: _ClassVar[DType]
-    INT64: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT8_E4M3: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
-FLOAT32: DType
-BFLOAT16: DType
-FLOAT16: DType
-FLOAT8_E4M3: DType
-INT32: DType
-INT64: DType
+DTYPE_FLOAT32: DType
+DTYPE_BFLOAT16: DType
+DTYPE_FLOAT16: DType
+DTYPE_FLOAT8_E4M3: DType
+DTYPE_INT32: DType
+DTYPE_INT64: DType
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "scales")

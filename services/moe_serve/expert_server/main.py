@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_client import wire
 from moe_client.pb import experts_pb2
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.servicer import ExpertServicer, add_to_server, server_info
@@ -165,7 +166,7 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
 
     def register(server) -> None:
         nonlocal servicer
-        servicer = ExpertServicer(bank, experts_pb2.ServerInfo(), metrics=metrics, merge=config.merge_calls)
+        servicer = ExpertServicer(bank, experts_pb2.GetInfoResponse(), metrics=metrics, merge=config.merge_calls)
         add_to_server(servicer, server)
 
     handle = await start_server(config.address, register, [SERVICE_NAME], config.serving, LIMITED,
@@ -194,7 +195,7 @@ async def _serve(config: ExpertServerConfig) -> None:
         ("gRPC", f"{where} (ExpertService, grpc.health.v1, reflection)"),
         ("metrics", servicer.metrics.expose(config.metrics_host, config.metrics_port)),
         ("checkpoint", f"{config.checkpoint} ({info.model_type}, fingerprint {info.model_fingerprint})"),
-        ("experts", f"{'; '.join(format_ownership(servicer.bank.owned))} in {info.compute_dtype}"),
+        ("experts", f"{'; '.join(format_ownership(servicer.bank.owned))} in {wire.dtype_name(info.compute_dtype)}"),
         ("devices", ", ".join(info.devices)),
         ("loaded in", f"{time.monotonic() - start:.1f} s"),
     ]))

@@ -8,13 +8,14 @@ from functools import partial
 import torch
 
 from moe_client import wire, zerocopy
+from moe_client.ownership import to_messages
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve import __version__
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.merger import CallMerger
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import shared_regions
-from moe_serve.rpc.codec import TORCH_DTYPES, from_wire, to_wire_owned
+from moe_serve.rpc.codec import TORCH_DTYPES, WIRE_DTYPES, from_wire, to_wire_owned
 from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument
 from moe_serve.rpc.registration import add_servicer
 from moe_serve.rpc.server import rpc
@@ -58,7 +59,7 @@ def decode_request(request, hidden_size: int, regions: RegionMaps | None = None)
 class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
     """Serves one ExpertBank; compute runs on a worker thread so health checks answer meanwhile."""
 
-    def __init__(self, bank: ExpertBank, info: experts_pb2.ServerInfo, workers: int = 1,
+    def __init__(self, bank: ExpertBank, info: experts_pb2.GetInfoResponse, workers: int = 1,
                  metrics: ServiceMetrics | None = None, merge: bool = True):
         self.bank = bank
         self.info = info
@@ -68,11 +69,11 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         self.merger = CallMerger(bank, self.executor, merge, on_wait=self.metrics.queue_wait.observe)
 
     @property
-    def info(self) -> experts_pb2.ServerInfo:
+    def info(self) -> experts_pb2.GetInfoResponse:
         return self._info
 
     @info.setter
-    def info(self, info: experts_pb2.ServerInfo) -> None:
+    def info(self, info: experts_pb2.GetInfoResponse) -> None:
         self._info = info
         # Callers on this host may leave tensors in shared memory (shared_regions.py) of these kinds.
         self.regions = RegionMaps(list(info.shared_kinds)) if info.shared_kinds else None
@@ -131,17 +132,17 @@ def add_to_server(servicer: ExpertServicer, server) -> None:
 
 
 def server_info(bank: ExpertBank, fingerprint: str, spec, name: str,
-                shared_memory: bool = True) -> experts_pb2.ServerInfo:
-    """The ServerInfo a bank answers GetInfo with; `shared_memory` offers the same-host fast path."""
-    return experts_pb2.ServerInfo(
+                shared_memory: bool = True) -> experts_pb2.GetInfoResponse:
+    """The GetInfoResponse a bank answers GetInfo with; `shared_memory` offers the same-host fast path."""
+    return experts_pb2.GetInfoResponse(
         model_fingerprint=fingerprint,
         model_type=spec.model_type,
         hidden_size=spec.hidden_size,
         num_experts=spec.num_experts,
         moe_layers=list(spec.moe_layers),
-        owned=[experts_pb2.LayerExperts(layer=layer, experts=list(ids)) for layer, ids in bank.owned.items()],
+        owned=to_messages(bank.owned),
         devices=bank.devices(),
-        compute_dtype=str(bank.dtype).removeprefix("torch."),
+        compute_dtype=WIRE_DTYPES[bank.dtype],
         placement=[experts_pb2.ExpertPlacement(layer=p.layer, expert=p.expert, device=str(p.device))
                    for p in bank.placement()],
         server_version=__version__,

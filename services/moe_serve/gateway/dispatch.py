@@ -32,7 +32,7 @@ from moe_serve.rpc import request_ids
 from moe_serve.rpc.codec import TORCH_DTYPES, from_wire, to_wire
 from moe_serve.rpc.deadlines import REQUEST_DEADLINE
 from moe_serve.rpc.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, ServiceError, Unavailable
-from moe_serve.rpc.shared_regions import SHARED_DTYPES, Arena, ArenaPool, aligned, gpu_uuid, kind_for
+from moe_serve.rpc.shared_regions import CUDA, SHARED_DTYPES, Arena, ArenaPool, aligned, gpu_uuid, kind_for
 
 __all__ = ["ExpertDispatcher", "StartupError"]
 
@@ -197,14 +197,15 @@ class ExpertDispatcher:
         partials.append((min(chosen), rows, partial))
         return True
 
-    def _shared_kind(self, replica: Replica, device: torch.device) -> str | None:
-        """The shared-memory kind to reach `replica` with for tensors on `device`, or None (gRPC bytes)."""
+    def _shared_kind(self, replica: Replica, device: torch.device) -> int | None:
+        """The shared-memory kind (RegionKind) to reach `replica` with for tensors on `device`, or None (gRPC
+        bytes)."""
         if self.arenas is None:
             return None
         kind = kind_for(device)
         if kind not in replica.shared_kinds:
             return None
-        if kind == "cuda":
+        if kind == CUDA:
             uuid = self._uuids.get(device)
             if uuid is None:
                 uuid = self._uuids[device] = gpu_uuid(device)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_client import wire
+from moe_client.ownership import to_messages
 from moe_client.pb import gateway_pb2
 from moe_client.security import TLSFiles
 from moe_serve.gateway.batching_config import (
@@ -37,7 +38,7 @@ from moe_serve.process.malloc import keep_large_buffers
 from moe_serve.process.threads import GPU_HOST_THREADS, set_torch_threads
 from moe_serve.rpc.options import ServingOptions, add_serving_args, serving_from_args
 from moe_serve.rpc.server import ServerHandle, serve_until_signal, start_server
-from moe_serve.rpc.shared_regions import ArenaPool
+from moe_serve.rpc.shared_regions import ArenaPool, kind_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -182,12 +183,13 @@ def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[Replica],
                has_tokenizer: bool = False):
     """The GetModelInfo answer; `servers` are the ones serving now."""
     spec = checkpoint.spec
-    return gateway_pb2.ModelInfo(
+    return gateway_pb2.GetModelInfoResponse(
         model_type=spec.model_type, model_fingerprint=fingerprint, hidden_size=spec.hidden_size,
         num_layers=spec.num_layers, moe_layers=list(spec.moe_layers), num_experts=spec.num_experts,
-        top_k=spec.top_k, dense_dtype=dense_dtype,
+        top_k=spec.top_k, dense_dtype=wire.dtype_from_name(dense_dtype),
         servers=[gateway_pb2.ExpertServerInfo(address=s.address, model_fingerprint=s.info.model_fingerprint,
-                                              devices=list(s.info.devices), owned=format_ownership(s.owned))
+                                              devices=list(s.info.devices), owned=to_messages(s.owned),
+                                              name=s.info.server_name)
                  for s in servers],
         vocab_size=spec.vocab_size, max_position_embeddings=spec.max_position_embeddings if spec.has_attention else 0,
         has_tokenizer=has_tokenizer, eos_token_ids=list(spec.eos_token_ids),
@@ -197,10 +199,10 @@ def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[Replica],
 def print_mapping(pool: ServerPool, shared_memory: bool = True) -> None:
     """The seed's 'Expert-to-worker mapping', per MoE layer; an expert with replicas lists them all."""
     for server in pool.members:
-        kinds = sorted(server.shared_kinds) if shared_memory else []
+        kinds = kind_names(server.shared_kinds) if shared_memory else []
         how = f", same host: tensors through shared memory ({', '.join(kinds)})" if kinds else ""
         print(f"  {server.name} at {server.address}: experts {'; '.join(format_ownership(server.owned))} "
-              f"on {', '.join(server.info.devices)} ({server.info.compute_dtype}){how}")
+              f"on {', '.join(server.info.devices)} ({wire.dtype_name(server.info.compute_dtype)}){how}")
     for layer in pool.spec.moe_layers:
         owners = pool.owners.get(layer, {})
         names = {e: [r.name for r in owners.get(e, [])] for e in range(pool.spec.num_experts)}
@@ -250,7 +252,7 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
                                   ArenaPool() if config.shared_memory else None)
     engine = GatewayEngine(model, dispatcher, tokenizer)
 
-    def info() -> gateway_pb2.ModelInfo:  # GetModelInfo lists the servers serving now
+    def info() -> gateway_pb2.GetModelInfoResponse:  # GetModelInfo lists the servers serving now
         return model_info(checkpoint, fingerprint, pool.live(), config.dense_dtype, tokenizer is not None)
 
     batching = start_batching(config.batching, model, dispatcher, tokenizer)
@@ -292,7 +294,7 @@ async def _serve(config: GatewayConfig) -> None:
         ("metrics", servicer.metrics.expose(config.metrics_host, config.metrics_port)),
         ("checkpoint", f"{config.checkpoint} ({info.model_type}, fingerprint {info.model_fingerprint})"),
         ("model", f"hidden {info.hidden_size}, MoE layers {list(info.moe_layers)} x {info.num_experts} experts, "
-                  f"top-{info.top_k}, dense {info.dense_dtype} on {config.dense_device}, wire {config.wire_dtype}"),
+                  f"top-{info.top_k}, dense {config.dense_dtype} on {config.dense_device}, wire {config.wire_dtype}"),
         ("expert servers", ", ".join(s.address for s in info.servers)),
         ("loaded in", f"{time.monotonic() - start:.1f} s"),
     ]))

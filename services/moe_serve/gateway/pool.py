@@ -184,7 +184,7 @@ class ServerPool:
 
     # --- health ---------------------------------------------------------------------------------
 
-    def _set_info(self, replica: Replica, info: experts_pb2.ServerInfo) -> None:
+    def _set_info(self, replica: Replica, info: experts_pb2.GetInfoResponse) -> None:
         replica.info = info
         replica.owns = {le.layer: frozenset(le.experts) for le in info.owned}
         # Same host: the tensors may skip the socket (shared_regions.py), in the kinds the server maps.

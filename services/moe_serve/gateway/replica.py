@@ -51,7 +51,7 @@ class Replica:
         # RunExperts through the zero-copy codec (the generated stub copies every tensor 4 times).
         self.run_experts = unary_callable(channel, "/moe.v1.ExpertService/RunExperts", zerocopy.RunExpertsResponse)
         self.health = health_pb2_grpc.HealthStub(channel)
-        self.info = experts_pb2.ServerInfo()
+        self.info = experts_pb2.GetInfoResponse()
         self.owns: dict[int, frozenset[int]] = {}
         self.serving = False
         self.refused = ""  # why the pool will not use it (another checkpoint), else ""
@@ -60,7 +60,7 @@ class Replica:
         self.ejected_until = 0.0
         self.outstanding = 0  # (token, expert) slots in flight on this server
         self.picks = 0
-        self.shared_kinds: frozenset[str] = frozenset()  # same-host fast paths it accepts ("shm", "cuda")
+        self.shared_kinds: frozenset[int] = frozenset()  # same-host fast paths it accepts (RegionKind values)
         self.gpu_uuids: frozenset[str] = frozenset()  # GPUs whose memory it can map
         self.watcher: asyncio.Task | None = None
 

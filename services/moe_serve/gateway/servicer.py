@@ -24,7 +24,7 @@ _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16, wire.FLOAT8_E4M3)
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Serves Forward, Generate and GetModelInfo for one engine."""
 
-    def __init__(self, engine: GatewayEngine, info: gateway_pb2.ModelInfo, max_tokens: int = 65536,
+    def __init__(self, engine: GatewayEngine, info: gateway_pb2.GetModelInfoResponse, max_tokens: int = 65536,
                  workers: int = 4, max_new_tokens: int = 4096, metrics: ServiceMetrics | None = None,
                  batcher: ForwardBatcher | None = None, scheduler: GenerateScheduler | None = None):
         self.engine = engine

@@ -15,9 +15,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+# Ranges and ownership as text are the light client's too (`moe-client info`); the services import them from here.
+from moe_client.ownership import Ownership, format_ranges
+from moe_client.ownership import format_ownership as format_ownership
 from moe_serve.core.spec import ModelSpec
-
-Ownership = dict[int, tuple[int, ...]]  # MoE layer -> sorted expert ids
 
 
 class PlacementError(ValueError):
@@ -41,25 +42,6 @@ def parse_ranges(text: str) -> list[int]:
     if not ids:
         raise PlacementError(f"expert list {text!r} is empty")
     return sorted(set(ids))
-
-
-def format_ranges(ids: list[int] | tuple[int, ...]) -> str:
-    """[0, 1, 2, 3, 6] -> '0-3,6'."""
-    parts: list[str] = []
-    values = sorted(set(ids))
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ",".join(parts)
-
-
-def format_ownership(owned: Ownership) -> list[str]:
-    """{0: (0, 1, 2)} -> ['0:0-2']."""
-    return [f"{layer}:{format_ranges(experts)}" for layer, experts in sorted(owned.items()) if experts]
 
 
 def resolve_ownership(spec: ModelSpec, experts: str | dict | list[str] | None) -> Ownership:

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from moe_client import wire, zerocopy
+from moe_client.pb import experts_pb2
 from moe_serve.rpc.codec import TORCH_DTYPES
 from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 
@@ -46,6 +47,13 @@ _KEY_BYTES = 16
 _SHM_HEADER = _ALIGN  # a shm arena's key, then tensors from here
 _MIN_ARENA = 1 << 20
 SHARED_DTYPES = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16)
+SHM, CUDA = experts_pb2.REGION_KIND_SHM, experts_pb2.REGION_KIND_CUDA  # the RegionKind values
+KIND_NAMES = {SHM: "shm", CUDA: "cuda"}  # as logs and messages name them
+
+
+def kind_names(kinds) -> list[str]:
+    """RegionKind values -> ['cuda', 'shm'], sorted (an unknown value as its number)."""
+    return sorted(KIND_NAMES.get(k, str(k)) for k in kinds)
 
 
 @cache
@@ -63,11 +71,11 @@ def gpu_uuid(device: torch.device) -> str:
     return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
 
 
-def local_kinds() -> list[str]:
-    """The region kinds this process can map: 'shm' where /dev/shm exists, 'cuda' where a GPU is visible."""
-    kinds = ["shm"] if SHM_DIR.is_dir() else []
+def local_kinds() -> list[int]:
+    """The region kinds this process can map: SHM where /dev/shm exists, CUDA where a GPU is visible."""
+    kinds = [SHM] if SHM_DIR.is_dir() else []
     if torch.cuda.is_available():
-        kinds.append("cuda")
+        kinds.append(CUDA)
     return kinds
 
 
@@ -77,8 +85,8 @@ def local_gpu_uuids() -> list[str]:
     return [gpu_uuid(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
 
 
-def kind_for(device: torch.device) -> str:
-    return "cuda" if device.type == "cuda" else "shm"
+def kind_for(device: torch.device) -> int:
+    return CUDA if device.type == "cuda" else SHM
 
 
 class Arena:
@@ -97,7 +105,7 @@ class Arena:
             # torch's CUDA IPC export (what torch.multiprocessing sends): the allocation's handle, this
             # storage's offset in it, and a shared reference counter the mapping process holds a count on.
             (_, handle, size, offset, ref_counter, ref_offset, _, _) = self.buffer.untyped_storage()._share_cuda_()
-            self.region = zerocopy.SharedRegion(kind="cuda", size=size, device_uuid=gpu_uuid(device),
+            self.region = zerocopy.SharedRegion(kind=CUDA, size=size, device_uuid=gpu_uuid(device),
                                                 cuda_handle=handle, cuda_offset=offset, ref_counter=ref_counter,
                                                 ref_counter_offset=ref_offset)
         else:
@@ -118,7 +126,7 @@ class Arena:
                 os.close(fd)
             self._map[:_KEY_BYTES] = key
             self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
-            self.region = zerocopy.SharedRegion(kind="shm", name=name, size=size, key=key)
+            self.region = zerocopy.SharedRegion(kind=SHM, name=name, size=size, key=key)
 
     def view(self, offset: int, dtype: int, shape: tuple[int, ...]) -> torch.Tensor:
         """A tensor of wire dtype `dtype` at byte `offset` of the arena's room for tensors."""
@@ -186,22 +194,23 @@ class ArenaPool:
 class RegionMaps:
     """A server's mappings of callers' regions, each opened once; at most `limit` kept."""
 
-    def __init__(self, kinds: list[str], limit: int = 256):
+    def __init__(self, kinds: list[int], limit: int = 256):
         self.kinds = list(kinds)
         self.limit = limit
         self._maps: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
-        self._cuda_index = {u: i for i, u in enumerate(local_gpu_uuids())} if "cuda" in self.kinds else {}
+        self._cuda_index = {u: i for i, u in enumerate(local_gpu_uuids())} if CUDA in self.kinds else {}
 
     def tensor(self, shared, field: str, dtypes=SHARED_DTYPES) -> torch.Tensor:
         """The tensor `shared` (a SharedTensor) names, as a view of the mapped region; InvalidArgument names a
         bad field, FailedPrecondition a region this server cannot map (another host, GPU or kind)."""
         region = shared.region
-        if region.kind not in ("shm", "cuda"):
-            raise InvalidArgument(f"{field}.region.kind: {region.kind!r} is not 'shm' or 'cuda'")
+        if region.kind not in KIND_NAMES:
+            raise InvalidArgument(f"{field}.region.kind: {region.kind} is not REGION_KIND_SHM or REGION_KIND_CUDA")
         if region.kind not in self.kinds:
-            raise FailedPrecondition(f"{field}: this server does not map shared memory of kind {region.kind!r} "
-                                     f"(it maps {self.kinds or 'none'}); send the tensor in the message")
+            raise FailedPrecondition(f"{field}: this server does not map shared memory of kind "
+                                     f"{KIND_NAMES[region.kind]!r} (it maps {kind_names(self.kinds) or 'none'}); "
+                                     "send the tensor in the message")
         if shared.dtype not in dtypes:
             raise InvalidArgument(f"{field}.dtype: {wire.dtype_name(shared.dtype)} is not one of "
                                   f"{[wire.dtype_name(d) for d in dtypes]}")
@@ -213,7 +222,7 @@ class RegionMaps:
         if shared.offset % itemsize or shared.offset + nbytes > region.size:
             raise InvalidArgument(f"{field}: {nbytes} bytes at offset {shared.offset} do not fit the region of "
                                   f"{region.size} bytes (or the offset is not a multiple of {itemsize})")
-        if region.kind == "shm" and shared.offset < _SHM_HEADER:
+        if region.kind == SHM and shared.offset < _SHM_HEADER:
             raise InvalidArgument(f"{field}.offset: {shared.offset} is inside the region's key header "
                                   f"(tensors start at byte {_SHM_HEADER})")
         buffer = self._mapped(region, field)
@@ -230,7 +239,7 @@ class RegionMaps:
             if buffer is not None:
                 self._maps.move_to_end(key)
                 return buffer
-        buffer = self._open_shm(region, field) if region.kind == "shm" else self._open_cuda(region, field)
+        buffer = self._open_shm(region, field) if region.kind == SHM else self._open_cuda(region, field)
         with self._lock:
             self._maps[key] = buffer
             while len(self._maps) > self.limit:
