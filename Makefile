@@ -42,7 +42,7 @@ cluster-down:
 
 ## 10 minutes of Forward + Generate load on 2 replicas and a gateway, a replica killed each minute (docs/reliability.md).
 soak: setup
-	$(BIN)/python scripts/soak.py --duration 600 --chaos-every 60
+	$(BIN)/python -m scripts.soak --duration 600 --chaos-every 60
 ## Load benchmark (about 10 minutes on 2 cores): 1-128 concurrent Generate/Forward clients on a loopback
 ## cluster, batching and overlap on and off; results into docs/benchmarks.md.
 bench-load: setup
