@@ -46,7 +46,7 @@ soak: setup
 ## Load benchmark (about 10 minutes on 2 cores): 1-128 concurrent Generate/Forward clients on a loopback
 ## cluster, batching and overlap on and off; results into docs/benchmarks.md.
 bench-load: setup
-	$(BIN)/python benchmarks/load.py --write-doc docs/benchmarks.md
+	$(BIN)/python -m benchmarks.load --write-doc docs/benchmarks.md
 
 bench: bench-load
 

@@ -27,14 +27,10 @@ table; writes JSON after every row (a run cut short keeps what it measured; a fa
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -44,7 +40,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from moe_client import wire
-from moe_client.client import ExpertClient
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.expert_server.bank import ExpertBank, InProcessExperts
 from moe_serve.gateway.main import GatewayConfig, create_gateway
@@ -55,6 +50,8 @@ from moe_serve.model.loader import load_dense_model
 from moe_serve.model.placement import balanced_assignment, placement_entries, resolve_ownership, write_placement
 from moe_serve.model.tensor_shapes import dense_tensor_shapes
 from moe_serve.process.threads import set_torch_threads
+from tests.support.launch import ServiceProcess, launch, stop_all
+from tests.support.threads import LoopThread
 
 DEEPSEEK_MOE_16B = {
     "model_type": "deepseek", "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
@@ -98,15 +95,6 @@ def write_checkpoint(path: Path, config: dict, seed: int, device: str) -> None:
         weight_map.update(dict.fromkeys(tensors, fname))
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (path / "config.json").write_text(json.dumps(config))
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-
-    def run(self, coro, timeout: float = 900):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
 def sync(device: str) -> None:
@@ -165,40 +153,23 @@ def imbalance(owned: list[dict], loads: dict[int, torch.Tensor]) -> float:
 
 
 def start_servers(checkpoint: Path, owned: list[dict], devices: list[str], base_port: int,
-                  spec, workdir: Path) -> tuple[list, list[str], Path]:
+                  spec, workdir: Path) -> tuple[list[ServiceProcess], list[str], Path]:
     """One expert server process per ownership (server i on devices[i % len]), through a placement file."""
-    addresses = [f"127.0.0.1:{base_port + i}" for i in range(len(owned))]
-    names = [f"server{i}" for i in range(len(owned))]
     placement = workdir / f"placement-{base_port}.json"
-    write_placement(placement, placement_entries(spec, owned, addresses, names))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs = []
-    for i, (address, name) in enumerate(zip(addresses, names, strict=True)):
-        log = open(workdir / f"expert-{base_port}-{i}.log", "w")  # noqa: SIM115 - closed with the process
-        procs.append((subprocess.Popen(
-            [sys.executable, "-m", "moe_serve.expert_server.main", "--checkpoint", str(checkpoint), "--placement",
-             str(placement), "--name", name, "--devices", devices[i % len(devices)], "--dtype", "bfloat16",
-             "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]],
-            stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    procs = [launch("expert-server", workdir / f"expert-{base_port}-{i}.log", start=False, port=base_port + i,
+                    checkpoint=checkpoint, placement=placement, name=f"server{i}", devices=devices[i % len(devices)],
+                    dtype="bfloat16") for i in range(len(owned))]
+    addresses = [p.address for p in procs]
+    write_placement(placement, placement_entries(spec, owned, addresses, [p.label for p in procs]))
     try:
-        for address in addresses:
-            with ExpertClient(address) as client:
-                client.wait_until_serving(900)
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.wait_ready(900)
     except BaseException:
-        stop_servers(procs)
+        stop_all(procs, 60)
         raise
     return procs, addresses, placement
-
-
-def stop_servers(procs) -> None:
-    for proc, _ in procs:
-        proc.terminate()
-    for proc, log in procs:
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def timed(fn, repeats: int, device: str, warmup: int = 2) -> float:
@@ -386,7 +357,7 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
         finally:
             loop.run(handle.stop(0))
     finally:
-        stop_servers(procs)
+        stop_all(procs, 60)
     row["servers_start_s"] = started
     row["experts_per_server"] = [sum(len(v) for v in o.values()) for o in owned]
     return row
@@ -444,7 +415,7 @@ def main() -> None:
         del model, bank
         if on_gpu:
             torch.cuda.empty_cache()
-    loop = LoopThread()
+    loop = LoopThread("gpu-model-loop", timeout=900)
     loads: dict[int, torch.Tensor] = {}
     for n, item in enumerate(args.servers.split(",")):
         count, replicated, tcp, bf16, overlap = (int(item.rstrip("rtbo")), "r" in item, "t" in item, "b" in item,

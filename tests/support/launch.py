@@ -132,12 +132,14 @@ class ServiceProcess:
                                                                      if self.log is not None else ""))
 
     def wait_ready(self, timeout: float = 120.0) -> ServiceProcess:
-        """Block until the service answers SERVING (grpc.health.v1); RuntimeError at once if it exits meanwhile."""
+        """Block until the service answers SERVING (grpc.health.v1). RuntimeError at once if it exits meanwhile;
+        TimeoutError after `timeout` seconds, having stopped it. Either error ends with its log."""
         if self.address is None:
             raise ValueError(f"{self.label} has no address to probe")
         try:
             wait_serving(self.address, timeout, self.check_running)
         except TimeoutError as err:
+            self.stop(10)
             raise TimeoutError(f"{err}; {self.log}:\n{self.output()[-3000:]}") from None
         return self
 
