@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from benchmarks.timing import synced_times, synchronize
 from moe_client import wire
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.expert_server.bank import ExpertBank, InProcessExperts
@@ -95,11 +96,6 @@ def write_checkpoint(path: Path, config: dict, seed: int, device: str) -> None:
         weight_map.update(dict.fromkeys(tensors, fname))
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (path / "config.json").write_text(json.dumps(config))
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 class LoadCounter:
@@ -172,17 +168,9 @@ def start_servers(checkpoint: Path, owned: list[dict], devices: list[str], base_
     return procs, addresses, placement
 
 
-def timed(fn, repeats: int, device: str, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(fn, repeats: int, device: str) -> float:
+    """Median seconds per call, each synchronised with `device`, after 2 warm-up calls."""
+    return statistics.median(synced_times(fn, [device], repeats, warmup=2))
 
 
 def prefill_prompts(spec, args) -> list[torch.Tensor]:
@@ -226,12 +214,12 @@ def ours_prefill_decode(model: CausalLM, experts, args, pingpong: PingPong | Non
         def step(last: torch.Tensor, lo: int, hi: int, backend) -> list[torch.Tensor]:
             return [model.forward_hidden(model.embed(last[lo:hi]), caches[lo:hi], [1] * (hi - lo), backend)]
 
-        sync(args.device)
+        synchronize([args.device])
         start = time.perf_counter()
         for _ in range(args.decode_steps):
             h = torch.cat(in_parts(pingpong, experts, args.decode_batch, partial(step, tokens)))
             tokens = F.linear(h, model.lm_head).argmax(-1)
-        sync(args.device)
+        synchronize([args.device])
         return time.perf_counter() - start
 
     decode()  # warm-up: CUDA graphs of every (layer, bucket) get captured
@@ -272,12 +260,12 @@ def transformers_qwen(args, device: str) -> dict:
         cache = DynamicCache()
         out = model(input_ids=start_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         tokens = out.logits[:, -1].argmax(-1)
-        sync(args.device)
+        synchronize([args.device])
         start = time.perf_counter()
         for _ in range(args.decode_steps):
             out = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
             tokens = out.logits[:, -1].argmax(-1)
-        sync(args.device)
+        synchronize([args.device])
         return time.perf_counter() - start
 
     decode()
