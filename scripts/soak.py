@@ -4,7 +4,8 @@ Forward and Generate load; prints requests served, errors and each process's mem
     python -m scripts.soak --duration 600 --chaos-every 60   # by hand: 10 minutes, a replica killed each minute
     python -m scripts.soak --duration 60 --json soak.json    # what CI runs (tests/test_soak.py)
 
-(from the repository root, as a module: it imports the shared test-support package, tests.support).
+It runs as a module from the repository root, since it imports the shared test-support package
+(tests.support).
 
 The model is a tiny random Mixtral (built with transformers, as the tests build theirs) so that both
 RPCs run; --model simple serves the embedded simple_moe (Forward only). Every answer is checked
@@ -38,7 +39,7 @@ def _chaos(cluster: ProcessCluster, load: Load, svc: ServiceProcess, down_for: f
     svc.signal(signal.SIGKILL)
     svc.wait(10)
     time.sleep(down_for)
-    svc.start()  # on this short-lived thread: fine, as the cluster's processes do not die with their parent
+    svc.start()  # from this short-lived thread: the cluster's processes are not tied to it (no die_with_parent)
     ready, listed = cluster.wait_listed(svc)
     gap = load.longest_gap(killed_at)
     print(f"  killed {svc.label} (SIGKILL) and restarted it after {down_for:.0f}s: SERVING {ready:.1f}s later, "

@@ -11,7 +11,8 @@ import pytest
 from moe_client import GatewayClient
 from moe_serve.expert_server.main import ExpertServerConfig, create_server
 from moe_serve.gateway.main import GatewayConfig, create_gateway
-from tests.support.prometheus import ROOT, Prometheus, render_config, require
+from tests.support import ROOT
+from tests.support.prometheus import Prometheus, render_config, require
 
 EXPERTS = ("0-2", "3-5", "6-7")  # of the tiny checkpoint's 8
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "moe-serve.json"

@@ -92,10 +92,6 @@ class ServiceProcess:
         self.popen: subprocess.Popen | None = None
 
     @property
-    def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
-
-    @property
     def pid(self) -> int:
         return self.popen.pid
 
