@@ -52,7 +52,7 @@ cluster-down:
 
 ## 10 minutes of Forward + Generate load on 2 replicas and a gateway, a replica killed each minute (docs/reliability.md).
 soak: setup
-	$(BIN)/python scripts/soak.py --duration 600 --chaos-every 60
+	$(BIN)/python -m scripts.soak --duration 600 --chaos-every 60
 ## Transport and MoE-layer benchmarks, ours vs torch.distributed.rpc vs in-process; prints tables and
 ## writes JSON to bench-results/ (docs/benchmarks.md). BENCH_ARGS=--full for more points (slower).
 bench: setup
@@ -62,7 +62,7 @@ bench: setup
 ## cluster, batching and overlap on and off; prints the tables (LOAD_ARGS="--write-doc docs/benchmarks.md"
 ## rewrites that doc's section).
 bench-load: setup
-	$(BIN)/python benchmarks/load.py $(LOAD_ARGS)
+	$(BIN)/python -m benchmarks.load $(LOAD_ARGS)
 
 # buf, pinned, from npm into a folder of this clone (.tools/, git-ignored; no global install).
 BUF_VERSION := 1.75.0

@@ -5,23 +5,22 @@ Writes a simple_moe checkpoint whose routed experts are nearly all of its bytes,
 answers health checks, and reads its memory from /proc/PID/status: VmRSS (resident now), RssAnon
 (heap: the loaded weights), RssFile (mapped file pages) and VmHWM (peak resident).
 
-    python benchmarks/expert_memory.py [--dir /tmp/moe-mem] [--json out.json]
+    python -m benchmarks.expert_memory [--dir /tmp/moe-mem] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from moe_client import ExpertClient
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.synthetic import SyntheticConfig, write_checkpoint
+from tests.support.launch import launch
 
 # 4 MoE layers x 16 experts of 3 x 1024 x 2048 float32 = 24 MiB each: 1.5 GiB of experts.
 CONFIG = SyntheticConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_experts=16,
@@ -30,41 +29,15 @@ CASES = {"1/16 of the experts": "0", "1/4 of the experts": "0-3", "all experts":
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
 
 
-def memory(pid: int) -> dict[str, int]:
-    """The FIELDS of /proc/PID/status, in bytes."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in FIELDS:
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(checkpoint: Path, experts: str) -> dict[str, int]:
     """Start a server owning `experts` of every layer, wait for SERVING, read its memory, stop it."""
-    port = free_port()
-    exe = Path(sys.executable).parent / "moe-expert-server"
-    proc = subprocess.Popen([str(exe), "--checkpoint", str(checkpoint), "--experts", experts, "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        with ExpertClient(f"127.0.0.1:{port}") as client:
-            client.wait_until_serving(300)
+    with (tempfile.TemporaryDirectory(prefix="moe-mem-") as tmp,
+          launch("expert-server", Path(tmp) / "server.log", console_script=True, checkpoint=checkpoint,
+                 experts=experts) as server):
+        with ExpertClient(server.wait_ready(300).address) as client:
             owned = sum(len(le.experts) for le in client.info().owned)
         time.sleep(1.0)  # let the allocator settle after loading
-        return {"experts_owned": owned, **memory(proc.pid)}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        return {"experts_owned": owned, **server.memory(*FIELDS)}
 
 
 def main() -> int:

@@ -5,8 +5,8 @@ this server. Two timings per batch size: `compute` with the hidden states alread
 grouped GEMMs and gathers alone) and `from host` with them arriving as a CPU tensor, as RunExperts
 receives them. Prints a table and writes JSON.
 
-    python benchmarks/gpu_experts.py --devices cuda:0 --out results.json
-    python benchmarks/gpu_experts.py --devices cpu --quick          # smoke run without a GPU
+    python -m benchmarks.gpu_experts --devices cuda:0 --out results.json
+    python -m benchmarks.gpu_experts --devices cpu --quick          # smoke run without a GPU
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from functools import partial
 
 import torch
 
+from benchmarks.timing import synced_times
 from moe_serve.core.experts import ExpertWeights
 from moe_serve.core.routing import route
 from moe_serve.expert_server.bank import ExpertBank, assign_devices
@@ -28,24 +28,9 @@ from moe_serve.process.threads import set_torch_threads
 HIDDEN, WIDTH, EXPERTS, TOP_K = 2048, 1408, 64, 6
 
 
-def sync(devices: list[torch.device]) -> None:
-    for d in devices:
-        if d.type == "cuda":
-            torch.cuda.synchronize(d)
-
-
-def timed(fn, devices, repeats: int, warmup: int = 3) -> list[float]:
-    """Seconds per call, each call synchronised, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    sync(devices)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(devices)
-        times.append(time.perf_counter() - start)
-    return times
+def timed(fn, devices, repeats: int) -> list[float]:
+    """Seconds per call, each call synchronised, after 3 warm-up calls."""
+    return synced_times(fn, devices, repeats, warmup=3)
 
 
 def gemm_peak(device: torch.device, n: int, repeats: int) -> float:

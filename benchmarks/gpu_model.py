@@ -27,14 +27,10 @@ table; writes JSON after every row (a run cut short keeps what it measured; a fa
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -43,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from benchmarks.timing import synced_times, synchronize
 from moe_client import wire
-from moe_client.client import ExpertClient
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.expert_server.bank import ExpertBank, InProcessExperts
 from moe_serve.gateway.main import GatewayConfig, create_gateway
@@ -56,6 +52,8 @@ from moe_serve.model.placement import balanced_assignment, placement_entries, re
 from moe_serve.model.tensor_shapes import dense_tensor_shapes
 from moe_serve.process.threads import set_torch_threads
 from moe_serve.rpc.shared_regions import kind_names
+from tests.support.launch import ServiceProcess, launch, stop_all
+from tests.support.threads import LoopThread
 
 DEEPSEEK_MOE_16B = {
     "model_type": "deepseek", "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
@@ -99,20 +97,6 @@ def write_checkpoint(path: Path, config: dict, seed: int, device: str) -> None:
         weight_map.update(dict.fromkeys(tensors, fname))
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (path / "config.json").write_text(json.dumps(config))
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-
-    def run(self, coro, timeout: float = 900):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 class LoadCounter:
@@ -166,53 +150,28 @@ def imbalance(owned: list[dict], loads: dict[int, torch.Tensor]) -> float:
 
 
 def start_servers(checkpoint: Path, owned: list[dict], devices: list[str], base_port: int,
-                  spec, workdir: Path) -> tuple[list, list[str], Path]:
+                  spec, workdir: Path) -> tuple[list[ServiceProcess], list[str], Path]:
     """One expert server process per ownership (server i on devices[i % len]), through a placement file."""
-    addresses = [f"127.0.0.1:{base_port + i}" for i in range(len(owned))]
-    names = [f"server{i}" for i in range(len(owned))]
     placement = workdir / f"placement-{base_port}.json"
-    write_placement(placement, placement_entries(spec, owned, addresses, names))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs = []
-    for i, (address, name) in enumerate(zip(addresses, names, strict=True)):
-        log = open(workdir / f"expert-{base_port}-{i}.log", "w")  # noqa: SIM115 - closed with the process
-        procs.append((subprocess.Popen(
-            [sys.executable, "-m", "moe_serve.expert_server.main", "--checkpoint", str(checkpoint), "--placement",
-             str(placement), "--name", name, "--devices", devices[i % len(devices)], "--dtype", "bfloat16",
-             "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]],
-            stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    procs = [launch("expert-server", workdir / f"expert-{base_port}-{i}.log", start=False, port=base_port + i,
+                    checkpoint=checkpoint, placement=placement, name=f"server{i}", devices=devices[i % len(devices)],
+                    dtype="bfloat16") for i in range(len(owned))]
+    addresses = [p.address for p in procs]
+    write_placement(placement, placement_entries(spec, owned, addresses, [p.label for p in procs]))
     try:
-        for address in addresses:
-            with ExpertClient(address) as client:
-                client.wait_until_serving(900)
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.wait_ready(900)
     except BaseException:
-        stop_servers(procs)
+        stop_all(procs, 60)
         raise
     return procs, addresses, placement
 
 
-def stop_servers(procs) -> None:
-    for proc, _ in procs:
-        proc.terminate()
-    for proc, log in procs:
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def timed(fn, repeats: int, device: str, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(fn, repeats: int, device: str) -> float:
+    """Median seconds per call, each synchronised with `device`, after 2 warm-up calls."""
+    return statistics.median(synced_times(fn, [device], repeats, warmup=2))
 
 
 def prefill_prompts(spec, args) -> list[torch.Tensor]:
@@ -256,12 +215,12 @@ def ours_prefill_decode(model: CausalLM, experts, args, pingpong: PingPong | Non
         def step(last: torch.Tensor, lo: int, hi: int, backend) -> list[torch.Tensor]:
             return [model.forward_hidden(model.embed(last[lo:hi]), caches[lo:hi], [1] * (hi - lo), backend)]
 
-        sync(args.device)
+        synchronize([args.device])
         start = time.perf_counter()
         for _ in range(args.decode_steps):
             h = torch.cat(in_parts(pingpong, experts, args.decode_batch, partial(step, tokens)))
             tokens = F.linear(h, model.lm_head).argmax(-1)
-        sync(args.device)
+        synchronize([args.device])
         return time.perf_counter() - start
 
     decode()  # warm-up: CUDA graphs of every (layer, bucket) get captured
@@ -302,12 +261,12 @@ def transformers_qwen(args, device: str) -> dict:
         cache = DynamicCache()
         out = model(input_ids=start_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         tokens = out.logits[:, -1].argmax(-1)
-        sync(args.device)
+        synchronize([args.device])
         start = time.perf_counter()
         for _ in range(args.decode_steps):
             out = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
             tokens = out.logits[:, -1].argmax(-1)
-        sync(args.device)
+        synchronize([args.device])
         return time.perf_counter() - start
 
     decode()
@@ -387,7 +346,7 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
         finally:
             loop.run(handle.stop(0))
     finally:
-        stop_servers(procs)
+        stop_all(procs, 60)
     row["servers_start_s"] = started
     row["experts_per_server"] = [sum(len(v) for v in o.values()) for o in owned]
     return row
@@ -445,7 +404,7 @@ def main() -> None:
         del model, bank
         if on_gpu:
             torch.cuda.empty_cache()
-    loop = LoopThread()
+    loop = LoopThread("gpu-model-loop", timeout=900)
     loads: dict[int, torch.Tensor] = {}
     for n, item in enumerate(args.servers.split(",")):
         count, replicated, tcp, bf16, overlap = (int(item.rstrip("rtbo")), "r" in item, "t" in item, "b" in item,

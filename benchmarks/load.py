@@ -11,9 +11,9 @@ another (sched_setaffinity), standing in for separate gateway and expert machine
 dense layers and the experts would share every core and nothing could overlap. Every request's outcome
 is counted: ok, an error code, or unfinished when the drain limit passed.
 
-    python benchmarks/load.py                      # the full run (about 10 minutes on 2 cores)
-    python benchmarks/load.py --quick              # a smoke run (under a minute)
-    python benchmarks/load.py --write-doc docs/benchmarks.md
+    python -m benchmarks.load                      # the full run (about 10 minutes on 2 cores)
+    python -m benchmarks.load --quick              # a smoke run (under a minute)
+    python -m benchmarks.load --write-doc docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from load_clients import LoadResult, forward_load, generate_load, run_experts_load
-from load_cluster import ModelSize, Service, expert_server, gateway, write_checkpoint
-from load_report import report, summary, write_doc
+from benchmarks.load_clients import LoadResult, forward_load, generate_load, run_experts_load
+from benchmarks.load_cluster import ModelSize, expert_server, gateway, write_checkpoint
+from benchmarks.load_report import report, summary, write_doc
+from tests.support.launch import ServiceProcess
 
 CONFIGS = {"unbatched": ["--no-batching", "--no-overlap"], "batched": ["--no-overlap"], "batched+overlap": []}
 # The overlap gateway again with every step split in two, at the concurrency where the default keeps steps whole.
@@ -67,7 +68,7 @@ def cpu_sets(pin: bool) -> tuple[set[int] | None, set[int] | None]:
     return set(cores[:half]), set(cores[half:])
 
 
-def measured(load, processes: dict[str, list[Service]]) -> LoadResult:
+def measured(load, processes: dict[str, list[ServiceProcess]]) -> LoadResult:
     """Run `load()`, adding each group of processes' CPU milliseconds per token to its result."""
     before = {role: sum(p.cpu_seconds() for p in procs) for role, procs in processes.items()}
     result = load()
@@ -77,7 +78,7 @@ def measured(load, processes: dict[str, list[Service]]) -> LoadResult:
     return result
 
 
-def run_gateways(args, checkpoint: Path, servers: list[Service], logs: Path, front: set[int] | None):
+def run_gateways(args, checkpoint: Path, servers: list[ServiceProcess], logs: Path, front: set[int] | None):
     """Every (RPC, clients, config) cell, `repeats` times, configs interleaved; and the split-always cells."""
     addresses = [s.address for s in servers]
     gateways = {name: gateway(checkpoint, addresses, flags, logs / f"gateway-{i}.log", 1, front)

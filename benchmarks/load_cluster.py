@@ -1,14 +1,9 @@
 """The load benchmark's cluster: a random causal MoE checkpoint, and expert servers and a gateway as
-subprocesses on loopback (each started, waited for, and stopped)."""
+subprocesses on loopback (tests.support's launcher: each started, waited for, and stopped)."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +12,7 @@ from safetensors.torch import save_file
 
 from moe_serve.model.config import spec_from_config
 from moe_serve.model.tensor_shapes import dense_tensor_shapes, expert_tensor_shapes
+from tests.support.launch import ServiceProcess, launch
 
 
 @dataclass(frozen=True)
@@ -68,59 +64,20 @@ def write_checkpoint(path: Path, size: ModelSize, seed: int = 0) -> Path:
     return path
 
 
-class Service:
-    """One moe-serve process; its address is read from the line it prints when ready."""
-
-    READY = re.compile(r"ready on (\S+?):(\d+)")
-
-    def __init__(self, args: list[str], log: Path, threads: int | None = None, cpus: set[int] | None = None,
-                 timeout: float = 120.0):
-        env = dict(os.environ)
-        if threads is not None:  # torch's intra-op threads of this process
-            env["OMP_NUM_THREADS"] = str(threads)
-        self.log = log
-        self.process = subprocess.Popen([sys.executable, "-u", *args], stdout=log.open("w"),
-                                        stderr=subprocess.STDOUT, env=env)
-        if cpus:  # before it loads anything: its threads inherit the set
-            os.sched_setaffinity(self.process.pid, cpus)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = self.READY.search(log.read_text())
-            if match:
-                self.address = f"127.0.0.1:{match.group(2)}"
-                return
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{args[:3]} did not start; see {log}:\n{log.read_text()[-2000:]}")
-            time.sleep(0.05)
-
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system, every thread) the process has used so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+def _service(program: str, log: Path, threads: int | None, cpus: set[int] | None, **options) -> ServiceProcess:
+    """`program` on a free loopback port, SERVING; `threads`: torch's intra-op threads (OMP_NUM_THREADS)."""
+    env = {} if threads is None else {"OMP_NUM_THREADS": str(threads)}
+    return launch(program, log, env=env, cpus=cpus, grace=0, log_level="WARNING", **options).wait_ready(120)
 
 
 def expert_server(checkpoint: Path, experts: str, log: Path, threads: int | None, cpus: set[int] | None = None,
-                  merge: bool = True) -> Service:
+                  merge: bool = True) -> ServiceProcess:
     """`moe-expert-server` on a free loopback port."""
-    return Service(["-m", "moe_serve.expert_server.main", "--checkpoint", str(checkpoint), "--experts", experts,
-                    "--host", "127.0.0.1", "--port", "0", "--grace", "0", "--log-level", "WARNING",
-                    "--merge-calls" if merge else "--no-merge-calls"], log, threads, cpus)
+    return _service("expert-server", log, threads, cpus, checkpoint=checkpoint, experts=experts, merge_calls=merge)
 
 
 def gateway(checkpoint: Path, servers: list[str], flags: list[str], log: Path, threads: int | None,
-            cpus: set[int] | None = None) -> Service:
+            cpus: set[int] | None = None) -> ServiceProcess:
     """`moe-gateway` over `servers` with extra `flags`, on a free loopback port."""
-    return Service(["-m", "moe_serve.gateway.main", "--checkpoint", str(checkpoint), "--servers", ",".join(servers),
-                    "--host", "127.0.0.1", "--port", "0", "--grace", "0", "--log-level", "WARNING",
-                    "--max-new-tokens", "4096", *flags], log, threads, cpus)
+    return _service("gateway", log, threads, cpus, checkpoint=checkpoint, servers=servers, max_new_tokens=4096,
+                    args=flags)

@@ -6,7 +6,7 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from load_clients import LoadResult
+from benchmarks.load_clients import LoadResult
 
 BEGIN, END = "<!-- load-benchmark:begin -->", "<!-- load-benchmark:end -->"
 

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.model import LAYER, InProcess, Shape, make_input, moe_layer, owner_table
-from benchmarks.procs import GrpcPhase, LoopThread, RpcPhase
+from benchmarks.procs import GrpcPhase, RpcPhase
 from benchmarks.rpc_design import RpcCombined, RpcSeedDesign
 from benchmarks.sync_dispatch import SyncDispatcher
 from benchmarks.timing import Samples, interleaved, summary
 from moe_client import wire
 from moe_serve.model.checkpoint import Checkpoint
+from tests.support.threads import LoopThread
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # In-process runs inside both kinds of phase: the yardstick for load that changes between phases.

@@ -4,7 +4,7 @@ In-process (every expert local, one torch thread, the load benchmark's model): t
 of 32 decoding sequences plus one prompt chunk of P tokens, for growing P. Continuous batching puts
 new prompts into the running steps, so P bounds how much a newcomer delays everyone's next token.
 
-    python benchmarks/prefill_cost.py
+    python -m benchmarks.prefill_cost
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import torch
-from load_cluster import ModelSize, write_checkpoint
 
+from benchmarks.load_cluster import ModelSize, write_checkpoint
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.loader import load_reference
 

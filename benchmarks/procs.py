@@ -14,8 +14,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,59 +29,27 @@ from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.pool import PoolOptions, ServerPool
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.rpc.shared_regions import ArenaPool
+from tests.support import ROOT
+from tests.support.launch import ServiceProcess, launch, stop_all
+from tests.support.ports import free_port
+from tests.support.threads import LoopThread
 
-ROOT = Path(__file__).resolve().parent.parent
 MALLOC_DEFAULT: list[str] = []  # ["--malloc-default"] to leave the benchmark's own processes untuned
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+ENV = {"PYTHONPATH": os.pathsep.join(
     [str(ROOT), str(ROOT / "client"), str(ROOT / "services"), os.environ.get("PYTHONPATH", "")]),
        # torch RPC's own deprecation notice about its Gloo group, once per worker
        "PYTHONWARNINGS": "ignore::UserWarning:torch.distributed.distributed_c10d"}
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def bench_loop() -> LoopThread:
+    """The gateway's event loop, where its gRPC calls run, on its own thread."""
+    return LoopThread("bench-loop", timeout=900.0)
 
 
-class LoopThread:
-    """An asyncio loop on its own thread: the gateway's event loop, where its gRPC calls run."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 900.0):
-        """Run a coroutine on the loop from another thread and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-# SIGTERM each child when the benchmark dies, so no 1 GB expert server outlives a crash. setpriv rather
-# than a preexec_fn: that would make Python fork() this gRPC-threaded, gigabyte process.
-_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "SIGTERM", "--"] if shutil.which("setpriv") else []
-
-
-def _spawn(args: list[str], stdout=subprocess.DEVNULL, stderr=None) -> subprocess.Popen:
-    return subprocess.Popen([*_DIE_WITH_PARENT, sys.executable, *args], env=ENV, stdout=stdout, stderr=stderr,
-                            text=True)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+def _python(*args: str, label: str, stdout=subprocess.DEVNULL) -> ServiceProcess:
+    """`python ARGS` with the benchmark's environment, stderr shown here; SIGTERM when the benchmark dies,
+    so no 1 GB process outlives a crash."""
+    return ServiceProcess([sys.executable, *args], label=label, env=ENV, die_with_parent=True, stdout=stdout).start()
 
 
 class GrpcPhase:
@@ -93,14 +59,12 @@ class GrpcPhase:
                  threads: int = 1):
         self.loop = loop
         self.dir = tempfile.mkdtemp(prefix="moe-bench-", dir="/tmp")  # short: unix socket paths max ~107 bytes
-        self.addresses = addresses = [f"unix:{self.dir}/expert{r}.sock" for r in range(1, workers + 1)]
         # Their startup banners and loading progress go to a log, shown if one fails to start.
-        self.logs = [Path(self.dir) / f"expert{r}.log" for r in range(1, workers + 1)]
-        self.procs = [_spawn(["-m", "moe_serve.expert_server.main", "--checkpoint", str(checkpoint),
-                              "--experts", shape.owned_by(r, workers), "--host", address, "--dtype", dtype,
-                              "--torch-threads", str(threads), "--name", f"expert{r}", "--log-level", "WARNING"],
-                             stderr=log.open("w"))
-                      for r, (address, log) in enumerate(zip(addresses, self.logs, strict=True), 1)]
+        self.procs = [launch("expert-server", Path(self.dir) / f"expert{r}.log", host=f"unix:{self.dir}/expert{r}.sock",
+                             env=ENV, die_with_parent=True, checkpoint=checkpoint, experts=shape.owned_by(r, workers),
+                             dtype=dtype, torch_threads=threads, name=f"expert{r}", log_level="WARNING")
+                      for r in range(1, workers + 1)]
+        self.addresses = addresses = [p.address for p in self.procs]
         ckpt = Checkpoint(checkpoint)
         self.spec = ckpt.spec
         self._arenas: list[ArenaPool] = []
@@ -113,15 +77,9 @@ class GrpcPhase:
             raise
 
     def _connect(self) -> None:
-        future = asyncio.run_coroutine_threadsafe(self.pool.start(900.0), self.loop.loop)
-        while not future.done():  # the pool waits for servers still loading; one that died never comes
-            dead = [(p.returncode, log) for p, log in zip(self.procs, self.logs, strict=True) if p.poll() is not None]
-            if dead:
-                future.cancel()
-                code, log = dead[0]
-                raise RuntimeError(f"expert server exited with {code} while starting:\n{log.read_text()[-3000:]}")
-            threading.Event().wait(0.2)
-        future.result()
+        for p in self.procs:  # SERVING, or the log of one that died while loading
+            p.wait_ready(900.0)
+        self.loop.run(self.pool.start(900.0))
 
     def dispatcher(self, wire_dtype: int = wire.FLOAT32, shared_memory: bool = False) -> ExpertDispatcher:
         """The gateway's dispatcher over these servers, sending hidden states in `wire_dtype` (or, with
@@ -136,7 +94,7 @@ class GrpcPhase:
         for arenas in self._arenas:
             arenas.close()
         self.loop.run(self.pool.close())
-        _stop(self.procs)
+        stop_all(self.procs, 60)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self):
@@ -154,11 +112,11 @@ class EchoPhase:
 
         self.loop = loop
         self.dir = tempfile.mkdtemp(prefix="moe-bench-", dir="/tmp")
-        self.proc = _spawn(["-m", "benchmarks.echo_server", "--unix", f"unix:{self.dir}/echo.sock", *MALLOC_DEFAULT],
-                           stdout=subprocess.PIPE)
-        line = self.proc.stdout.readline()
+        self.proc = _python("-m", "benchmarks.echo_server", "--unix", f"unix:{self.dir}/echo.sock", *MALLOC_DEFAULT,
+                            label="echo server", stdout=subprocess.PIPE)
+        line = self.proc.popen.stdout.readline()
         if not line:
-            _stop([self.proc])
+            self.proc.stop(60)
             raise RuntimeError("echo server did not start")
         self.addresses = json.loads(line)
 
@@ -190,7 +148,7 @@ class EchoPhase:
             channel.close()
 
         self.loop.run(close_channels())
-        _stop([self.proc])
+        self.proc.stop(60)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self):
@@ -217,7 +175,7 @@ class RpcPhase:
             args.append(["-m", "benchmarks.rpc_worker", "--rank", str(r), "--world-size", str(workers + 1),
                          "--init-method", init, "--threads", str(threads), "--dtype", dtype,
                          "--generation", generation, *(["--tcp-only"] if tcp_only else []), *MALLOC_DEFAULT, *extra])
-        self.procs = [_spawn(a) for a in args]
+        self.procs = [_python(*a, label=f"rpc worker {r}") for r, a in enumerate(args, 1)]
         self._starting = True
         threading.Thread(target=self._watchdog, daemon=True).start()
         options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=8, rpc_timeout=900, init_method=init,
@@ -229,8 +187,8 @@ class RpcPhase:
         # init_rpc waits for every rank: a worker dying while loading would hang it forever.
         while self._starting:
             for p in self.procs:
-                if p.poll() is not None:
-                    print(f"benchmark rpc worker exited with {p.returncode} while starting", file=sys.stderr)
+                if not p.alive:
+                    print(f"benchmark {p.label} exited with {p.returncode} while starting", file=sys.stderr)
                     os._exit(1)
             threading.Event().wait(0.5)
 
@@ -241,7 +199,7 @@ class RpcPhase:
         workers in a later phase do not share, and hangs. Every call has been waited for by now.
         """
         rpc.shutdown(graceful=False)
-        _stop(self.procs)
+        stop_all(self.procs, 60)
 
     def __enter__(self):
         return self

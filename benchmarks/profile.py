@@ -31,10 +31,11 @@ import torch.distributed.rpc as rpc
 
 from benchmarks import rpc_worker, transport
 from benchmarks.model import Shape, ensure_checkpoint, make_input, moe_layer, owner_table
-from benchmarks.procs import ROOT, EchoPhase, GrpcPhase, LoopThread, RpcPhase
+from benchmarks.procs import EchoPhase, GrpcPhase, RpcPhase, bench_loop
 from benchmarks.rpc_design import RpcSeedDesign
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.process.malloc import keep_large_buffers
+from tests.support import ROOT
 
 # (category, pattern on "dso symbol"), first match wins.
 CATEGORIES = [
@@ -122,7 +123,7 @@ def main() -> None:
     args = p.parse_args()
     keep_large_buffers()
     me = os.getpid()
-    loop = LoopThread()
+    loop = bench_loop()
     try:
         if args.scenario == "transport":
             x, ids, w = transport.payload(2048, 6, args.tokens, getattr(torch, args.dtype))

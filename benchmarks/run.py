@@ -26,8 +26,9 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from benchmarks import machine, procs, report, transport
 from benchmarks.model import Shape, ensure_checkpoint
 from benchmarks.moe_layer import MoeBench
-from benchmarks.procs import ROOT, LoopThread
+from benchmarks.procs import bench_loop
 from moe_serve.process.malloc import keep_large_buffers
+from tests.support import ROOT
 
 SECTIONS = ("transport", "moe", "wire", "threads")
 PLANS = {  # tokens per call, rounds of alternating phases, and what each section covers
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
               "threads_per_server": args.threads, "malloc_tuned": not args.malloc_default,
               "ratio": "their median time / our median time"}
     print(f"moe-serve benchmarks ({mode_name}) on {machine.one_line(info)}", flush=True)
-    loop = LoopThread()
+    loop = bench_loop()
     try:
         if "transport" in sections:
             rows = transport.run(loop, shape.hidden, shape.top_k, plan["rounds"], quick, smoke)

@@ -1,4 +1,4 @@
-"""Repeated timings, interleaved across variants, summarised by median and spread."""
+"""Repeated timings, interleaved across variants (or synchronised with GPUs), summarised by median and spread."""
 
 from __future__ import annotations
 
@@ -13,6 +13,29 @@ def summary(seconds: list[float]) -> dict:
     q = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [ordered[0]] * 3
     return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2], "min": ordered[0],
             "max": ordered[-1], "n": len(ordered)}
+
+
+def synchronize(devices) -> None:
+    """Wait until every CUDA device among `devices` (torch.device or "cuda", "cuda:1", "cpu") has finished."""
+    import torch
+
+    for device in map(torch.device, devices):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
+def synced_times(fn: Callable[[], object], devices, repeats: int, warmup: int) -> list[float]:
+    """Seconds per call of `fn`, `repeats` times after `warmup` calls, the devices synchronised around each."""
+    for _ in range(warmup):
+        fn()
+    synchronize(devices)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(devices)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def interleaved(variants: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list]:

@@ -18,12 +18,13 @@ import torch
 import torch.distributed.rpc as rpc
 
 from benchmarks import rpc_worker
-from benchmarks.procs import EchoPhase, LoopThread, RpcPhase
+from benchmarks.procs import EchoPhase, RpcPhase
 from benchmarks.timing import Samples, interleaved
 from moe_client import wire, zerocopy
 from moe_client.channel import unary_callable
 from moe_client.pb import experts_pb2, tensor_pb2
 from moe_serve.rpc.codec import from_wire, to_wire
+from tests.support.threads import LoopThread
 
 UPB = experts_pb2.RunExpertsRequest.SerializeToString, experts_pb2.RunExpertsResponse.FromString
 

@@ -1,15 +1,18 @@
 """Soak: expert server replicas and a gateway as real processes on loopback, under steady concurrent
 Forward and Generate load; prints requests served, errors and each process's memory (RSS) over time.
 
-    python scripts/soak.py --duration 600 --chaos-every 60   # by hand: 10 minutes, a replica killed each minute
-    python scripts/soak.py --duration 60 --json soak.json    # what CI runs (tests/test_soak.py)
+    python -m scripts.soak --duration 600 --chaos-every 60   # by hand: 10 minutes, a replica killed each minute
+    python -m scripts.soak --duration 60 --json soak.json    # what CI runs (tests/test_soak.py)
+
+It runs as a module from the repository root, since it imports the shared test-support package
+(tests.support).
 
 The model is a tiny random Mixtral (built with transformers, as the tests build theirs) so that both
 RPCs run; --model simple serves the embedded simple_moe (Forward only). Every answer is checked
 against the in-process reference on the same weights; a wrong answer counts as an error. With
 --chaos-every N, one replica is killed with SIGKILL every N seconds and restarted after --down-for
 seconds; the report says how long each took to serve again and to rejoin the gateway. Exit status 1
-if any request failed. The processes and the load live in soak_cluster.py and soak_load.py, which
+if any request failed. The processes and the load are tests.support's ProcessCluster and Load, which
 the fault tests use too.
 """
 
@@ -25,25 +28,23 @@ import threading
 import time
 from pathlib import Path
 
-from soak_cluster import ProcessCluster, Service
-from soak_load import Load
-
 from moe_serve.model.synthetic import SyntheticConfig, write_checkpoint
+from tests.support.launch import ServiceProcess
+from tests.support.load import Load
+from tests.support.process_cluster import ProcessCluster
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def _chaos(cluster: ProcessCluster, load: Load, svc: Service, down_for: float, at: float) -> dict:
+def _chaos(cluster: ProcessCluster, load: Load, svc: ServiceProcess, down_for: float, at: float) -> dict:
     killed_at = time.monotonic()
     svc.signal(signal.SIGKILL)
     svc.wait(10)
     time.sleep(down_for)
-    svc.start()
+    svc.start()  # from this short-lived thread: the cluster's processes are not tied to it (no die_with_parent)
     ready, listed = cluster.wait_listed(svc)
     gap = load.longest_gap(killed_at)
-    print(f"  killed {svc.name} (SIGKILL) and restarted it after {down_for:.0f}s: SERVING {ready:.1f}s later, "
+    print(f"  killed {svc.label} (SIGKILL) and restarted it after {down_for:.0f}s: SERVING {ready:.1f}s later, "
           f"back in the gateway's list {listed:.2f}s after that; longest wait for an answer {gap:.2f}s", flush=True)
-    return {"server": svc.name, "at_s": round(at, 1), "serving_after_restart_s": round(ready, 2),
+    return {"server": svc.label, "at_s": round(at, 1), "serving_after_restart_s": round(ready, 2),
             "rejoined_after_serving_s": round(listed, 2), "longest_gap_s": round(gap, 3)}
 
 
@@ -51,8 +52,7 @@ def make_model(kind: str, path: Path) -> Path:
     """A tiny random checkpoint: 'mixtral' (a causal LM: Forward and Generate) or 'simple' (Forward only)."""
     if kind == "simple":
         return write_checkpoint(path, SyntheticConfig(hidden_size=64, intermediate_size=128, seed=11))
-    sys.path.insert(0, str(ROOT / "tests"))  # the builder the causal LM tests use (needs transformers)
-    from hf_models import build_checkpoint
+    from tests.support.hf_models import build_checkpoint  # the causal LM tests' builder (needs transformers)
 
     return build_checkpoint("mixtral", path, seed=int.from_bytes(os.urandom(4), "little"))
 
@@ -70,7 +70,7 @@ def soak(args: argparse.Namespace) -> dict:
         cluster.start()
         load = Load(cluster.address, checkpoint, args.clients, args.tokens).start()
         print(f"{'t/s':>6} {'served':>8} {'errors':>7} {'req/s':>7} {'p99 ms':>7}  RSS MiB: "
-              + " ".join(s.name for s in cluster.services), flush=True)
+              + " ".join(s.label for s in cluster.services), flush=True)
         start = last_t = time.monotonic()
         last_ok, chaos = 0, None
         while (now := time.monotonic()) - start < args.duration:

@@ -2,9 +2,9 @@
 
 import pytest
 import transformers as tf
-from hf_models import ARCHS, hf_config
 
 from moe_serve.model.config import ConfigError, spec_from_config
+from tests.support.hf_models import ARCHS, hf_config
 
 DEFAULT_CONFIGS = {"mixtral": tf.MixtralConfig, "qwen2_moe": tf.Qwen2MoeConfig, "qwen3_moe": tf.Qwen3MoeConfig,
                    "olmoe": tf.OlmoeConfig}

@@ -3,17 +3,15 @@ concurrent load every request gets what it would get alone (and what the referen
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
-from references import random_prompts, reference_greedy
 
 from moe_client import GatewayClient
 from moe_serve.gateway.batching_config import BatchingConfig
-from moe_serve.model.checkpoint import Checkpoint
-from moe_serve.model.loader import load_reference
+from tests.support.references import random_prompts, reference_forward, reference_greedy
+from tests.support.threads import concurrently
 
 
 def start(cluster, path, **batching) -> str:
@@ -21,20 +19,6 @@ def start(cluster, path, **batching) -> str:
     (steps of any size split into two micro-batches, so the tiny test batches take the ping-pong path)."""
     servers = [cluster.expert_server(path, experts=e) for e in ("0-2", "3-7")]
     return cluster.gateway(path, servers, batching=BatchingConfig(**{"overlap_min_tokens": 1, **batching}))
-
-
-def reference_forward(path, hidden: np.ndarray) -> np.ndarray:
-    """simple_moe in-process, every expert local, one request alone."""
-    model, experts = load_reference(Checkpoint(path))
-    with torch.inference_mode():
-        return model.forward(torch.from_numpy(hidden).reshape(-1, hidden.shape[-1]), experts).reshape(
-            hidden.shape).numpy()
-
-
-def concurrently(fn, items: list) -> list:
-    """fn(item) for every item at once, one thread each; results in order."""
-    with ThreadPoolExecutor(len(items)) as pool:
-        return list(pool.map(fn, items))
 
 
 def test_batched_forward_equals_each_request_alone(cluster, tiny_checkpoint):

@@ -6,25 +6,18 @@ on their expert calls and requests pile up in the gateway: no timing decides wha
 """
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from hf_models import build_checkpoint
-from references import random_prompts, reference_greedy
 
 from moe_client import GatewayClient
 from moe_serve.gateway.batching_config import BatchingConfig
-
-
-def wait_for(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.005)
+from tests.support.hf_models import build_checkpoint
+from tests.support.references import random_prompts, reference_greedy
+from tests.support.waiting import wait_for
 
 
 def stuck_calls(cluster, server: str) -> int:

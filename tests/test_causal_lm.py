@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from references import random_prompts, reference_logits
 
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.loader import load_reference
+from tests.support.references import random_prompts, reference_logits
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek"]
 
@@ -68,7 +68,7 @@ def test_bf16_dense_layers_stay_close(causal_checkpoints):
 
 
 def test_tied_embeddings_use_embed_tokens(tmp_path):
-    from hf_models import build_checkpoint
+    from tests.support.hf_models import build_checkpoint
 
     path = build_checkpoint("mixtral", tmp_path / "tied", seed=int(torch.randint(0, 2**31, ())),
                             tie_word_embeddings=True)

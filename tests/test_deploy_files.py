@@ -7,12 +7,13 @@ import re
 
 import pytest
 import yaml
-from prometheus_server import ROOT, render_config
 
 from moe_serve.model.config import spec_from_config
 from moe_serve.model.placement import missing_pairs, read_placement, resolve_ownership
 from moe_serve.model.synthetic import SyntheticConfig
 from moe_serve.observability.metrics import ServiceMetrics
+from tests.support import ROOT
+from tests.support.prometheus import render_config
 
 DEPLOY = ROOT / "deploy"
 DEMO_SPEC = spec_from_config(SyntheticConfig().to_json())  # the embedded model both deployments serve

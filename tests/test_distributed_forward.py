@@ -5,12 +5,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 
 from moe_client import GatewayClient, cli, wire
-from moe_serve.model.checkpoint import Checkpoint
-from moe_serve.model.loader import load_reference
 from moe_serve.model.synthetic import write_checkpoint
+from tests.support.checkpoints import TINY
+from tests.support.references import reference_forward
 
 ASSIGNMENTS = {
     "one server": ["all"],
@@ -19,13 +18,6 @@ ASSIGNMENTS = {
     "interleaved": ["0,2,4,6", "1,3,5,7"],
     "per layer": [["0:0-5", "1:0-1"], ["0:6-7", "1:2-7"]],
 }
-
-
-def reference_forward(checkpoint_dir, hidden: np.ndarray) -> np.ndarray:
-    model, experts = load_reference(Checkpoint(checkpoint_dir))
-    with torch.inference_mode():
-        flat = torch.from_numpy(hidden).reshape(-1, hidden.shape[-1])
-        return model.forward(flat, experts).reshape(hidden.shape).numpy()
 
 
 @pytest.mark.parametrize("name", list(ASSIGNMENTS))

@@ -1,50 +1,21 @@
 """The real entry points as subprocesses: servers, gateway and client CLI, then a clean SIGTERM stop."""
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
-from test_distributed_forward import reference_forward
 
-from moe_client import GatewayClient
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-
-
-def stop(proc: subprocess.Popen) -> str:
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
-    return out
+from tests.support import BIN
+from tests.support.launch import launch
+from tests.support.references import reference_forward
 
 
 def test_cluster_from_the_command_line(processes, tiny_checkpoint, tmp_path):
-    ports = [free_port() for _ in range(3)]
-    for name, experts, port in (("worker1", "0-3", ports[1]), ("worker2", "4-7", ports[2])):
-        processes.append(spawn("moe-expert-server", "--checkpoint", str(tiny_checkpoint), "--experts", experts,
-                               "--name", name, "--host", "127.0.0.1", "--port", str(port)))
-    servers = f"127.0.0.1:{ports[1]},127.0.0.1:{ports[2]}"
-    processes.append(spawn("moe-gateway", "--checkpoint", str(tiny_checkpoint), "--servers", servers,
-                           "--host", "127.0.0.1", "--port", str(ports[0])))
-    gateway = f"127.0.0.1:{ports[0]}"
-    with GatewayClient(gateway) as client:
-        client.wait_until_serving(60)
+    for name, experts in (("worker1", "0-3"), ("worker2", "4-7")):
+        processes.append(launch("expert-server", tmp_path / f"{name}.log", console_script=True,
+                                checkpoint=tiny_checkpoint, experts=experts, name=name))
+    processes.append(launch("gateway", tmp_path / "gateway.log", console_script=True, checkpoint=tiny_checkpoint,
+                            servers=[s.address for s in processes]))
+    gateway = processes[2].wait_ready(60).address
 
     hidden = np.random.default_rng().standard_normal((2, 10, 64), dtype=np.float32)
     np.save(tmp_path / "in.npy", hidden)
@@ -55,19 +26,19 @@ def test_cluster_from_the_command_line(processes, tiny_checkpoint, tmp_path):
     assert "Distributed inference complete!" in run.stdout
     assert np.abs(np.load(tmp_path / "out.npy") - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5
 
-    gateway_log = stop(processes[2])
+    gateway_log = processes[2].stop_clean()
     assert "Expert-to-server mapping, layer 0: {0: 'worker1'" in gateway_log and "Stopped." in gateway_log
-    worker_log = stop(processes[0])
+    worker_log = processes[0].stop_clean()
     assert "Expert 0 → cpu" in worker_log and "ready on 127.0.0.1" in worker_log
-    stop(processes[1])
+    processes[1].stop_clean()
 
 
-def test_gateway_cli_refuses_uncovered_model(processes, tiny_checkpoint):
-    port = free_port()
-    processes.append(spawn("moe-expert-server", "--checkpoint", str(tiny_checkpoint), "--experts", "0-6",
-                           "--host", "127.0.0.1", "--port", str(port)))
+def test_gateway_cli_refuses_uncovered_model(processes, tiny_checkpoint, tmp_path):
+    server = launch("expert-server", tmp_path / "server.log", console_script=True, checkpoint=tiny_checkpoint,
+                    experts="0-6")
+    processes.append(server)
     gateway = subprocess.run([str(BIN / "moe-gateway"), "--checkpoint", str(tiny_checkpoint), "--servers",
-                              f"127.0.0.1:{port}", "--port", "0", "--connect-timeout", "60"],
+                              server.address, "--port", "0", "--connect-timeout", "60"],
                              capture_output=True, text=True, timeout=90)
     assert gateway.returncode == 2
     assert "no expert server owns layer 0: experts 7; layer 1: experts 7" in gateway.stderr

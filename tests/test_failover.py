@@ -7,33 +7,13 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import TINY
-from test_distributed_forward import reference_forward
 
 from moe_client import ExpertClient, GatewayClient, wire
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve.model.synthetic import write_checkpoint
-
-
-def forward_ok(client: GatewayClient, checkpoint, tokens: int = 12) -> None:
-    hidden = np.random.default_rng().standard_normal((tokens, 64), dtype=np.float32)
-    got = client.forward(hidden)
-    assert np.abs(got - reference_forward(checkpoint, hidden)).max() <= 1e-5
-
-
-def wait_for(predicate, what: str, timeout: float = 30.0):
-    """Poll `predicate` until it returns a true value; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except grpc.RpcError as err:
-            last = f"{err.code().name}: {err.details()}"
-        time.sleep(0.1)
-    pytest.fail(f"{what} not within {timeout:.0f}s (last error: {last})")
+from tests.support.checkpoints import TINY
+from tests.support.references import check_forward
+from tests.support.waiting import wait_for
 
 
 def pool_of(cluster, gateway: str):
@@ -42,7 +22,7 @@ def pool_of(cluster, gateway: str):
 
 
 def try_forward(client: GatewayClient, checkpoint) -> bool:
-    forward_ok(client, checkpoint)
+    check_forward(client, checkpoint)
     return True
 
 
@@ -51,7 +31,7 @@ def test_replicas_share_the_work(cluster, tiny_checkpoint):
     gateway = cluster.gateway(tiny_checkpoint, [a, b])
     with GatewayClient(gateway) as client:
         for _ in range(6):
-            forward_ok(client, tiny_checkpoint)
+            check_forward(client, tiny_checkpoint)
     served = [cluster.handle(x).edge.served for x in (a, b)]
     assert min(served) > 0, served  # least outstanding work, ties broken by fewest picks
 
@@ -61,11 +41,11 @@ def test_a_lost_replica_costs_no_request(cluster, tiny_checkpoint):
     c = cluster.expert_server(tiny_checkpoint, experts="0-3")
     gateway = cluster.gateway(tiny_checkpoint, [a, b, c])
     with GatewayClient(gateway) as client:
-        forward_ok(client, tiny_checkpoint)
+        check_forward(client, tiny_checkpoint)
         cluster.stop_one(a)
         cluster.stop_one(c)
         for _ in range(5):
-            forward_ok(client, tiny_checkpoint)
+            check_forward(client, tiny_checkpoint)
         assert [s.address for s in client.model_info().servers] == [b]
 
 
@@ -75,7 +55,7 @@ def test_coverage_lost_then_regained(cluster, tiny_checkpoint):
     port_b = int(b.rsplit(":", 1)[1])
     gateway = cluster.gateway(tiny_checkpoint, [a, b], rpc_timeout=5.0)
     with GatewayClient(gateway) as client:
-        forward_ok(client, tiny_checkpoint)
+        check_forward(client, tiny_checkpoint)
         cluster.stop_one(b)
         hidden = np.random.default_rng().standard_normal((64, 64), dtype=np.float32)
         with pytest.raises(grpc.RpcError) as err:
@@ -104,7 +84,7 @@ def test_server_restarted_on_another_checkpoint_is_refused(cluster, tiny_checkpo
         wait_for(lambda: pool_of(cluster, gateway).replicas[b].refused, "the other checkpoint refused")
         assert [s.address for s in client.model_info().servers] == [a]
         for _ in range(3):
-            forward_ok(client, tiny_checkpoint)
+            check_forward(client, tiny_checkpoint)
 
         # the server refuses a call made for another checkpoint, naming both
         stub = experts_pb2_grpc.ExpertServiceStub(grpc.insecure_channel(b2))
@@ -129,7 +109,7 @@ def test_only_server_on_another_checkpoint_is_failed_precondition(cluster, tiny_
     a = cluster.expert_server(tiny_checkpoint)
     gateway = cluster.gateway(tiny_checkpoint, [a])
     with GatewayClient(gateway) as client:
-        forward_ok(client, tiny_checkpoint)
+        check_forward(client, tiny_checkpoint)
         mine = client.model_info().model_fingerprint
         cluster.stop_one(a)
         theirs = ExpertClient(cluster.expert_server(other, port=int(a.rsplit(":", 1)[1]))).info().model_fingerprint
@@ -151,7 +131,7 @@ def test_a_stuck_replica_is_passed_over_within_the_deadline(cluster, tiny_checkp
     try:
         with GatewayClient(gateway, timeout=20) as client:
             for _ in range(4):
-                forward_ok(client, tiny_checkpoint)
+                check_forward(client, tiny_checkpoint)
     finally:
         gate.set()
 
@@ -161,11 +141,11 @@ def test_a_skipped_replica_still_serves_when_it_is_the_last(cluster, tiny_checkp
     gateway = cluster.gateway(tiny_checkpoint, [a, b])
     pool = pool_of(cluster, gateway)
     with GatewayClient(gateway) as client:
-        forward_ok(client, tiny_checkpoint)
+        check_forward(client, tiny_checkpoint)
         for _ in range(5):  # a slow first call or two got `a` skipped for a while (up to 10 s)
             pool.report_failure(pool.replicas[a], "DEADLINE_EXCEEDED: slow")
             pool.replicas[a].ejected_until = time.monotonic() + 60
         cluster.stop_one(b)  # ... just as the other replica stops
         wait_for(lambda: not pool.replicas[b].serving, "b seen as down")
         for _ in range(3):
-            forward_ok(client, tiny_checkpoint)  # `a` is skipped only while something else can serve
+            check_forward(client, tiny_checkpoint)  # `a` is skipped only while something else can serve

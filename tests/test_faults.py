@@ -9,39 +9,36 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import grpc
-import numpy as np
 import pytest
-from conftest import load_script
-from test_distributed_forward import reference_forward
-from test_failover import wait_for
 
 from moe_client import GatewayClient
+from tests.support.launch import launch
+from tests.support.load import Load
+from tests.support.process_cluster import ProcessCluster
+from tests.support.references import check_forward
+from tests.support.waiting import wait_for
 
-soak_cluster, soak_load = load_script("soak_cluster"), load_script("soak_load")
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"),
                                reason="needs root, iproute2 (ip netns) and util-linux (unshare)")
 
 
-def forward_ok(client: GatewayClient, checkpoint, tokens: int = 64) -> None:
-    hidden = np.random.default_rng().standard_normal((tokens, 64), dtype=np.float32)
-    assert np.abs(client.forward(hidden) - reference_forward(checkpoint, hidden)).max() <= 1e-5
+def forward_ok(client: GatewayClient, checkpoint) -> None:
+    check_forward(client, checkpoint, tokens=64)
 
 
 @pytest.mark.timeout(600)
 def test_replica_killed_under_load_then_rejoins(causal_checkpoints, tmp_path):
     checkpoint = causal_checkpoints["mixtral"]
-    cluster = soak_cluster.ProcessCluster(checkpoint, tmp_path, replicas=2,
-                                  gateway_args=("--rpc-timeout", "5", "--keepalive", "1"))
+    cluster = ProcessCluster(checkpoint, tmp_path, replicas=2, gateway_args=("--rpc-timeout", "5", "--keepalive", "1"))
     figures = {}
     try:
         cluster.start()
         a, b = cluster.experts
-        load = soak_load.Load(cluster.address, checkpoint, clients=4, tokens=8).start()
+        load = Load(cluster.address, checkpoint, clients=4, tokens=8).start()
         try:
             load.wait_ok(10)
             calm = time.monotonic()
@@ -112,14 +109,11 @@ class NetNamespace:
 def test_network_cut_fails_fast_then_recovers(cluster, tiny_checkpoint, tmp_path):
     deadline = 4.0
     with NetNamespace() as ns:
-        port = 50051
-        remote = soak_cluster.Service("cut", ["ip", "netns", "exec", ns.name,
-                                      *soak_cluster.expert_argv(tiny_checkpoint, "cut", ns.ns_ip, port, "4-7")],
-                              port, tmp_path / "cut.log", ns.ns_ip)
-        remote.start()
+        remote = launch("expert-server", tmp_path / "cut.log", wrapper=["ip", "netns", "exec", ns.name],
+                        checkpoint=tiny_checkpoint, name="cut", experts="4-7", host=ns.ns_ip, port=50051, grace=30,
+                        log_level="WARNING")
         try:
-            with GatewayClient(remote.address) as probe:
-                probe.wait_until_serving(120)
+            remote.wait_ready(120)
             local = cluster.expert_server(tiny_checkpoint, experts="0-3")
             gateway = cluster.gateway(tiny_checkpoint, [local, remote.address], rpc_timeout=2.0, keepalive=1.0)
             with GatewayClient(gateway, timeout=deadline) as client:
@@ -140,8 +134,7 @@ def test_network_cut_fails_fast_then_recovers(cluster, tiny_checkpoint, tmp_path
                 for _ in range(3):
                     forward_ok(client, tiny_checkpoint)
         finally:
-            remote.signal(signal.SIGKILL)
-            remote.wait(10)
+            remote.kill()
     print(f"\nnetwork cut: calls during the cut {outcomes}; served again {recovery:.2f}s after the link returned")
 
 
@@ -157,16 +150,11 @@ def test_dns_name_membership_follows_the_records(cluster, tiny_checkpoint, tmp_p
         hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{a.split(':')[0]} experts.moe.test\n" for a in addresses))
 
     records(*servers[:2])
-    gateway_port = soak_cluster.free_port()
-    gateway = subprocess.Popen(
-        ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
-         sys.executable, "-m", "moe_serve.gateway.main", "--checkpoint", str(tiny_checkpoint), "--servers",
-         f"experts.moe.test:{port}", "--host", "127.0.0.1", "--port", str(gateway_port), "--resolve-interval", "0.3"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    private_hosts = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts)]
+    gateway = launch("gateway", tmp_path / "gateway.log", wrapper=private_hosts, checkpoint=tiny_checkpoint,
+                     servers=f"experts.moe.test:{port}", resolve_interval=0.3)
     try:
-        with GatewayClient(f"127.0.0.1:{gateway_port}", timeout=10) as client:
-            client.wait_until_serving(120)
-
+        with GatewayClient(gateway.wait_ready(120).address, timeout=10) as client:
             def members() -> set[str]:
                 return {s.address for s in client.model_info().servers}
 
@@ -180,7 +168,7 @@ def test_dns_name_membership_follows_the_records(cluster, tiny_checkpoint, tmp_p
             for _ in range(3):
                 forward_ok(client, tiny_checkpoint)
     finally:
-        gateway.send_signal(signal.SIGTERM)
-        out, _ = gateway.communicate(timeout=60)
-    assert gateway.returncode == 0, out
+        code = gateway.stop(60)
+    out = gateway.output()
+    assert code == 0, out
     assert "joins" in out and "left the server list" in out

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_distributed_forward import reference_forward
-from test_run_experts import plain_torch
 
 from moe_client import wire
 from moe_client.pb import experts_pb2, experts_pb2_grpc, gateway_pb2, gateway_pb2_grpc, tensor_pb2
+from tests.support.references import plain_torch, reference_forward
 
 EXAMPLES = int(os.environ.get("MOE_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
@@ -213,7 +212,7 @@ def test_fuzz_forward(gateway, request):
 @pytest.fixture
 def causal_gateway(cluster, causal_checkpoints):
     """A gateway over a tiny Mixtral: a valid Generate request and its greedy continuation."""
-    from references import reference_greedy
+    from tests.support.references import reference_greedy
 
     path = causal_checkpoints["mixtral"]
     servers = [cluster.expert_server(path, experts=e) for e in ("0-3", "4-7")]

@@ -3,10 +3,10 @@
 import json
 
 import pytest
-from conftest import TINY
 
 from moe_serve.gateway.dispatch import StartupError
 from moe_serve.model.synthetic import write_checkpoint
+from tests.support.checkpoints import TINY
 
 
 def test_refuses_when_an_expert_has_no_owner(cluster, tiny_checkpoint):

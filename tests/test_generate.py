@@ -5,10 +5,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from references import random_prompts, reference_greedy, reference_logits
 from safetensors import safe_open
 
 from moe_client import GatewayClient
+from tests.support.references import random_prompts, reference_greedy, reference_logits
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek"]
 

@@ -2,8 +2,6 @@
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -11,8 +9,7 @@ from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import spec_from_config
 from moe_serve.model.placement import balanced_assignment, missing_pairs, read_placement, resolve_ownership
 from moe_serve.tools.inspect_checkpoint import dense_bytes, expert_bytes
-
-BIN = Path(sys.executable).parent
+from tests.support import BIN
 
 
 def test_inspect_prints_sizes_and_writes_a_placement(causal_checkpoints, tmp_path):

@@ -6,13 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from test_distributed_forward import reference_forward
-from test_failover import wait_for
-from test_run_experts import plain_torch
 
 from moe_client import ExpertClient, GatewayClient
 from moe_serve.gateway.batching_config import BatchingConfig
 from moe_serve.rpc.options import ServingOptions
+from tests.support.references import plain_torch, reference_forward
+from tests.support.waiting import wait_for
 
 
 class Blocker:

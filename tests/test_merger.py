@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from test_batching import concurrently, reference_forward
 
 from moe_client import GatewayClient
 from moe_serve.core.routing import route
@@ -16,6 +15,8 @@ from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.merger import CallMerger
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.placement import resolve_ownership
+from tests.support.references import reference_forward
+from tests.support.threads import concurrently
 
 
 def random_call(layer: int, tokens: int, owned: list[int], num_experts: int = 8, hidden: int = 64):

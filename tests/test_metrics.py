@@ -5,17 +5,12 @@ import io
 import json
 import logging
 import re
-import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from prometheus_server import free_port
 
 from moe_client import ExpertClient, GatewayClient, wire
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
@@ -27,8 +22,9 @@ from moe_serve.model.placement import PlacementError, ServerEntry, pick_entry
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.process.console import LoadProgress
 from moe_serve.rpc.request_ids import RequestIdFilter
-
-BIN = Path(sys.executable).parent
+from tests.support.launch import launch
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -107,17 +103,9 @@ def test_each_server_counts_its_own_calls_and_status_codes(two_servers_and_gatew
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     # abort() sends the status before the interceptor sees the error, so the count may land a moment later.
     not_found = {"rpc": "RunExperts", "code": "NOT_FOUND"}
-    assert eventually(lambda: w0.get_sample_value("moe_requests_total", not_found)) == 1
+    wait_for(lambda: w0.get_sample_value("moe_requests_total", not_found) == 1, "the NOT_FOUND count", 10)
     assert w0.get_sample_value("moe_requests_in_flight", {"rpc": "RunExperts"}) == 0
     assert w0.get_sample_value("moe_received_bytes_total", {"rpc": "RunExperts"}) > sent
-
-
-def eventually(probe, timeout: float = 10.0):
-    """probe()'s first truthy value within `timeout` seconds, else its last."""
-    deadline = time.monotonic() + timeout
-    while not (value := probe()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return value
 
 
 def test_registries_are_per_instance():
@@ -127,26 +115,21 @@ def test_registries_are_per_instance():
     assert b.registry.get_sample_value("moe_tokens_total", {"rpc": "Forward"}) is None
 
 
-def test_expert_server_cli_serves_metrics_and_takes_its_entry_by_ordinal(tiny_checkpoint, tmp_path):
+def test_expert_server_cli_serves_metrics_and_takes_its_entry_by_ordinal(processes, tiny_checkpoint, tmp_path):
     placement = tmp_path / "placement.json"
     placement.write_text(json.dumps({"servers": [
         {"name": "alpha", "address": "a:1", "experts": "0-3"},
         {"name": "beta", "address": "b:1", "experts": {"0": "4-7", "1": "6"}}]}))
-    port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen([str(BIN / "moe-expert-server"), "--checkpoint", str(tiny_checkpoint), "--placement",
-                             str(placement), "--placement-index", "1", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        with ExpertClient(f"127.0.0.1:{port}") as client:
-            client.wait_until_serving(60)
-            assert client.info().server_name == "beta"
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
-            text = reply.read().decode()
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
+    metrics_port = free_port()
+    server = launch("expert-server", tmp_path / "server.log", console_script=True, checkpoint=tiny_checkpoint,
+                    placement=placement, placement_index=1, metrics_host="127.0.0.1", metrics_port=metrics_port)
+    processes.append(server)
+    with ExpertClient(server.wait_ready(60).address) as client:
+        assert client.info().server_name == "beta"
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    code, out = server.stop(), server.output()
+    assert code == 0, out
     assert re.search(r'^moe_server_info\{.*name="beta".*service="expert_server".*\} 1\.0$', text, re.M), text
     held = set(re.findall(r'^moe_expert_tokens_total\{expert="(\d+)",layer="(\d+)"\} 0\.0$', text, re.M))
     assert held == {(str(e), "0") for e in range(4, 8)} | {("6", "1")}
@@ -201,7 +184,8 @@ def test_generate_carries_its_request_id_and_counts_tokens(cluster, causal_check
     registry = cluster.servicers[gateway].metrics.registry
     assert registry.get_sample_value("moe_tokens_total", {"rpc": "Generate"}) == 4 + 3  # prompt + generated
     # The stream's end reaches the client before the gateway's access log line after it.
-    generate = eventually(lambda: [rid for _, rid, msg in access_log.seen if msg.startswith("Generate OK")])
+    generate = wait_for(lambda: [rid for _, rid, msg in access_log.seen if msg.startswith("Generate OK")],
+                        "the Generate access log line", 10)
     run_experts = {rid for _, rid, msg in access_log.seen if msg.startswith("RunExperts OK")}
     assert len(generate) == 1 and run_experts == set(generate)
 

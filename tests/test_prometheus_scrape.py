@@ -7,11 +7,12 @@ import subprocess
 import grpc
 import numpy as np
 import pytest
-from prometheus_server import ROOT, Prometheus, render_config, require
 
 from moe_client import GatewayClient
 from moe_serve.expert_server.main import ExpertServerConfig, create_server
 from moe_serve.gateway.main import GatewayConfig, create_gateway
+from tests.support import ROOT
+from tests.support.prometheus import Prometheus, render_config, require
 
 EXPERTS = ("0-2", "3-5", "6-7")  # of the tiny checkpoint's 8
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "moe-serve.json"

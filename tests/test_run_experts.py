@@ -3,25 +3,10 @@
 import grpc
 import numpy as np
 import pytest
-import torch
 
 from moe_client import ExpertClient, wire
 from moe_client.pb import experts_pb2, experts_pb2_grpc
-from moe_serve.model.checkpoint import Checkpoint
-
-
-def plain_torch(checkpoint_dir, layer, hidden, ids, weights):
-    """Token by token, straight from the checkpoint's tensors."""
-    ckpt = Checkpoint(checkpoint_dir)
-    out = np.zeros_like(hidden)
-    for t in range(hidden.shape[0]):
-        x = torch.from_numpy(hidden[t])
-        for e, w in zip(ids[t], weights[t], strict=True):
-            if e < 0:
-                continue
-            g, u, d = (ckpt.load(n) for n in ckpt.spec.expert_names(layer, int(e)))
-            out[t] += float(w) * (d @ (torch.nn.functional.silu(g @ x) * (u @ x))).numpy()
-    return out
+from tests.support.references import plain_torch
 
 
 @pytest.fixture

@@ -2,15 +2,10 @@
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from certs import CA
-from test_distributed_forward import reference_forward
-from test_run_experts import plain_torch
 
 from moe_client import ExpertClient, GatewayClient
 from moe_client.security import TLSFiles
@@ -20,6 +15,9 @@ from moe_serve.gateway.main import build_parser as gateway_parser
 from moe_serve.gateway.main import config_from_args as gateway_config
 from moe_serve.gateway.pool import StartupError
 from moe_serve.rpc.options import ServingOptions
+from tests.support import BIN
+from tests.support.certs import CA
+from tests.support.references import plain_torch, reference_forward
 
 TOKEN = "s3cret-token"
 
@@ -124,7 +122,7 @@ def test_flags_and_cli(cluster, tiny_checkpoint, pki, tmp_path):
     server = cluster.expert_server(tiny_checkpoint)
     address = cluster.gateway(tiny_checkpoint, [server], serving=ServingOptions(
         tls=TLSFiles(None, pki["gateway"].cert, pki["gateway"].key), auth_token=TOKEN))
-    cli = [str(Path(sys.executable).parent / "moe-client"), "--address", address, "--tls-ca", pki["ca"], "forward"]
+    cli = [str(BIN / "moe-client"), "--address", address, "--tls-ca", pki["ca"], "forward"]
     run = subprocess.run([*cli, "--shape", "3,64"], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "MOE_TOKEN": TOKEN}, check=False)
     assert run.returncode == 0 and "Distributed inference complete!" in run.stdout, run.stderr

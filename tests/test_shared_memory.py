@@ -11,8 +11,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from test_distributed_forward import reference_forward
-from test_run_experts import plain_torch
 
 from moe_client import GatewayClient, wire, zerocopy
 from moe_client.channel import unary_callable
@@ -20,6 +18,7 @@ from moe_serve.gateway.batching_config import BatchingConfig
 from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.rpc import shared_regions
 from moe_serve.rpc.shared_regions import Arena, ArenaPool
+from tests.support.references import plain_torch, reference_forward
 
 
 def _mapped(cluster, server: str) -> int:

@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from test_failover import wait_for
-from test_run_experts import plain_torch
 
 from moe_client import ExpertClient
+from tests.support.references import plain_torch
+from tests.support.waiting import wait_for
 
 
 def test_stop_finishes_in_flight_calls(cluster, tiny_checkpoint):

@@ -5,15 +5,15 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from tests.support import ROOT
 
 
 def test_soak_60_seconds(causal_checkpoints, tmp_path):
     report_path = tmp_path / "soak.json"
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak.py"), "--duration", "60", "--interval", "10",
+    run = subprocess.run([sys.executable, "-m", "scripts.soak", "--duration", "60", "--interval", "10",
                           "--chaos-every", "20", "--json", str(report_path), "--workdir", str(tmp_path),
                           "--checkpoint", str(causal_checkpoints["mixtral"])],
-                         capture_output=True, text=True, timeout=600, check=False, env=dict(os.environ))
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, env=dict(os.environ))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     report = json.loads(report_path.read_text())
     assert report["errors"] == 0 and report["served"] > 0, report["first_errors"]

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from text_checkpoint import build_tokenizer, write_text_checkpoint
 
 from moe_client import GatewayClient
 from moe_serve.model.tokenizer import TextTokenizer
+from tests.support.checkpoints import build_tokenizer, write_text_checkpoint
 
 
 @pytest.fixture(scope="module")

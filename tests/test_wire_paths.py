@@ -7,15 +7,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import TINY
-from test_distributed_forward import reference_forward
-from test_run_experts import plain_torch
 
 from moe_client import GatewayClient, wire
 from moe_client.pb import experts_pb2, experts_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from moe_serve.expert_server.main import ExpertServerConfig, create_server
 from moe_serve.gateway.main import GatewayConfig, create_gateway
 from moe_serve.model.synthetic import write_checkpoint
+from tests.support.checkpoints import TINY
+from tests.support.references import plain_torch, reference_forward
 
 
 def test_standard_protobuf_clients_get_standard_answers(cluster, tiny_checkpoint):

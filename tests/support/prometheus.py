@@ -6,9 +6,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
-import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,14 +13,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import ROOT
+from tests.support.launch import ServiceProcess
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 
 def require(binary: str) -> str:
@@ -51,27 +44,24 @@ class Prometheus:
     def __init__(self, config: Path, workdir: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / "prometheus.log"
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                [require("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT)
+        self.proc = ServiceProcess(
+            [require("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"], workdir / "prometheus.log").start()
+
+    def _ready(self) -> bool:
+        self.proc.check_running()
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until /-/ready answers 200."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}: {self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"prometheus not ready after {timeout:.0f}s: {self.log.read_text()}")
+        try:
+            wait_for(self._ready, "prometheus /-/ready", timeout, interval=0.2)
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}: {self.proc.output()}") from None
 
     def query(self, expr: str) -> list[dict]:
         """Instant query through /api/v1/query; raises on an error answer."""
@@ -90,14 +80,18 @@ class Prometheus:
 
     def wait_for(self, expr: str, check, timeout: float = 30.0) -> dict[str, float]:
         """Poll `expr` (as values()) until check(values) is true; TimeoutError shows the last answer."""
-        deadline = time.monotonic() + timeout
         last: dict[str, float] = {}
-        while time.monotonic() < deadline:
-            last = self.values(expr)
-            if check(last):
-                return last
-            time.sleep(0.3)
-        raise TimeoutError(f"{expr!r} still {last} after {timeout:.0f}s")
+
+        def passes() -> bool:
+            last.clear()
+            last.update(self.values(expr))
+            return check(last)
+
+        try:
+            wait_for(passes, repr(expr), timeout, interval=0.3)
+        except TimeoutError:
+            raise TimeoutError(f"{expr!r} still {last} after {timeout:.0f}s") from None
+        return dict(last)
 
     def targets(self) -> list[dict]:
         """The active scrape targets with their health."""
@@ -106,10 +100,4 @@ class Prometheus:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        self.proc.stop(10)
