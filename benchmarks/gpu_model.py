@@ -43,7 +43,8 @@ from benchmarks.timing import synced_times, synchronize
 from moe_client import wire
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.expert_server.bank import ExpertBank, InProcessExperts
-from moe_serve.gateway.main import GatewayConfig, create_gateway
+from moe_serve.gateway.config import GatewayConfig
+from moe_serve.gateway.main import create_gateway
 from moe_serve.gateway.overlap import PingPong
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import spec_from_config

@@ -14,10 +14,12 @@ import torch
 
 from moe_client import ExpertClient, GatewayClient, wire
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
-from moe_serve.expert_server.main import ExpertServerConfig, create_server
-from moe_serve.expert_server.main import build_parser as expert_parser
-from moe_serve.gateway.main import GatewayConfig, create_gateway
-from moe_serve.gateway.main import build_parser as gateway_parser
+from moe_serve.expert_server.config import ExpertServerConfig
+from moe_serve.expert_server.config import build_parser as expert_parser
+from moe_serve.expert_server.main import create_server
+from moe_serve.gateway.config import GatewayConfig
+from moe_serve.gateway.config import build_parser as gateway_parser
+from moe_serve.gateway.main import create_gateway
 from moe_serve.model.placement import PlacementError, ServerEntry, pick_entry
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.process.console import LoadProgress

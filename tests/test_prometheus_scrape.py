@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from moe_client import GatewayClient
-from moe_serve.expert_server.main import ExpertServerConfig, create_server
-from moe_serve.gateway.main import GatewayConfig, create_gateway
+from moe_serve.expert_server.config import ExpertServerConfig
+from moe_serve.expert_server.main import create_server
+from moe_serve.gateway.config import GatewayConfig
+from moe_serve.gateway.main import create_gateway
 from tests.support import ROOT
 from tests.support.prometheus import Prometheus, render_config, require
 

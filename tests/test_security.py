@@ -9,10 +9,10 @@ import pytest
 
 from moe_client import ExpertClient, GatewayClient
 from moe_client.security import TLSFiles
-from moe_serve.expert_server.main import build_parser as expert_parser
-from moe_serve.expert_server.main import config_from_args as expert_config
-from moe_serve.gateway.main import build_parser as gateway_parser
-from moe_serve.gateway.main import config_from_args as gateway_config
+from moe_serve.expert_server.config import build_parser as expert_parser
+from moe_serve.expert_server.config import config_from_args as expert_config
+from moe_serve.gateway.config import build_parser as gateway_parser
+from moe_serve.gateway.config import config_from_args as gateway_config
 from moe_serve.gateway.pool import StartupError
 from moe_serve.rpc.options import ServingOptions
 from tests.support import BIN

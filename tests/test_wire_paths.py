@@ -10,8 +10,10 @@ import pytest
 
 from moe_client import GatewayClient, wire
 from moe_client.pb import experts_pb2, experts_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from moe_serve.expert_server.main import ExpertServerConfig, create_server
-from moe_serve.gateway.main import GatewayConfig, create_gateway
+from moe_serve.expert_server.config import ExpertServerConfig
+from moe_serve.expert_server.main import create_server
+from moe_serve.gateway.config import GatewayConfig
+from moe_serve.gateway.main import create_gateway
 from moe_serve.model.synthetic import write_checkpoint
 from tests.support.checkpoints import TINY
 from tests.support.references import plain_torch, reference_forward

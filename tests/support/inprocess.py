@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_serve.expert_server.main import ExpertServerConfig, create_server
-from moe_serve.gateway.main import GatewayConfig, create_gateway
+from moe_serve.expert_server.config import ExpertServerConfig
+from moe_serve.expert_server.main import create_server
+from moe_serve.gateway.config import GatewayConfig
+from moe_serve.gateway.main import create_gateway
 from tests.support.threads import LoopThread
 
 

@@ -12,7 +12,7 @@ from moe_serve.gateway.forward_batcher import ForwardBatcher
 from moe_serve.gateway.overlap import PingPong
 from moe_serve.gateway.scheduler import GenerateScheduler, SchedulerLimits
 from moe_serve.model.tokenizer import TextTokenizer
-from moe_serve.process.env import env
+from moe_serve.process.env import env, env_flag
 
 
 @dataclass(frozen=True)
@@ -29,18 +29,14 @@ class BatchingConfig:
     max_queued_requests: int = 1024  # waiting requests (each of Forward, Generate); more: RESOURCE_EXHAUSTED
 
 
-def _flag(name: str, default: bool) -> bool:
-    value = env(name)
-    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
-
 
 def add_batching_flags(p: argparse.ArgumentParser) -> None:
     """Flags of the batching settings; each default can come from MOE_<FLAG>."""
     d = BatchingConfig()
-    p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=_flag("BATCHING", d.batching),
+    p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=env_flag("BATCHING", d.batching),
                    help="batch concurrent Forward requests and Generate streams (continuous batching); "
                         "--no-batching runs each request alone (env MOE_BATCHING; default on)")
-    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=_flag("OVERLAP", d.overlap),
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=env_flag("OVERLAP", d.overlap),
                    help="split each batch in two micro-batches whose dense layers run while the other's expert "
                         "calls are in flight, and run shared experts during the expert calls (env MOE_OVERLAP; "
                         "default on)")

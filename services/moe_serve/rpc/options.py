@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moe_client.channel import MAX_MESSAGE_BYTES
 from moe_client.security import TLSFiles
-from moe_serve.process.env import env
+from moe_serve.process.env import env, env_flag
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def add_serving_args(parser: argparse.ArgumentParser, max_queue: int, token: boo
     g.add_argument("--tls-ca", default=env("TLS_CA"),
                    help="CA certificate (PEM) that signs client certificates (env MOE_TLS_CA)")
     g.add_argument("--require-client-cert", action="store_true",
-                   default=env("REQUIRE_CLIENT_CERT", "") in ("1", "true", "yes"),
+                   default=env_flag("REQUIRE_CLIENT_CERT", False),
                    help="mutual TLS: refuse callers without a certificate signed by --tls-ca "
                         "(env MOE_REQUIRE_CLIENT_CERT=1)")
     if token:

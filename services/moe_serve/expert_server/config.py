@@ -1,0 +1,116 @@
+"""An expert server's configuration: one frozen ExpertServerConfig, built from moe-expert-server's flags and
+MOE_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_serve.model.placement import pick_entry, read_placement
+from moe_serve.observability.metrics import add_metrics_args
+from moe_serve.process.env import env, env_flag
+from moe_serve.process.threads import GPU_HOST_THREADS
+from moe_serve.rpc.options import ServingOptions, add_serving_args, serving_from_args
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExpertServerConfig:
+    """Everything an expert server needs, built from flags / MOE_* variables."""
+
+    checkpoint: str
+    experts: str | list[str] | dict | None = None
+    devices: str = "cpu"
+    dtype: str = "float32"
+    host: str = "0.0.0.0"
+    port: int = 50051
+    name: str = ""
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    cuda_graph_tokens: int = 16384
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 0  # 0: no /metrics endpoint
+    serving: ServingOptions = field(default_factory=lambda: ServingOptions(max_queue=256))
+    merge_calls: bool = True
+    torch_threads: int = 0  # 0: one per core on CPU devices, a few when every device is a GPU
+    shared_memory: bool = True  # offer same-host callers the shared-memory / CUDA IPC fast path
+
+    @property
+    def address(self) -> str:
+        return self.host if self.host.startswith("unix:") else f"{self.host}:{self.port}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of moe-expert-server; each default can come from MOE_<FLAG>."""
+    p = argparse.ArgumentParser(
+        prog="moe-expert-server",
+        description="Serve some routed experts of a MoE checkpoint over gRPC (ExpertService).",
+    )
+    p.add_argument("--checkpoint", default=env("CHECKPOINT"), required=env("CHECKPOINT") is None,
+                   help="checkpoint directory: config.json + *.safetensors (env MOE_CHECKPOINT)")
+    p.add_argument("--experts", action="append", default=None,
+                   help="experts to own: '0-3,6' for every MoE layer, or LAYER:RANGES per layer, repeatable "
+                        "(e.g. --experts 1:0-3 --experts 2:4-7); default all (env MOE_EXPERTS)")
+    p.add_argument("--placement", default=env("PLACEMENT"),
+                   help="placement file (JSON); with --name or --placement-index, take this server's experts "
+                        "from it (env MOE_PLACEMENT)")
+    p.add_argument("--name", default=env("NAME", ""),
+                   help="this server's name, as in the placement file (env MOE_NAME; default: the placement "
+                        "entry's name, else host:port)")
+    p.add_argument("--placement-index", default=env("PLACEMENT_INDEX"),
+                   help="take entry N (0-based) of the placement file; 'hostname' reads N from the host name's "
+                        "trailing -N, as a Kubernetes StatefulSet pod's ordinal (env MOE_PLACEMENT_INDEX)")
+    p.add_argument("--devices", default=env("DEVICES", "cpu"),
+                   help="devices for the experts, round-robin: e.g. cuda:0,cuda:1,cpu; 'cuda' = all GPUs "
+                        "(env MOE_DEVICES; default cpu)")
+    p.add_argument("--dtype", default=env("DTYPE", "float32"), choices=sorted(DTYPES),
+                   help="compute dtype of the experts (env MOE_DTYPE; default float32)")
+    p.add_argument("--host", default=env("HOST", "0.0.0.0"),
+                   help="address to bind, or unix:/path/to.sock (env MOE_HOST; default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=int(env("PORT", "50051")),
+                   help="port to bind; 0 picks a free one (env MOE_PORT; default 50051)")
+    p.add_argument("--grace", type=float, default=float(env("GRACE", "10")),
+                   help="seconds to finish in-flight requests on SIGTERM (env MOE_GRACE; default 10)")
+    p.add_argument("--cuda-graph-tokens", type=int, default=int(env("CUDA_GRAPH_TOKENS", "16384")),
+                   help="on GPUs in bf16, replay captured CUDA graphs for calls of up to this many tokens; "
+                        "0 = launch kernels one by one (env MOE_CUDA_GRAPH_TOKENS; default 16384)")
+    add_metrics_args(p)
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
+                   help="logging level: DEBUG logs every RPC with its request id (env MOE_LOG_LEVEL; default INFO)")
+    p.add_argument("--merge-calls", action=argparse.BooleanOptionalAction,
+                   default=env_flag("MERGE_CALLS", True),
+                   help="run RunExperts calls of one layer that queued up together (from several gateways or "
+                        "micro-batches) as one computation (env MOE_MERGE_CALLS; default on)")
+    p.add_argument("--torch-threads", type=int, default=int(env("TORCH_THREADS", "0")),
+                   help="torch intra-op threads for the experts; 0 = one per core when experts run on the CPU, "
+                        f"{GPU_HOST_THREADS} when every device is a GPU (host work is then copies and checks). With "
+                        "several services on one host, give each its share of the cores (docs/benchmarks.md) "
+                        "(env MOE_TORCH_THREADS)")
+    p.add_argument("--shared-memory", action=argparse.BooleanOptionalAction,
+                   default=env_flag("SHARED_MEMORY", True),
+                   help="let a gateway on this host leave tensors in shared memory (/dev/shm, or its GPU's memory "
+                        "through CUDA IPC) instead of sending their bytes (env MOE_SHARED_MEMORY; default on)")
+    add_serving_args(p, max_queue=256)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
+    """Flags -> config; the expert selection comes from --experts, else the placement file, else all."""
+    experts: str | list[str] | dict | None = args.experts or env("EXPERTS")
+    name = args.name
+    if args.placement:
+        entry = pick_entry(args.placement, read_placement(args.placement), args.name, args.placement_index,
+                           socket.gethostname())
+        experts = experts or entry.experts
+        name = name or entry.name
+    return ExpertServerConfig(
+        checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=args.host,
+        port=args.port, name=name, grace_seconds=args.grace, log_level=args.log_level,
+        cuda_graph_tokens=args.cuda_graph_tokens, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+        serving=serving_from_args(args), merge_calls=args.merge_calls, torch_threads=args.torch_threads,
+        shared_memory=args.shared_memory,
+    )
