@@ -57,7 +57,7 @@ def test_replica_killed_under_load_then_rejoins(causal_checkpoints, tmp_path):
             load.wait_ok(20)
 
             stopped = time.monotonic()
-            b.signal(signal.SIGTERM)  # graceful: NOT_SERVING, finish in-flight calls, exit 0
+            b.terminate()  # graceful: NOT_SERVING, finish in-flight calls, exit 0
             assert b.wait(60) == 0
             figures["SIGTERM to exit (s)"] = round(time.monotonic() - stopped, 2)
             load.wait_ok(40)  # served by the rejoined replica alone

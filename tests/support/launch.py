@@ -90,6 +90,7 @@ class ServiceProcess:
         self.command = [*(DIE_WITH_PARENT if die_with_parent and shutil.which("setpriv") else []), *wrapper,
                         *self.argv]
         self.popen: subprocess.Popen | None = None
+        self._terminated = False  # SIGTERM already sent to the current run
 
     @property
     def pid(self) -> int:
@@ -107,6 +108,7 @@ class ServiceProcess:
         """Start (or start again, after it ended) with the same command line, appending to the log."""
         if self.alive:
             raise RuntimeError(f"{self.label} is already running (pid {self.pid})")
+        self._terminated = False
         if self.log is None:
             self.popen = subprocess.Popen(self.command, stdout=self.stdout, env=self.env, text=True)
         else:
@@ -155,12 +157,19 @@ class ServiceProcess:
         """Wait for exit; the exit status (negative: killed by that signal). TimeoutExpired if still running."""
         return self.popen.wait(timeout)
 
+    def terminate(self) -> None:
+        """SIGTERM, once per start: a service that has begun its graceful stop must not get a second one,
+        which could arrive after its event loop has closed (and restored the default action) and kill it."""
+        if not self._terminated:
+            self._terminated = True
+            self.signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, then SIGKILL if it has not exited after `timeout` seconds; the exit status (None if never
-        started)."""
+        """SIGTERM (unless already sent), then SIGKILL if it has not exited after `timeout` seconds; the exit
+        status (None if never started)."""
         if self.popen is None:
             return None
-        self.signal(signal.SIGTERM)
+        self.terminate()
         try:
             return self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -218,5 +227,5 @@ def stop_all(processes: Iterable[ServiceProcess], timeout: float = 30.0) -> list
     """SIGTERM to every process first (they drain side by side), then stop() each; their exit statuses."""
     processes = list(processes)
     for p in processes:
-        p.signal(signal.SIGTERM)
+        p.terminate()
     return [p.stop(timeout) for p in processes]
