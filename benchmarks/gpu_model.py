@@ -150,11 +150,12 @@ def imbalance(owned: list[dict], loads: dict[int, torch.Tensor]) -> float:
     return statistics.mean(ratios)
 
 
-def start_servers(checkpoint: Path, owned: list[dict], devices: list[str], base_port: int,
+def start_servers(checkpoint: Path, owned: list[dict], devices: list[str], row: int,
                   spec, workdir: Path) -> tuple[list[ServiceProcess], list[str], Path]:
-    """One expert server process per ownership (server i on devices[i % len]), through a placement file."""
-    placement = workdir / f"placement-{base_port}.json"
-    procs = [launch("expert-server", workdir / f"expert-{base_port}-{i}.log", start=False, port=base_port + i,
+    """One expert server process per ownership (server i on devices[i % len]) on free ports, through a
+    placement file; `row` numbers the row's placement file and logs."""
+    placement = workdir / f"placement-row{row}.json"
+    procs = [launch("expert-server", workdir / f"expert-row{row}-{i}.log", start=False,
                     checkpoint=checkpoint, placement=placement, name=f"server{i}", devices=devices[i % len(devices)],
                     dtype="bfloat16") for i in range(len(owned))]
     addresses = [p.address for p in procs]
@@ -309,11 +310,11 @@ class Report:
             Path(self.path).write_text(json.dumps(self.data, indent=2))
 
 
-def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], port: int, loop: LoopThread,
+def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], row: int, loop: LoopThread,
              counter_loads: dict | None, shared_memory: bool, bf16_sums: bool = False, overlap: bool = False) -> dict:
     """Start the servers, a gateway in this process, measure, stop; fills counter_loads if given."""
     start = time.perf_counter()
-    procs, addresses, placement = start_servers(ckpt_dir, owned, devices, port, spec, Path(args.workdir))
+    procs, addresses, placement = start_servers(ckpt_dir, owned, devices, row, spec, Path(args.workdir))
     started = time.perf_counter() - start
     try:
         config = GatewayConfig(checkpoint=str(ckpt_dir), servers=addresses, placement=str(placement),
@@ -420,7 +421,7 @@ def main() -> None:
         if name in report.data["rows"]:
             name += f"_again_{n}"
         try:
-            row = grpc_row(args, spec, ckpt_dir, owned, devices, 51000 + 20 * n, loop, None if loads else loads,
+            row = grpc_row(args, spec, ckpt_dir, owned, devices, n, loop, None if loads else loads,
                            shared_memory=not tcp, bf16_sums=bf16, overlap=overlap)
         except Exception as err:  # recorded; the other rows still run
             report.data.setdefault("failed", {})[name] = repr(err)
