@@ -2,9 +2,9 @@
 
 import pytest
 
-from moe_client.ownership import format_ownership, from_messages, to_messages
+from moe_client.ownership import format_ownership, format_ranges, from_messages, to_messages
 from moe_serve.model.config import spec_from_config
-from moe_serve.model.placement import PlacementError, format_ranges, missing_pairs, parse_ranges, resolve_ownership
+from moe_serve.model.placement import PlacementError, missing_pairs, parse_ranges, resolve_ownership
 from moe_serve.model.synthetic import SyntheticConfig
 
 SPEC = spec_from_config(SyntheticConfig(num_experts=8, num_hidden_layers=3).to_json())

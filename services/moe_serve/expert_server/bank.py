@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_client.ownership import Ownership, format_ranges
 from moe_serve.core.experts import ExpertWeights
 from moe_serve.core.grouped import StackedExperts, Swiglu, expert_sums, grouped_supported, grouped_swiglu, looped_swiglu
 from moe_serve.expert_server.cuda_graphs import GraphedExperts
 from moe_serve.model.checkpoint import Checkpoint
-from moe_serve.model.placement import Ownership, format_ranges
 from moe_serve.rpc.errors import InvalidArgument, NotFound
 
 

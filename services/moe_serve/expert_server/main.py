@@ -8,12 +8,13 @@ import sys
 import time
 
 from moe_client import wire
+from moe_client.ownership import format_ownership
 from moe_client.pb import experts_pb2
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.config import DTYPES, ExpertServerConfig, build_parser, config_from_args
 from moe_serve.expert_server.servicer import ExpertServicer, add_to_server, server_info
 from moe_serve.model.checkpoint import Checkpoint, CheckpointError
-from moe_serve.model.placement import PlacementError, format_ownership, resolve_ownership
+from moe_serve.model.placement import PlacementError, resolve_ownership
 from moe_serve.observability.logs import configure_logging
 from moe_serve.observability.metrics import MetricsInterceptor, ServiceMetrics
 from moe_serve.process.console import RULE, LoadProgress, summary

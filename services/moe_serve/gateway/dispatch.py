@@ -23,10 +23,10 @@ import grpc
 import torch
 
 from moe_client import wire, zerocopy
+from moe_client.ownership import format_ranges
 from moe_serve.core.spec import ModelSpec
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
 from moe_serve.gateway.routing_plan import expert_counts, rows_for
-from moe_serve.model.placement import format_ranges
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import request_ids
 from moe_serve.rpc.codec import TORCH_DTYPES, from_wire, to_wire

@@ -8,7 +8,7 @@ import sys
 import time
 
 from moe_client import wire
-from moe_client.ownership import to_messages
+from moe_client.ownership import format_ownership, to_messages
 from moe_client.pb import gateway_pb2
 from moe_serve.gateway.batching_config import (
     start_batching,
@@ -20,7 +20,7 @@ from moe_serve.gateway.pool import PoolOptions, Replica, ServerPool, StartupErro
 from moe_serve.gateway.servicer import GatewayServicer, add_to_server
 from moe_serve.model.checkpoint import Checkpoint, CheckpointError
 from moe_serve.model.loader import load_dense_model
-from moe_serve.model.placement import PlacementError, format_ownership, read_placement, resolve_ownership
+from moe_serve.model.placement import PlacementError, read_placement, resolve_ownership
 from moe_serve.model.tokenizer import TextTokenizer
 from moe_serve.observability.logs import configure_logging
 from moe_serve.observability.metrics import MetricsInterceptor, ServiceMetrics

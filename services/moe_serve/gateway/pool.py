@@ -20,11 +20,11 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from moe_client.channel import open_aio_channel
+from moe_client.ownership import format_ranges
 from moe_client.pb import experts_pb2
 from moe_serve.core.spec import ModelSpec
 from moe_serve.gateway.replica import PoolOptions, Replica
 from moe_serve.gateway.resolve import resolve
-from moe_serve.model.placement import format_ranges
 from moe_serve.rpc import shared_regions
 
 __all__ = ["PoolOptions", "Replica", "ServerPool", "StartupError"]

@@ -15,9 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-# Ranges and ownership as text are the light client's too (`moe-client info`); the services import them from here.
+# Ranges and ownership as text live in the light client (`moe-client info` prints them too).
 from moe_client.ownership import Ownership, format_ranges
-from moe_client.ownership import format_ownership as format_ownership
 from moe_serve.core.spec import ModelSpec
 
 

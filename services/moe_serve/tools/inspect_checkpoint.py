@@ -5,15 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moe_client.ownership import Ownership, format_ownership, format_ranges
 from moe_serve.model.checkpoint import Checkpoint
-from moe_serve.model.placement import (
-    Ownership,
-    balanced_assignment,
-    format_ownership,
-    format_ranges,
-    placement_entries,
-    write_placement,
-)
+from moe_serve.model.placement import balanced_assignment, placement_entries, write_placement
 from moe_serve.model.tensor_shapes import expert_tensor_shapes
 
 
