@@ -3,9 +3,10 @@
 Each step is one flat batch: the next token of every decoding sequence plus prompt chunks of new
 ones, up to a prefill budget, so a long prompt cannot stall everyone's next token for long. A new
 request joins at the next step; a finished one (stop token, max_new_tokens, client gone) leaves at
-once with its KV cache. Every sequence keeps its own cache, sampling settings and random generator,
-and sequences never mix in the model (attention is per sequence, everything else per token), so a
-request's tokens do not depend on what else runs beside it.
+once and its KV-cache slot goes back to the pool. Every sequence keeps its own slot of one KV pool
+(so a step stores each layer's keys in one op and decode tokens attend together), its own sampling
+settings and random generator, and sequences never mix in the model (attention is per sequence,
+everything else per token), so a request's tokens do not depend on what else runs beside it.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class GenerateScheduler:
         self._waiting: deque[_Sequence] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        # Slots x the longest sequence, grown by doubling; touched on the batch thread only.
+        self.pool = model.new_pool(slots=4, capacity=128)
         self.steps = 0  # steps run so far (tests and benchmarks read it)
         self.active = 0  # sequences admitted and not yet finished or dropped
         self._thread = threading.Thread(target=self._loop, name="generate-scheduler", daemon=True)
@@ -146,16 +149,32 @@ class GenerateScheduler:
                     break
                 while self._waiting and len(running) < self.limits.max_running:
                     running.append(self._waiting.popleft())
-            running = [s for s in running if not s.cancelled]
+            running = self._keep(running)
             if running:
                 self._step(running)
-                running = [s for s in running if not (s.done or s.cancelled)]
+                running = self._keep(running)
             self.active = len(running)
         with self._cond:
             left = running + list(self._waiting)
             self._waiting.clear()
         for seq in left:
             seq.emit(Unavailable("Generate: the gateway is shutting down"))
+        for seq in running:
+            if seq.cache is not None:
+                seq.cache.release()
+
+    @staticmethod
+    def _keep(running: list[_Sequence]) -> list[_Sequence]:
+        """The sequences still running; the others' KV slots go back to the pool."""
+        kept = []
+        for seq in running:
+            if seq.done or seq.cancelled:
+                if seq.cache is not None:
+                    seq.cache.release()
+                    seq.cache = None
+            else:
+                kept.append(seq)
+        return kept
 
     def _plan(self, running: list[_Sequence]) -> list[_Entry]:
         """Every decoding sequence's next token, then prompt chunks in arrival order within the budget."""
@@ -165,9 +184,8 @@ class GenerateScheduler:
             if seq.decoding or budget <= 0:
                 continue
             n = min(budget, seq.prompt.numel() - seq.prefilled)
-            if seq.cache is None:  # sized for the prompt: it doubles as the stream grows, so many streams with a
-                # large max_new_tokens hold only what they have generated
-                seq.cache = self.model.new_cache(seq.prompt.numel() + 16)
+            if seq.cache is None:
+                seq.cache = self.pool.allocate()
             entries.append(_Entry(seq, seq.prompt[seq.prefilled:seq.prefilled + n],
                                   seq.prefilled + n == seq.prompt.numel()))
             budget -= n
@@ -175,6 +193,8 @@ class GenerateScheduler:
 
     def _step(self, running: list[_Sequence]) -> None:
         entries = self._plan(running)
+        for entry in entries:  # before the micro-batches start: growing the pool moves its tensors
+            entry.seq.cache.reserve(entry.tokens.numel())
         cut = self.pingpong.cut([e.tokens.numel() for e in entries])
         groups = [entries[:cut], entries[cut:]] if cut else [entries]
         token = request_ids.bind(request_ids.joined([e.seq.request_id for e in entries]))

@@ -1,0 +1,261 @@
+"""One-process decode at DeepSeek-MoE-16B's shape: the static KV pool and the decode step, eager and as CUDA graphs.
+
+Random bf16 weights made on the device (no checkpoint: 27 MoE layers of 64 experts of width 1408, top-6,
+2 shared experts, hidden 2048, vocab 102400; ~16.4 B parameters), every expert in this process
+(core.grouped_backend), then per batch size (default 1, 8, 64, 256) decode tokens/s of:
+  forward  model.forward_hidden over one shared KV pool: batched cache writes and decode attention, eager;
+  eager    core.decode_step.DecodeStep without graphs (its stages on fixed buffers);
+  graphs   DecodeStep with a CUDA graph per stage between routed-expert calls, the calls made by the host
+           between replays (the served path's cut: there each call is a round trip to the expert servers);
+  whole    DecodeStep with the expert calls captured too: the whole step is one graph;
+  hf       transformers' Qwen2-MoE at Qwen1.5-MoE-A2.7B's shape (the comparison in issue 14), random weights.
+Each step feeds a fixed random token per sequence (the same for every impl) and computes the logits and
+their argmax, as sampling would. Also: the bytes a step must read (the weights of the dense layers,
+lm_head and every expert the step routes to, and the KV cache read) against the device-to-device
+copy bandwidth measured in the same run, the logits of graphs/whole against eager, and a torch.profiler
+table of one impl's steps (--profile).
+
+    python -m benchmarks.decode_step --out decode.json                       # on the lent H200
+    python -m benchmarks.decode_step --tiny --device cpu --impls forward,eager --batches 1,8   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.model_shapes import DEEPSEEK_MOE_16B, QWEN15_MOE_A27B
+from benchmarks.timing import synchronize
+from moe_serve.core.causal_lm import CausalLM
+from moe_serve.core.decode_step import DecodeStep
+from moe_serve.core.grouped import StackedExperts
+from moe_serve.core.grouped_backend import GroupedExperts
+from moe_serve.core.step_graphs import GraphRecorder
+from moe_serve.model.config import spec_from_config
+from moe_serve.model.tensor_shapes import dense_tensor_shapes
+
+TINY = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4, vocab_size=1000)
+
+
+class HostCalls:
+    """The same experts, not capturable: the decode step leaves each call to the host, as the served path does."""
+
+    def __init__(self, inner: GroupedExperts):
+        self.inner = inner
+
+    def run(self, layer, hidden, expert_ids, weights):
+        return self.inner.run(layer, hidden, expert_ids, weights)
+
+
+def random_model(spec, device: str, dtype: torch.dtype) -> tuple[CausalLM, GroupedExperts]:
+    """Dense layers and stacked experts with random weights (std 1/sqrt(fan_in); norms 1), made on `device`."""
+    torch.manual_seed(0)
+    tensors = {}
+    for name, shape in dense_tensor_shapes(spec).items():
+        if len(shape) == 1:
+            tensors[name] = torch.ones(shape, device=device, dtype=dtype)
+        else:
+            scale = 0.02 if "embed" in name or "lm_head" in name else shape[-1] ** -0.5
+            tensors[name] = torch.randn(shape, device=device, dtype=dtype) * scale
+    model = CausalLM.from_tensors(spec, tensors, dtype, device)
+    e, h, i = spec.num_experts, spec.hidden_size, spec.expert_width
+    layers = {layer: StackedExperts(tuple(range(e)), torch.randn(e, 2 * i, h, device=device, dtype=dtype) * h ** -0.5,
+                                    torch.randn(e, h, i, device=device, dtype=dtype) * i ** -0.5)
+              for layer in spec.moe_layers}
+    return model, GroupedExperts(layers, e)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a large device-to-device copy (bytes read + written), median of 10."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    src = torch.empty(2 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(13):
+        synchronize([device])
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize([device])
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() / statistics.median(times[3:])
+
+
+def step_bytes(model: CausalLM, experts: GroupedExperts, ids_by_layer: dict, batch: int, length: int) -> int:
+    """Bytes one decode step must read: dense weights and lm_head, touched experts, the KV cache up to `length`."""
+    spec = model.spec
+    dense = sum(t.nbytes for t in _dense_tensors(model)) - model.embed_tokens.nbytes + model.lm_head.nbytes
+    per_expert = 3 * spec.hidden_size * spec.expert_width * model.embed_tokens.element_size()
+    touched = sum(int(torch.unique(ids[ids >= 0]).numel()) for ids in ids_by_layer.values())
+    kv = 2 * spec.num_layers * batch * length * spec.num_kv_heads * spec.head_dim * model.embed_tokens.element_size()
+    return dense + touched * per_expert + kv
+
+
+def _dense_tensors(model: CausalLM):
+    seen = {}
+    for w in model.layers:
+        for part in (w.attention, w.mlp, w.shared):
+            if part is not None:
+                for t in vars(part).values():
+                    if isinstance(t, torch.Tensor):
+                        seen[t.data_ptr()] = t
+        for t in (w.input_norm, w.post_norm, w.router, w.shared_gate):
+            if t is not None:
+                seen[t.data_ptr()] = t
+    return [model.embed_tokens, *seen.values()]
+
+
+class Recorder:
+    """Expert backend wrapper that keeps each layer's expert ids of the last call (for the byte count)."""
+
+    def __init__(self, inner):
+        self.inner, self.ids = inner, {}
+
+    def run(self, layer, hidden, expert_ids, weights):
+        self.ids[layer] = expert_ids
+        return self.inner.run(layer, hidden, expert_ids, weights)
+
+
+def ours(model: CausalLM, experts: GroupedExperts, impl: str, batch: int, args) -> dict:
+    """Decode tokens/s of one impl at one batch size, after a prompt of args.prompt tokens per sequence."""
+    device = args.device
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, model.spec.vocab_size, (batch, args.prompt), generator=gen)
+    fed = torch.randint(0, model.spec.vocab_size, (args.warmup + args.steps, batch), generator=gen).to(device)
+    pool = model.new_pool(slots=batch, capacity=args.prompt + args.warmup + args.steps + 1)
+    caches = [pool.allocate() for _ in range(batch)]
+    backend = experts if impl == "whole" else HostCalls(experts)
+    with torch.inference_mode():
+        model.forward(list(prompts), caches, backend, last_only=True)
+        # Without a GPU the graph impls run through the CPU stand-in recorder (replays re-run the stages).
+        recorder = None if device.startswith("cuda") else GraphRecorder()
+        step = None if impl == "forward" else DecodeStep(model, pool, impl in ("graphs", "whole"), recorder)
+
+        def one(tokens):
+            if step is None:
+                h = model.forward_hidden(model.embed(tokens), caches, [1] * batch, backend)
+            else:
+                h = step.run(tokens, caches, backend)
+            return F.linear(h, model.lm_head).argmax(-1), h
+
+        for t in range(args.warmup):  # the graphs of this batch's bucket and span are captured here
+            one(fed[t])
+        synchronize([device])
+        start = time.perf_counter()
+        for t in range(args.warmup, args.warmup + args.steps):
+            _, h = one(fed[t])
+        synchronize([device])
+        seconds = time.perf_counter() - start
+        logits = F.linear(h, model.lm_head).float()
+        row = {"decode_tokens_per_s": batch * args.steps / seconds, "step_ms": seconds / args.steps * 1e3,
+               "captures": step.graphs.captures if step is not None and step.graphs is not None else 0}
+        if args.profile == impl and batch == args.profile_batch:
+            row["profile"] = profile(lambda: one(fed[-1]), device, args)
+        recorder = Recorder(experts)
+        model.forward_hidden(model.embed(fed[-1]), caches, [1] * batch, recorder)
+        row["step_bytes"] = step_bytes(model, experts, recorder.ids, batch, caches[0].length)
+    return row, logits
+
+
+def profile(fn, device: str, args) -> str:
+    """torch.profiler's table of a few steps, by device time (host time on the CPU)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        synchronize([device])
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25)
+    print(table, flush=True)
+    return table
+
+
+def transformers_decode(batch: int, args) -> dict:
+    """transformers' Qwen2-MoE (A2.7B shape) decode tokens/s at `batch`, the same prompt and step counts."""
+    from transformers import DynamicCache, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    shape = dict(QWEN15_MOE_A27B)
+    if args.tiny:
+        shape.update(TINY, shared_expert_intermediate_size=512)
+    if not hasattr(transformers_decode, "model"):
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(args.device):
+            transformers_decode.model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**shape)).eval()
+        torch.set_default_dtype(torch.float32)
+    model = transformers_decode.model
+    ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt), device=args.device)
+    with torch.inference_mode():
+        cache = DynamicCache()
+        tokens = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+        for _ in range(args.warmup):
+            tokens = model(input_ids=tokens[:, None], past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
+        synchronize([args.device])
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            tokens = model(input_ids=tokens[:, None], past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
+        synchronize([args.device])
+        seconds = time.perf_counter() - start
+    return {"decode_tokens_per_s": batch * args.steps / seconds, "step_ms": seconds / args.steps * 1e3}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batches", default="1,8,64,256")
+    p.add_argument("--impls", default="forward,eager,graphs,whole,hf")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence before decoding")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (graphs captured here)")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--profile", default="graphs", help="impl whose steps torch.profiler tabulates ('' for none)")
+    p.add_argument("--profile-batch", type=int, default=64)
+    p.add_argument("--tiny", action="store_true", help="a 4-layer, hidden-256 model: a quick check of the script")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    config = dict(DEEPSEEK_MOE_16B, **(TINY if args.tiny else {}))
+    spec = spec_from_config(config)
+    dtype = torch.bfloat16
+    on_gpu = args.device.startswith("cuda")
+    head = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu", "torch": torch.__version__,
+            "args": vars(args), "copy_bandwidth_bytes_per_s": copy_bandwidth(args.device)}
+    print(json.dumps(head), flush=True)
+    impls = args.impls.split(",")
+    model, experts = random_model(spec, args.device, dtype)
+    print(f"whole-step graphs possible: {experts.capturable}", flush=True)
+    rows: dict[str, dict] = {}
+    for batch in map(int, args.batches.split(",")):
+        logits = {}
+        for impl in impls:
+            if impl == "hf":
+                continue
+            if impl == "whole" and not experts.capturable:
+                continue
+            row, logits[impl] = ours(model, experts, impl, batch, args)
+            row["share_of_bandwidth_bound"] = (row["step_bytes"] / head["copy_bandwidth_bytes_per_s"]
+                                               / (row["step_ms"] / 1e3)) if on_gpu else float("nan")
+            if impl != "forward" and "forward" in logits:
+                ref = logits["forward"]
+                row["logits_rel_error_vs_forward"] = float((logits[impl] - ref).norm() / ref.norm())
+            rows[f"{impl}_b{batch}"] = row
+            print(f"b={batch:<4} {impl:<8} {row['decode_tokens_per_s']:>9.0f} tok/s {row['step_ms']:>8.2f} ms/step "
+                  f"{row['share_of_bandwidth_bound']:>6.1%} of bound  rel err "
+                  f"{row.get('logits_rel_error_vs_forward', 0):.1e}", flush=True)
+        if "hf" in impls:
+            row = transformers_decode(batch, args)
+            rows[f"hf_b{batch}"] = row
+            print(f"b={batch:<4} {'hf':<8} {row['decode_tokens_per_s']:>9.0f} tok/s {row['step_ms']:>8.2f} ms/step",
+                  flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({**head, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
