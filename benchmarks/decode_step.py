@@ -12,8 +12,9 @@ Random bf16 weights made on the device (no checkpoint: 27 MoE layers of 64 exper
 Each step feeds a fixed random token per sequence (the same for every impl) and computes the logits and
 their argmax, as sampling would. Also: the bytes a step must read (the weights of the dense layers,
 lm_head and every expert the step routes to, and the KV cache read) against the device-to-device
-copy bandwidth measured in the same run, the logits of graphs/whole against eager, and a torch.profiler
-table of one impl's steps (--profile).
+copy bandwidth measured in the same run, the logits of each impl against `forward`'s, torch.profiler's
+table by op of some impls' steps (--profile), and the eager step's time per stage (attention, router,
+shared experts, routed experts, ...) from profiler ranges (--profile-batch, 0 for none).
 
     python -m benchmarks.decode_step --out decode.json                       # on the lent H200
     python -m benchmarks.decode_step --tiny --device cpu --impls forward,eager --batches 1,8   # smoke run
@@ -128,7 +129,7 @@ def ours(model: CausalLM, experts: GroupedExperts, impl: str, batch: int, args) 
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, model.spec.vocab_size, (batch, args.prompt), generator=gen)
     fed = torch.randint(0, model.spec.vocab_size, (args.warmup + args.steps, batch), generator=gen).to(device)
-    pool = model.new_pool(slots=batch, capacity=args.prompt + args.warmup + args.steps + 1)
+    pool = model.new_pool(slots=batch, capacity=args.prompt + args.warmup + args.steps + 8)  # no growth while timed
     caches = [pool.allocate() for _ in range(batch)]
     backend = experts if impl == "whole" else HostCalls(experts)
     with torch.inference_mode():
@@ -154,17 +155,18 @@ def ours(model: CausalLM, experts: GroupedExperts, impl: str, batch: int, args) 
         seconds = time.perf_counter() - start
         logits = F.linear(h, model.lm_head).float()
         row = {"decode_tokens_per_s": batch * args.steps / seconds, "step_ms": seconds / args.steps * 1e3,
-               "captures": step.graphs.captures if step is not None and step.graphs is not None else 0}
-        if args.profile == impl and batch == args.profile_batch:
-            row["profile"] = profile(lambda: one(fed[-1]), device, args)
+               "captures": step.graphs.captures if step is not None and step.graphs is not None else 0,
+               "capture_failures": step.graphs.failures if step is not None and step.graphs is not None else []}
+        if impl in args.profile.split(",") and batch == args.profile_batch:
+            row["profile"] = profile(lambda: one(fed[-1]), device)
         recorder = Recorder(experts)
         model.forward_hidden(model.embed(fed[-1]), caches, [1] * batch, recorder)
         row["step_bytes"] = step_bytes(model, experts, recorder.ids, batch, caches[0].length)
     return row, logits
 
 
-def profile(fn, device: str, args) -> str:
-    """torch.profiler's table of a few steps, by device time (host time on the CPU)."""
+def profile(fn, device: str) -> str:
+    """torch.profiler's table of 3 steps by op, by device time (host time on the CPU)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -174,9 +176,65 @@ def profile(fn, device: str, args) -> str:
             fn()
         synchronize([device])
     key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=25)
+    table = prof.key_averages().table(sort_by=key, row_limit=20)
     print(table, flush=True)
     return table
+
+
+STAGES = {"attention_residual": "attention (input norm, qkv, rope, cache write, attend, o)",
+          "route_tokens": "router (logits, softmax, top-k)", "shared_experts": "shared experts",
+          "add_experts": "residual add of experts", "swiglu": "dense MLP (first layer)",
+          "rms_norm": "post-attention and final norms"}
+
+
+def stage_breakdown(model: CausalLM, experts: GroupedExperts, batch: int, args) -> dict[str, dict]:
+    """Per stage of the eager decode step: host and device ms per step (torch.profiler ranges)."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    from moe_serve.core import decode_step
+
+    def labelled(fn, name):
+        def wrapper(*a, **k):
+            with record_function(name):
+                return fn(*a, **k)
+        return wrapper
+
+    saved = {name: getattr(decode_step, name) for name in STAGES}
+    for name, label in STAGES.items():
+        setattr(decode_step, name, labelled(saved[name], label))
+    routed = HostCalls(experts)
+    routed.run = labelled(routed.run, "routed experts (grouped GEMMs)")
+    try:
+        pool = model.new_pool(slots=batch, capacity=args.prompt + 8)
+        caches = [pool.allocate() for _ in range(batch)]
+        prompts = torch.randint(0, model.spec.vocab_size, (batch, args.prompt))
+        fed = torch.randint(0, model.spec.vocab_size, (4, batch), device=args.device)
+        with torch.inference_mode():
+            model.forward(list(prompts), caches, routed, last_only=True)
+            step = DecodeStep(model, pool, graphs=False)
+            step.run(fed[0], caches, routed)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+            with torch_profile(activities=activities) as prof:
+                for t in range(1, 4):
+                    with record_function("whole step"):
+                        step.run(fed[t], caches, routed)
+                synchronize([args.device])
+    finally:
+        for name, fn in saved.items():
+            setattr(decode_step, name, fn)
+    labels = {*STAGES.values(), "routed experts (grouped GEMMs)", "whole step"}
+    out = {}
+    for e in prof.key_averages():
+        if e.key in labels:
+            device_us = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
+            out[e.key] = {"host_ms_per_step": e.cpu_time_total / 3e3, "device_ms_per_step": device_us / 3e3,
+                          "calls_per_step": e.count / 3}
+    print(f"\nstages of the eager decode step at batch {batch} (torch.profiler, mean of 3 steps):")
+    for key, row in sorted(out.items(), key=lambda kv: -kv[1]["host_ms_per_step"]):
+        print(f"  {key:<60} host {row['host_ms_per_step']:8.2f} ms  device {row['device_ms_per_step']:8.2f} ms  "
+              f"x{row['calls_per_step']:.0f}", flush=True)
+    return out
 
 
 def transformers_decode(batch: int, args) -> dict:
@@ -215,7 +273,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence before decoding")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (graphs captured here)")
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--profile", default="graphs", help="impl whose steps torch.profiler tabulates ('' for none)")
+    p.add_argument("--profile", default="eager,graphs", help="impls whose steps torch.profiler tabulates by op")
     p.add_argument("--profile-batch", type=int, default=64)
     p.add_argument("--tiny", action="store_true", help="a 4-layer, hidden-256 model: a quick check of the script")
     p.add_argument("--out", default=None)
@@ -238,7 +296,12 @@ def main() -> None:
                 continue
             if impl == "whole" and not experts.capturable:
                 continue
-            row, logits[impl] = ours(model, experts, impl, batch, args)
+            try:
+                row, logits[impl] = ours(model, experts, impl, batch, args)
+            except Exception as err:  # recorded; the other rows still run
+                rows[f"{impl}_b{batch}"] = {"failed": repr(err)}
+                print(f"b={batch:<4} {impl:<8} FAILED {err!r}", flush=True)
+                continue
             row["share_of_bandwidth_bound"] = (row["step_bytes"] / head["copy_bandwidth_bytes_per_s"]
                                                / (row["step_ms"] / 1e3)) if on_gpu else float("nan")
             if impl != "forward" and "forward" in logits:
@@ -255,6 +318,10 @@ def main() -> None:
                   flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps({**head, "rows": rows}, indent=2))
+    if args.profile_batch:
+        head["stages"] = stage_breakdown(model, experts, args.profile_batch, args)
+    if args.out:
+        Path(args.out).write_text(json.dumps({**head, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

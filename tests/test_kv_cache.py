@@ -133,3 +133,32 @@ def test_decode_steps_match_reference_with_joins_leaves_and_growth(causal_checkp
         want = reference_logits(path, [s[1]])[0]
         for position, got in s[2].items():
             assert (got - want[position]).abs().max() <= 1e-4, (arch, how, position)
+
+
+class FailingRecorder(GraphRecorder):
+    """Capture fails, as it does when something on the stream cannot be captured."""
+
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_leaves_the_step_eager_and_right(causal_checkpoints):
+    path = causal_checkpoints["qwen2_moe"]
+    model, experts = load_reference(Checkpoint(path))
+    pool = model.new_pool(slots=3, capacity=32)
+    caches = [pool.allocate() for _ in range(3)]
+    prompts = [[int(t) for t in torch.randint(0, 160, (n,))] for n in (5, 1, 9)]
+    step = DecodeStep(model, pool, graphs=True, recorder=FailingRecorder())
+    with torch.inference_mode():
+        model.forward([torch.tensor(p) for p in prompts], caches, experts, last_only=True)
+        with pytest.raises(ValueError, match="all of which must be in this step's pool"):
+            step.run(torch.tensor([1, 2, 3]), [*caches[:2], model.new_cache()], experts)
+        for _ in range(3):
+            fed = torch.randint(0, 160, (3,))
+            got = model.logits(step.run(fed, caches, experts))
+            for p, t in zip(prompts, fed.tolist(), strict=True):
+                p.append(t)
+    assert step.graphs.captures == 0 and len(step.graphs.failures) == 1
+    assert "not permitted" in step.graphs.failures[0]
+    for row, p in zip(got, prompts, strict=True):
+        assert (row - reference_logits(path, [p])[0][-1]).abs().max() <= 1e-4

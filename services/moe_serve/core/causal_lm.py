@@ -89,6 +89,12 @@ class CausalLM:
         (`new_pool().allocate()`) do each in one op."""
         return self.new_pool(1, capacity).allocate()
 
+    def new_caches(self, lengths: Sequence[int]) -> list[KVCache]:
+        """Empty caches for sequences of up to lengths[i] tokens, sharing one pool: a step over them stores
+        each layer's keys and values in one op."""
+        pool = self.new_pool(len(lengths), max(lengths, default=1))
+        return [pool.allocate() for _ in lengths]
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[T] int64 -> [T, H] on the model's device."""
         return F.embedding(token_ids.to(self.device), self.embed_tokens)

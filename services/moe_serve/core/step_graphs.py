@@ -61,8 +61,9 @@ class StepGraphs:
 
     def __init__(self, recorder: GraphRecorder):
         self.recorder = recorder
-        self._graphs: dict[Hashable, list[Stage]] = {}
+        self._graphs: dict[Hashable, list[Stage] | None] = {}  # None: the key runs eagerly (its capture failed)
         self.captures = 0  # keys captured so far (tests and benchmarks read it)
+        self.failures: list[str] = []  # why captures failed, one line each
 
     def clear(self) -> None:
         self._graphs.clear()
@@ -75,11 +76,19 @@ class StepGraphs:
                 if j + 1 < len(stages):
                     call(j)
 
-        graphs = self._graphs.get(key)
-        if graphs is None:
+        if key not in self._graphs:
             self.recorder.eager(step)
-            self._graphs[key] = [self.recorder.capture(step)] if whole else [self.recorder.capture(s) for s in stages]
-            self.captures += 1
+            try:
+                self._graphs[key] = ([self.recorder.capture(step)] if whole
+                                     else [self.recorder.capture(s) for s in stages])
+                self.captures += 1
+            except RuntimeError as err:  # a step must not fail for want of a graph: this key stays eager
+                self._graphs[key] = None
+                self.failures.append(f"{key}: {err}")
+            return
+        graphs = self._graphs[key]
+        if graphs is None:
+            step()
             return
         for j, graph in enumerate(graphs):
             graph()
