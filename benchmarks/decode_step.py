@@ -10,11 +10,11 @@ Random bf16 weights made on the device (no checkpoint: 27 MoE layers of 64 exper
   whole    DecodeStep with the expert calls captured too: the whole step is one graph;
   hf       transformers' Qwen2-MoE at Qwen1.5-MoE-A2.7B's shape (the comparison in issue 14), random weights.
 Each step feeds a fixed random token per sequence (the same for every impl) and computes the logits and
-their argmax, as sampling would. Also: the bytes a step must read (the weights of the dense layers,
-lm_head and every expert the step routes to, and the KV cache read) against the device-to-device
-copy bandwidth measured in the same run, the logits of each impl against `forward`'s, torch.profiler's
-table by op of some impls' steps (--profile), and the eager step's time per stage (attention, router,
-shared experts, routed experts, ...) from profiler ranges (--profile-batch, 0 for none).
+their argmax, as sampling would. Also: the bytes a step must read (benchmarks/gpu_measures.py: dense
+weights, lm_head, the experts a batch routed uniformly touches, the KV cache) against the
+device-to-device copy bandwidth measured in the same run, the logits of each impl against `forward`'s,
+torch.profiler's table by op of some impls' steps (--profile), and the eager step's time per stage
+(attention, router, shared experts, routed experts, ...) from profiler ranges (--profile-batch, 0 for none).
 
     python -m benchmarks.decode_step --out decode.json                       # on the lent H200
     python -m benchmarks.decode_step --tiny --device cpu --impls forward,eager --batches 1,8   # smoke run
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.gpu_measures import copy_bandwidth, decode_step_bytes, profile_step
 from benchmarks.model_shapes import DEEPSEEK_MOE_16B, QWEN15_MOE_A27B
 from benchmarks.timing import synchronize
 from moe_serve.core.causal_lm import CausalLM
@@ -72,57 +72,6 @@ def random_model(spec, device: str, dtype: torch.dtype) -> tuple[CausalLM, Group
     return model, GroupedExperts(layers, e)
 
 
-def copy_bandwidth(device: str) -> float:
-    """Bytes/s of a large device-to-device copy (bytes read + written), median of 10."""
-    if not device.startswith("cuda"):
-        return float("nan")
-    src = torch.empty(2 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(13):
-        synchronize([device])
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize([device])
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() / statistics.median(times[3:])
-
-
-def step_bytes(model: CausalLM, experts: GroupedExperts, ids_by_layer: dict, batch: int, length: int) -> int:
-    """Bytes one decode step must read: dense weights and lm_head, touched experts, the KV cache up to `length`."""
-    spec = model.spec
-    dense = sum(t.nbytes for t in _dense_tensors(model)) - model.embed_tokens.nbytes + model.lm_head.nbytes
-    per_expert = 3 * spec.hidden_size * spec.expert_width * model.embed_tokens.element_size()
-    touched = sum(int(torch.unique(ids[ids >= 0]).numel()) for ids in ids_by_layer.values())
-    kv = 2 * spec.num_layers * batch * length * spec.num_kv_heads * spec.head_dim * model.embed_tokens.element_size()
-    return dense + touched * per_expert + kv
-
-
-def _dense_tensors(model: CausalLM):
-    seen = {}
-    for w in model.layers:
-        for part in (w.attention, w.mlp, w.shared):
-            if part is not None:
-                for t in vars(part).values():
-                    if isinstance(t, torch.Tensor):
-                        seen[t.data_ptr()] = t
-        for t in (w.input_norm, w.post_norm, w.router, w.shared_gate):
-            if t is not None:
-                seen[t.data_ptr()] = t
-    return [model.embed_tokens, *seen.values()]
-
-
-class Recorder:
-    """Expert backend wrapper that keeps each layer's expert ids of the last call (for the byte count)."""
-
-    def __init__(self, inner):
-        self.inner, self.ids = inner, {}
-
-    def run(self, layer, hidden, expert_ids, weights):
-        self.ids[layer] = expert_ids
-        return self.inner.run(layer, hidden, expert_ids, weights)
-
-
 def ours(model: CausalLM, experts: GroupedExperts, impl: str, batch: int, args) -> dict:
     """Decode tokens/s of one impl at one batch size, after a prompt of args.prompt tokens per sequence."""
     device = args.device
@@ -158,27 +107,11 @@ def ours(model: CausalLM, experts: GroupedExperts, impl: str, batch: int, args) 
                "captures": step.graphs.captures if step is not None and step.graphs is not None else 0,
                "capture_failures": step.graphs.failures if step is not None and step.graphs is not None else []}
         if impl in args.profile.split(",") and batch == args.profile_batch:
-            row["profile"] = profile(lambda: one(fed[-1]), device)
-        recorder = Recorder(experts)
-        model.forward_hidden(model.embed(fed[-1]), caches, [1] * batch, recorder)
-        row["step_bytes"] = step_bytes(model, experts, recorder.ids, batch, caches[0].length)
+            row["profile"] = profile_step(lambda: one(fed[-1]), device)
+            top = row["profile"]["top_device" if device.startswith("cuda") else "top_cpu"][:12]
+            print(f"{impl} at batch {batch}, one step: wall {row['profile']['wall_ms']:.2f} ms; top ops: "
+                  + ", ".join(f"{r['op']} {r['self_device_ms'] or r['self_cpu_ms']:.2f}" for r in top), flush=True)
     return row, logits
-
-
-def profile(fn, device: str) -> str:
-    """torch.profiler's table of 3 steps by op, by device time (host time on the CPU)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with torch_profile(activities=activities) as prof:
-        for _ in range(3):
-            fn()
-        synchronize([device])
-    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=20)
-    print(table, flush=True)
-    return table
 
 
 STAGES = {"attention_residual": "attention (input norm, qkv, rope, cache write, attend, o)",
@@ -283,7 +216,7 @@ def main() -> None:
     dtype = torch.bfloat16
     on_gpu = args.device.startswith("cuda")
     head = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu", "torch": torch.__version__,
-            "args": vars(args), "copy_bandwidth_bytes_per_s": copy_bandwidth(args.device)}
+            "args": vars(args), "copy_bandwidth_bytes_per_s": copy_bandwidth(args.device) if on_gpu else float("nan")}
     print(json.dumps(head), flush=True)
     impls = args.impls.split(",")
     model, experts = random_model(spec, args.device, dtype)
@@ -302,8 +235,9 @@ def main() -> None:
                 rows[f"{impl}_b{batch}"] = {"failed": repr(err)}
                 print(f"b={batch:<4} {impl:<8} FAILED {err!r}", flush=True)
                 continue
+            row["step_bytes"] = decode_step_bytes(spec, batch, args.prompt + args.warmup + args.steps // 2)["total"]
             row["share_of_bandwidth_bound"] = (row["step_bytes"] / head["copy_bandwidth_bytes_per_s"]
-                                               / (row["step_ms"] / 1e3)) if on_gpu else float("nan")
+                                               / (row["step_ms"] / 1e3))
             if impl != "forward" and "forward" in logits:
                 ref = logits["forward"]
                 row["logits_rel_error_vs_forward"] = float((logits[impl] - ref).norm() / ref.norm())

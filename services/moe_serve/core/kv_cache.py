@@ -101,6 +101,13 @@ class KVCache:
         """Tokens whose keys and values every layer holds."""
         return self.pool.lengths[self.slot]
 
+    @length.setter
+    def length(self, tokens: int) -> None:
+        """Rewind (or commit) to `tokens`: later writes overwrite what lies past it."""
+        if not 0 <= tokens <= self.pool.capacity:
+            raise ValueError(f"length {tokens} is outside 0..{self.pool.capacity}")
+        self.pool.lengths[self.slot] = tokens
+
     @property
     def capacity(self) -> int:
         return self.pool.capacity
