@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_serve.core.causal_lm import CausalLM
+from moe_serve.core.decode_step import DecodeStep
 from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.generation import FinishReason, SamplingParams, sample_next
 from moe_serve.gateway.engine import ForwardStats, GeneratedToken
@@ -90,7 +91,9 @@ class GenerateScheduler:
     """Runs every Generate stream in shared steps on one dedicated thread."""
 
     def __init__(self, model: CausalLM, pingpong: PingPong, tokenizer: TextTokenizer | None = None,
-                 limits: SchedulerLimits = SchedulerLimits()):
+                 limits: SchedulerLimits = SchedulerLimits(), decode_graphs: bool = False):
+        """`decode_graphs`: steps where every sequence feeds one token run through core.decode_step (its
+        dense stages as CUDA graphs on a GPU, eager on the CPU), one DecodeStep per micro-batch."""
         self.model = model
         self.pingpong = pingpong
         self.tokenizer = tokenizer
@@ -100,7 +103,9 @@ class GenerateScheduler:
         self._closed = False
         # Slots x the longest sequence, grown by doubling; touched on the batch thread only.
         self.pool = model.new_pool(slots=4, capacity=128)
+        self._decode_steps: dict[int, DecodeStep] | None = {} if decode_graphs else None
         self.steps = 0  # steps run so far (tests and benchmarks read it)
+        self.staged_parts = 0  # micro-batches run through a DecodeStep (tests read it)
         self.active = 0  # sequences admitted and not yet finished or dropped
         self._thread = threading.Thread(target=self._loop, name="generate-scheduler", daemon=True)
         self._thread.start()
@@ -199,7 +204,8 @@ class GenerateScheduler:
         groups = [entries[:cut], entries[cut:]] if cut else [entries]
         token = request_ids.bind(request_ids.joined([e.seq.request_id for e in entries]))
         try:
-            results, waited = self.pingpong.run([lambda backend, g=g: self._part(g, backend) for g in groups])
+            results, waited = self.pingpong.run([lambda backend, g=g, i=i: self._part(g, backend, i)
+                                                 for i, g in enumerate(groups)])
         except Exception as err:  # e.g. an expert server is down: this step's requests fail, the rest go on
             for entry in entries:
                 entry.seq.done = True
@@ -218,11 +224,19 @@ class GenerateScheduler:
             if row is not None:
                 self._sample(seq, row, now)
 
-    def _part(self, entries: list[_Entry], backend: ExpertBackend) -> list[torch.Tensor | None]:
-        """One micro-batch through the model: [V] logits for each entry that samples, else None."""
+    def _part(self, entries: list[_Entry], backend: ExpertBackend, group: int) -> list[torch.Tensor | None]:
+        """One micro-batch (the `group`-th of the step) through the model: [V] logits for each entry that
+        samples, else None."""
         lengths = [e.tokens.numel() for e in entries]
-        hidden = self.model.forward_hidden(self.model.embed(torch.cat([e.tokens for e in entries])),
-                                           [e.seq.cache for e in entries], lengths, backend)  # [T, H]
+        tokens = torch.cat([e.tokens for e in entries])
+        caches = [e.seq.cache for e in entries]
+        if self._decode_steps is not None and tokens.numel() == len(entries):
+            if group not in self._decode_steps:  # its own buffers and graphs: the micro-batches run side by side
+                self._decode_steps[group] = DecodeStep(self.model, self.pool)
+            self.staged_parts += 1  # micro-batches compute in turns (PingPong's lock): no lost update
+            hidden = self._decode_steps[group].run(tokens, caches, backend)  # [T, H]
+        else:
+            hidden = self.model.forward_hidden(self.model.embed(tokens), caches, lengths, backend)  # [T, H]
         ends = torch.tensor(lengths).cumsum(0) - 1
         rows = [i for i, e in enumerate(entries) if e.samples]
         out: list[torch.Tensor | None] = [None] * len(entries)
