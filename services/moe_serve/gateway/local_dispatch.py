@@ -23,6 +23,7 @@ import torch
 
 from moe_client import zerocopy
 from moe_client.ownership import format_ranges
+from moe_client.pb import experts_pb2
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures
 from moe_serve.gateway.replica import Replica
 from moe_serve.gateway.routing_plan import expert_counts, rows_for
@@ -109,6 +110,7 @@ class LocalRound:
         self.counts = counts
         self.deadline = deadline
         self.parts = parts
+        self.server_seconds = 0.0  # the servers' own compute, as their replies say (benchmarks read it)
         self._out: torch.Tensor | None = None
 
     def send(self) -> None:
@@ -161,6 +163,7 @@ class LocalRound:
             d.metrics.record_expert_call(replica.name, code.name, time.perf_counter() - part.sent_at,
                                          len(part.payload), len(reply) if reply is not None else 0)
         if code == grpc.StatusCode.OK:
+            self.server_seconds += experts_pb2.RunExpertsResponse.FromString(bytes(reply)).compute_seconds
             d.pool.report_success(replica)
             out.index_add_(0, part.rows.to(out.device), part.result)  # read in place: no copy out of the arena
             d.arenas.release(replica.address, part.arena)
