@@ -43,7 +43,7 @@ class _Part:
 
     replica: Replica
     chosen: list[int]
-    rows: torch.Tensor  # [T'] positions in the layer's batch
+    rows: torch.Tensor  # [T'] positions in the layer's batch, on the hidden states' device
     arena: Arena
     result: torch.Tensor  # [T', H] float32 view of the arena the server writes
     payload: bytes
@@ -89,7 +89,9 @@ def _stage(dispatcher: ExpertDispatcher, layer: int, hidden: torch.Tensor, exper
                                              weights=to_wire(weights.index_select(0, rows).float()),
                                              request_id=request_ids.current())
         request.model_fingerprint = dispatcher.pool.fingerprint
-        result = dispatcher.stage(arena, request, hidden, rows, sync=False)
+        if hidden.is_cuda:  # once, asynchronously: the staging gathers by them and the sum adds by them
+            rows = rows.pin_memory().to(hidden.device, non_blocking=True)
+        result = dispatcher.stage(arena, request, hidden, rows, sync=False, device_rows=rows)
         parts.append(_Part(replica, chosen, rows, arena, result, request.SerializeToString(),
                            sum(counts[e] for e in chosen)))
     if hidden.is_cuda:  # every server reads what we wrote: one synchronisation for all of them
