@@ -78,7 +78,7 @@ class ExpertDispatcher:
         # else the wire starts from host memory. Routing is planned on the host.
         if hidden.is_cuda and not any(self.shared_kind(r, hidden.device) for r in self.pool.members):
             hidden = hidden.cpu()
-        expert_ids, weights = expert_ids.cpu(), weights.cpu()
+        expert_ids, weights = to_host(expert_ids, weights)
         local = start_local(self, layer, hidden, expert_ids, weights, deadline)
         if local is not None:  # every server of this layer's plan is on this host: no event loop on the way
             return local
@@ -234,14 +234,16 @@ class ExpertDispatcher:
             log.warning("no shared memory for %d tokens to %s (%s); sending them by gRPC", tokens, replica.name, err)
             return None
 
-    def stage(self, arena: Arena, request, hidden: torch.Tensor, rows: torch.Tensor, sync: bool = True) -> torch.Tensor:
+    def stage(self, arena: Arena, request, hidden: torch.Tensor, rows: torch.Tensor, sync: bool = True,
+              device_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Copy the routed rows into `arena`, name them and the result's place in `request`; returns that place.
 
         GPU writes are complete (stream synchronised) before the request can leave; `sync=False` leaves
         that to the caller (one synchronisation for all of a layer's calls)."""
         shape = (rows.numel(), hidden.shape[1])
         out_at = aligned(shape[0] * shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize)
-        arena.view(0, self.shared_dtype, shape).copy_(hidden.index_select(0, rows.to(hidden.device)))
+        rows = device_rows if device_rows is not None else rows.to(hidden.device)
+        arena.view(0, self.shared_dtype, shape).copy_(hidden.index_select(0, rows))
         if hidden.is_cuda and sync:
             torch.cuda.current_stream(hidden.device).synchronize()
         request.shared_hidden = arena.message(0, self.shared_dtype, shape)
@@ -260,3 +262,20 @@ class ExpertDispatcher:
             return ResourceExhausted(text)
         return Unavailable(text)
 
+
+def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in host memory; those on a GPU copied into page-locked memory behind one synchronisation
+    (two plain .cpu() calls would wait for the stream twice)."""
+    if not any(t.is_cuda for t in tensors):
+        return tensors
+    out = []
+    for t in tensors:
+        if t.is_cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # from torch's caching host allocator
+            host.copy_(t, non_blocking=True)
+            out.append(host)
+        else:
+            out.append(t)
+    for device in {t.device for t in tensors if t.is_cuda}:
+        torch.cuda.current_stream(device).synchronize()
+    return tuple(out)

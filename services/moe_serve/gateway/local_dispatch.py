@@ -23,6 +23,7 @@ import torch
 
 from moe_client import zerocopy
 from moe_client.ownership import format_ranges
+from moe_client.pb import experts_pb2
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures
 from moe_serve.gateway.replica import Replica
 from moe_serve.gateway.routing_plan import expert_counts, rows_for
@@ -42,7 +43,7 @@ class _Part:
 
     replica: Replica
     chosen: list[int]
-    rows: torch.Tensor  # [T'] positions in the layer's batch
+    rows: torch.Tensor  # [T'] positions in the layer's batch, on the hidden states' device
     arena: Arena
     result: torch.Tensor  # [T', H] float32 view of the arena the server writes
     payload: bytes
@@ -88,7 +89,9 @@ def _stage(dispatcher: ExpertDispatcher, layer: int, hidden: torch.Tensor, exper
                                              weights=to_wire(weights.index_select(0, rows).float()),
                                              request_id=request_ids.current())
         request.model_fingerprint = dispatcher.pool.fingerprint
-        result = dispatcher.stage(arena, request, hidden, rows, sync=False)
+        if hidden.is_cuda:  # once, asynchronously: the staging gathers by them and the sum adds by them
+            rows = rows.pin_memory().to(hidden.device, non_blocking=True)
+        result = dispatcher.stage(arena, request, hidden, rows, sync=False, device_rows=rows)
         parts.append(_Part(replica, chosen, rows, arena, result, request.SerializeToString(),
                            sum(counts[e] for e in chosen)))
     if hidden.is_cuda:  # every server reads what we wrote: one synchronisation for all of them
@@ -109,6 +112,7 @@ class LocalRound:
         self.counts = counts
         self.deadline = deadline
         self.parts = parts
+        self.server_seconds = 0.0  # the servers' own compute, as their replies say (benchmarks read it)
         self._out: torch.Tensor | None = None
 
     def send(self) -> None:
@@ -161,6 +165,7 @@ class LocalRound:
             d.metrics.record_expert_call(replica.name, code.name, time.perf_counter() - part.sent_at,
                                          len(part.payload), len(reply) if reply is not None else 0)
         if code == grpc.StatusCode.OK:
+            self.server_seconds += experts_pb2.RunExpertsResponse.FromString(bytes(reply)).compute_seconds
             d.pool.report_success(replica)
             out.index_add_(0, part.rows.to(out.device), part.result)  # read in place: no copy out of the arena
             d.arenas.release(replica.address, part.arena)
