@@ -22,7 +22,7 @@ import time
 import grpc
 import torch
 
-from moe_client import wire, zerocopy
+from moe_client import striping, wire, zerocopy
 from moe_client.ownership import format_ranges
 from moe_serve.core.spec import ModelSpec
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
@@ -191,10 +191,12 @@ class ExpertDispatcher:
                                 excluded | {replica.address}, failures, partials)
             return False
         self.pool.report_success(replica)
-        # A shared result is read (copied out) before its arena goes back to the pool.
-        partial = (result.to(torch.float32, copy=True) if result is not None  # .float() of float32 is no copy
-                   else from_wire(reply.output, "output").float())
-        partials.append((min(chosen), rows, partial))
+        if result is not None:  # a shared result is read (copied out) before its arena goes back to the pool
+            partials.append((min(chosen), rows, result.to(torch.float32, copy=True)))
+            return True
+        # A large call came back in pieces of rows (moe_client.striping): each is added where it belongs, no copy.
+        for start, stop, output in striping.pieces(reply, rows.numel()):
+            partials.append((min(chosen), rows[start:stop], from_wire(output, "output").float()))
         return True
 
     def _shared_kind(self, replica: Replica, device: torch.device) -> int | None:

@@ -103,7 +103,8 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
               f"{spec.max_position_embeddings}, tokenizer.json {'yes' if has_tok else 'no'}")
     pool = ServerPool(addresses, checkpoint.spec, fingerprint,
                       PoolOptions(rpc_timeout=config.rpc_timeout, resolve_interval=config.resolve_interval,
-                                  keepalive=config.keepalive, tls=config.expert_tls,
+                                  keepalive=config.keepalive, tls=config.expert_tls, tcp_lanes=config.tcp_lanes,
+                                  min_piece_bytes=config.min_piece_bytes,
                                   max_message_bytes=config.serving.max_message_bytes))
     await pool.start(config.connect_timeout)
     try:
