@@ -27,6 +27,7 @@ from moe_client.ownership import format_ranges
 from moe_serve.core.spec import ModelSpec
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
 from moe_serve.gateway.routing_plan import expert_counts, rows_for
+from moe_serve.gateway.wire_choice import WireChoice
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import request_ids
 from moe_serve.rpc.codec import TORCH_DTYPES, from_wire, to_wire
@@ -50,9 +51,11 @@ class ExpertDispatcher:
 
     def __init__(self, spec: ModelSpec, pool: ServerPool, loop: asyncio.AbstractEventLoop,
                  wire_dtype: int = wire.FLOAT32, timeout: float = 60.0, metrics: ServiceMetrics | None = None,
-                 arenas: ArenaPool | None = None):
-        """`arenas`: shared memory for same-host servers that accept it (None: every byte goes by gRPC)."""
+                 arenas: ArenaPool | None = None, wire_choice: WireChoice | None = None):
+        """`arenas`: shared memory for same-host servers that accept it (None: every byte goes by gRPC).
+        `wire_choice`: wire dtypes per direction and call size for bytes in messages (default: `wire_dtype`)."""
         self.spec = spec
+        self.wire_choice = wire_choice or WireChoice(wire_dtype)
         self.pool = pool
         self.loop = loop
         self.wire_dtype = wire_dtype
@@ -136,7 +139,8 @@ class ExpertDispatcher:
         done = False
         try:
             if arena is None:
-                request.hidden = to_wire(hidden.index_select(0, rows.to(hidden.device)).cpu(), self.wire_dtype)
+                to_experts, request.output_dtype = self.wire_choice.for_call(rows.numel())
+                request.hidden = to_wire(hidden.index_select(0, rows.to(hidden.device)).cpu(), to_experts)
                 result = None
             else:
                 result = self._stage(arena, request, hidden, rows)

@@ -18,6 +18,7 @@ from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.pool import PoolOptions, Replica, ServerPool, StartupError
 from moe_serve.gateway.servicer import GatewayServicer, add_to_server
+from moe_serve.gateway.wire_choice import WireChoice
 from moe_serve.model.checkpoint import Checkpoint, CheckpointError
 from moe_serve.model.loader import load_dense_model
 from moe_serve.model.placement import PlacementError, read_placement, resolve_ownership
@@ -119,7 +120,9 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     metrics.describe(model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type, dtype=config.dense_dtype)
     dispatcher = ExpertDispatcher(checkpoint.spec, pool, asyncio.get_running_loop(),
                                   wire.dtype_from_name(config.wire_dtype), config.rpc_timeout, metrics,
-                                  ArenaPool() if config.shared_memory else None)
+                                  ArenaPool() if config.shared_memory else None,
+                                  WireChoice.of(config.wire_dtype, config.reply_wire_dtype,
+                                                config.full_precision_below_tokens))
     engine = GatewayEngine(model, dispatcher, tokenizer)
 
     def info() -> gateway_pb2.GetModelInfoResponse:  # GetModelInfo lists the servers serving now
