@@ -106,7 +106,8 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
                       PoolOptions(rpc_timeout=config.rpc_timeout, resolve_interval=config.resolve_interval,
                                   keepalive=config.keepalive, tls=config.expert_tls, tcp_lanes=config.tcp_lanes,
                                   min_piece_bytes=config.min_piece_bytes,
-                                  max_message_bytes=config.serving.max_message_bytes))
+                                  max_message_bytes=config.serving.max_message_bytes,
+                                  local_calls=config.shared_memory and config.same_host_calls))
     await pool.start(config.connect_timeout)
     try:
         if config.placement and not config.servers:
@@ -121,8 +122,8 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     dispatcher = ExpertDispatcher(checkpoint.spec, pool, asyncio.get_running_loop(),
                                   wire.dtype_from_name(config.wire_dtype), config.rpc_timeout, metrics,
                                   ArenaPool() if config.shared_memory else None,
-                                  WireChoice.of(config.wire_dtype, config.reply_wire_dtype,
-                                                config.full_precision_below_tokens))
+                                  wire_choice=WireChoice.of(config.wire_dtype, config.reply_wire_dtype,
+                                                            config.full_precision_below_tokens))
     engine = GatewayEngine(model, dispatcher, tokenizer)
 
     def info() -> gateway_pb2.GetModelInfoResponse:  # GetModelInfo lists the servers serving now
