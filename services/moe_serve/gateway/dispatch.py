@@ -22,13 +22,14 @@ import time
 import grpc
 import torch
 
-from moe_client import wire, zerocopy
+from moe_client import striping, wire, zerocopy
 from moe_client.ownership import format_ranges
 from moe_serve.core.spec import ModelSpec
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures, tried
 from moe_serve.gateway.local_dispatch import start_local
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
 from moe_serve.gateway.routing_plan import expert_counts, rows_for
+from moe_serve.gateway.wire_choice import WireChoice
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import request_ids
 from moe_serve.rpc.codec import TORCH_DTYPES, from_wire, to_wire
@@ -47,10 +48,12 @@ class ExpertDispatcher:
 
     def __init__(self, spec: ModelSpec, pool: ServerPool, loop: asyncio.AbstractEventLoop,
                  wire_dtype: int = wire.FLOAT32, timeout: float = 60.0, metrics: ServiceMetrics | None = None,
-                 arenas: ArenaPool | None = None, same_host_calls: bool = True):
+                 arenas: ArenaPool | None = None, same_host_calls: bool = True, wire_choice: WireChoice | None = None):
         """`arenas`: shared memory for same-host servers that accept it (None: every byte goes by gRPC);
-        `same_host_calls`: call those servers over their same-host channel when they offer one."""
+        `same_host_calls`: call those servers over their same-host channel when they offer one;
+        `wire_choice`: wire dtypes per direction and call size for bytes in messages (default: `wire_dtype`)."""
         self.spec = spec
+        self.wire_choice = wire_choice or WireChoice(wire_dtype)
         self.pool = pool
         self.loop = loop
         self.wire_dtype = wire_dtype
@@ -147,7 +150,8 @@ class ExpertDispatcher:
         done = False
         try:
             if arena is None:
-                request.hidden = to_wire(hidden.index_select(0, rows.to(hidden.device)).cpu(), self.wire_dtype)
+                to_experts, request.output_dtype = self.wire_choice.for_call(rows.numel())
+                request.hidden = to_wire(hidden.index_select(0, rows.to(hidden.device)).cpu(), to_experts)
                 result = None
             else:
                 result = self.stage(arena, request, hidden, rows)
@@ -202,10 +206,12 @@ class ExpertDispatcher:
                                 excluded | {replica.address}, failures, partials)
             return False
         self.pool.report_success(replica)
-        # A shared result is read (copied out) before its arena goes back to the pool.
-        partial = (result.to(torch.float32, copy=True) if result is not None  # .float() of float32 is no copy
-                   else from_wire(reply.output, "output").float())
-        partials.append((min(chosen), rows, partial))
+        if result is not None:  # a shared result is read (copied out) before its arena goes back to the pool
+            partials.append((min(chosen), rows, result.to(torch.float32, copy=True)))
+            return True
+        # A large call came back in pieces of rows (moe_client.striping): each is added where it belongs, no copy.
+        for start, stop, output in striping.pieces(reply, rows.numel()):
+            partials.append((min(chosen), rows[start:stop], from_wire(output, "output").float()))
         return True
 
     def shared_kind(self, replica: Replica, device: torch.device) -> int | None:
