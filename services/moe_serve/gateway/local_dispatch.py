@@ -187,7 +187,7 @@ class LocalRound:
             d.rescue(self.layer, self.hidden, self.expert_ids, self.weights,
                      {e: self.counts[e] for e in part.chosen}, self.deadline, excluded, failures), d.loop).result()
         for _, rows, partial in sorted(rescued, key=lambda p: p[0]):
-            out.index_add_(0, rows.to(out.device), partial.to(out.device))
+            out.index_add_(0, rows.to(out.device), partial.to(out.device, torch.float32))
 
     def _timeout(self, part: _Part) -> float:
         timeout = self.dispatcher.timeout - (time.perf_counter() - part.sent_at)
