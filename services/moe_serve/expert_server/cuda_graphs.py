@@ -64,6 +64,11 @@ class GraphedExperts:
         graph.replay()
         return self._out[:t]
 
+    def forget(self, layer: int) -> None:
+        """Drop `layer`'s graphs: its experts changed (a live load or drop), the next call captures anew."""
+        for key in [key for key in self._graphs if key[0] == layer]:
+            del self._graphs[key]
+
     def _capture(self, b, s_hidden, s_ids, s_weights, stacked, slot_of, swiglu) -> torch.cuda.CUDAGraph:
         def body() -> None:
             expert_sums(s_hidden[:b], s_ids[:b], s_weights[:b], stacked, slot_of, swiglu, out=self._out[:b])

@@ -9,9 +9,13 @@ import time
 
 from moe_client import wire
 from moe_client.ownership import format_ownership
-from moe_client.pb import experts_pb2
+from moe_client.pb import admin_pb2_grpc, experts_pb2
+from moe_serve.expert_server.admin import SERVICE_NAME as ADMIN_SERVICE
+from moe_serve.expert_server.admin import AdminAuth, AdminServicer
 from moe_serve.expert_server.bank import ExpertBank
+from moe_serve.expert_server.capacity import capacities, parse_capacity
 from moe_serve.expert_server.config import DTYPES, ExpertServerConfig, build_parser, config_from_args
+from moe_serve.expert_server.live_placement import LivePlacement
 from moe_serve.expert_server.servicer import ExpertServicer, add_to_server, server_info
 from moe_serve.model.checkpoint import Checkpoint, CheckpointError
 from moe_serve.model.placement import PlacementError, resolve_ownership
@@ -59,22 +63,35 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     bank, checkpoint = load_bank(config, verbose)
     fingerprint = checkpoint.fingerprint()
     metrics = ServiceMetrics("expert_server")
+    devices = parse_devices(config.devices)
+    capacity = capacities(devices, parse_capacity(config.expert_capacity))
     servicer: ExpertServicer | None = None
+    admin: AdminServicer | None = None
+    name = config.name
+
+    def on_change() -> None:  # the served experts or the version changed: GetInfo and metrics follow
+        servicer.info = server_info(bank, fingerprint, checkpoint.spec, name, config.shared_memory,
+                                    admin.live.version, admin.live.listed())
+        metrics.init_experts(bank.owned)
+        held = bank.nbytes_by_device()
+        for device in capacity:
+            metrics.weight_bytes.labels(device).set(held.get(device, 0))
 
     def register(server) -> None:
-        nonlocal servicer
+        nonlocal servicer, admin
         servicer = ExpertServicer(bank, experts_pb2.GetInfoResponse(), metrics=metrics, merge=config.merge_calls)
         add_to_server(servicer, server)
+        live = LivePlacement(bank, checkpoint, devices, capacity, servicer.calls, on_change)
+        admin = AdminServicer(live, AdminAuth(config.admin_token, config.serving.require_client_cert),
+                              metrics.expert_tokens)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
 
-    handle = await start_server(config.address, register, [SERVICE_NAME], config.serving, LIMITED,
+    handle = await start_server(config.address, register, [SERVICE_NAME, ADMIN_SERVICE], config.serving, LIMITED,
                                 [MetricsInterceptor(metrics, [SERVICE_NAME])])
-    name = config.name or f"{socket.gethostname()}:{handle.port}"
-    servicer.info = server_info(bank, fingerprint, checkpoint.spec, name, config.shared_memory)
+    name = admin.name = config.name or f"{socket.gethostname()}:{handle.port}"
+    on_change()
     metrics.describe(name=name, model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type,
                      dtype=config.dtype)
-    metrics.init_experts(bank.owned)
-    for device, nbytes in bank.nbytes_by_device().items():
-        metrics.weight_bytes.labels(device).inc(nbytes)
     return handle, servicer
 
 

@@ -186,11 +186,16 @@ class ExpertDispatcher:
             if error.code() in _FINAL:
                 raise ServiceError(f"expert server {replica.name} ({replica.address}), {where}: {reason}") from error
             self.pool.report_failure(replica, reason, eject=error.code() not in _NO_EJECT)
+            # NOT_FOUND: the server dropped an expert live (pool.py fetches every server's info again):
+            # plan these experts anew on the fresh info, this server included, once.
+            moved = error.code() == grpc.StatusCode.NOT_FOUND and replica.address not in failures
             failures[replica.address] = (error.code(), f"{replica.name} ({replica.address}) {reason}")
+            if moved:
+                await self.pool.placement_settled()
             await self._scatter(layer, hidden, expert_ids, weights, {e: counts[e] for e in chosen}, deadline,
-                                excluded | {replica.address}, failures, partials)
+                                excluded if moved else excluded | {replica.address}, failures, partials)
             return False
-        self.pool.report_success(replica)
+        self.pool.report_success(replica, reply.placement_version)
         # A shared result is read (copied out) before its arena goes back to the pool.
         partial = (result.to(torch.float32, copy=True) if result is not None  # .float() of float32 is no copy
                    else from_wire(reply.output, "output").float())

@@ -52,6 +52,8 @@ class ServerPool:
         self.owners: dict[int, dict[int, list[Replica]]] = {}  # layer -> expert -> replicas owning it
         self.on_change: Callable[[], None] | None = None  # membership or ownership changed
         self._tasks: set[asyncio.Task] = set()  # watchers, the resolver, channels being retired
+        self._refreshing: asyncio.Task | None = None  # GetInfo of every server after a placement change
+        self._refresh_again = False
 
     @property
     def members(self) -> list[Replica]:
@@ -91,6 +93,7 @@ class ServerPool:
         for replica in self.members:
             replica.watcher = self._spawn(self._watch(replica))
         self._spawn(self._resolve_loop())
+        self._spawn(self._info_loop())
 
     async def _resolve_waiting(self, target: str, deadline: float) -> dict[str, str]:
         while True:
@@ -297,8 +300,14 @@ class ServerPool:
         return text, all(r.refused for r in owners)
 
     def report_failure(self, replica: Replica, reason: str, eject: bool = True) -> None:
-        """A call to `replica` failed: remember why, and skip it for a while if `eject`."""
+        """A call to `replica` failed: remember why, and skip it for a while if `eject`.
+
+        NOT_FOUND means the server no longer holds an expert (a live drop this gateway has not seen yet):
+        not a fault of the server, so its info is fetched again instead of ejecting it."""
         replica.error = reason
+        if reason.startswith("NOT_FOUND"):
+            self.refresh_placement()
+            return
         if eject and time.monotonic() >= replica.ejected_until:  # calls failing together count once
             replica.failures += 1
             pause = min(EJECT_MAX, EJECT_BASE * 2 ** (replica.failures - 1))
@@ -306,7 +315,49 @@ class ServerPool:
             log.warning("expert server %s (%s): %s; skipping it for %.1fs", replica.name, replica.address,
                         reason, pause)
 
-    def report_success(self, replica: Replica) -> None:
-        """A call to `replica` succeeded: its failure count starts over."""
+    def report_success(self, replica: Replica, placement_version: int = 0) -> None:
+        """A call to `replica` succeeded: its failure count starts over; a placement version other than
+        the one its info has means it loaded or is dropping experts, and every server's info is fetched."""
         if replica.failures:
             replica.failures = 0
+        if placement_version and placement_version != replica.info.placement_version:
+            self.refresh_placement()
+
+    # --- live placement changes -----------------------------------------------------------------
+
+    def refresh_placement(self) -> None:
+        """Fetch every server's GetInfo again, soon, and apply them together (at most one fetch at a time;
+        a request meanwhile makes one more)."""
+        if self._refreshing is not None and not self._refreshing.done():
+            self._refresh_again = True
+            return
+        self._refreshing = self._spawn(self._refresh_all())
+
+    async def placement_settled(self) -> None:
+        """Wait for the info fetch under way, if any (errors stay with it)."""
+        if self._refreshing is not None:
+            await asyncio.wait([self._refreshing])
+
+    async def _refresh_all(self) -> None:
+        self._refresh_again = True
+        while self._refresh_again:
+            self._refresh_again = False
+            members = [r for r in self.members if r.serving]
+            timeout = min(self.options.rpc_timeout, 5.0)
+            infos = await asyncio.gather(*(r.stub.GetInfo(experts_pb2.GetInfoRequest(), timeout=timeout)
+                                           for r in members), return_exceptions=True)
+            # All at once, with no await between: a replica that now holds an expert is known before
+            # the one that is dropping it stops being routed to.
+            for replica, info in zip(members, infos, strict=True):
+                if isinstance(info, experts_pb2.GetInfoResponse) and replica.address in self.replicas:
+                    if info.placement_version != replica.info.placement_version:
+                        log.info("expert server %s (%s): placement version %d, owns %s", replica.name,
+                                 replica.address, info.placement_version,
+                                 "; ".join(f"{le.layer}:{format_ranges(le.experts)}" for le in info.owned))
+                    self._set_info(replica, info)
+
+    async def _info_loop(self) -> None:
+        """Fetch infos every `info_interval` s too: a server no call goes to may have loaded experts."""
+        while True:
+            await asyncio.sleep(self.options.info_interval)
+            self.refresh_placement()

@@ -20,6 +20,7 @@ class PoolOptions:
 
     rpc_timeout: float = 60.0  # deadline of each call to an expert server
     resolve_interval: float = 10.0  # seconds between re-resolutions of the server list
+    info_interval: float = 2.0  # seconds between GetInfo polls (placement changes show in replies at once)
     keepalive: float = 10.0  # ping an idle connection this often; no answer within it marks the server down
     tls: TLSFiles | None = None  # TLS to the expert servers (cert + key: mutual TLS)
     max_message_bytes: int = MAX_MESSAGE_BYTES
