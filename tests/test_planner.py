@@ -78,8 +78,8 @@ def test_schedule_keeps_a_replica_throughout():
     current = contiguous(4)
     servers = [ServerRoom(f"w{i}", "", 10**9, o) for i, o in enumerate(current)]
     target = plan(GRID, skewed_load(rng), servers, 1000)
-    tight = [max(len(pairs_of(c)), len(pairs_of(t))) for c, t in zip(current, target, strict=True)]
-    for slots in ([100] * 4, tight):  # roomy servers, then servers with room for the larger of before and after
+    both = [len(pairs_of(c) | pairs_of(t)) for c, t in zip(current, target, strict=True)]
+    for slots in ([100] * 4, both):  # roomy servers, then servers with room for just before and after together
         state = [pairs_of(o) for o in current]
         everything = set().union(*state)
         for steps in schedule(current, target, slots):
@@ -91,6 +91,14 @@ def test_schedule_keeps_a_replica_throughout():
                     state[step.server] -= set(step.pairs)
                 assert set().union(*state) == everything  # no pair ever without a holder
         assert state == [pairs_of(o) for o in target]
+
+
+def test_a_full_server_gives_away_before_it_loads():
+    rounds = schedule([{1: (0, 1)}, {1: (2,)}], [{1: (2,)}, {1: (0, 1)}], [2, 3])
+    assert [[(s.kind, s.server, s.pairs) for s in r] for r in rounds] == [
+        [("load", 1, ((1, 0), (1, 1))), ("drop", 0, ((1, 0), (1, 1)))],  # server 0 is full: it drops first
+        [("load", 0, ((1, 2),)), ("drop", 1, ((1, 2),))],
+    ]
 
 
 def test_schedule_refuses_a_swap_without_room():

@@ -7,7 +7,7 @@ For each MoE layer on its own (a layer's calls run side by side, so its busiest 
 2. replicas, heaviest first (an expert's load split evenly over its replicas, as the gateway's
    least-outstanding-work choice does over time), go to the server with the least load so far that
    does not hold that expert yet and has room for one more; among equals, one that holds it already
-   (fewer experts move).
+   (fewer experts move). An extra replica that finds no such server is left out.
 Balance is busiest server over the mean: 1.0 is perfect.
 """
 
@@ -106,9 +106,8 @@ def plan(grid: ExpertGrid, load: Load, servers: Sequence[ServerRoom], expert_byt
         level = [0.0] * len(servers)
         for share, expert in replicas:
             fits = [s for s in range(len(servers)) if quota[s] > 0 and expert not in owned[s].get(layer, ())]
-            if not fits:
-                raise PlanError(f"no server has room for layer {layer} expert {expert}: every server either "
-                                f"holds it or is full ({expert_bytes / 2**20:.2f} MiB per expert)")
+            if not fits:  # only an extra replica can miss out (a first one fits anywhere with room): skip it
+                continue
             best = min(fits, key=lambda s: (level[s], expert not in servers[s].owned.get(layer, ()), s))
             owned[best].setdefault(layer, []).append(expert)
             level[best] += share
