@@ -264,7 +264,8 @@ class ServerPool:
 
     def assign(self, layer: int, counts: dict[int, int],
                excluded: frozenset[str] = frozenset()) -> tuple[dict[Replica, list[int]], list[int]]:
-        """Give each expert (with its slot count) to the usable replica with the least outstanding work.
+        """Give each expert (with its slot count) to the usable replica with the least outstanding work,
+        among equals the one with the least recent work.
 
         Work planned in this very call counts as outstanding, so one layer's experts spread over the
         replicas; returns the plan and the experts no serving replica owns.
@@ -282,11 +283,13 @@ class ServerPool:
             if not candidates:
                 missing.append(expert)
                 continue
-            best = min(candidates, key=lambda r: (r.outstanding + load.get(r, 0), r.picks))
+            # Ties (no work in flight, as between decode steps) go to the replica that did the least work
+            # lately: over time every replica of an expert gets its share, as `moe-serve plan` assumes.
+            best = min(candidates, key=lambda r: (r.outstanding + load.get(r, 0), r.recent_load(now)))
             plan.setdefault(best, []).append(expert)
             load[best] = load.get(best, 0) + slots
-        for replica in plan:
-            replica.picks += 1
+        for replica, work in load.items():
+            replica.add_work(work, now)
         return plan, sorted(missing)
 
     def explain(self, layer: int, experts: list[int]) -> tuple[str, bool]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -41,6 +42,9 @@ class PoolOptions:
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
 
+RECENT_SECONDS = 5.0  # how long sent work counts toward a replica's recent load
+
+
 class Replica:
     """One expert server address: its channel, what it owns, and what the pool knows of its health."""
 
@@ -60,10 +64,19 @@ class Replica:
         self.failures = 0
         self.ejected_until = 0.0
         self.outstanding = 0  # (token, expert) slots in flight on this server
-        self.picks = 0
+        self._recent = 0.0  # slots sent lately, decaying with RECENT_SECONDS
+        self._recent_at = 0.0
         self.shared_kinds: frozenset[int] = frozenset()  # same-host fast paths it accepts (RegionKind values)
         self.gpu_uuids: frozenset[str] = frozenset()  # GPUs whose memory it can map
         self.watcher: asyncio.Task | None = None
+
+    def recent_load(self, now: float) -> float:
+        """(token, expert) slots sent here lately: each slot counts exp(-age / RECENT_SECONDS)."""
+        return self._recent * math.exp(-(now - self._recent_at) / RECENT_SECONDS)
+
+    def add_work(self, slots: int, now: float) -> None:
+        self._recent = self.recent_load(now) + slots
+        self._recent_at = now
 
     @property
     def name(self) -> str:
