@@ -1,13 +1,16 @@
 """Placement that follows the load, measured on real processes on loopback (docs/placement.md).
 
     python -m benchmarks.placement [--window 15] [--repeats 3] [--out bench-results/placement.json]
+    python -m benchmarks.placement --load-time-only --device cuda:0     # on a GPU host
 
 1. skew: a mixtral checkpoint whose routers favour experts 0 and 1, on 4 expert servers of 2 experts
    each; steady greedy Generate load; busiest-server tokens over the mean (from the servers' counters
    over a window) before and after `plan` + `rebalance`, and the p99 inter-token latency during the
    rebalance against windows of the same load without a change;
 2. kill: 2 replicas of every expert, one killed (SIGKILL) under the same load: failed requests, tokens
-   against the no-fault run, p99 inter-token latency against the calm window before;
+   against the no-fault run, p99 inter-token latency in the seconds after the kill against the calm
+   window before (2 replicas) and a window later (the 1 replica left: the capacity lost, apart from the
+   failover itself);
 3. load time: a DeepSeek-MoE-16B-sized expert (hidden 2048, width 1408, bf16: 16.5 MiB) loaded live
    on CPU under Forward load: the admin call's time, and the time until the new replica takes tokens.
 """
@@ -40,6 +43,7 @@ from tests.support.skewed import skew_router
 from tests.support.waiting import wait_for
 
 TOKEN = "bench-admin"
+KILL_WINDOW = 5.0  # seconds after a kill -9 counted as "during the kill"
 
 
 class GenerateLoad:
@@ -98,9 +102,10 @@ def measured_balance(clients: list[AdminClient], window: float) -> float:
     return max(got) / (sum(got) / len(got))
 
 
-def cluster(checkpoint: Path, workdir: Path, experts: list[str], name: str):
+def cluster(checkpoint: Path, workdir: Path, experts: list[str], name: str, **server_options):
     servers = [launch("expert-server", workdir / f"{name}{i}.log", checkpoint=checkpoint, experts=e,
-                      name=f"{name}{i}", admin_token_file=workdir / "token", log_level="WARNING", torch_threads=1)
+                      name=f"{name}{i}", admin_token_file=workdir / "token", log_level="WARNING",
+                      **{"torch_threads": 1, **server_options})
                for i, e in enumerate(experts)]
     gateway = launch("gateway", workdir / f"{name}-gw.log", checkpoint=checkpoint, servers=[s.address for s in servers],
                      connect_timeout=120, log_level="WARNING", rpc_timeout=5, keepalive=1, torch_threads=1)
@@ -167,7 +172,8 @@ def skew_phase(workdir: Path, window: float, repeats: int) -> dict:
 
 def kill_phase(workdir: Path, window: float, repeats: int) -> dict:
     checkpoint = workdir / "mixtral"
-    out: dict = {"calm_p99_ms": [], "kill_p99_ms": [], "failed": 0, "wrong_streams": 0, "streams": 0}
+    out: dict = {"calm_p99_ms": [], "kill_p99_ms": [], "one_replica_p99_ms": [], "failed": 0, "wrong_streams": 0,
+                 "streams": 0}
     for r in range(repeats):
         servers, gateway = cluster(checkpoint, workdir, ["all", "all"], f"k{r}-")
         rng = np.random.default_rng(2)
@@ -180,9 +186,12 @@ def kill_phase(workdir: Path, window: float, repeats: int) -> dict:
             time.sleep(window)
             killed = time.monotonic()
             servers[0].signal(signal.SIGKILL)
-            time.sleep(window)
+            time.sleep(KILL_WINDOW)
+            settled = time.monotonic()
+            time.sleep(window)  # the same load on the one replica left: the capacity lost, apart from the fault
             out["calm_p99_ms"].append(load.p99_ms(calm, killed))
-            out["kill_p99_ms"].append(load.p99_ms(killed, time.monotonic()))
+            out["kill_p99_ms"].append(load.p99_ms(killed, settled))
+            out["one_replica_p99_ms"].append(load.p99_ms(settled, time.monotonic()))
         finally:
             load.stop()
             stop_all([gateway, *servers])
@@ -203,11 +212,12 @@ def deepseek_sized(path: Path) -> Path:
     return path
 
 
-def load_time_phase(workdir: Path, repeats: int) -> dict:
+def load_time_phase(workdir: Path, repeats: int, device: str = "cpu") -> dict:
     checkpoint = deepseek_sized(workdir / "deepseek-sized")
-    servers, gateway = cluster(checkpoint, workdir, ["all", "0-3"], "d")
+    gpu = {"devices": device, "dtype": "bfloat16", "torch_threads": 4} if device != "cpu" else {"dtype": "bfloat16"}
+    servers, gateway = cluster(checkpoint, workdir, ["all", "0-3"], "d", **gpu)
     admin = AdminClient(servers[1].address, token=TOKEN, timeout=120)
-    out: dict = {"expert_mib": 3 * 2048 * 1408 * 2 / 2**20, "admin_call_s": [], "server_load_s": [],
+    out: dict = {"device": device, "expert_mib": 3 * 2048 * 1408 * 2 / 2**20, "admin_call_s": [], "server_load_s": [],
                  "to_traffic_s": []}
     stop = threading.Event()
 
@@ -229,7 +239,7 @@ def load_time_phase(workdir: Path, repeats: int) -> dict:
 
             seen = tokens()
             start = time.monotonic()
-            reply = admin.load({0: [expert]}, device="cpu")
+            reply = admin.load({0: [expert]}, device=device)
             out["admin_call_s"].append(time.monotonic() - start)
             out["server_load_s"].append(reply.load_seconds)
             wait_for(lambda seen=seen: tokens() > seen, "the new replica takes tokens", 60, interval=0.01)
@@ -245,29 +255,37 @@ def load_time_phase(workdir: Path, repeats: int) -> dict:
 
 def summarise(results: dict) -> None:
     med = statistics.median
-    s, k, lt = results["skew"], results["kill"], results["load_time"]
+    lt = results["load_time"]
+    print(f"live load of a {lt['expert_mib']:.1f} MiB expert on {lt['device']}: admin call "
+          f"{med(lt['admin_call_s']):.2f} s (server {med(lt['server_load_s']):.2f} s), taking tokens after "
+          f"{med(lt['to_traffic_s']):.2f} s (medians of {len(lt['to_traffic_s'])})")
+    if "skew" not in results:
+        return
+    s, k = results["skew"], results["kill"]
     print(f"skew: busiest/mean measured {s['before']} before, {s['after']} after plan + rebalance "
           f"(planned {s['plan_expected'][0]} -> {s['plan_expected'][1]}); rebalance took {s['rebalance_seconds']} s")
     print(f"  Generate during rebalance: failed {s['failed']}, wrong streams {s['wrong_streams']} of {s['streams']}, "
           f"p99 ITL {med(s['rebalance_p99_ms']):.1f} ms vs {med(s['calm_p99_ms']):.1f} ms calm (medians)")
     print(f"kill -9 of 1 of 2 replicas: failed {k['failed']}, wrong streams {k['wrong_streams']} of {k['streams']}, "
-          f"p99 ITL {med(k['kill_p99_ms']):.1f} ms vs {med(k['calm_p99_ms']):.1f} ms calm (medians)")
-    print(f"live load of a {lt['expert_mib']:.1f} MiB expert on CPU: admin call {med(lt['admin_call_s']):.2f} s "
-          f"(server {med(lt['server_load_s']):.2f} s), taking tokens after {med(lt['to_traffic_s']):.2f} s (medians)")
+          f"p99 ITL {med(k['kill_p99_ms']):.1f} ms in the {KILL_WINDOW:.0f} s after the kill vs "
+          f"{med(k['calm_p99_ms']):.1f} ms calm on 2 replicas and {med(k['one_replica_p99_ms']):.1f} ms later on "
+          "the 1 left (medians)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--window", type=float, default=15.0, help="seconds per measured window (default 15)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of each change (default 3)")
+    p.add_argument("--load-time-only", action="store_true", help="only the live load time (e.g. on a GPU host)")
+    p.add_argument("--device", default="cpu", help="device of the live load-time phase (cuda:0 on a GPU host)")
     p.add_argument("--out", default="bench-results/placement.json")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="moe-placement-") as tmp:
         workdir = Path(tmp)
         (workdir / "token").write_text(TOKEN)
-        results = {"skew": skew_phase(workdir, args.window, args.repeats),
-                   "kill": kill_phase(workdir, args.window, args.repeats),
-                   "load_time": load_time_phase(workdir, max(5, args.repeats))}
+        results = {} if args.load_time_only else {"skew": skew_phase(workdir, args.window, args.repeats),
+                                                   "kill": kill_phase(workdir, args.window, args.repeats)}
+        results["load_time"] = load_time_phase(workdir, max(5, args.repeats), args.device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     summarise(results)

@@ -111,6 +111,9 @@ async def _serve(config: ExpertServerConfig) -> None:
         ("checkpoint", f"{config.checkpoint} ({info.model_type}, fingerprint {info.model_fingerprint})"),
         ("experts", f"{'; '.join(format_ownership(servicer.bank.owned))} in {wire.dtype_name(info.compute_dtype)}"),
         ("devices", ", ".join(info.devices)),
+        ("admin", "AdminService with the admin token" if config.admin_token else
+         "AdminService with client certificates" if config.serving.require_client_cert else
+         "off (no --admin-token-file, no mutual TLS)"),
         ("loaded in", f"{time.monotonic() - start:.1f} s"),
     ]))
     print(f"Expert server {servicer.info.server_name} (model {servicer.info.model_fingerprint}) "
