@@ -121,22 +121,26 @@ def test_bad_rebalances_are_refused_and_change_nothing(cluster, skewed_checkpoin
 
 def test_plan_reads_load_from_prometheus(cluster, skewed_checkpoint, tmp_path):
     servers, gateway = start(cluster, skewed_checkpoint)
-    metrics = [f"127.0.0.1:{cluster.expert_servicers[s].metrics.serve('127.0.0.1', 0)}" for s in servers]
+    services = [cluster.servicers[s] for s in (*servers, gateway)]
+    metrics = [f"127.0.0.1:{servicer.metrics.serve('127.0.0.1', 0)}" for servicer in services]
     config = tmp_path / "prometheus.yml"
-    config.write_text(render_config([], metrics, "1s"))
+    config.write_text(render_config(metrics[-1:], metrics[:-1], "1s"))
     require("prometheus")
     prometheus = Prometheus(config, tmp_path)
     load = Load(gateway, skewed_checkpoint, clients=2)
     try:
         prometheus.wait_ready()
-        prometheus.wait_for('count(up{job=~"moe-.*"} == 1)', lambda v: v.get("") == 4)
+        prometheus.wait_for('count(up{job=~"moe-.*"} == 1)', lambda v: v.get("") == 5)
         load.start()
         load.wait_ok(40)
         load.stop()
         clients = [AdminClient(s, token=TOKEN) for s in servers]
         counted = read_cluster(clients).tokens
-        scraped = wait_for(lambda: (lambda got: got if sum(got.values()) > 0 else None)(
-            prometheus_tokens(prometheus.url, 120)), "Prometheus has the token counters")
+        # Every series was scraped at zero before the load (held experts start at zero); once Prometheus has
+        # the final counts too, increase() over the window is each count, scaled alike by extrapolation.
+        total = sum(counted.values())
+        prometheus.wait_for("sum(moe_expert_tokens_total)", lambda v: v.get("") == total)
+        scraped = prometheus_tokens(prometheus.url, 120)
         # Rows x4 give experts 0 and 1 about 21% of the slots each and no other above 12% (measured on 8,000
         # random tokens); over Load's 256 distinct tokens (512 slots) that gap is over 5 standard deviations.
         for layer in TINY_LAYERS:  # the hottest experts by Prometheus are the hottest by the counters
@@ -145,5 +149,5 @@ def test_plan_reads_load_from_prometheus(cluster, skewed_checkpoint, tmp_path):
     finally:
         load.stop()
         prometheus.stop()
-        for s in servers:
-            cluster.expert_servicers[s].metrics.close()
+        for servicer in services:
+            servicer.metrics.close()

@@ -1,11 +1,12 @@
 """Experts loaded and dropped while the server serves; the placement version gateways follow.
 
 A load reads only the new experts' tensors, stacks them with the layer's experts already on that
-device (off the event loop), and swaps the layer's stacks in one assignment: calls already computing
-keep the old ones. A drop first stops listing the experts (the version grows, so gateways fetch
-GetInfo again and route away), keeps serving the calls that still come for them until none has come
-for `quiet` seconds and none is in flight, and only then swaps them out. One change runs at a time;
-a change lock (`moe-serve rebalance` takes it on every server) keeps two operators from interleaving.
+device (off the event loop), and swaps the layer's stacks under the bank's lock, between two
+computations. A drop first stops listing the experts (the version grows, so gateways fetch GetInfo
+again and route away), keeps serving the calls that still come for them until none has come for
+`quiet` seconds, and swaps them out once no call checked against them is still being answered. One
+change runs at a time; a change lock (`moe-serve rebalance` takes it on every server) keeps two
+operators from interleaving.
 Legend: G = experts stacked on a device, I = expert width, H = hidden size.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -56,30 +58,33 @@ def without(stacked: StackedExperts, drop: set[int]) -> StackedExperts | None:
 
 
 class InflightCalls:
-    """RunExperts calls being served, and when a call last named a dropping expert (event loop only)."""
+    """RunExperts calls checked and not yet answered, and when a call last named a dropping expert.
+
+    `enter` runs in the servicer's `prepare`, under the bank's lock, once the bank has checked the call; a
+    drop's last look (`busy`) takes that lock too, so a call either is seen here or is checked after the
+    experts are gone (NOT_FOUND). Calls are held by weak reference to their id tensor: an answered or failed
+    call leaves by itself.
+    """
 
     def __init__(self) -> None:
-        self._calls: dict[int, tuple[int, torch.Tensor]] = {}  # call number -> (layer, expert_ids [T, K])
-        self._next = 0
+        self._calls: list[tuple[int, weakref.ref]] = []  # (layer, expert_ids [T, K])
         self.watched: dict[int, torch.Tensor] = {}  # layer -> expert ids being dropped
         self.last_touch = 0.0
 
-    def enter(self, layer: int, expert_ids: torch.Tensor) -> int:
-        """Register a call (before the bank checks its ids); the number to `leave` with."""
-        self._next += 1
-        self._calls[self._next] = (layer, expert_ids)
+    def enter(self, layer: int, expert_ids: torch.Tensor) -> None:
+        self._calls = [c for c in self._calls if c[1]() is not None]
+        self._calls.append((layer, weakref.ref(expert_ids)))
         watched = self.watched.get(layer)
         if watched is not None and bool(torch.isin(expert_ids, watched).any()):
             self.last_touch = time.monotonic()
-        return self._next
-
-    def leave(self, number: int) -> None:
-        self._calls.pop(number, None)
 
     def busy(self) -> bool:
-        """A call in flight names a watched expert."""
-        return any(layer in self.watched and bool(torch.isin(ids, self.watched[layer]).any())
-                   for layer, ids in self._calls.values())
+        """A call in flight names a watched expert (call under the bank's lock)."""
+        for layer, ref in self._calls:
+            ids = ref()
+            if ids is not None and layer in self.watched and bool(torch.isin(ids, self.watched[layer]).any()):
+                return True
+        return False
 
 
 class LivePlacement:
@@ -136,9 +141,7 @@ class LivePlacement:
             if held:
                 raise FailedPrecondition(f"already held here: {'; '.join(format_ownership(held))}")
             target = self._pick_device(device, sum(len(ids) for ids in wanted.values()))
-            stacks = await asyncio.get_running_loop().run_in_executor(None, self._read_merged, wanted, target)
-            for layer, stacked in stacks.items():
-                self.bank.replace_stacks(layer, {**self.bank.stacks(layer), target: stacked})
+            await asyncio.get_running_loop().run_in_executor(None, self._load_and_swap, wanted, target)
             self.version += 1
             self.on_change()
         seconds = time.monotonic() - start
@@ -181,8 +184,15 @@ class LivePlacement:
                 f"{self.capacity[name] / 2**20:.1f} MiB capacity is free (--expert-capacity)")
         return torch.device(name)
 
+    def _load_and_swap(self, wanted: Ownership, device: torch.device) -> None:
+        """Read and stack on a worker thread, then swap under the bank's lock (between two computations)."""
+        stacks = self._read_merged(wanted, device)
+        with self.bank.lock:
+            for layer, stacked in stacks.items():
+                self.bank.replace_stacks(layer, {**self.bank.stacks(layer), device: stacked})
+
     def _read_merged(self, wanted: Ownership, device: torch.device) -> dict[int, StackedExperts]:
-        """Per layer: the device's stack with `wanted` added (worker thread; nothing served changes)."""
+        """Per layer: the device's stack with `wanted` added (nothing served changes)."""
         spec = self.checkpoint.spec
         h, i = spec.hidden_size, spec.expert_width
         out = {}
@@ -216,22 +226,32 @@ class LivePlacement:
             start = time.monotonic()
             try:
                 await self._drain(drain or DRAIN_SECONDS)
-                for layer, ids in wanted.items():
-                    kept = {d: s for d, s in ((d, without(s, set(ids))) for d, s in self.bank.stacks(layer).items())
-                            if s is not None}
-                    self.bank.replace_stacks(layer, kept)
+                loop = asyncio.get_running_loop()
+                while not await loop.run_in_executor(None, self._try_remove, wanted):
+                    await asyncio.sleep(0.02)  # a call checked before the drop is still being answered
             finally:
                 self.dropping, self.calls.watched = {}, {}
                 self.version += 1
                 self.on_change()
         return time.monotonic() - start
 
+    def _try_remove(self, wanted: Ownership) -> bool:
+        """Swap `wanted` out unless a call that names them is still in flight; True once done."""
+        kept = {layer: {d: s for d, s in ((d, without(s, set(ids))) for d, s in self.bank.stacks(layer).items())
+                        if s is not None} for layer, ids in wanted.items()}  # copies made outside the lock
+        with self.bank.lock:
+            if self.calls.busy():
+                return False
+            for layer, stacks in kept.items():
+                self.bank.replace_stacks(layer, stacks)
+        return True
+
     async def _drain(self, limit: float) -> None:
         start = time.monotonic()
         deadline = start + max(limit, self.linger)
         while time.monotonic() < deadline:
             now = time.monotonic()
-            if now - start >= self.linger and not self.calls.busy() and now - self.calls.last_touch >= self.quiet:
+            if now - start >= self.linger and now - self.calls.last_touch >= self.quiet:
                 return
             await asyncio.sleep(0.02)
         log.warning("dropping %s: calls still came after %.1fs; dropping anyway (later ones get NOT_FOUND)",

@@ -16,6 +16,7 @@ from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.capacity import capacities, parse_capacity
 from moe_serve.expert_server.config import DTYPES, ExpertServerConfig, build_parser, config_from_args
 from moe_serve.expert_server.live_placement import LivePlacement
+from moe_serve.expert_server.local_calls import LocalCalls
 from moe_serve.expert_server.servicer import ExpertServicer, add_to_server, server_info
 from moe_serve.model.checkpoint import Checkpoint, CheckpointError
 from moe_serve.model.placement import PlacementError, resolve_ownership
@@ -70,8 +71,11 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     name = config.name
 
     def on_change() -> None:  # the served experts or the version changed: GetInfo and metrics follow
-        servicer.info = server_info(bank, fingerprint, checkpoint.spec, name, config.shared_memory,
-                                    admin.live.version, admin.live.listed())
+        info = server_info(bank, fingerprint, checkpoint.spec, name, config.shared_memory, admin.live.version,
+                           admin.live.listed())
+        if servicer.local is not None:
+            info.local_address = servicer.local.address
+        servicer.info = info
         metrics.init_experts(bank.owned)
         held = bank.nbytes_by_device()
         for device in capacity:
@@ -89,6 +93,15 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     handle = await start_server(config.address, register, [SERVICE_NAME, ADMIN_SERVICE], config.serving, LIMITED,
                                 [MetricsInterceptor(metrics, [SERVICE_NAME])])
     name = admin.name = config.name or f"{socket.gethostname()}:{handle.port}"
+    if config.shared_memory and config.serving.tls is None:
+        # Same-host callers may skip gRPC for RunExperts (local_calls.py). Not beside TLS: the channel
+        # admits by user id and token, not by certificate.
+        local = servicer.local = LocalCalls(servicer, config.serving.auth_token, config.serving.max_message_bytes)
+
+        async def close_local() -> None:  # after the gRPC drain: same-host callers fail over meanwhile
+            local.close()
+
+        handle.on_stop = close_local
     on_change()
     metrics.describe(name=name, model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type,
                      dtype=config.dtype)
