@@ -15,7 +15,6 @@ from tests.support.checkpoints import TINY
 from tests.support.load import Load
 from tests.support.prometheus import Prometheus, render_config, require
 from tests.support.skewed import skew_router
-from tests.support.waiting import wait_for
 
 TOKEN = "admin-secret"
 TINY_LAYERS = (0, 1)
