@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup demo test protos lint bench bench-load bench-links soak clean deploy-check compose-test cluster cluster-down
+.PHONY: help setup demo test protos lint bench bench-load bench-placement bench-links soak clean deploy-check compose-test cluster cluster-down
 
 ## List the targets and what each does (the default goal).
 help:
@@ -63,6 +63,12 @@ bench: setup
 ## rewrites that doc's section).
 bench-load: setup
 	$(BIN)/python -m benchmarks.load $(LOAD_ARGS)
+
+## Placement benchmark (about 10 minutes on 2 cores): busiest/mean before and after plan + rebalance on a
+## skewed checkpoint, Generate under a rebalance and a kill -9, live load time of a 16.5 MiB expert
+## (docs/placement.md; PLACEMENT_ARGS="--load-time-only --device cuda:0" on a GPU host).
+bench-placement: setup
+	$(BIN)/python -m benchmarks.placement $(PLACEMENT_ARGS)
 
 ## Expert servers across shaped links (root: network namespaces, tc tbf at 1/10/25 Gbit/s, a delaying relay
 ## for 0-200 us RTT; about 25 minutes on 2 cores): bytes/s against the rate, a MoE layer against RTT +

@@ -33,7 +33,7 @@ def test_replicas_share_the_work(cluster, tiny_checkpoint):
         for _ in range(6):
             check_forward(client, tiny_checkpoint)
     served = [cluster.handle(x).edge.served for x in (a, b)]
-    assert min(served) > 0, served  # least outstanding work, ties broken by fewest picks
+    assert min(served) > 0, served  # least outstanding work, ties broken by least recent work
 
 
 def test_a_lost_replica_costs_no_request(cluster, tiny_checkpoint):

@@ -44,6 +44,11 @@ class StripedReply(NamedTuple):
     def compute_seconds(self) -> float:
         return max(reply.compute_seconds for _, _, reply in self.pieces)
 
+    @property
+    def placement_version(self) -> int:
+        """The server's placement version, the newest any piece carried."""
+        return max(reply.placement_version for _, _, reply in self.pieces)
+
     def ByteSize(self) -> int:
         """Bytes received over all pieces (for the call metrics)."""
         return sum(reply.ByteSize() for _, _, reply in self.pieces)

@@ -74,12 +74,14 @@ class SharedRegion(_message.Message):
     def __init__(self, kind: _Optional[_Union[RegionKind, str]] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., device_uuid: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., cuda_offset: _Optional[int] = ..., ref_counter: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., key: _Optional[bytes] = ...) -> None: ...
 
 class RunExpertsResponse(_message.Message):
-    __slots__ = ("output", "compute_seconds")
+    __slots__ = ("output", "compute_seconds", "placement_version")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     output: _tensor_pb2.Tensor
     compute_seconds: float
-    def __init__(self, output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    placement_version: int
+    def __init__(self, output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., placement_version: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
@@ -104,7 +106,7 @@ class ExpertPlacement(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "model_type", "hidden_size", "num_experts", "moe_layers", "owned", "devices", "compute_dtype", "placement", "server_version", "server_name", "host_id", "shared_kinds", "gpu_uuids", "local_address")
+    __slots__ = ("model_fingerprint", "model_type", "hidden_size", "num_experts", "moe_layers", "owned", "devices", "compute_dtype", "placement", "server_version", "server_name", "host_id", "shared_kinds", "gpu_uuids", "placement_version", "local_address")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +121,7 @@ class GetInfoResponse(_message.Message):
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SHARED_KINDS_FIELD_NUMBER: _ClassVar[int]
     GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     model_type: str
@@ -134,5 +137,6 @@ class GetInfoResponse(_message.Message):
     host_id: str
     shared_kinds: _containers.RepeatedScalarFieldContainer[RegionKind]
     gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
+    placement_version: int
     local_address: str
-    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., owned: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., devices: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., server_version: _Optional[str] = ..., server_name: _Optional[str] = ..., host_id: _Optional[str] = ..., shared_kinds: _Optional[_Iterable[_Union[RegionKind, str]]] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., local_address: _Optional[str] = ...) -> None: ...
+    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., owned: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., devices: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., server_version: _Optional[str] = ..., server_name: _Optional[str] = ..., host_id: _Optional[str] = ..., shared_kinds: _Optional[_Iterable[_Union[RegionKind, str]]] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., placement_version: _Optional[int] = ..., local_address: _Optional[str] = ...) -> None: ...

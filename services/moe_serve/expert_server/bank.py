@@ -93,6 +93,31 @@ class ExpertBank:
             if graphable and device not in self._graphed:
                 self._graphed[device] = GraphedExperts(device, self.hidden_size, self.dtype, self._cuda_graph_tokens)
 
+    def stacks(self, layer: int) -> dict[torch.device, StackedExperts]:
+        """`layer`'s experts on each device ({} for a layer not held)."""
+        return {g.stacked.device: g.stacked for g in self._groups.get(layer, ())}
+
+    def replace_stacks(self, layer: int, stacks: Mapping[torch.device, StackedExperts]) -> None:
+        """Serve `layer` from these stacks from the next call on (live loads and drops).
+
+        Copy-on-write: a computation already running keeps the lists it read, and each swap is one
+        assignment, so the event loop may swap while a worker thread computes.
+        """
+        groups = []
+        for device, stacked in stacks.items():
+            if device not in self._kernels:
+                self._kernels[device] = grouped_swiglu if grouped_supported(device, self.dtype) else looped_swiglu
+            groups.append(_DeviceGroup(stacked, stacked.slot_of(self.num_experts), self._kernels[device]))
+            graphable = (self._kernels[device] is grouped_swiglu and device.type == "cuda"
+                         and self.dtype == torch.bfloat16 and self._cuda_graph_tokens > 0)
+            if graphable and device not in self._graphed:
+                self._graphed[device] = GraphedExperts(device, self.hidden_size, self.dtype, self._cuda_graph_tokens)
+        for graphed in self._graphed.values():
+            graphed.forget(layer)
+        ids = sorted(e for g in groups for e in g.stacked.expert_ids)
+        self._groups = {k: v for k, v in self._groups.items() if k != layer} | ({layer: groups} if groups else {})
+        self._owned = {k: v for k, v in self._owned.items() if k != layer} | ({layer: ids} if ids else {})
+
     @classmethod
     def load(cls, checkpoint: Checkpoint, owned: Ownership, devices: list[torch.device], dtype: torch.dtype,
              progress: Callable[[int, int], None] | None = None, cuda_graph_tokens: int = 16384) -> ExpertBank:

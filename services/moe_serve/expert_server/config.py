@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -38,6 +39,8 @@ class ExpertServerConfig:
     merge_calls: bool = True
     torch_threads: int = 0  # 0: one per core on CPU devices, a few when every device is a GPU
     shared_memory: bool = True  # offer same-host callers the shared-memory / CUDA IPC fast path
+    admin_token: str | None = None  # AdminService callers send it as a bearer token (or use mutual TLS)
+    expert_capacity: str = ""  # 'cpu=8GiB,cuda:0=70GiB': bytes of experts per device (default: its memory)
 
     @property
     def address(self) -> str:
@@ -94,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
                    default=env_flag("SHARED_MEMORY", True),
                    help="let a gateway on this host leave tensors in shared memory (/dev/shm, or its GPU's memory "
                         "through CUDA IPC) instead of sending their bytes (env MOE_SHARED_MEMORY; default on)")
+    p.add_argument("--admin-token-file", default=env("ADMIN_TOKEN_FILE"),
+                   help="AdminService (live expert loads and drops, per-expert load) takes calls with "
+                        "'authorization: Bearer TOKEN', TOKEN read from this file; without it only callers with "
+                        "a verified client certificate (mutual TLS), and without that nobody (env "
+                        "MOE_ADMIN_TOKEN_FILE)")
+    p.add_argument("--expert-capacity", default=env("EXPERT_CAPACITY", ""),
+                   help="bytes of experts each device may hold, for live loads and `moe-serve plan`: e.g. "
+                        "cpu=8GiB,cuda:0=70GiB; devices not named: their physical memory (env MOE_EXPERT_CAPACITY)")
     add_serving_args(p, max_queue=256)
     return p
 
@@ -112,5 +123,18 @@ def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
         port=args.port, name=name, grace_seconds=args.grace, log_level=args.log_level,
         cuda_graph_tokens=args.cuda_graph_tokens, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
         serving=serving_from_args(args), merge_calls=args.merge_calls, torch_threads=args.torch_threads,
-        shared_memory=args.shared_memory,
+        shared_memory=args.shared_memory, admin_token=_read_token(args.admin_token_file),
+        expert_capacity=args.expert_capacity,
     )
+
+
+def _read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as err:
+        raise ValueError(f"--admin-token-file {path}: {err.strerror or err}") from err
+    if not token:
+        raise ValueError(f"--admin-token-file {path} is empty")
+    return token

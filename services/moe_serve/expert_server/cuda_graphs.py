@@ -33,7 +33,9 @@ class GraphedExperts:
         self.stream = torch.cuda.Stream(device)
         self._static: dict[int, tuple[torch.Tensor, ...]] = {}  # K -> (hidden, ids, weights)
         self._out = torch.empty(self.max_tokens, hidden_size, device=device, dtype=torch.float32)
-        self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        # (layer, bucket, K) -> the stack captured and its graph: a live load or drop swaps a layer's stack,
+        # and a graph of the old one (maybe captured while the swap happened) is never replayed for the new.
+        self._graphs: dict[tuple[int, int, int], tuple[StackedExperts, torch.cuda.CUDAGraph]] = {}
 
     def _buffers(self, k: int) -> tuple[torch.Tensor, ...]:
         if k not in self._static:
@@ -57,12 +59,18 @@ class GraphedExperts:
         s_ids[t:b].fill_(-1)
         s_weights[:t].copy_(weights)
         key = (layer, b, k)
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._capture(b, s_hidden, s_ids, s_weights, stacked, slot_of, swiglu)
-            self._graphs[key] = graph
+        entry = self._graphs.get(key)
+        if entry is None or entry[0] is not stacked:
+            entry = self._graphs[key] = (stacked, self._capture(b, s_hidden, s_ids, s_weights, stacked, slot_of,
+                                                                swiglu))
+        graph = entry[1]
         graph.replay()
         return self._out[:t]
+
+    def forget(self, layer: int) -> None:
+        """Drop `layer`'s graphs: its experts changed (a live load or drop), the next call captures anew."""
+        for key in [key for key in self._graphs if key[0] == layer]:
+            del self._graphs[key]
 
     def _capture(self, b, s_hidden, s_ids, s_weights, stacked, slot_of, swiglu) -> torch.cuda.CUDAGraph:
         def body() -> None:

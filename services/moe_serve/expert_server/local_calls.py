@@ -65,7 +65,8 @@ class LocalCalls:
             seconds = time.perf_counter() - start
             output = work.finish(out)
         self.servicer.observe(work, seconds)
-        return zerocopy.RunExpertsResponse(output=output, compute_seconds=seconds).SerializeToString()
+        return zerocopy.RunExpertsResponse(output=output, compute_seconds=seconds,
+                                           placement_version=self.servicer.info.placement_version).SerializeToString()
 
     def close(self) -> None:
         self.listener.close()

@@ -9,9 +9,13 @@ import time
 
 from moe_client import wire
 from moe_client.ownership import format_ownership
-from moe_client.pb import experts_pb2
+from moe_client.pb import admin_pb2_grpc, experts_pb2
+from moe_serve.expert_server.admin import SERVICE_NAME as ADMIN_SERVICE
+from moe_serve.expert_server.admin import AdminAuth, AdminServicer
 from moe_serve.expert_server.bank import ExpertBank
+from moe_serve.expert_server.capacity import capacities, parse_capacity
 from moe_serve.expert_server.config import DTYPES, ExpertServerConfig, build_parser, config_from_args
+from moe_serve.expert_server.live_placement import LivePlacement
 from moe_serve.expert_server.local_calls import LocalCalls
 from moe_serve.expert_server.servicer import ExpertServicer, add_to_server, server_info
 from moe_serve.model.checkpoint import Checkpoint, CheckpointError
@@ -60,33 +64,47 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     bank, checkpoint = load_bank(config, verbose)
     fingerprint = checkpoint.fingerprint()
     metrics = ServiceMetrics("expert_server")
+    devices = parse_devices(config.devices)
+    capacity = capacities(devices, parse_capacity(config.expert_capacity))
     servicer: ExpertServicer | None = None
+    admin: AdminServicer | None = None
+    name = config.name
+
+    def on_change() -> None:  # the served experts or the version changed: GetInfo and metrics follow
+        info = server_info(bank, fingerprint, checkpoint.spec, name, config.shared_memory, admin.live.version,
+                           admin.live.listed())
+        if servicer.local is not None:
+            info.local_address = servicer.local.address
+        servicer.info = info
+        metrics.init_experts(bank.owned)
+        held = bank.nbytes_by_device()
+        for device in capacity:
+            metrics.weight_bytes.labels(device).set(held.get(device, 0))
 
     def register(server) -> None:
-        nonlocal servicer
+        nonlocal servicer, admin
         servicer = ExpertServicer(bank, experts_pb2.GetInfoResponse(), metrics=metrics, merge=config.merge_calls)
         add_to_server(servicer, server)
+        live = LivePlacement(bank, checkpoint, devices, capacity, servicer.calls, on_change)
+        admin = AdminServicer(live, AdminAuth(config.admin_token, config.serving.require_client_cert),
+                              metrics.expert_tokens)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
 
-    handle = await start_server(config.address, register, [SERVICE_NAME], config.serving, LIMITED,
+    handle = await start_server(config.address, register, [SERVICE_NAME, ADMIN_SERVICE], config.serving, LIMITED,
                                 [MetricsInterceptor(metrics, [SERVICE_NAME])])
-    name = config.name or f"{socket.gethostname()}:{handle.port}"
-    info = server_info(bank, fingerprint, checkpoint.spec, name, config.shared_memory)
+    name = admin.name = config.name or f"{socket.gethostname()}:{handle.port}"
     if config.shared_memory and config.serving.tls is None:
         # Same-host callers may skip gRPC for RunExperts (local_calls.py). Not beside TLS: the channel
         # admits by user id and token, not by certificate.
         local = servicer.local = LocalCalls(servicer, config.serving.auth_token, config.serving.max_message_bytes)
-        info.local_address = local.address
 
         async def close_local() -> None:  # after the gRPC drain: same-host callers fail over meanwhile
             local.close()
 
         handle.on_stop = close_local
-    servicer.info = info
+    on_change()
     metrics.describe(name=name, model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type,
                      dtype=config.dtype)
-    metrics.init_experts(bank.owned)
-    for device, nbytes in bank.nbytes_by_device().items():
-        metrics.weight_bytes.labels(device).inc(nbytes)
     return handle, servicer
 
 
@@ -106,6 +124,9 @@ async def _serve(config: ExpertServerConfig) -> None:
         ("checkpoint", f"{config.checkpoint} ({info.model_type}, fingerprint {info.model_fingerprint})"),
         ("experts", f"{'; '.join(format_ownership(servicer.bank.owned))} in {wire.dtype_name(info.compute_dtype)}"),
         ("devices", ", ".join(info.devices)),
+        ("admin", "AdminService with the admin token" if config.admin_token else
+         "AdminService with client certificates" if config.serving.require_client_cert else
+         "off (no --admin-token-file, no mutual TLS)"),
         ("loaded in", f"{time.monotonic() - start:.1f} s"),
     ]))
     print(f"Expert server {servicer.info.server_name} (model {servicer.info.model_fingerprint}) "

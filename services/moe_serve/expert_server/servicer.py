@@ -12,6 +12,7 @@ from moe_client.ownership import to_messages
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve import __version__
 from moe_serve.expert_server.bank import ExpertBank
+from moe_serve.expert_server.live_placement import InflightCalls
 from moe_serve.expert_server.merger import CallMerger, Work
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import shared_regions
@@ -72,6 +73,7 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts")
         # Concurrent calls of a layer share one computation; the queue wait goes to the metrics.
         self.merger = CallMerger(bank, self.executor, merge, on_wait=self.metrics.queue_wait.observe)
+        self.calls = InflightCalls()  # what a live drop waits for (live_placement.py)
         self.local = None  # the same-host channel (local_calls.LocalCalls), when offered
 
     @property
@@ -113,6 +115,7 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
             finish = partial(to_wire_owned, dtype=out_dtype)
             dest = None
         self.bank.check(request.layer, ids)
+        self.calls.enter(request.layer, ids)  # under the bank's lock, as a live drop's last look is
         if deferred:
             finish = partial(_checked, finish, deferred)
         return Work(request.layer, hidden, ids, weights, TORCH_DTYPES.get(out_dtype, torch.float32), finish,
@@ -128,7 +131,8 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         # The event loop only moves bytes: decoding, checks, compute and encoding run on the worker.
         output, seconds, work = await self.merger.run_prepared(partial(self.prepare, request))
         self.observe(work, seconds)
-        return zerocopy.RunExpertsResponse(output=output, compute_seconds=seconds)
+        return zerocopy.RunExpertsResponse(output=output, compute_seconds=seconds,
+                                           placement_version=self.info.placement_version)
 
     @rpc
     async def GetInfo(self, request, context):
@@ -158,23 +162,26 @@ def add_to_server(servicer: ExpertServicer, server) -> None:
     add_servicer(server, experts_pb2.DESCRIPTOR.services_by_name["ExpertService"], servicer)
 
 
-def server_info(bank: ExpertBank, fingerprint: str, spec, name: str,
-                shared_memory: bool = True) -> experts_pb2.GetInfoResponse:
-    """The GetInfoResponse a bank answers GetInfo with; `shared_memory` offers the same-host fast path."""
+def server_info(bank: ExpertBank, fingerprint: str, spec, name: str, shared_memory: bool = True,
+                placement_version: int = 0, listed=None) -> experts_pb2.GetInfoResponse:
+    """The GetInfoResponse a bank answers GetInfo with; `shared_memory` offers the same-host fast path;
+    `listed` (default: all the bank holds) the ownership to announce, less experts being dropped."""
+    listed = bank.owned if listed is None else listed
     return experts_pb2.GetInfoResponse(
         model_fingerprint=fingerprint,
         model_type=spec.model_type,
         hidden_size=spec.hidden_size,
         num_experts=spec.num_experts,
         moe_layers=list(spec.moe_layers),
-        owned=to_messages(bank.owned),
+        owned=to_messages(listed),
         devices=bank.devices(),
         compute_dtype=WIRE_DTYPES[bank.dtype],
         placement=[experts_pb2.ExpertPlacement(layer=p.layer, expert=p.expert, device=str(p.device))
-                   for p in bank.placement()],
+                   for p in bank.placement() if p.expert in listed.get(p.layer, ())],
         server_version=__version__,
         server_name=name,
         host_id=shared_regions.host_id(),
         shared_kinds=shared_regions.local_kinds() if shared_memory else [],
         gpu_uuids=shared_regions.local_gpu_uuids() if shared_memory else [],
+        placement_version=placement_version,
     )

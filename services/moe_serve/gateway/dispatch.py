@@ -115,6 +115,7 @@ class ExpertDispatcher:
         """Run `counts`' experts by gRPC on replicas not in `excluded` (a same-host call failed); the
         (first expert, rows, [rows, H] partial sum) of each call."""
         partials: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        await self.pool.placement_settled()  # after a NOT_FOUND (a live drop): on the fresh infos
         await self._scatter(layer, hidden, expert_ids, weights, counts, deadline, excluded, failures, partials)
         return partials
 
@@ -205,11 +206,16 @@ class ExpertDispatcher:
             if error.code() in FINAL:
                 raise ServiceError(f"expert server {replica.name} ({replica.address}), {where}: {reason}") from error
             self.pool.report_failure(replica, reason, eject=error.code() not in NO_EJECT)
+            # NOT_FOUND: the server dropped an expert live (pool.py fetches every server's info again):
+            # plan these experts anew on the fresh info, this server included, once.
+            moved = error.code() == grpc.StatusCode.NOT_FOUND and replica.address not in failures
             failures[replica.address] = (error.code(), f"{replica.name} ({replica.address}) {reason}")
+            if moved:
+                await self.pool.placement_settled()
             await self._scatter(layer, hidden, expert_ids, weights, {e: counts[e] for e in chosen}, deadline,
-                                excluded | {replica.address}, failures, partials)
+                                excluded if moved else excluded | {replica.address}, failures, partials)
             return False
-        self.pool.report_success(replica)
+        self.pool.report_success(replica, reply.placement_version)
         if result is not None:  # a shared result is read (copied out) before its arena goes back to the pool
             partials.append((min(chosen), rows, result.to(torch.float32, copy=True)))
             return True

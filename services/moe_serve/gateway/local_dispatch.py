@@ -164,8 +164,9 @@ class LocalRound:
             d.metrics.record_expert_call(replica.name, code.name, time.perf_counter() - part.sent_at,
                                          len(part.payload), len(reply) if reply is not None else 0)
         if code == grpc.StatusCode.OK:
-            self.server_seconds += experts_pb2.RunExpertsResponse.FromString(bytes(reply)).compute_seconds
-            d.pool.report_success(replica)
+            answer = experts_pb2.RunExpertsResponse.FromString(bytes(reply))
+            self.server_seconds += answer.compute_seconds
+            d.pool.report_success(replica, answer.placement_version)
             out.index_add_(0, part.rows.to(out.device), part.result)  # read in place: no copy out of the arena
             d.arenas.release(replica.address, part.arena)
             part.arena = None
@@ -181,8 +182,10 @@ class LocalRound:
             replica.shared_kinds = frozenset()  # it cannot map our memory after all: bytes by gRPC from now on
         else:
             d.loop.call_soon_threadsafe(d.pool.report_failure, replica, reason, code not in NO_EJECT)
+            # NOT_FOUND: dropped live; the rescue plans on the fresh infos, this server included, once.
+            moved = code == grpc.StatusCode.NOT_FOUND and replica.address not in failures
             failures[replica.address] = (code, f"{replica.name} ({replica.address}) {reason}")
-            excluded = frozenset({replica.address})
+            excluded = frozenset() if moved else frozenset({replica.address})
         rescued = asyncio.run_coroutine_threadsafe(
             d.rescue(self.layer, self.hidden, self.expert_ids, self.weights,
                      {e: self.counts[e] for e in part.chosen}, self.deadline, excluded, failures), d.loop).result()

@@ -53,6 +53,9 @@ class ServerPool:
         self.owners: dict[int, dict[int, list[Replica]]] = {}  # layer -> expert -> replicas owning it
         self.on_change: Callable[[], None] | None = None  # membership or ownership changed
         self._tasks: set[asyncio.Task] = set()  # watchers, the resolver, channels being retired
+        self._refreshing: asyncio.Task | None = None  # GetInfo of every server after a placement change
+        self._refresh_again = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def members(self) -> list[Replica]:
@@ -73,6 +76,7 @@ class ServerPool:
         (layer, expert) pairs nobody owns. On success the background watchers start.
         """
         deadline = time.monotonic() + connect_timeout
+        self._loop = asyncio.get_running_loop()
         try:
             for target in self.targets:
                 for address, host in (await self._resolve_waiting(target, deadline)).items():
@@ -92,6 +96,7 @@ class ServerPool:
         for replica in self.members:
             replica.watcher = self._spawn(self._watch(replica))
         self._spawn(self._resolve_loop())
+        self._spawn(self._info_loop())
 
     async def _resolve_waiting(self, target: str, deadline: float) -> dict[str, str]:
         while True:
@@ -287,7 +292,8 @@ class ServerPool:
 
     def assign(self, layer: int, counts: dict[int, int],
                excluded: frozenset[str] = frozenset()) -> tuple[dict[Replica, list[int]], list[int]]:
-        """Give each expert (with its slot count) to the usable replica with the least outstanding work.
+        """Give each expert (with its slot count) to the usable replica with the least outstanding work,
+        among equals the one with the least recent work.
 
         Work planned in this very call counts as outstanding, so one layer's experts spread over the
         replicas; returns the plan and the experts no serving replica owns.
@@ -305,11 +311,13 @@ class ServerPool:
             if not candidates:
                 missing.append(expert)
                 continue
-            best = min(candidates, key=lambda r: (r.outstanding + load.get(r, 0), r.picks))
+            # Ties (no work in flight, as between decode steps) go to the replica that did the least work
+            # lately: over time every replica of an expert gets its share, as `moe-serve plan` assumes.
+            best = min(candidates, key=lambda r: (r.outstanding + load.get(r, 0), r.recent_load(now)))
             plan.setdefault(best, []).append(expert)
             load[best] = load.get(best, 0) + slots
-        for replica in plan:
-            replica.picks += 1
+        for replica, work in load.items():
+            replica.add_work(work, now)
         return plan, sorted(missing)
 
     def explain(self, layer: int, experts: list[int]) -> tuple[str, bool]:
@@ -323,8 +331,14 @@ class ServerPool:
         return text, all(r.refused for r in owners)
 
     def report_failure(self, replica: Replica, reason: str, eject: bool = True) -> None:
-        """A call to `replica` failed: remember why, and skip it for a while if `eject`."""
+        """A call to `replica` failed: remember why, and skip it for a while if `eject`.
+
+        NOT_FOUND means the server no longer holds an expert (a live drop this gateway has not seen yet):
+        not a fault of the server, so its info is fetched again instead of ejecting it."""
         replica.error = reason
+        if reason.startswith("NOT_FOUND"):
+            self.refresh_placement()
+            return
         if eject and time.monotonic() >= replica.ejected_until:  # calls failing together count once
             replica.failures += 1
             pause = min(EJECT_MAX, EJECT_BASE * 2 ** (replica.failures - 1))
@@ -332,7 +346,49 @@ class ServerPool:
             log.warning("expert server %s (%s): %s; skipping it for %.1fs", replica.name, replica.address,
                         reason, pause)
 
-    def report_success(self, replica: Replica) -> None:
-        """A call to `replica` succeeded: its failure count starts over."""
+    def report_success(self, replica: Replica, placement_version: int = 0) -> None:
+        """A call to `replica` succeeded: its failure count starts over; a placement version other than
+        the one its info has means it loaded or is dropping experts, and every server's info is fetched."""
         if replica.failures:
             replica.failures = 0
+        if placement_version and placement_version != replica.info.placement_version and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.refresh_placement)  # same-host calls answer on the model thread
+
+    # --- live placement changes -----------------------------------------------------------------
+
+    def refresh_placement(self) -> None:
+        """Fetch every server's GetInfo again, soon, and apply them together (at most one fetch at a time;
+        a request meanwhile makes one more)."""
+        if self._refreshing is not None and not self._refreshing.done():
+            self._refresh_again = True
+            return
+        self._refreshing = self._spawn(self._refresh_all())
+
+    async def placement_settled(self) -> None:
+        """Wait for the info fetch under way, if any (errors stay with it)."""
+        if self._refreshing is not None:
+            await asyncio.wait([self._refreshing])
+
+    async def _refresh_all(self) -> None:
+        self._refresh_again = True
+        while self._refresh_again:
+            self._refresh_again = False
+            members = [r for r in self.members if r.serving]
+            timeout = min(self.options.rpc_timeout, 5.0)
+            infos = await asyncio.gather(*(r.stub.GetInfo(experts_pb2.GetInfoRequest(), timeout=timeout)
+                                           for r in members), return_exceptions=True)
+            # All at once, with no await between: a replica that now holds an expert is known before
+            # the one that is dropping it stops being routed to.
+            for replica, info in zip(members, infos, strict=True):
+                if isinstance(info, experts_pb2.GetInfoResponse) and replica.address in self.replicas:
+                    if info.placement_version != replica.info.placement_version:
+                        log.info("expert server %s (%s): placement version %d, owns %s", replica.name,
+                                 replica.address, info.placement_version,
+                                 "; ".join(f"{le.layer}:{format_ranges(le.experts)}" for le in info.owned))
+                    self._set_info(replica, info)
+
+    async def _info_loop(self) -> None:
+        """Fetch infos every `info_interval` s too: a server no call goes to may have loaded experts."""
+        while True:
+            await asyncio.sleep(self.options.info_interval)
+            self.refresh_placement()

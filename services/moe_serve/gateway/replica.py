@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -21,6 +22,7 @@ class PoolOptions:
 
     rpc_timeout: float = 60.0  # deadline of each call to an expert server
     resolve_interval: float = 10.0  # seconds between re-resolutions of the server list
+    info_interval: float = 2.0  # seconds between GetInfo polls (placement changes show in replies at once)
     keepalive: float = 10.0  # ping an idle connection this often; no answer within it marks the server down
     tls: TLSFiles | None = None  # TLS to the expert servers (cert + key: mutual TLS)
     max_message_bytes: int = MAX_MESSAGE_BYTES
@@ -53,6 +55,10 @@ class PoolOptions:
         """channel_options for the extra lanes: each its own connection."""
         return self.channel_options() + LANE_OPTIONS
 
+
+RECENT_SECONDS = 5.0  # how long sent work counts toward a replica's recent load
+
+
 class Replica:
     """One expert server address: its channel, what it owns, and what the pool knows of its health."""
 
@@ -75,11 +81,20 @@ class Replica:
         self.failures = 0
         self.ejected_until = 0.0
         self.outstanding = 0  # (token, expert) slots in flight on this server
-        self.picks = 0
+        self._recent = 0.0  # slots sent lately, decaying with RECENT_SECONDS
+        self._recent_at = 0.0
         self.shared_kinds: frozenset[int] = frozenset()  # same-host fast paths it accepts (RegionKind values)
         self.gpu_uuids: frozenset[str] = frozenset()  # GPUs whose memory it can map
         self.watcher: asyncio.Task | None = None
         self.local: LocalLink | None = None  # the same-host channel, when the server offers one on our host
+
+    def recent_load(self, now: float) -> float:
+        """(token, expert) slots sent here lately: each slot counts exp(-age / RECENT_SECONDS)."""
+        return self._recent * math.exp(-(now - self._recent_at) / RECENT_SECONDS)
+
+    def add_work(self, slots: int, now: float) -> None:
+        self._recent = self.recent_load(now) + slots
+        self._recent_at = now
 
     async def close(self) -> None:
         """Close its channels."""

@@ -43,6 +43,14 @@ class ExpertTokenCounter:
             total = self._counts.get(layer)
             return int(total[expert]) if total is not None and expert < total.numel() else 0
 
+    def counts(self) -> dict[tuple[int, int], int]:
+        """(layer, expert) -> tokens counted so far, for every expert held or ever routed to here."""
+        with self._lock:
+            totals = {layer: total.tolist() for layer, total in self._counts.items()}
+        out = {(layer, e): n for layer, values in totals.items() for e, n in enumerate(values) if n}
+        out.update({(layer, e): out.get((layer, e), 0) for layer, held in self._held.items() for e in held})
+        return out
+
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("moe_expert_tokens", "Tokens routed to each (layer, expert) held here",
                                      labels=["layer", "expert"])

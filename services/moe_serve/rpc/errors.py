@@ -45,6 +45,14 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Aborted(ServiceError):
+    code = grpc.StatusCode.ABORTED
+
+
 def status_of(err: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status for a known error type, or None for an unexpected one."""
     if isinstance(err, ServiceError):

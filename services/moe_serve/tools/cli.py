@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import grpc
 import numpy as np
 import torch
 
@@ -13,6 +14,9 @@ from moe_serve.model.placement import PlacementError
 from moe_serve.model.synthetic import SyntheticConfig, write_checkpoint
 from moe_serve.tools.inspect_checkpoint import add_parser as add_inspect_parser
 from moe_serve.tools.inspect_checkpoint import run as inspect_checkpoint
+from moe_serve.tools.placement_cli import add_parsers as add_placement_parsers
+from moe_serve.tools.placement_cli import run_plan, run_rebalance
+from moe_serve.tools.planner import PlanError
 
 
 def _create_model(args: argparse.Namespace) -> int:
@@ -68,7 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--seed", type=int, default=None, help="seed of the random input (default: fresh)")
     verify.add_argument("--tolerance", type=float, default=1e-5, help="max abs error allowed (default 1e-5)")
     add_inspect_parser(sub)
+    add_placement_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in ("plan", "rebalance"):
+        try:
+            return (run_plan if args.command == "plan" else run_rebalance)(args)
+        except (PlanError, PlacementError, ValueError, OSError) as err:
+            print(f"moe-serve {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except grpc.RpcError as err:
+            print(f"moe-serve {args.command}: error: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
     if args.command == "inspect":
         try:
             return inspect_checkpoint(args)
