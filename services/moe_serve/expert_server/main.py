@@ -99,7 +99,7 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
         local = servicer.local = LocalCalls(servicer, config.serving.auth_token, config.serving.max_message_bytes)
 
         async def close_local() -> None:  # after the gRPC drain: same-host callers fail over meanwhile
-            local.close()
+            await asyncio.to_thread(local.close)
 
         handle.on_stop = close_local
     on_change()

@@ -100,13 +100,16 @@ class LocalListener:
         self._sock.listen(64)
         self._closing = False
         self._conns: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self.calls = 0  # calls answered (tests read it)
         self._thread = threading.Thread(target=self._accept, name="local-accept", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
-        """Refuse new calls (UNAVAILABLE to the callers, who fail over) and stop accepting."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let each connection finish the call it is answering (its caller gets the reply),
+        then close them: the callers' next calls fail over. Waits up to `timeout` s for those calls, so the
+        process never exits with a connection thread inside a computation."""
         self._closing = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -116,6 +119,11 @@ class LocalListener:
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RD)  # a call being answered still gets its reply
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _accept(self) -> None:
         while not self._closing:
@@ -128,9 +136,11 @@ class LocalListener:
                 log.warning("same-host channel: refused a caller running as uid %d", uid)
                 conn.close()
                 continue
+            thread = threading.Thread(target=self._serve, args=(conn,), name="local-calls", daemon=True)
             with self._lock:
                 self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="local-calls", daemon=True).start()
+                self._threads.add(thread)
+            thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -150,6 +160,7 @@ class LocalListener:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                self._threads.discard(threading.current_thread())
             conn.close()
 
     def _answer(self, conn: socket.socket, seq: int, payload: bytearray) -> None:
