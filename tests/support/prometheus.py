@@ -19,11 +19,12 @@ from tests.support.ports import free_port
 from tests.support.waiting import wait_for
 
 
-def require(binary: str) -> str:
-    """Path of `binary`; skip without it, except in CI (CI=1), where .ci/run installs it and it must run."""
+def require(binary: str, package: str = "prometheus") -> str:
+    """Path of `binary` (from Debian's `package`); skip without it, except in CI (CI=1), where .ci/run
+    installs it and it must run."""
     path = shutil.which(binary)
     if path is None:
-        message = f"{binary} is not installed (apt-get install -y prometheus)"
+        message = f"{binary} is not installed (apt-get install -y {package})"
         if os.environ.get("CI"):
             pytest.fail(message + "; CI installs it in .ci/run, so this test must run there")
         pytest.skip(message)

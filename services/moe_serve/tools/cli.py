@@ -13,6 +13,7 @@ from moe_serve.model.placement import PlacementError
 from moe_serve.model.synthetic import SyntheticConfig, write_checkpoint
 from moe_serve.tools.inspect_checkpoint import add_parser as add_inspect_parser
 from moe_serve.tools.inspect_checkpoint import run as inspect_checkpoint
+from moe_serve.tools.versions import PrintVersions
 
 
 def _create_model(args: argparse.Namespace) -> int:
@@ -52,6 +53,8 @@ def _verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of moe-serve."""
     parser = argparse.ArgumentParser(prog="moe-serve", description="moe-serve tools.")
+    parser.add_argument("--version", action=PrintVersions,
+                        help="print the versions of moe-serve and of the runtime it runs on, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create-model", help="write the embedded default simple_moe checkpoint")
     create.add_argument("output", help="directory to write config.json and model.safetensors into")
