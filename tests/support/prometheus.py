@@ -75,6 +75,14 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]["result"]
 
+    def label_values(self, label: str, match: str) -> list[str]:
+        """Values of `label` on the series `match` selects (Grafana's label_values(match, label))."""
+        url = f"{self.url}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": match})
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            body = json.load(reply)
+        assert body["status"] == "success", body
+        return body["data"]
+
     def values(self, expr: str, by: str | None = None) -> dict[str, float]:
         """Query result as {value of label `by` (or ''): float}."""
         return {(r["metric"].get(by, "") if by else ""): float(r["value"][1]) for r in self.query(expr)}
