@@ -13,10 +13,10 @@ help:
 	     {doc = ""}' $(MAKEFILE_LIST)
 
 ## Create .venv and install the client, the services and the development tools (again when
-## requirements-dev.txt or a pyproject.toml changes).
+## requirements-dev.txt, constraints.txt or a pyproject.toml changes).
 setup: $(STAMP)
 
-$(STAMP): requirements-dev.txt client/pyproject.toml services/pyproject.toml
+$(STAMP): requirements-dev.txt constraints.txt client/pyproject.toml services/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
@@ -34,9 +34,18 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-## Validate deploy/ offline: k8s manifests, compose files, Prometheus config, Grafana files.
-deploy-check: setup
-	PATH="$(abspath $(BIN)):$$PATH" bash deploy/local/deploy-check.sh
+# checkov, pinned, from PyPI into a venv of its own under .tools/ (its many pins stay out of .venv).
+CHECKOV_VERSION := 3.3.30
+CHECKOV := .tools/checkov-$(CHECKOV_VERSION)/bin/checkov
+$(CHECKOV):
+	$(PYTHON) -m venv .tools/checkov-$(CHECKOV_VERSION)
+	.tools/checkov-$(CHECKOV_VERSION)/bin/pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
+	$@ --version
+
+## Validate deploy/ offline: k8s overlays (kustomize, API schemas, checkov), compose files, Prometheus
+## config and alert rules (promtool test rules), Grafana files.
+deploy-check: setup $(CHECKOV)
+	PATH="$(abspath $(BIN)):$$PATH" CHECKOV="$(abspath $(CHECKOV))" bash deploy/local/deploy-check.sh
 
 ## The docker-compose cluster for real (needs root: dockerd, debootstrap): build, up, client, Prometheus, down.
 compose-test: setup

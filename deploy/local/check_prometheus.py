@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Check through Prometheus's HTTP API that it scrapes the gateway and every expert server, and saw traffic.
 
-Exit 0 when every target is up, the gateway counted at least --forwards Forward calls answered OK, and
-each of the --experts expert servers counted tokens for its experts; else 1 after --timeout seconds.
+Exit 0 when every target is up, the gateway counted at least --forwards Forward calls answered OK, each of
+the --experts expert servers counted tokens for its experts, and the alert rules (alerts.rules.yml) are
+loaded; else 1 after --timeout seconds.
 Standard library only: runs with the host's python3.
 """
 
@@ -43,7 +44,9 @@ def check(base: str, experts: int, forwards: int) -> tuple[bool, list[str]]:
     lines.append(f"gateway: {served:.0f} Forward calls answered OK (want >= {forwards})")
     lines += [f"expert server {inst}: {tokens.get(inst, 0):.0f} token-expert assignments in {n:.0f} RunExperts calls"
               for inst, n in sorted(calls.items())]
-    ok = (jobs.count("moe-gateway") == 1 and jobs.count("moe-expert-server") == experts
+    alerts = [r["name"] for g in get(f"{base}/api/v1/rules")["groups"] for r in g["rules"] if r["type"] == "alerting"]
+    lines.append(f"alert rules loaded: {len(alerts)} ({', '.join(alerts)})")
+    ok = (len(alerts) > 0 and jobs.count("moe-gateway") == 1 and jobs.count("moe-expert-server") == experts
           and len(targets) == experts + 1 and served >= forwards and len(tokens) == experts)
     return ok, lines
 

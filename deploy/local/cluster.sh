@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # `make cluster` / `make cluster-down`: the compose cluster of compose-test (3 expert servers, a gateway,
 # Prometheus) built on a local Debian base, left running for you. `up` starts dockerd if none runs (it
-# keeps running); `down` stops the cluster, and that dockerd if nothing else runs on it.
+# keeps running); `down` removes what `up` made: the containers, their network, the model volume (so the
+# next `up` writes the model afresh) and the build extras; and stops that dockerd if nothing else runs
+# on it. The images stay, as build cache (docker image rm moe-serve:cpu moe-serve-prometheus:local
+# moe-serve-base:bookworm reclaims them).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 PROJECT=${MOE_COMPOSE_PROJECT:-moe-serve}
@@ -34,7 +37,8 @@ MSG
 down() {
   if ! docker info >/dev/null 2>&1; then say "no Docker engine runs: nothing to stop"; return 0; fi
   say "stopping the cluster (project $PROJECT)"
-  compose down --remove-orphans 2>&1 | sed 's/^/    /'
+  compose down --volumes --remove-orphans 2>&1 | sed 's/^/    /'
+  rm -f "$DEPLOY"/build-extra/ca-certificates.crt "$DEPLOY"/build-extra/torch-*.whl
   if [ -f "$STATE/dockerd.pid" ] && [ -z "$(docker ps -q)" ]; then
     STARTED_DOCKERD=1 stop_dockerd
   fi

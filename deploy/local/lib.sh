@@ -102,8 +102,10 @@ compose() {
 build_images() {
   local log=$1 start; start=$(date +%s)
   say "building images moe-serve:cpu and moe-serve-prometheus:local (log: $log)"
-  compose build model prometheus 2>&1 | tee "$log" | grep --line-buffered -E '^Step [0-9]+/' | sed 's/^/    /'
-  if [ "${PIPESTATUS[0]}" != 0 ]; then tail -40 "$log" >&2; die "image build failed (log: $log)"; fi
+  local status=0  # the build's: under pipefail the pipeline's status is the last failing command's
+  compose build model prometheus 2>&1 | tee "$log" | { grep --line-buffered -E '^Step [0-9]+/' || true; } \
+    | sed 's/^/    /' || status=$?
+  if [ "$status" != 0 ]; then tail -40 "$log" >&2; die "image build failed (log: $log)"; fi
   say "images built in $(($(date +%s) - start)) s"
 }
 

@@ -19,11 +19,12 @@ from tests.support.ports import free_port
 from tests.support.waiting import wait_for
 
 
-def require(binary: str) -> str:
-    """Path of `binary`; skip without it, except in CI (CI=1), where .ci/run installs it and it must run."""
+def require(binary: str, package: str = "prometheus") -> str:
+    """Path of `binary` (from Debian's `package`); skip without it, except in CI (CI=1), where .ci/run
+    installs it and it must run."""
     path = shutil.which(binary)
     if path is None:
-        message = f"{binary} is not installed (apt-get install -y prometheus)"
+        message = f"{binary} is not installed (apt-get install -y {package})"
         if os.environ.get("CI"):
             pytest.fail(message + "; CI installs it in .ci/run, so this test must run there")
         pytest.skip(message)
@@ -73,6 +74,14 @@ class Prometheus:
             raise AssertionError(f"query {expr!r}: {err.code} {err.read().decode()}") from err
         assert body["status"] == "success", body
         return body["data"]["result"]
+
+    def label_values(self, label: str, match: str) -> list[str]:
+        """Values of `label` on the series `match` selects (Grafana's label_values(match, label))."""
+        url = f"{self.url}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": match})
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            body = json.load(reply)
+        assert body["status"] == "success", body
+        return body["data"]
 
     def values(self, expr: str, by: str | None = None) -> dict[str, float]:
         """Query result as {value of label `by` (or ''): float}."""

@@ -17,6 +17,7 @@ from moe_serve.tools.inspect_checkpoint import run as inspect_checkpoint
 from moe_serve.tools.placement_cli import add_parsers as add_placement_parsers
 from moe_serve.tools.placement_cli import run_plan, run_rebalance
 from moe_serve.tools.planner import PlanError
+from moe_serve.tools.versions import PrintVersions
 
 
 def _create_model(args: argparse.Namespace) -> int:
@@ -56,6 +57,8 @@ def _verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of moe-serve."""
     parser = argparse.ArgumentParser(prog="moe-serve", description="moe-serve tools.")
+    parser.add_argument("--version", action=PrintVersions,
+                        help="print the versions of moe-serve and of the runtime it runs on, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create-model", help="write the embedded default simple_moe checkpoint")
     create.add_argument("output", help="directory to write config.json and model.safetensors into")
