@@ -22,6 +22,7 @@ import torch
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.generation import FinishReason, SamplingParams, sample_next
+from moe_serve.core.logprobs import StepLogprobs, step_logprobs
 from moe_serve.gateway.engine import ForwardStats, GeneratedToken
 from moe_serve.gateway.overlap import PingPong
 from moe_serve.model.tokenizer import TextTokenizer
@@ -99,6 +100,7 @@ class GenerateScheduler:
         self._closed = False
         self.steps = 0  # steps run so far (tests and benchmarks read it)
         self.active = 0  # sequences admitted and not yet finished or dropped
+        self.kv_tokens = 0  # tokens held in the KV caches of those sequences (after the last step)
         self._thread = threading.Thread(target=self._loop, name="generate-scheduler", daemon=True)
         self._thread.start()
 
@@ -126,6 +128,11 @@ class GenerateScheduler:
         finally:
             seq.cancelled = True  # a no-op once done; else the next step drops it and its cache
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot (clients that left while waiting count until the next admission)."""
+        return len(self._waiting)
+
     def join(self, timeout: float | None = None) -> None:
         """Wait for the batch thread to end (after close)."""
         self._thread.join(timeout)
@@ -146,11 +153,13 @@ class GenerateScheduler:
                     break
                 while self._waiting and len(running) < self.limits.max_running:
                     running.append(self._waiting.popleft())
+                    running[-1].stats.admitted = time.perf_counter()
             running = [s for s in running if not s.cancelled]
             if running:
                 self._step(running)
                 running = [s for s in running if not (s.done or s.cancelled)]
             self.active = len(running)
+            self.kv_tokens = sum(s.cache.length for s in running if s.cache is not None)
         with self._cond:
             left = running + list(self._waiting)
             self._waiting.clear()
@@ -196,23 +205,27 @@ class GenerateScheduler:
             if not seq.decoding:
                 seq.prefilled += entry.tokens.numel()
             if row is not None:
-                self._sample(seq, row, now)
+                self._sample(seq, *row, now)
 
-    def _part(self, entries: list[_Entry], backend: ExpertBackend) -> list[torch.Tensor | None]:
-        """One micro-batch through the model: [V] logits for each entry that samples, else None."""
+    def _part(self, entries: list[_Entry], backend: ExpertBackend) -> list[tuple | None]:
+        """One micro-batch through the model: ([V] logits, log-prob data or None) for each entry that samples,
+        else None."""
         lengths = [e.tokens.numel() for e in entries]
         hidden = self.model.forward_hidden(self.model.embed(torch.cat([e.tokens for e in entries])),
                                            [e.seq.cache for e in entries], lengths, backend)  # [T, H]
         ends = torch.tensor(lengths).cumsum(0) - 1
         rows = [i for i, e in enumerate(entries) if e.samples]
-        out: list[torch.Tensor | None] = [None] * len(entries)
+        out: list[tuple | None] = [None] * len(entries)
         if rows:
-            picked = self.model.logits(hidden[ends[rows].to(hidden.device)])  # [R, V] float32
-            for i, row in zip(rows, picked.unbind(0), strict=True):
-                out[i] = row
+            scores = self.model.device_logits(hidden[ends[rows].to(hidden.device)])  # [R, V] float32, on the device
+            asks = [entries[i].seq.params.logprobs for i in rows]
+            steps = (step_logprobs(scores, [a or 0 for a in asks]) if any(a is not None for a in asks)
+                     else [None] * len(rows))
+            for i, row, ask, step in zip(rows, scores.cpu().unbind(0), asks, steps, strict=True):
+                out[i] = (row, step if ask is not None else None)
         return out
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor, now: float) -> None:
+    def _sample(self, seq: _Sequence, logits: torch.Tensor, step: StepLogprobs | None, now: float) -> None:
         """Pick, stream and record the next token, as core.generation.generate does for one sequence."""
         token = sample_next(logits, seq.params, seq.generator)
         seq.generated += 1
@@ -224,7 +237,7 @@ class GenerateScheduler:
         seq.next_token = token
         seq.stats.total_seconds = now - seq.arrival
         text = seq.text.push(token, last=finish is not None) if seq.text is not None else None
-        seq.emit(GeneratedToken(token, text, finish))
+        seq.emit(GeneratedToken(token, text, finish, step.of(logits, token) if step is not None else None))
         if finish is not None:
             seq.done = True
             seq.emit(_END)

@@ -89,11 +89,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         async for token in tokens:
             count += 1
             self.metrics.observe_tokens("Generate")
-            yield gateway_pb2.GenerateResponse(
+            reply = gateway_pb2.GenerateResponse(
                 token_id=token.token_id, text=token.text, finish_reason=FINISH_REASONS[token.finish_reason],
                 prompt_tokens=len(ids), generated_tokens=count, total_seconds=stats.total_seconds,
                 expert_seconds=stats.expert_seconds,
             )
+            if token.logprobs is not None:
+                reply.logprob = token.logprobs.logprob
+                reply.top_logprobs.extend(gateway_pb2.TokenLogprob(token_id=t, logprob=lp)
+                                          for t, lp in token.logprobs.top)
+            yield reply
 
     @rpc
     async def GetModelInfo(self, request, context):
