@@ -155,6 +155,7 @@ class GenerateScheduler:
                     running.append(self._waiting.popleft())
                     running[-1].stats.admitted = time.perf_counter()
             running = [s for s in running if not s.cancelled]
+            self.active = len(running)  # also while a step is in flight (a slow expert server shows)
             if running:
                 self._step(running)
                 running = [s for s in running if not (s.done or s.cancelled)]
