@@ -12,6 +12,7 @@ from moe_serve.model.config import spec_from_config
 from moe_serve.model.placement import missing_pairs, read_placement, resolve_ownership
 from moe_serve.model.synthetic import SyntheticConfig
 from moe_serve.observability.metrics import ServiceMetrics
+from moe_serve.observability.serving import ServingMetrics
 from tests.support import ROOT
 from tests.support.prometheus import render_config
 
@@ -74,7 +75,9 @@ def test_k8s_statefulset_placement_probes_and_annotations_agree(tmp_path):
 @pytest.mark.parametrize("path", sorted((DEPLOY / "grafana" / "dashboards").glob("*.json")), ids=lambda p: p.name)
 def test_dashboard_asks_only_for_defined_metrics(path):
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""], "info": ["_info"]}
-    defined = {family.name + suffix for family in ServiceMetrics("test").registry.collect()
+    metrics = ServiceMetrics("test")
+    ServingMetrics(metrics.registry)  # the gateway's serving metrics
+    defined = {family.name + suffix for family in metrics.registry.collect()
                for suffix in suffixes.get(family.type, [""])}
     exprs = [t["expr"] for p in json.loads(path.read_text())["panels"] for t in p.get("targets", [])]
     assert exprs
