@@ -11,6 +11,7 @@ its experts are down.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -57,6 +58,7 @@ class FrontEnd:
         return Starlette(routes=routes, exception_handlers={APIError: _api_error, 404: _not_found},
                          lifespan=self._lifespan)
 
+    @contextlib.asynccontextmanager
     async def _lifespan(self, app):
         self.channel = open_aio_channel(self.gateway, self.tls)  # on uvicorn's event loop
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)

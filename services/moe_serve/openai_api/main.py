@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -62,6 +63,17 @@ def front_end(args: argparse.Namespace) -> FrontEnd:
                     TLSFiles.of(args.gateway_tls_ca, None, None), args.request_timeout)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, but a SIGTERM / SIGINT that stopped it gracefully ends in exit status 0 like the other services
+    (uvicorn raises the signal again after its graceful stop, which exits 143)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of moe-openai."""
     args = build_parser().parse_args(argv)
@@ -79,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ]), flush=True)
     config = uvicorn.Config(api.app(), host=args.host, port=args.port, log_level=args.log_level.lower(),
                             access_log=logging.getLogger().isEnabledFor(logging.INFO), timeout_graceful_shutdown=10)
-    uvicorn.Server(config).run()
+    _Server(config).run()
     return 0
 
 
