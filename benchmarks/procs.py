@@ -81,13 +81,16 @@ class GrpcPhase:
             p.wait_ready(900.0)
         self.loop.run(self.pool.start(900.0))
 
-    def dispatcher(self, wire_dtype: int = wire.FLOAT32, shared_memory: bool = False) -> ExpertDispatcher:
+    def dispatcher(self, wire_dtype: int = wire.FLOAT32, shared_memory: bool = False,
+                   same_host_calls: bool = False) -> ExpertDispatcher:
         """The gateway's dispatcher over these servers, sending hidden states in `wire_dtype` (or, with
-        `shared_memory`, leaving them in /dev/shm arenas as the gateway does for same-host servers)."""
+        `shared_memory`, leaving them in /dev/shm arenas as the gateway does for same-host servers, and with
+        `same_host_calls` too, calling over the servers' same-host channel instead of gRPC)."""
         arenas = ArenaPool() if shared_memory else None
         if arenas is not None:
             self._arenas.append(arenas)
-        return ExpertDispatcher(self.spec, self.pool, self.loop.loop, wire_dtype, 900.0, arenas=arenas)
+        return ExpertDispatcher(self.spec, self.pool, self.loop.loop, wire_dtype, 900.0, arenas=arenas,
+                                same_host_calls=same_host_calls)
 
     def close(self) -> None:
         """Close the channels and stop the servers."""

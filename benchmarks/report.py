@@ -64,7 +64,8 @@ def variants_table(rows: list[dict]) -> str:
                    "tcp vs before"], lines)
 
 
-SHM = "ours, shared memory"  # same-host servers reached through /dev/shm arenas
+SHM = "ours, shared memory"  # same-host servers reached through /dev/shm arenas, called by gRPC
+LOCAL = "ours, same-host channel"  # ... and called over the same-host channel from the model thread
 
 
 def moe_table(rows: list[dict]) -> str:
@@ -80,9 +81,12 @@ def moe_table(rows: list[dict]) -> str:
                       f"{speed(row, 'ours', RPC_SEED):.2f}x", "-" if norm is None else f"{norm:.2f}x",
                       f"{speed(row, 'ours', RPC_COMBINE):.2f}x", "-" if err is None else f"{err:.1e}",
                       *((_ms(v[SHM]), f"{speed(row, SHM, 'in-process'):.2f}x", f"{speed(row, SHM, RPC_SEED):.2f}x")
-                        if SHM in v else ("-", "-", "-"))])
+                        if SHM in v else ("-", "-", "-")),
+                      *((_ms(v[LOCAL]), _ms(v[LOCAL] - v["in-process"]), f"{speed(row, LOCAL, RPC_SEED):.2f}x")
+                        if LOCAL in v else ("-", "-", "-"))])
     header = ["dtype", "tokens", "in-proc ms", "ours ms", "RPC seed ms", "RPC+comb ms", "vs in-proc", "vs RPC seed",
-              "(normalised)", "vs RPC+comb", "ours err", "ours shm ms", "shm vs in-proc", "shm vs RPC seed"]
+              "(normalised)", "vs RPC+comb", "ours err", "ours shm ms", "shm vs in-proc", "shm vs RPC seed",
+              "same-host ms", "same-host - in-proc ms", "same-host vs RPC seed"]
     return _table(header, lines)
 
 

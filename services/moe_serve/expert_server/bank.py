@@ -9,6 +9,7 @@ Legend: T = tokens, H = hidden size, K = expert slots per token, N = routed (tok
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ class ExpertBank:
         """
         self.num_experts = num_experts
         self.hidden_size = hidden_size
+        # One user of the devices at a time: a computation, a CUDA graph capture (which fails if another
+        # thread touches the GPU meanwhile), or the decoding of a request whose tensors are on a GPU.
+        self.lock = threading.RLock()
         self.dtype = dtype
         self._owned: dict[int, list[int]] = {}
         self._pinned_buffers: dict[str, torch.Tensor] = {}

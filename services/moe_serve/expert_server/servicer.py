@@ -12,7 +12,7 @@ from moe_client.ownership import to_messages
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve import __version__
 from moe_serve.expert_server.bank import ExpertBank
-from moe_serve.expert_server.merger import CallMerger
+from moe_serve.expert_server.merger import CallMerger, Work
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import shared_regions
 from moe_serve.rpc.codec import TORCH_DTYPES, WIRE_DTYPES, from_wire, to_wire_owned
@@ -67,6 +67,7 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts")
         # Concurrent calls of a layer share one computation; the queue wait goes to the metrics.
         self.merger = CallMerger(bank, self.executor, merge, on_wait=self.metrics.queue_wait.observe)
+        self.local = None  # the same-host channel (local_calls.LocalCalls), when offered
 
     @property
     def info(self) -> experts_pb2.GetInfoResponse:
@@ -78,8 +79,9 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         # Callers on this host may leave tensors in shared memory (shared_regions.py) of these kinds.
         self.regions = RegionMaps(list(info.shared_kinds)) if info.shared_kinds else None
 
-    @rpc
-    async def RunExperts(self, request, context):
+    def prepare(self, request) -> Work:
+        """Check and decode a RunExperts request into the bank's work (on the worker, under the bank's lock:
+        it may read a caller's GPU memory); the error names the bad field."""
         if request.model_fingerprint and request.model_fingerprint != self.info.model_fingerprint:
             raise FailedPrecondition(
                 f"model_fingerprint: the caller serves checkpoint {request.model_fingerprint}, this server "
@@ -105,11 +107,19 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
             finish = partial(to_wire_owned, dtype=out_dtype)
             dest = None
         self.bank.check(request.layer, ids)
-        output, seconds = await self.merger.run(request.layer, hidden, ids, weights,
-                                                TORCH_DTYPES.get(out_dtype, torch.float32), finish,
-                                                on_device=dest is not None and dest.is_cuda)
-        self.metrics.observe_batch("RunExperts", hidden.shape[0])
-        self.metrics.observe_experts(request.layer, ids, seconds)
+        return Work(request.layer, hidden, ids, weights, TORCH_DTYPES.get(out_dtype, torch.float32), finish,
+                    on_device=dest is not None and dest.is_cuda)
+
+    def observe(self, work: Work, seconds: float) -> None:
+        """Count a finished call in the metrics."""
+        self.metrics.observe_batch("RunExperts", work.hidden.shape[0])
+        self.metrics.observe_experts(work.layer, work.expert_ids, seconds)
+
+    @rpc
+    async def RunExperts(self, request, context):
+        # The event loop only moves bytes: decoding, checks, compute and encoding run on the worker.
+        output, seconds, work = await self.merger.run_prepared(partial(self.prepare, request))
+        self.observe(work, seconds)
         return zerocopy.RunExpertsResponse(output=output, compute_seconds=seconds)
 
     @rpc

@@ -52,6 +52,7 @@ class GatewayConfig:
     serving: ServingOptions = field(default_factory=lambda: ServingOptions(max_queue=GATEWAY_MAX_QUEUE))
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     shared_memory: bool = True  # same-host expert servers get tensors through shared memory / CUDA IPC
+    same_host_calls: bool = True  # ... and their RunExperts calls over a Unix socket instead of gRPC
     torch_threads: int = 0  # 0: one per core with dense layers on the CPU, a few with them on a GPU
 
     @property
@@ -118,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with expert servers on this host that accept it, leave hidden states in shared memory "
                         "(/dev/shm, or the dense GPU's memory through CUDA IPC) instead of sending their bytes "
                         "(env MOE_SHARED_MEMORY; default on)")
+    p.add_argument("--same-host-calls", action=argparse.BooleanOptionalAction,
+                   default=env_flag("SAME_HOST_CALLS", True),
+                   help="with --shared-memory, call expert servers on this host that offer it over a Unix socket "
+                        "from the model thread instead of gRPC (~0.05 ms a call instead of ~0.5; gRPC stays the "
+                        "fallback) (env MOE_SAME_HOST_CALLS; default on)")
     p.add_argument("--torch-threads", type=int, default=int(env("TORCH_THREADS", "0")),
                    help=f"torch intra-op threads; 0 = one per core with --dense-device cpu, {GPU_HOST_THREADS} with "
                         "a GPU (env MOE_TORCH_THREADS)")
@@ -139,5 +145,5 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         metrics_host=args.metrics_host, metrics_port=args.metrics_port, resolve_interval=args.resolve_interval,
         keepalive=args.keepalive, expert_tls=TLSFiles.of(args.expert_tls_ca, args.expert_tls_cert, args.expert_tls_key),
         serving=serving_from_args(args), batching=batching_config_from_args(args),
-        shared_memory=args.shared_memory, torch_threads=args.torch_threads,
+        shared_memory=args.shared_memory, same_host_calls=args.same_host_calls, torch_threads=args.torch_threads,
     )

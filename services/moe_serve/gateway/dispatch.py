@@ -25,6 +25,8 @@ import torch
 from moe_client import wire, zerocopy
 from moe_client.ownership import format_ranges
 from moe_serve.core.spec import ModelSpec
+from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures, tried
+from moe_serve.gateway.local_dispatch import start_local
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
 from moe_serve.gateway.routing_plan import expert_counts, rows_for
 from moe_serve.observability.metrics import ServiceMetrics
@@ -38,11 +40,6 @@ __all__ = ["ExpertDispatcher", "StartupError"]
 
 log = logging.getLogger(__name__)
 
-Failures = dict[str, tuple[grpc.StatusCode, str]]  # address -> why its call failed, in this layer call
-# A replica answering these is not to blame (the request is bad): trying another would fail the same way.
-_FINAL = (grpc.StatusCode.INVALID_ARGUMENT,)
-# These leave the replica in the pool: it is busy, not broken.
-_NO_EJECT = (grpc.StatusCode.RESOURCE_EXHAUSTED,)
 
 
 class ExpertDispatcher:
@@ -50,8 +47,9 @@ class ExpertDispatcher:
 
     def __init__(self, spec: ModelSpec, pool: ServerPool, loop: asyncio.AbstractEventLoop,
                  wire_dtype: int = wire.FLOAT32, timeout: float = 60.0, metrics: ServiceMetrics | None = None,
-                 arenas: ArenaPool | None = None):
-        """`arenas`: shared memory for same-host servers that accept it (None: every byte goes by gRPC)."""
+                 arenas: ArenaPool | None = None, same_host_calls: bool = True):
+        """`arenas`: shared memory for same-host servers that accept it (None: every byte goes by gRPC);
+        `same_host_calls`: call those servers over their same-host channel when they offer one."""
         self.spec = spec
         self.pool = pool
         self.loop = loop
@@ -59,6 +57,7 @@ class ExpertDispatcher:
         self.timeout = timeout
         self.metrics = metrics or ServiceMetrics("gateway")
         self.arenas = arenas
+        self.same_host_calls = same_host_calls
         # Shared regions hold the hidden states in the wire dtype (bf16 for fp8, which only saves socket
         # bytes) and the sums in float32: no bytes to save there, and each server's partial sum rounded
         # to bf16 before they are added moved 2-server DeepSeek-shape logits by 2% of their norm.
@@ -77,9 +76,12 @@ class ExpertDispatcher:
         deadline = REQUEST_DEADLINE.get()  # set by the edge interceptor, carried by ContextThreadPool
         # Dense layers may run on a GPU: the hidden states stay there if a server maps that GPU's memory,
         # else the wire starts from host memory. Routing is planned on the host.
-        if hidden.is_cuda and not any(self._shared_kind(r, hidden.device) for r in self.pool.members):
+        if hidden.is_cuda and not any(self.shared_kind(r, hidden.device) for r in self.pool.members):
             hidden = hidden.cpu()
         expert_ids, weights = expert_ids.cpu(), weights.cpu()
+        local = start_local(self, layer, hidden, expert_ids, weights, deadline)
+        if local is not None:  # every server of this layer's plan is on this host: no event loop on the way
+            return local
         return asyncio.run_coroutine_threadsafe(self.run_async(layer, hidden, expert_ids, weights, deadline),
                                                 self.loop)
 
@@ -99,6 +101,15 @@ class ExpertDispatcher:
         for _, rows, partial in sorted(partials, key=lambda p: p[0]):  # a fixed order: same input, same sum
             out.index_add_(0, rows.to(out.device), partial.to(out.device))
         return out
+
+    async def rescue(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                     counts: dict[int, int], deadline: float | None, excluded: frozenset[str],
+                     failures: Failures) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Run `counts`' experts by gRPC on replicas not in `excluded` (a same-host call failed); the
+        (first expert, rows, [rows, H] partial sum) of each call."""
+        partials: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        await self._scatter(layer, hidden, expert_ids, weights, counts, deadline, excluded, failures, partials)
+        return partials
 
     async def _scatter(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                        counts: dict[int, int], deadline: float | None, excluded: frozenset[str],
@@ -131,15 +142,15 @@ class ExpertDispatcher:
             request_id=request_ids.current(),
         )
         request.model_fingerprint = self.pool.fingerprint
-        kind = self._shared_kind(replica, hidden.device)
-        arena = self._acquire(replica, hidden, rows.numel()) if kind else None
+        kind = self.shared_kind(replica, hidden.device)
+        arena = self.acquire(replica, hidden, rows.numel()) if kind else None
         done = False
         try:
             if arena is None:
                 request.hidden = to_wire(hidden.index_select(0, rows.to(hidden.device)).cpu(), self.wire_dtype)
                 result = None
             else:
-                result = self._stage(arena, request, hidden, rows)
+                result = self.stage(arena, request, hidden, rows)
             done = await self._call(replica, chosen, layer, hidden, expert_ids, weights, counts, deadline, excluded,
                                     failures, partials, request, rows, result)
         finally:
@@ -164,7 +175,7 @@ class ExpertDispatcher:
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
             if timeout <= 0:
-                raise DeadlineExceeded(f"{where}: the request's deadline passed" + _tried(failures))
+                raise DeadlineExceeded(f"{where}: the request's deadline passed" + tried(failures))
         replica.outstanding += slots
         try:
             reply = await self.metrics.call_expert(replica.name, replica.run_experts, request, timeout=timeout)
@@ -183,9 +194,9 @@ class ExpertDispatcher:
                 await self._send(replica, chosen, layer, hidden, expert_ids, weights, counts, deadline, excluded,
                                  failures, partials)
                 return False
-            if error.code() in _FINAL:
+            if error.code() in FINAL:
                 raise ServiceError(f"expert server {replica.name} ({replica.address}), {where}: {reason}") from error
-            self.pool.report_failure(replica, reason, eject=error.code() not in _NO_EJECT)
+            self.pool.report_failure(replica, reason, eject=error.code() not in NO_EJECT)
             failures[replica.address] = (error.code(), f"{replica.name} ({replica.address}) {reason}")
             await self._scatter(layer, hidden, expert_ids, weights, {e: counts[e] for e in chosen}, deadline,
                                 excluded | {replica.address}, failures, partials)
@@ -197,7 +208,7 @@ class ExpertDispatcher:
         partials.append((min(chosen), rows, partial))
         return True
 
-    def _shared_kind(self, replica: Replica, device: torch.device) -> int | None:
+    def shared_kind(self, replica: Replica, device: torch.device) -> int | None:
         """The shared-memory kind (RegionKind) to reach `replica` with for tensors on `device`, or None (gRPC
         bytes)."""
         if self.arenas is None:
@@ -213,7 +224,7 @@ class ExpertDispatcher:
                 return None
         return kind
 
-    def _acquire(self, replica: Replica, hidden: torch.Tensor, tokens: int) -> Arena | None:
+    def acquire(self, replica: Replica, hidden: torch.Tensor, tokens: int) -> Arena | None:
         """An arena for `tokens` rows in and out; None (gRPC bytes this time) if the memory is not there."""
         size = (aligned(tokens * hidden.shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize)
                 + tokens * hidden.shape[1] * TORCH_DTYPES[self.shared_out_dtype].itemsize)
@@ -223,14 +234,15 @@ class ExpertDispatcher:
             log.warning("no shared memory for %d tokens to %s (%s); sending them by gRPC", tokens, replica.name, err)
             return None
 
-    def _stage(self, arena: Arena, request, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def stage(self, arena: Arena, request, hidden: torch.Tensor, rows: torch.Tensor, sync: bool = True) -> torch.Tensor:
         """Copy the routed rows into `arena`, name them and the result's place in `request`; returns that place.
 
-        GPU writes are complete (stream synchronised) before the request can leave."""
+        GPU writes are complete (stream synchronised) before the request can leave; `sync=False` leaves
+        that to the caller (one synchronisation for all of a layer's calls)."""
         shape = (rows.numel(), hidden.shape[1])
         out_at = aligned(shape[0] * shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize)
         arena.view(0, self.shared_dtype, shape).copy_(hidden.index_select(0, rows.to(hidden.device)))
-        if hidden.is_cuda:
+        if hidden.is_cuda and sync:
             torch.cuda.current_stream(hidden.device).synchronize()
         request.shared_hidden = arena.message(0, self.shared_dtype, shape)
         request.shared_output = arena.message(out_at, self.shared_out_dtype, shape)
@@ -240,7 +252,7 @@ class ExpertDispatcher:
         """UNAVAILABLE naming the pairs and why each owner is out; FAILED_PRECONDITION when they serve another
         checkpoint; RESOURCE_EXHAUSTED when every one tried was only busy."""
         why, refused = self.pool.explain(layer, experts)
-        text = f"no expert server can run layer {layer} experts {format_ranges(experts)}: {why}" + _tried(failures)
+        text = f"no expert server can run layer {layer} experts {format_ranges(experts)}: {why}" + tried(failures)
         codes = {code for code, _ in failures.values()}
         if refused or codes == {grpc.StatusCode.FAILED_PRECONDITION}:
             return FailedPrecondition(text)
@@ -248,6 +260,3 @@ class ExpertDispatcher:
             return ResourceExhausted(text)
         return Unavailable(text)
 
-
-def _tried(failures: Failures) -> str:
-    return f" (tried: {'; '.join(text for _, text in failures.values())})" if failures else ""

@@ -104,7 +104,8 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     pool = ServerPool(addresses, checkpoint.spec, fingerprint,
                       PoolOptions(rpc_timeout=config.rpc_timeout, resolve_interval=config.resolve_interval,
                                   keepalive=config.keepalive, tls=config.expert_tls,
-                                  max_message_bytes=config.serving.max_message_bytes))
+                                  max_message_bytes=config.serving.max_message_bytes,
+                                  local_calls=config.shared_memory and config.same_host_calls))
     await pool.start(config.connect_timeout)
     try:
         if config.placement and not config.servers:

@@ -12,6 +12,7 @@ from moe_client import zerocopy
 from moe_client.channel import MAX_MESSAGE_BYTES, unary_callable
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_client.security import TLSFiles
+from moe_serve.rpc.local_channel import LocalLink
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class PoolOptions:
     keepalive: float = 10.0  # ping an idle connection this often; no answer within it marks the server down
     tls: TLSFiles | None = None  # TLS to the expert servers (cert + key: mutual TLS)
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # Same-host servers that offer it get RunExperts over a Unix socket from the model thread (local_dispatch.py).
+    local_calls: bool = True
 
     def channel_options(self) -> list[tuple[str, int]]:
         """Keepalive and reconnect options of the channels to expert servers."""
@@ -63,6 +66,7 @@ class Replica:
         self.shared_kinds: frozenset[int] = frozenset()  # same-host fast paths it accepts (RegionKind values)
         self.gpu_uuids: frozenset[str] = frozenset()  # GPUs whose memory it can map
         self.watcher: asyncio.Task | None = None
+        self.local: LocalLink | None = None  # the same-host channel, when the server offers one on our host
 
     @property
     def name(self) -> str:
@@ -71,6 +75,11 @@ class Replica:
     @property
     def owned(self) -> dict[int, tuple[int, ...]]:
         return {layer: tuple(sorted(ids)) for layer, ids in sorted(self.owns.items())}
+
+    def local_link(self) -> LocalLink | None:
+        """The same-host channel if it is open."""
+        link = self.local
+        return link if link is not None and not link.closed else None
 
     def routable(self, now: float) -> bool:
         """True if calls may go here now."""
