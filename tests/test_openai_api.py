@@ -15,6 +15,7 @@ import pytest
 
 from moe_client import GatewayClient
 from moe_serve.model.chat_template import ChatTemplate
+from moe_serve.openai_api.choices import StopText
 from tests.support import BIN
 from tests.support.http import metric, wait_http
 from tests.support.launch import launch, stop_all
@@ -48,7 +49,7 @@ def api(lm, tmp_path_factory):
     gateway = launch("gateway", logs / "gw.log", checkpoint=lm, servers=[s.address for s in experts],
                      metrics_host="127.0.0.1", metrics_port=ports[0], log_level="WARNING")
     b_gateway = launch("gateway", logs / "gwb.log", checkpoint=lm, servers=[b_expert.address], log_level="WARNING",
-                       auth_token=TOKEN, max_running_requests=1, max_queued_requests=1, rpc_timeout=60,
+                       auth_token=TOKEN, max_running_requests=1, max_queued_requests=1, rpc_timeout=60, keepalive=60,
                        metrics_host="127.0.0.1", metrics_port=ports[1])
     front = launch("openai", logs / "oa.log", checkpoint=lm, gateway=gateway.address, log_level="WARNING")
     b_front = launch("openai", logs / "oab.log", checkpoint=lm, gateway=b_gateway.address, log_level="WARNING")
@@ -98,14 +99,20 @@ def test_completions_equal_grpc_generate_and_transformers(api):
     assert [i for c in chunks for i in _ids(c.choices[0].logprobs.tokens)] == got
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
 
-    # Sampling: a seed makes it repeatable; n choices with one seed differ (choice j draws with seed + j).
-    def sampled(**kw):
-        reply = client.completions.create(model=api["model"], prompt=prompt, max_tokens=8, temperature=1.5, seed=11,
+    # A stop string: the text ends before its first match, finish_reason "stop".
+    stop = next(choice.text[i:i + 2] for i in range(1, len(choice.text) - 1) if "\ufffd" not in choice.text[i:i + 2])
+    stopped = client.completions.create(model=api["model"], prompt=prompt, max_tokens=12, temperature=0, stop=[stop],
+                                        extra_body={"ignore_eos": True}).choices[0]
+    assert (stopped.text, stopped.finish_reason) == (choice.text[:choice.text.index(stop)], "stop")
+
+    # Sampling: a seed makes it repeatable, and choice j of n draws with seed + j (what n = 1 draws with it).
+    def sampled(seed=11, **kw):
+        reply = client.completions.create(model=api["model"], prompt=prompt, max_tokens=16, temperature=2, seed=seed,
                                           extra_body=extra, logprobs=0, **kw)
         return [_ids(c.logprobs.tokens) for c in reply.choices]
 
     two = sampled(n=2)
-    assert sampled() == two[:1] and len(two) == 2 and two[0] != two[1]
+    assert len(two) == 2 and two == sampled() + sampled(seed=12)
 
 
 def test_chat_renders_the_template_as_transformers_does(api):
@@ -259,3 +266,14 @@ def test_gateway_errors_become_401_429_503(api):
     expert.kill()
     gone = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=120)
     assert gone.status_code == 503 and gone.json()["error"]["type"] == "service_unavailable", gone.text
+
+
+def test_stop_strings_across_pieces():
+    """Text is held back while a stop string may be forming across pieces, and ends before the match."""
+    text = StopText(["cd", "xyz"])
+    assert [text.push(p, last=False) for p in ("ab", "c", "de", "f")] == ["", "a", "b", ""]  # holds 2: len("xyz") - 1
+    assert text.stopped and text.text == "ab"
+    free = StopText([])
+    assert [free.push(p, last=i == 2) for i, p in enumerate(("ab", "c", "d"))] == ["ab", "c", "d"]
+    held = StopText(["xyz"])
+    assert [held.push(p, last=i == 2) for i, p in enumerate(("abx", "y", "q"))] == ["a", "b", "xyq"]

@@ -29,7 +29,9 @@ class StopText:
         self.stopped = False
 
     def push(self, piece: str, last: bool) -> str:
-        """The text that may go out now (with `last`, everything left)."""
+        """The text that may go out now (with `last`, everything left); nothing once a stop string matched."""
+        if self.stopped:
+            return ""
         start = max(0, len(self.text) - self.hold)  # a stop ending in `piece` starts here or later
         self.text += piece
         hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
