@@ -7,6 +7,8 @@ and pool). For each token count, interleaved, medians over repeats:
   - same-host channel: hidden states and sums in shared memory (CUDA IPC with --device cuda), the call
     over the Unix socket from this thread (rpc/local_channel.py), what the gateway does by default;
   - gRPC + shared memory: the same, the call by gRPC through the event loops (--no-same-host-calls);
+  - (GPU) same-host channel, host memory: the caller's tensors in /dev/shm, the server copying them to
+    its GPU and back: the caller never touches the GPU;
 and the host overhead of the channel: its round trip minus the compute the server reports doing.
 Goal (issue 14): <= 0.3 ms at 64 decode tokens.
 
@@ -74,6 +76,11 @@ def measure(tokens: int, shape: Shape, args, bank: ExpertBank, dispatchers: dict
     variants = {"in-process": lambda: bank.compute(LAYER, hidden, ids, weights, on_device=True),
                 "same-host channel": channel,
                 "gRPC + shared memory": lambda: dispatchers["gRPC + shared memory"].run(LAYER, hidden, ids, weights)}
+    if args.device.startswith("cuda"):
+        # The caller's tensors in host memory (/dev/shm): the caller never touches the GPU, so the GPU does not
+        # switch between this process's context and the server's on every call.
+        host = (hidden.cpu(), ids.cpu(), weights.cpu())
+        variants["same-host channel, host memory"] = lambda: dispatchers["same-host channel"].run(LAYER, *host)
     times: dict[str, list[float]] = {name: [] for name in variants}
     # The server's own view, from its metrics: whole handling of a call (decode to reply) and compute alone.
     handled = {name: [0.0, 0.0, 0.0] for name in variants}  # handling seconds, compute seconds, calls

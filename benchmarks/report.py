@@ -46,22 +46,25 @@ def transport_table(rows: list[dict]) -> str:
         v = {name: s["median"] for name, s in row["variants"].items()}
         gbs = row["moved_bytes"] / 1e9
         lines.append([_payload(row), _ms(v["in-process"]), _ms(v["torch RPC"]), _ms(v["torch RPC tcp-only"]),
-                      _ms(v["ours unix"]), _ms(v["ours tcp"]), f"{gbs / v['torch RPC']:.2f}",
-                      f"{gbs / v['ours unix']:.2f}", f"{speed(row, 'ours unix', 'torch RPC'):.2f}x",
+                      _ms(v["ours unix"]), _ms(v["ours tcp"]), _ms(v["ours tcp lanes"]), f"{gbs / v['torch RPC']:.2f}",
+                      f"{gbs / v['torch RPC tcp-only']:.2f}", f"{gbs / v['ours tcp lanes']:.2f}",
+                      f"{speed(row, 'ours unix', 'torch RPC'):.2f}x",
                       f"{speed(row, 'ours tcp', 'torch RPC tcp-only'):.2f}x",
+                      f"{speed(row, 'ours tcp lanes', 'torch RPC tcp-only'):.2f}x",
                       f"{speed(row, 'ours unix', 'in-process'):.4f}x"])
-    header = ["payload", "in-proc", "RPC", "RPC tcp", "ours unix", "ours tcp", "RPC GB/s", "ours GB/s",
-              "unix/RPC", "tcp/RPC tcp", "unix/in-proc"]
+    header = ["payload", "in-proc", "RPC", "RPC tcp", "ours unix", "ours tcp 1 conn", "ours tcp lanes", "RPC GB/s",
+              "RPC tcp GB/s", "lanes GB/s", "unix/RPC", "tcp 1 conn/RPC tcp", "lanes/RPC tcp", "unix/in-proc"]
     return _table(header, lines)
 
 
 def variants_table(rows: list[dict]) -> str:
     """Our wire path against its variants: before zerocopy, without the loop hand-off, split in two."""
-    names = ["ours unix", "ours tcp", "grpc+upb tcp (before)", "ours unix sync", "ours unix split2"]
+    names = ["ours unix", "ours tcp", "ours tcp 2 lanes", "ours tcp lanes", "grpc+upb tcp (before)", "ours unix sync",
+             "ours unix split2"]
     lines = [[_payload(row), *(_ms(row["variants"][n]["median"]) for n in names),
               f"{speed(row, 'ours tcp', 'grpc+upb tcp (before)'):.2f}x"] for row in rows]
-    return _table(["payload", "unix", "tcp", "upb tcp (before)", "unix, no loop hop", "unix, split in 2",
-                   "tcp vs before"], lines)
+    return _table(["payload", "unix", "tcp", "tcp 2 lanes", "tcp 4 lanes", "upb tcp (before)", "unix, no loop hop",
+                   "unix, split in 2", "tcp vs before"], lines)
 
 
 SHM = "ours, shared memory"  # same-host servers reached through /dev/shm arenas, called by gRPC

@@ -17,7 +17,9 @@ from moe_client import GatewayClient, wire
 from moe_client.pb import experts_pb2
 from moe_serve.gateway.batching_config import BatchingConfig
 from moe_serve.rpc.local_channel import ChannelError, LocalLink, LocalListener
+from tests.support.busy import bank_held
 from tests.support.references import reference_forward
+from tests.support.waiting import wait_for
 
 
 def _local_calls(cluster, server: str) -> int:
@@ -137,3 +139,21 @@ def test_only_the_servers_user_gets_in():
         link.close()
     finally:
         listener.close()
+
+
+def test_a_stuck_server_times_out_on_the_channel_and_the_link_recovers(cluster, tiny_checkpoint):
+    """rpc_timeout bounds a call on the channel as over gRPC (UNAVAILABLE naming the layer, the only replica
+    having timed out); once the server frees up, its late reply is dropped and the next calls are right."""
+    server = cluster.expert_server(tiny_checkpoint)
+    gateway = cluster.gateway(tiny_checkpoint, [server], rpc_timeout=0.5, batching=BatchingConfig(batching=False))
+    hidden = np.random.default_rng().standard_normal((4, 64), dtype=np.float32)
+    with GatewayClient(gateway, timeout=30) as client:
+        with bank_held(cluster.expert_servicers[server]), pytest.raises(grpc.RpcError) as err:
+            client.forward(hidden)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "DEADLINE_EXCEEDED" in err.value.details() and "layer 0 experts" in err.value.details()
+        pool = cluster.servicers[gateway].engine.experts.inner.pool
+        pool.replicas[server].ejected_until = 0.0  # skipped after the timeout; the test needs no wait for it
+        wait_for(lambda: np.abs(client.forward(hidden) - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5,
+                 "a correct answer after the stall")
+    assert _local_calls(cluster, server) >= 2

@@ -55,7 +55,9 @@ class LocalCalls:
 
     def _run(self, request) -> bytes:
         bank = self.servicer.bank
+        queued = time.perf_counter()
         with bank.lock:
+            self.servicer.metrics.queue_wait.observe(time.perf_counter() - queued)  # as the merger's queue
             work = self.servicer.prepare(request)
             start = time.perf_counter()
             out = bank.compute(work.layer, work.hidden, work.expert_ids, work.weights, work.out_dtype,

@@ -25,10 +25,13 @@ _INT_IDS = (wire.INT32, wire.INT64)
 _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16, wire.FLOAT8_E4M3)
 
 
-def decode_request(request, hidden_size: int, regions: RegionMaps | None = None):
+def decode_request(request, hidden_size: int, regions: RegionMaps | None = None,
+                   deferred: list | None = None):
     """Validated (hidden [T, H], expert_ids [T, K], weights [T, K]); InvalidArgument names the bad field.
 
-    With `regions`, hidden states named by `shared_hidden` are read where the caller left them.
+    With `regions`, hidden states named by `shared_hidden` are read where the caller left them. With
+    `deferred`, the NaN check of hidden states on a GPU is left there as (field, device flag) for the caller
+    to read after the computation's own synchronisation, instead of synchronising here.
     """
     if request.shared_hidden.region.kind:
         if regions is None:
@@ -51,7 +54,9 @@ def decode_request(request, hidden_size: int, regions: RegionMaps | None = None)
         raise InvalidArgument(f"weights: shape {list(weights.shape)} differs from expert_ids {list(ids.shape)}")
     if not bool(torch.isfinite(weights).all()):
         raise InvalidArgument("weights: contains NaN or Inf")
-    if not bool(torch.isfinite(hidden).all()):
+    if deferred is not None and hidden.is_cuda:
+        deferred.append(("hidden", torch.isfinite(hidden).all()))
+    elif not bool(torch.isfinite(hidden).all()):
         raise InvalidArgument("hidden: contains NaN or Inf")
     return hidden, ids, weights
 
@@ -86,7 +91,8 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
             raise FailedPrecondition(
                 f"model_fingerprint: the caller serves checkpoint {request.model_fingerprint}, this server "
                 f"({self.info.server_name}) serves {self.info.model_fingerprint}; start both on the same checkpoint")
-        hidden, ids, weights = decode_request(request, self.bank.hidden_size, self.regions)
+        deferred: list = []
+        hidden, ids, weights = decode_request(request, self.bank.hidden_size, self.regions, deferred)
         if request.shared_output.region.kind:
             dest = self.regions.tensor(request.shared_output, "shared_output") if self.regions else None
             if dest is None:
@@ -107,6 +113,8 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
             finish = partial(to_wire_owned, dtype=out_dtype)
             dest = None
         self.bank.check(request.layer, ids)
+        if deferred:
+            finish = partial(_checked, finish, deferred)
         return Work(request.layer, hidden, ids, weights, TORCH_DTYPES.get(out_dtype, torch.float32), finish,
                     on_device=dest is not None and dest.is_cuda)
 
@@ -130,10 +138,19 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
 def _write_shared(dest: torch.Tensor, dtype: int, out: torch.Tensor) -> wire.WireTensor:
     """Copy the result into the caller's region; it is complete (synchronised) before the reply goes."""
     dest.copy_(out)
-    for t in (dest, out):
-        if t.is_cuda:
-            torch.cuda.synchronize(t.device)
+    for device in {t.device for t in (dest, out) if t.is_cuda}:
+        torch.cuda.synchronize(device)
     return wire.WireTensor(dtype=dtype, shape=tuple(dest.shape))
+
+
+def _checked(finish, deferred: list, out: torch.Tensor):
+    """finish(out), then the checks decode_request left on the GPU: read after finish's synchronisation, they
+    cost no wait of their own. A call that fails them gets INVALID_ARGUMENT (what it wrote is not used)."""
+    value = finish(out)
+    for field, finite in deferred:
+        if not bool(finite):
+            raise InvalidArgument(f"{field}: contains NaN or Inf")
+    return value
 
 
 def add_to_server(servicer: ExpertServicer, server) -> None:

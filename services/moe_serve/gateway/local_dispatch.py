@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -33,8 +32,8 @@ from moe_serve.rpc.errors import ServiceError
 from moe_serve.rpc.local_channel import ChannelClosed, ChannelError
 from moe_serve.rpc.shared_regions import Arena
 
-if TYPE_CHECKING:
-    from moe_serve.gateway.dispatch import ExpertDispatcher
+# `dispatcher` below is the gateway's ExpertDispatcher (dispatch.py, which calls start_local): its pool,
+# arenas, staging, metrics and gRPC failover (`rescue`). Not imported, so the two modules form no loop.
 
 
 @dataclass
@@ -43,7 +42,7 @@ class _Part:
 
     replica: Replica
     chosen: list[int]
-    rows: torch.Tensor  # [T'] positions in the layer's batch
+    rows: torch.Tensor  # [T'] positions in the layer's batch, on the hidden states' device
     arena: Arena
     result: torch.Tensor  # [T', H] float32 view of the arena the server writes
     payload: bytes
@@ -53,7 +52,7 @@ class _Part:
     send_error: str = ""
 
 
-def start_local(dispatcher: ExpertDispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+def start_local(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor, deadline: float | None) -> LocalRound | None:
     """Send the layer's calls if every server in its plan takes them over the same-host channel; else None
     (nothing sent: the gRPC path runs the layer)."""
@@ -73,7 +72,7 @@ def start_local(dispatcher: ExpertDispatcher, layer: int, hidden: torch.Tensor, 
     return round_
 
 
-def _stage(dispatcher: ExpertDispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+def _stage(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
            weights: torch.Tensor, counts: dict[int, int], plan: dict[Replica, list[int]]) -> list[_Part] | None:
     """Each server's request, its hidden rows copied into an arena; None (arenas released) when shared memory
     runs out."""
@@ -89,7 +88,9 @@ def _stage(dispatcher: ExpertDispatcher, layer: int, hidden: torch.Tensor, exper
                                              weights=to_wire(weights.index_select(0, rows).float()),
                                              request_id=request_ids.current())
         request.model_fingerprint = dispatcher.pool.fingerprint
-        result = dispatcher.stage(arena, request, hidden, rows, sync=False)
+        if hidden.is_cuda:  # once, asynchronously: the staging gathers by them and the sum adds by them
+            rows = rows.pin_memory().to(hidden.device, non_blocking=True)
+        result = dispatcher.stage(arena, request, hidden, rows, sync=False, device_rows=rows)
         parts.append(_Part(replica, chosen, rows, arena, result, request.SerializeToString(),
                            sum(counts[e] for e in chosen)))
     if hidden.is_cuda:  # every server reads what we wrote: one synchronisation for all of them
@@ -100,7 +101,7 @@ def _stage(dispatcher: ExpertDispatcher, layer: int, hidden: torch.Tensor, exper
 class LocalRound:
     """One layer's same-host calls in flight; `result()` waits for them like a Future."""
 
-    def __init__(self, dispatcher: ExpertDispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+    def __init__(self, dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor, counts: dict[int, int], deadline: float | None, parts: list[_Part]):
         self.dispatcher = dispatcher
         self.layer = layer
@@ -186,7 +187,7 @@ class LocalRound:
             d.rescue(self.layer, self.hidden, self.expert_ids, self.weights,
                      {e: self.counts[e] for e in part.chosen}, self.deadline, excluded, failures), d.loop).result()
         for _, rows, partial in sorted(rescued, key=lambda p: p[0]):
-            out.index_add_(0, rows.to(out.device), partial.to(out.device))
+            out.index_add_(0, rows.to(out.device), partial.to(out.device, torch.float32))
 
     def _timeout(self, part: _Part) -> float:
         timeout = self.dispatcher.timeout - (time.perf_counter() - part.sent_at)

@@ -123,7 +123,7 @@ class ServerPool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(r.channel.close() for r in self.replicas.values()), return_exceptions=True)
+        await asyncio.gather(*(r.close() for r in self.replicas.values()), return_exceptions=True)
         for replica in self.replicas.values():
             self._link(replica, "")
         self.replicas.clear()
@@ -138,9 +138,12 @@ class ServerPool:
 
     def _add(self, address: str, target: str, host: str) -> Replica:
         options = self.options
-        channel = open_aio_channel(address, options.tls, extra=options.channel_options(),
-                                   server_name=host if options.tls is not None and host else None)
-        replica = self.replicas[address] = Replica(address, target, channel)
+        name = host if options.tls is not None and host else None
+        channel = open_aio_channel(address, options.tls, extra=options.channel_options(), server_name=name)
+        # Lanes connect on their first call (grpc channels are lazy): none for servers reached by shared memory.
+        lanes = tuple(open_aio_channel(address, options.tls, extra=options.lane_options(), server_name=name)
+                      for _ in range(options.tcp_lanes - 1))
+        replica = self.replicas[address] = Replica(address, target, channel, lanes, options.min_piece_bytes)
         return replica
 
     async def refresh(self) -> None:
@@ -175,7 +178,7 @@ class ServerPool:
         deadline = time.monotonic() + self.options.rpc_timeout
         while replica.outstanding and time.monotonic() < deadline:  # let its in-flight calls finish
             await asyncio.sleep(0.1)
-        await replica.channel.close()
+        await replica.close()
         self._link(replica, "")
 
     async def _resolve_loop(self) -> None:

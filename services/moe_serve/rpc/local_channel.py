@@ -227,29 +227,38 @@ class LocalLink:
             with self._cond:
                 while True:
                     if seq in self._replies:
-                        kind, payload = self._replies.pop(seq)
-                        self._expected.discard(seq)
-                        return _reply(kind, payload)
+                        return self._take(seq)
                     if self.closed:
                         self._expected.discard(seq)
                         raise ChannelClosed("the channel closed before the reply came")
+                    if not self._reading:
+                        self._reading = True
+                        break
                     left = deadline - time.monotonic()
                     if left <= 0:
                         self._expected.discard(seq)
                         raise TimeoutError(f"no reply within {timeout:.3g}s")
-                    if not self._reading:
-                        self._reading = True
-                        break
                     self._cond.wait(left)  # another thread reads; it hands our reply over
             frame = None
             try:
-                frame = self._read(deadline)
+                frame = self._read(deadline)  # past the deadline: only a frame already there
             finally:
                 with self._cond:
                     self._reading = False
                     if frame is not None and frame[0] in self._expected:
                         self._replies[frame[0]] = frame[1:]
                     self._cond.notify_all()
+            if frame is None and time.monotonic() >= deadline:
+                with self._cond:
+                    if seq in self._replies:
+                        return self._take(seq)
+                    self._expected.discard(seq)
+                raise TimeoutError(f"no reply within {timeout:.3g}s")
+
+    def _take(self, seq: int) -> bytearray:
+        kind, payload = self._replies.pop(seq)
+        self._expected.discard(seq)
+        return _reply(kind, payload)
 
     def _read(self, deadline: float) -> tuple[int, int, bytearray] | None:
         """The next frame, or None if none starts before the deadline. A frame once started is read whole
