@@ -53,6 +53,7 @@ from benchmarks.gpu_measures import (
     generate_streams,
     profile_step,
 )
+from benchmarks.model_shapes import DEEPSEEK_MOE_16B, QWEN15_MOE_A27B
 from benchmarks.timing import synced_times, synchronize
 from moe_client import wire
 from moe_serve.core.causal_lm import CausalLM
@@ -69,21 +70,6 @@ from moe_serve.process.threads import set_torch_threads
 from moe_serve.rpc.shared_regions import kind_names
 from tests.support.launch import ServiceProcess, launch, stop_all
 from tests.support.threads import LoopThread
-
-DEEPSEEK_MOE_16B = {
-    "model_type": "deepseek", "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
-    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64,
-    "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1,
-    "norm_topk_prob": False, "scoring_func": "softmax", "vocab_size": 102400, "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0, "max_position_embeddings": 4096, "torch_dtype": "bfloat16", "hidden_act": "silu",
-    "attention_bias": False, "tie_word_embeddings": False,
-}
-QWEN15_MOE_A27B = {
-    "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
-    "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4, "num_hidden_layers": 24,
-    "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936, "max_position_embeddings": 8192,
-    "rope_theta": 1000000.0, "norm_topk_prob": False, "decoder_sparse_step": 1,
-}
 
 
 def write_checkpoint(path: Path, config: dict, seed: int, device: str) -> None:
@@ -214,7 +200,7 @@ def ours_prefill_decode(model: CausalLM, experts, args, pingpong: PingPong | Non
 
     @torch.inference_mode()
     def prefill():
-        caches = [model.new_cache(args.prefill_len) for _ in prompts]
+        caches = model.new_caches([args.prefill_len] * len(prompts))
         return in_parts(pingpong, experts, len(prompts),
                         lambda lo, hi, b: model.forward(prompts[lo:hi], caches[lo:hi], b, last_only=True))
 
@@ -247,7 +233,7 @@ def decode_run(model: CausalLM, experts, args, prompts, batch: int, pingpong: Pi
 
     @torch.inference_mode()
     def decode():
-        caches = [model.new_cache(args.decode_prompt + steps) for _ in range(batch)]
+        caches = model.new_caches([args.decode_prompt + steps] * batch)
         starts = [p[: args.decode_prompt] for p in (prompts * batch)[:batch]]
         lengths = [args.decode_prompt] * batch
         h = model.forward_hidden(model.embed(torch.cat(starts)), caches, lengths, experts)
@@ -370,7 +356,7 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
                 with torch.inference_mode():
                     prompts = prefill_prompts(spec, args)
                     model = servicer.engine.model
-                    model.forward(prompts, [model.new_cache(args.prefill_len) for _ in prompts], experts)
+                    model.forward(prompts, model.new_caches([args.prefill_len] * len(prompts)), experts)
                 experts.counting = False
                 counter_loads.update(experts.loads)
             # As the gateway serves a step: two micro-batches, each one's expert calls out while the other
