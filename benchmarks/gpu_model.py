@@ -33,6 +33,7 @@ table; writes JSON after every row (a run cut short keeps what it measured; a fa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -51,7 +52,7 @@ from benchmarks.gpu_measures import (
     decode_step_bytes,
     expert_call_ms,
     generate_streams,
-    profile_step,
+    profile_region,
 )
 from benchmarks.model_shapes import DEEPSEEK_MOE_16B, QWEN15_MOE_A27B
 from benchmarks.timing import synced_times, synchronize
@@ -220,19 +221,21 @@ def ours_prefill_decode(model: CausalLM, experts, args, pingpong: PingPong | Non
     row["decode_tokens_per_s"] = row["decode"][args.decode_batch]["tokens_per_s"]
     row["decode_step_ms"] = row["decode"][args.decode_batch]["step_ms"]
     if args.profile:
-        run = decode_run(model, experts, args, prompts, args.decode_batch, pingpong, steps=1)
-        row["decode_step_profile"] = profile_step(run, args.device)
+        run = decode_run(model, experts, args, prompts, args.decode_batch, pingpong, steps=2)
+        run()  # warm: this batch's graphs captured
+        row["decode_2_steps_profile"] = profile_region(run, args.device)
     row["logits"] = [t.float().cpu() for t in prefill()]
     return row
 
 
 def decode_run(model: CausalLM, experts, args, prompts, batch: int, pingpong: PingPong | None, steps: int = 0):
     """A function that prefills `batch` sequences, then times `steps` (default --decode-steps) greedy decode
-    steps of all of them at once; returns the steps' seconds."""
+    steps of all of them at once; returns the steps' seconds. Its `around` (a context manager factory, e.g.
+    a profiler's) encloses the steps only."""
     steps = steps or args.decode_steps
 
     @torch.inference_mode()
-    def decode():
+    def decode(around=contextlib.nullcontext):
         caches = model.new_caches([args.decode_prompt + steps] * batch)
         starts = [p[: args.decode_prompt] for p in (prompts * batch)[:batch]]
         lengths = [args.decode_prompt] * batch
@@ -243,12 +246,13 @@ def decode_run(model: CausalLM, experts, args, prompts, batch: int, pingpong: Pi
             return [model.forward_hidden(model.embed(last[lo:hi]), caches[lo:hi], [1] * (hi - lo), backend)]
 
         synchronize([args.device])
-        start = time.perf_counter()
-        for _ in range(steps):
-            h = torch.cat(in_parts(pingpong, experts, batch, partial(step, tokens)))
-            tokens = F.linear(h, model.lm_head).argmax(-1)
-        synchronize([args.device])
-        return time.perf_counter() - start
+        with around():
+            start = time.perf_counter()
+            for _ in range(steps):
+                h = torch.cat(in_parts(pingpong, experts, batch, partial(step, tokens)))
+                tokens = F.linear(h, model.lm_head).argmax(-1)
+            synchronize([args.device])
+            return time.perf_counter() - start
 
     return decode
 
