@@ -163,12 +163,11 @@ class GenerateScheduler:
                     running.append(self._waiting.popleft())
                     running[-1].stats.admitted = time.perf_counter()
             running = self._keep(running)
-            self.active = len(running)  # also while a step is in flight (a slow expert server shows)
+            self._count(running)  # also while a step is in flight (a slow expert server shows)
             if running:
                 self._step(running)
                 running = self._keep(running)
-            self.active = len(running)
-            self.kv_tokens = sum(s.cache.length for s in running if s.cache is not None)
+            self._count(running)
         with self._cond:
             left = running + list(self._waiting)
             self._waiting.clear()
@@ -177,6 +176,11 @@ class GenerateScheduler:
         for seq in running:
             if seq.cache is not None:
                 seq.cache.release()
+
+    def _count(self, running: list[_Sequence]) -> None:
+        """The gauges' numbers: KV-cache tokens first, so a scrape that sees no sequence running sees none held."""
+        self.kv_tokens = sum(s.cache.length for s in running if s.cache is not None)
+        self.active = len(running)
 
     @staticmethod
     def _keep(running: list[_Sequence]) -> list[_Sequence]:
