@@ -16,6 +16,7 @@ from moe_serve.model.config import spec_from_config
 from moe_serve.model.placement import missing_pairs, read_placement, resolve_ownership
 from moe_serve.model.synthetic import SyntheticConfig
 from moe_serve.observability.metrics import ServiceMetrics
+from moe_serve.observability.serving import ServingMetrics
 from tests.support import ROOT
 from tests.support.prometheus import render_config, require
 
@@ -210,7 +211,9 @@ def test_k8s_gpu_overlay_puts_experts_and_gateways_on_gpus_in_bf16():
 
 def defined_metrics() -> set[str]:
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""], "info": ["_info"]}
-    return {family.name + suffix for family in ServiceMetrics("test").registry.collect()
+    metrics = ServiceMetrics("test")
+    ServingMetrics(metrics.registry)  # the gateway's serving metrics
+    return {family.name + suffix for family in metrics.registry.collect()
             for suffix in suffixes.get(family.type, [""])}
 
 
@@ -219,12 +222,12 @@ def test_dashboard_asks_only_for_defined_metrics_in_the_chosen_job_and_namespace
     dashboard = json.loads(path.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert exprs
-    used = {name for expr in exprs for name in re.findall(r"\b(moe_[a-z_]+)\b", expr)}
+    used = {name for expr in exprs for name in re.findall(r"\b(moe_[a-z0-9_]+)\b", expr)}
     assert used and used <= defined_metrics() | PENDING_METRICS, f"unknown metrics: {sorted(used - defined_metrics())}"
     variables = {v["name"] for v in dashboard["templating"]["list"]}
     assert {"namespace", "gateway_job", "expert_job"} <= variables
     for expr in exprs:  # every selector is narrowed to the chosen namespace and a chosen job
-        for selector in re.findall(r"\bmoe_[a-z_]+(\{[^}]*\})?", expr):
+        for selector in re.findall(r"\bmoe_[a-z0-9_]+(\{[^}]*\})?", expr):
             assert 'namespace=~"$namespace"' in selector, expr
             assert re.search(r'job=~"\$(gateway|expert)_job\b', selector), expr
     titles = [p["title"] for p in dashboard["panels"]]
@@ -234,7 +237,7 @@ def test_dashboard_asks_only_for_defined_metrics_in_the_chosen_job_and_namespace
 def test_alert_rules_ask_only_for_defined_metrics_and_pass_their_promtool_tests():
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.rules.yml").read_text())
     exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
-    used = {name for expr in exprs for name in re.findall(r"\b(moe_[a-z_]+)\b", expr)}
+    used = {name for expr in exprs for name in re.findall(r"\b(moe_[a-z0-9_]+)\b", expr)}
     assert used <= defined_metrics() | PENDING_METRICS, f"unknown metrics: {sorted(used - defined_metrics())}"
     tested = set(re.findall(r"alertname: (\w+)", (DEPLOY / "prometheus" / "alerts.test.yml").read_text()))
     assert tested == {r["alert"] for g in rules["groups"] for r in g["rules"]}, "an alert without a test"

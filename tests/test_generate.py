@@ -8,7 +8,14 @@ import torch
 from safetensors import safe_open
 
 from moe_client import GatewayClient
-from tests.support.references import random_prompts, reference_greedy, reference_logits
+from moe_serve.gateway.batching_config import BatchingConfig
+from tests.support.references import (
+    check_logprobs,
+    random_prompts,
+    reference_greedy,
+    reference_logits,
+    reference_logprobs,
+)
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek"]
 
@@ -132,3 +139,28 @@ def test_bf16_dense_layers_and_experts_stay_close(cluster, causal_checkpoints):
         assert (got - want).abs().mean() / want.std() < 5e-2
     with GatewayClient(gateway) as client:
         assert len(list(client.generate(prompts[0], max_new_tokens=4, ignore_eos=True))) == 4
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_logprobs_equal_log_softmax_of_transformers(cluster, causal_checkpoints, batching):
+    """Generate's log-probs (the scheduler's on the device, and the --no-batching engine's) are log_softmax of
+    transformers' float32 logits at each step, chosen token and top-k alike."""
+    path = causal_checkpoints["qwen3_moe"]
+    gateway = start(cluster, path, batching=BatchingConfig(batching=batching))
+    prompt = random_prompts(160, [7])[0]
+    with GatewayClient(gateway) as client:
+        tokens = list(client.generate(prompt, max_new_tokens=6, ignore_eos=True, temperature=0.8, seed=5,
+                                      top_logprobs=4))
+        plain = list(client.generate(prompt, max_new_tokens=6, ignore_eos=True, temperature=0.8, seed=5))
+        chosen_only = list(client.generate(prompt, max_new_tokens=6, ignore_eos=True, logprobs=True))
+    ids = [t.token_id for t in tokens]
+    assert ids == [t.token_id for t in plain]  # asking for log-probs changes nothing else
+    assert all(t.logprob is None and not t.top_logprobs for t in plain)
+    check_logprobs(reference_logprobs(path, prompt, ids), ids, [t.logprob for t in tokens],
+                   [list(t.top_logprobs) for t in tokens], 4)
+    greedy = [t.token_id for t in chosen_only]
+    check_logprobs(reference_logprobs(path, prompt, greedy), greedy, [t.logprob for t in chosen_only],
+                   [[] for _ in chosen_only], 0)
+    with GatewayClient(gateway) as client, pytest.raises(grpc.RpcError) as err:
+        list(client.generate(prompt, top_logprobs=21))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_logprobs: 21" in err.value.details()

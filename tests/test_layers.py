@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "observability": {"process", "core", "model", "rpc"},
     "gateway": {"process", "core", "model", "rpc", "observability"},
     "expert_server": {"process", "core", "model", "rpc", "observability"},
+    "openai_api": {"process", "core", "model", "rpc", "observability"},  # HTTP front end, gRPC to the gateway
     "tools": {"process", "core", "model", "rpc", "observability", "gateway", "expert_server"},
     "": {"process"},  # moe_serve/__init__.py
 }
@@ -149,7 +150,8 @@ def test_the_client_package_holds_no_server_code():
 
 
 @pytest.mark.parametrize("module", ["moe_serve.rpc.options", "moe_serve.process.env", "moe_serve.core.spec",
-                                    "moe_serve.model.config", "moe_serve.model.placement"])
+                                    "moe_serve.model.config", "moe_serve.model.placement",
+                                    "moe_serve.openai_api.main"])
 def test_light_modules_do_not_load_torch(module):
     """Flags, options and descriptions import without torch (tools and option parsing stay quick)."""
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"

@@ -1,7 +1,10 @@
 """A real Prometheus scrapes a gateway and three expert servers with the project's own scrape config; its
-HTTP API then returns exactly the requests, tokens and bytes we sent, and every Grafana panel has data."""
+HTTP API then returns exactly the requests, tokens and bytes we sent, the serving metrics of the Generate
+streams we ran, and every Grafana panel has data. The model is the embedded causal LM (create-model
+--causal-lm: hidden 64, 2 MoE layers of 8 experts, top-2), so Forward and Generate both run."""
 
 import json
+import os
 import re
 import subprocess
 
@@ -14,6 +17,7 @@ from moe_serve.expert_server.config import ExpertServerConfig
 from moe_serve.expert_server.main import create_server
 from moe_serve.gateway.config import GatewayConfig
 from moe_serve.gateway.main import create_gateway
+from moe_serve.model.synthetic_lm import SyntheticLMConfig, write_causal_lm
 from tests.support import ROOT
 from tests.support.prometheus import Prometheus, render_config, require
 from tests.test_deploy_files import PENDING_METRICS
@@ -22,16 +26,22 @@ EXPERTS = ("0-2", "3-5", "6-7")  # of the tiny checkpoint's 8
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "moe-serve.json"
 
 
+@pytest.fixture(scope="module")
+def lm_checkpoint(tmp_path_factory):
+    seed = int.from_bytes(os.urandom(4), "little")
+    return write_causal_lm(tmp_path_factory.mktemp("lm"), SyntheticLMConfig(seed=seed))
+
+
 @pytest.fixture
-def services(loop_thread, tiny_checkpoint):
+def services(loop_thread, lm_checkpoint):
     """Three expert servers and a gateway on loopback, each with /metrics on its own port."""
     started = []  # (handle, servicer)
     for i, experts in enumerate(EXPERTS):
-        config = ExpertServerConfig(checkpoint=str(tiny_checkpoint), experts=experts, host="127.0.0.1", port=0,
+        config = ExpertServerConfig(checkpoint=str(lm_checkpoint), experts=experts, host="127.0.0.1", port=0,
                                     name=f"expert-{i}")
         started.append(loop_thread.run(create_server(config)))
     servers = [f"127.0.0.1:{handle.port}" for handle, _ in started]
-    config = GatewayConfig(checkpoint=str(tiny_checkpoint), servers=servers, host="127.0.0.1", port=0,
+    config = GatewayConfig(checkpoint=str(lm_checkpoint), servers=servers, host="127.0.0.1", port=0,
                            connect_timeout=20.0)
     started.append(loop_thread.run(create_gateway(config)))
     metrics = [f"127.0.0.1:{servicer.metrics.serve('127.0.0.1', 0)}" for _, servicer in started]
@@ -128,6 +138,23 @@ def test_prometheus_sees_what_we_sent(services, prometheus, loop_thread):
     assert len(p.values('moe_device_memory_bytes{device="cpu", kind="rss"} > 0', by="instance")) == 4
     assert p.values('sum(moe_weight_bytes)')[""] > 0
     assert p.values('rate(moe_requests_total{job="moe-gateway", rpc="Forward", code="OK"}[1m])')[""] > 0
+
+    # Generate streams: the serving metrics count exactly what ran.
+    prompts = [rng.integers(0, 400, n).tolist() for n in (3, 9, 5)]
+    new_tokens = [4, 1, 6]
+    with GatewayClient(services["gateway"]) as client:
+        for prompt, n in zip(prompts, new_tokens, strict=True):
+            assert len(list(client.generate(prompt, max_new_tokens=n, ignore_eos=True))) == n
+    g = '{job="moe-gateway"}'
+    p.wait_for(f'sum(moe_e2e_request_latency_seconds_count{g})', lambda v: v.get("") == 3)
+    assert p.values(f'moe_request_success_total{g}', by="finish_reason") == {"length": 3, "stop": 0}
+    assert p.values(f'moe_prompt_tokens_total{g}') == {"": sum(map(len, prompts))}
+    assert p.values(f'moe_generation_tokens_total{g}') == {"": sum(new_tokens)}
+    for name in ("time_to_first_token", "request_queue_time", "request_prefill_time", "request_decode_time"):
+        assert p.values(f'moe_{name}_seconds_count{g}') == {"": 3}, name
+    assert p.values(f'moe_inter_token_latency_seconds_count{g}') == {"": sum(new_tokens) - 3}
+    assert p.values(f'moe_num_requests_running{g} + moe_num_requests_waiting{g} + moe_kv_cache_tokens{g}') == {
+        "": 0}
 
     # An expert server goes away (its /metrics stays, as a hung process's would): the gateway's calls to it
     # fail, and the error panels show it.

@@ -66,6 +66,8 @@ class GeneratedToken:
     generated_tokens: int
     total_seconds: float
     expert_seconds: float
+    logprob: float | None = None  # with logprobs=True: log-probability of this token
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # with top_logprobs=k: (token id, log-prob), most likely first
 
     @classmethod
     def from_pb(cls, msg: gateway_pb2.GenerateResponse) -> GeneratedToken:
@@ -74,7 +76,9 @@ class GeneratedToken:
         if msg.finish_reason != gateway_pb2.FINISH_REASON_UNSPECIFIED:
             reason = gateway_pb2.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_").lower()
         return cls(msg.token_id, msg.text if msg.HasField("text") else None, reason, msg.prompt_tokens,
-                   msg.generated_tokens, msg.total_seconds, msg.expert_seconds)
+                   msg.generated_tokens, msg.total_seconds, msg.expert_seconds,
+                   msg.logprob if msg.HasField("logprob") else None,
+                   tuple((t.token_id, t.logprob) for t in msg.top_logprobs))
 
 
 class GatewayClient(_Client):
@@ -106,15 +110,18 @@ class GatewayClient(_Client):
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 16, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                 timeout: float | None = None) -> Iterator[GeneratedToken]:
+                 timeout: float | None = None, logprobs: bool = False, top_logprobs: int = 0,
+                 request_id: str | None = None) -> Iterator[GeneratedToken]:
         """Stream the tokens generated after `prompt` (text needs a checkpoint with tokenizer.json).
 
-        temperature 0 is greedy; `timeout` bounds the whole stream (default: the client's timeout).
+        temperature 0 is greedy; `timeout` bounds the whole stream (default: the client's timeout);
+        `logprobs` adds each token's log-probability, `top_logprobs` that many alternatives per step.
         Breaking out of the loop cancels the generation on the gateway.
         """
         request = gateway_pb2.GenerateRequest(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, request_id=uuid.uuid4().hex[:16],
+            stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
+            request_id=request_id or uuid.uuid4().hex[:16], logprobs=logprobs, top_logprobs=top_logprobs,
         )
         if isinstance(prompt, str):
             request.prompt_text = prompt

@@ -28,7 +28,8 @@ from tests.support.waiting import wait_serving
 
 # program -> (console script, module): `python -m module` unless console_script=True (the real entry point)
 PROGRAMS = {"expert-server": ("moe-expert-server", "moe_serve.expert_server.main"),
-            "gateway": ("moe-gateway", "moe_serve.gateway.main")}
+            "gateway": ("moe-gateway", "moe_serve.gateway.main"),
+            "openai": ("moe-openai", "moe_serve.openai_api.main")}  # HTTP: wait with tests.support.http.wait_http
 
 # SIGTERM to the child when the thread that started it ends (setpriv --pdeathsig: PR_SET_PDEATHSIG), so
 # no gigabyte server outlives a crashed benchmark. setpriv rather than a preexec_fn, which would make

@@ -87,3 +87,22 @@ def reference_greedy(path: Path, prompt: list[int], new_tokens: int) -> list[int
 def random_prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
     """Fresh random token ids."""
     return [torch.randint(0, vocab, (n,)).tolist() for n in lengths]
+
+
+def reference_logprobs(path: Path, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """[T, V] log_softmax of the reference's float32 logits at the positions that chose each generated token."""
+    logits = reference_logits(path, [prompt + generated[:-1]])[0]  # [n + T - 1, V]
+    return logits[len(prompt) - 1:].log_softmax(-1)
+
+
+def check_logprobs(ref: torch.Tensor, tokens: list[int], chosen: list[float], tops: list[list[tuple[int, float]]],
+                   k: int, tol: float = 1e-4) -> None:
+    """Each step's chosen log-prob and k alternatives equal the reference `ref` [T, V] to `tol`: the alternatives'
+    values are the reference's k largest (ids may swap only between values closer than `tol`)."""
+    assert len(tokens) == len(chosen) == len(tops) == ref.shape[0]
+    for step, (token, lp, top) in enumerate(zip(tokens, chosen, tops, strict=True)):
+        assert abs(lp - float(ref[step, token])) <= tol, (step, lp, float(ref[step, token]))
+        assert len(top) == k
+        best = ref[step].topk(k).values.tolist()
+        for (tid, tlp), want in zip(top, best, strict=True):
+            assert abs(tlp - want) <= tol and abs(tlp - float(ref[step, tid])) <= tol, (step, top, best)

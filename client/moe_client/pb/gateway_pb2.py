@@ -26,29 +26,31 @@ from moe_client.pb import experts_pb2 as moe_dot_v1_dot_experts__pb2
 from moe_client.pb import tensor_pb2 as moe_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14moe/v1/gateway.proto\x12\x06moe.v1\x1a\x14moe/v1/experts.proto\x1a\x13moe/v1/tensor.proto\"i\n\x0e\x46orwardRequest\x12\x1e\n\x06hidden\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12#\n\x0coutput_dtype\x18\x02 \x01(\x0e\x32\r.moe.v1.DType\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"`\n\x0f\x46orwardResponse\x12\x1e\n\x06hidden\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x15\n\rtotal_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x65xpert_seconds\x18\x03 \x01(\x01\"\xe7\x01\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x03\x12\x13\n\x0bprompt_text\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\tB\x07\n\x05_seed\"\xcd\x01\n\x10GenerateResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x11\n\x04text\x18\x02 \x01(\tH\x00\x88\x01\x01\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.moe.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x65xpert_seconds\x18\x07 \x01(\x01\x42\x07\n\x05_text\"\x15\n\x13GetModelInfoRequest\"\x88\x01\n\x10\x45xpertServerInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x03 \x03(\t\x12#\n\x05owned\x18\x05 \x03(\x0b\x32\x14.moe.v1.LayerExperts\x12\x0c\n\x04name\x18\x06 \x01(\tJ\x04\x08\x04\x10\x05\"\xde\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x12\n\nmoe_layers\x18\x05 \x03(\r\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\"\n\x0b\x64\x65nse_dtype\x18\x0e \x01(\x0e\x32\r.moe.v1.DType\x12)\n\x07servers\x18\t \x03(\x0b\x32\x18.moe.v1.ExpertServerInfo\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x0b \x01(\r\x12\x15\n\rhas_tokenizer\x18\x0c \x01(\x08\x12\x15\n\reos_token_ids\x18\r \x03(\x03J\x04\x08\x08\x10\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xd8\x01\n\x0eGatewayService\x12:\n\x07\x46orward\x12\x16.moe.v1.ForwardRequest\x1a\x17.moe.v1.ForwardResponse\x12?\n\x08Generate\x12\x17.moe.v1.GenerateRequest\x1a\x18.moe.v1.GenerateResponse0\x01\x12I\n\x0cGetModelInfo\x12\x1b.moe.v1.GetModelInfoRequest\x1a\x1c.moe.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14moe/v1/gateway.proto\x12\x06moe.v1\x1a\x14moe/v1/experts.proto\x1a\x13moe/v1/tensor.proto\"i\n\x0e\x46orwardRequest\x12\x1e\n\x06hidden\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12#\n\x0coutput_dtype\x18\x02 \x01(\x0e\x32\r.moe.v1.DType\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"`\n\x0f\x46orwardResponse\x12\x1e\n\x06hidden\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x15\n\rtotal_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x65xpert_seconds\x18\x03 \x01(\x01\"\x8f\x02\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x03\x12\x13\n\x0bprompt_text\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\rB\x07\n\x05_seed\"\x9b\x02\n\x10GenerateResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x11\n\x04text\x18\x02 \x01(\tH\x00\x88\x01\x01\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.moe.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x65xpert_seconds\x18\x07 \x01(\x01\x12\x14\n\x07logprob\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12*\n\x0ctop_logprobs\x18\t \x03(\x0b\x32\x14.moe.v1.TokenLogprobB\x07\n\x05_textB\n\n\x08_logprob\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x15\n\x13GetModelInfoRequest\"\x88\x01\n\x10\x45xpertServerInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x03 \x03(\t\x12#\n\x05owned\x18\x05 \x03(\x0b\x32\x14.moe.v1.LayerExperts\x12\x0c\n\x04name\x18\x06 \x01(\tJ\x04\x08\x04\x10\x05\"\xde\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x12\n\nmoe_layers\x18\x05 \x03(\r\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\"\n\x0b\x64\x65nse_dtype\x18\x0e \x01(\x0e\x32\r.moe.v1.DType\x12)\n\x07servers\x18\t \x03(\x0b\x32\x18.moe.v1.ExpertServerInfo\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x0b \x01(\r\x12\x15\n\rhas_tokenizer\x18\x0c \x01(\x08\x12\x15\n\reos_token_ids\x18\r \x03(\x03J\x04\x08\x08\x10\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xd8\x01\n\x0eGatewayService\x12:\n\x07\x46orward\x12\x16.moe.v1.ForwardRequest\x1a\x17.moe.v1.ForwardResponse\x12?\n\x08Generate\x12\x17.moe.v1.GenerateRequest\x1a\x18.moe.v1.GenerateResponse0\x01\x12I\n\x0cGetModelInfo\x12\x1b.moe.v1.GetModelInfoRequest\x1a\x1c.moe.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1237
-  _globals['_FINISHREASON']._serialized_end=1332
+  _globals['_FINISHREASON']._serialized_start=1406
+  _globals['_FINISHREASON']._serialized_end=1501
   _globals['_FORWARDREQUEST']._serialized_start=75
   _globals['_FORWARDREQUEST']._serialized_end=180
   _globals['_FORWARDRESPONSE']._serialized_start=182
   _globals['_FORWARDRESPONSE']._serialized_end=278
   _globals['_GENERATEREQUEST']._serialized_start=281
-  _globals['_GENERATEREQUEST']._serialized_end=512
-  _globals['_GENERATERESPONSE']._serialized_start=515
-  _globals['_GENERATERESPONSE']._serialized_end=720
-  _globals['_GETMODELINFOREQUEST']._serialized_start=722
-  _globals['_GETMODELINFOREQUEST']._serialized_end=743
-  _globals['_EXPERTSERVERINFO']._serialized_start=746
-  _globals['_EXPERTSERVERINFO']._serialized_end=882
-  _globals['_GETMODELINFORESPONSE']._serialized_start=885
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1235
-  _globals['_GATEWAYSERVICE']._serialized_start=1335
-  _globals['_GATEWAYSERVICE']._serialized_end=1551
+  _globals['_GENERATEREQUEST']._serialized_end=552
+  _globals['_GENERATERESPONSE']._serialized_start=555
+  _globals['_GENERATERESPONSE']._serialized_end=838
+  _globals['_TOKENLOGPROB']._serialized_start=840
+  _globals['_TOKENLOGPROB']._serialized_end=889
+  _globals['_GETMODELINFOREQUEST']._serialized_start=891
+  _globals['_GETMODELINFOREQUEST']._serialized_end=912
+  _globals['_EXPERTSERVERINFO']._serialized_start=915
+  _globals['_EXPERTSERVERINFO']._serialized_end=1051
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1054
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1404
+  _globals['_GATEWAYSERVICE']._serialized_start=1504
+  _globals['_GATEWAYSERVICE']._serialized_end=1720
 # @@protoc_insertion_point(module_scope)

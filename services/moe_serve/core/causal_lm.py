@@ -99,9 +99,13 @@ class CausalLM:
         """[T] int64 -> [T, H] on the model's device."""
         return F.embedding(token_ids.to(self.device), self.embed_tokens)
 
+    def device_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] final hidden states -> [..., V] float32 logits, on the model's device (log-probs run there)."""
+        return F.linear(hidden.to(self.device, self.dtype), self.lm_head).float()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., H] final hidden states -> [..., V] float32 logits, on the CPU where sampling runs."""
-        return F.linear(hidden.to(self.device, self.dtype), self.lm_head).float().cpu()
+        return self.device_logits(hidden).cpu()
 
     def forward_hidden(self, hidden: torch.Tensor, caches: Sequence[KVCache], lengths: Sequence[int],
                        experts: ExpertBackend) -> torch.Tensor:

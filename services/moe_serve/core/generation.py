@@ -13,6 +13,7 @@ import torch
 
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.core.experts import ExpertBackend
+from moe_serve.core.logprobs import TokenLogprobs, step_logprobs
 
 
 class FinishReason(enum.Enum):
@@ -32,6 +33,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = no nucleus cut
     seed: int | None = None  # None = fresh randomness
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    logprobs: int | None = None  # None: no log-probs; k: the chosen token's and k alternatives (core.logprobs)
 
     @property
     def greedy(self) -> bool:
@@ -60,8 +62,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 @torch.inference_mode()
 def generate(model: CausalLM, experts: ExpertBackend, prompt: torch.Tensor,
-             params: SamplingParams) -> Iterator[tuple[int, FinishReason | None]]:
-    """Yield (token, finish reason or None) as each token is chosen; prompt [n] int64, KV cache in use."""
+             params: SamplingParams) -> Iterator[tuple[int, FinishReason | None, TokenLogprobs | None]]:
+    """Yield (token, finish reason or None, log-probs if asked) as each token is chosen; prompt [n] int64."""
     cache = model.new_cache(prompt.numel() + params.max_new_tokens)
     generator = torch.Generator()
     if params.seed is None:
@@ -71,11 +73,12 @@ def generate(model: CausalLM, experts: ExpertBackend, prompt: torch.Tensor,
     logits = model.forward([prompt], [cache], experts, last_only=True)[0]  # [V]
     for step in range(params.max_new_tokens):
         token = sample_next(logits, params, generator)
+        lp = None if params.logprobs is None else step_logprobs(logits[None], [params.logprobs])[0].of(logits, token)
         if token in params.stop_token_ids:
-            yield token, FinishReason.STOP
+            yield token, FinishReason.STOP, lp
             return
         if step + 1 == params.max_new_tokens:
-            yield token, FinishReason.LENGTH
+            yield token, FinishReason.LENGTH, lp
             return
-        yield token, None
+        yield token, None, lp
         logits = model.forward([torch.tensor([token])], [cache], experts, last_only=True)[0]

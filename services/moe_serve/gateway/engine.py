@@ -12,6 +12,7 @@ import torch
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.generation import FinishReason, SamplingParams, generate
+from moe_serve.core.logprobs import TokenLogprobs
 from moe_serve.core.simple_model import SimpleMoEModel
 from moe_serve.model.tokenizer import TextTokenizer
 
@@ -22,15 +23,18 @@ class ForwardStats:
 
     total_seconds: float = 0.0
     expert_seconds: float = 0.0
+    admitted: float | None = None  # Generate: perf_counter() when it got a slot (the end of its queue time)
 
 
 @dataclass(frozen=True)
 class GeneratedToken:
-    """One streamed token: its id, its text when a tokenizer is known, and the finish reason on the last."""
+    """One streamed token: its id, its text when a tokenizer is known, the finish reason on the last, and its
+    log-probs when asked for."""
 
     token_id: int
     text: str | None
     finish_reason: FinishReason | None
+    logprobs: TokenLogprobs | None = None
 
 
 class _TimedBackend:
@@ -102,13 +106,13 @@ class GatewayEngine:
         """Stream the tokens generated after `prompt_ids`; call next() on a single thread throughout."""
         stats = stats if stats is not None else ForwardStats()
         self.experts.local.stats = stats
-        start = time.perf_counter()
+        start = stats.admitted = time.perf_counter()
         text = self.tokenizer.stream(list(prompt_ids)) if self.tokenizer is not None else None
         try:
             prompt = torch.tensor(list(prompt_ids), dtype=torch.long)
-            for token, finish in generate(self.model, self.experts, prompt, params):
+            for token, finish, lp in generate(self.model, self.experts, prompt, params):
                 stats.total_seconds = time.perf_counter() - start
                 yield GeneratedToken(token, text.push(token, last=finish is not None) if text is not None else None,
-                                     finish)
+                                     finish, lp)
         finally:
             self.experts.local.stats = None

@@ -6,6 +6,7 @@ import math
 
 from moe_client.pb import gateway_pb2
 from moe_serve.core.generation import FinishReason, SamplingParams
+from moe_serve.core.logprobs import MAX_TOP_LOGPROBS
 from moe_serve.core.spec import ModelSpec
 from moe_serve.model.tokenizer import TextTokenizer
 from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -57,6 +58,8 @@ def sampling_params(request: gateway_pb2.GenerateRequest, spec: ModelSpec, promp
         raise InvalidArgument(f"temperature: {request.temperature} must be >= 0 (0 = greedy)")
     if not math.isfinite(request.top_p) or not 0 <= request.top_p <= 1:
         raise InvalidArgument(f"top_p: {request.top_p} must be in [0, 1]")
+    if request.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"top_logprobs: {request.top_logprobs} exceeds the limit of {MAX_TOP_LOGPROBS}")
     stops = list(request.stop_token_ids)
     _ids_in_vocab(stops, "stop_token_ids", spec.vocab_size)
     if not request.ignore_eos:
@@ -65,6 +68,7 @@ def sampling_params(request: gateway_pb2.GenerateRequest, spec: ModelSpec, promp
         max_new_tokens=max_new, temperature=float(request.temperature), top_k=int(request.top_k),
         top_p=float(request.top_p) if 0 < request.top_p < 1 else 1.0,
         seed=int(request.seed) if request.HasField("seed") else None, stop_token_ids=frozenset(stops),
+        logprobs=int(request.top_logprobs) if request.logprobs or request.top_logprobs else None,
     )
 
 

@@ -24,6 +24,7 @@ from moe_serve.core.causal_lm import CausalLM
 from moe_serve.core.decode_step import DecodeStep
 from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.generation import FinishReason, SamplingParams, sample_next
+from moe_serve.core.logprobs import StepLogprobs, step_logprobs
 from moe_serve.gateway.engine import ForwardStats, GeneratedToken
 from moe_serve.gateway.overlap import PingPong
 from moe_serve.model.tokenizer import TextTokenizer
@@ -107,6 +108,7 @@ class GenerateScheduler:
         self.steps = 0  # steps run so far (tests and benchmarks read it)
         self.staged_parts = 0  # micro-batches run through a DecodeStep (tests read it)
         self.active = 0  # sequences admitted and not yet finished or dropped
+        self.kv_tokens = 0  # tokens held in the KV caches of those sequences (after the last step)
         self._thread = threading.Thread(target=self._loop, name="generate-scheduler", daemon=True)
         self._thread.start()
 
@@ -134,6 +136,11 @@ class GenerateScheduler:
         finally:
             seq.cancelled = True  # a no-op once done; else the next step drops it and its cache
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot (clients that left while waiting count until the next admission)."""
+        return len(self._waiting)
+
     def join(self, timeout: float | None = None) -> None:
         """Wait for the batch thread to end (after close)."""
         self._thread.join(timeout)
@@ -154,11 +161,13 @@ class GenerateScheduler:
                     break
                 while self._waiting and len(running) < self.limits.max_running:
                     running.append(self._waiting.popleft())
+                    running[-1].stats.admitted = time.perf_counter()
             running = self._keep(running)
+            self._count(running)  # also while a step is in flight (a slow expert server shows)
             if running:
                 self._step(running)
                 running = self._keep(running)
-            self.active = len(running)
+            self._count(running)
         with self._cond:
             left = running + list(self._waiting)
             self._waiting.clear()
@@ -167,6 +176,11 @@ class GenerateScheduler:
         for seq in running:
             if seq.cache is not None:
                 seq.cache.release()
+
+    def _count(self, running: list[_Sequence]) -> None:
+        """The gauges' numbers: KV-cache tokens first, so a scrape that sees no sequence running sees none held."""
+        self.kv_tokens = sum(s.cache.length for s in running if s.cache is not None)
+        self.active = len(running)
 
     @staticmethod
     def _keep(running: list[_Sequence]) -> list[_Sequence]:
@@ -222,11 +236,11 @@ class GenerateScheduler:
             if not seq.decoding:
                 seq.prefilled += entry.tokens.numel()
             if row is not None:
-                self._sample(seq, row, now)
+                self._sample(seq, *row, now)
 
-    def _part(self, entries: list[_Entry], backend: ExpertBackend, group: int) -> list[torch.Tensor | None]:
-        """One micro-batch (the `group`-th of the step) through the model: [V] logits for each entry that
-        samples, else None."""
+    def _part(self, entries: list[_Entry], backend: ExpertBackend, group: int) -> list[tuple | None]:
+        """One micro-batch (the `group`-th of the step) through the model: ([V] logits, log-prob data or None)
+        for each entry that samples, else None."""
         lengths = [e.tokens.numel() for e in entries]
         tokens = torch.cat([e.tokens for e in entries])
         caches = [e.seq.cache for e in entries]
@@ -239,14 +253,17 @@ class GenerateScheduler:
             hidden = self.model.forward_hidden(self.model.embed(tokens), caches, lengths, backend)  # [T, H]
         ends = torch.tensor(lengths).cumsum(0) - 1
         rows = [i for i, e in enumerate(entries) if e.samples]
-        out: list[torch.Tensor | None] = [None] * len(entries)
+        out: list[tuple | None] = [None] * len(entries)
         if rows:
-            picked = self.model.logits(hidden[ends[rows].to(hidden.device)])  # [R, V] float32
-            for i, row in zip(rows, picked.unbind(0), strict=True):
-                out[i] = row
+            scores = self.model.device_logits(hidden[ends[rows].to(hidden.device)])  # [R, V] float32, on the device
+            asks = [entries[i].seq.params.logprobs for i in rows]
+            steps = (step_logprobs(scores, [a or 0 for a in asks]) if any(a is not None for a in asks)
+                     else [None] * len(rows))
+            for i, row, ask, step in zip(rows, scores.cpu().unbind(0), asks, steps, strict=True):
+                out[i] = (row, step if ask is not None else None)
         return out
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor, now: float) -> None:
+    def _sample(self, seq: _Sequence, logits: torch.Tensor, step: StepLogprobs | None, now: float) -> None:
         """Pick, stream and record the next token, as core.generation.generate does for one sequence."""
         token = sample_next(logits, seq.params, seq.generator)
         seq.generated += 1
@@ -258,7 +275,7 @@ class GenerateScheduler:
         seq.next_token = token
         seq.stats.total_seconds = now - seq.arrival
         text = seq.text.push(token, last=finish is not None) if seq.text is not None else None
-        seq.emit(GeneratedToken(token, text, finish))
+        seq.emit(GeneratedToken(token, text, finish, step.of(logits, token) if step is not None else None))
         if finish is not None:
             seq.done = True
             seq.emit(_END)

@@ -12,6 +12,7 @@ from moe_serve.gateway.generate_request import FINISH_REASONS, prompt_ids, requi
 from moe_serve.gateway.scheduler import GenerateScheduler
 from moe_serve.gateway.streaming import iterate_in_thread
 from moe_serve.observability.metrics import ServiceMetrics
+from moe_serve.observability.serving import ServingMetrics
 from moe_serve.process.handoff import ContextThreadPool
 from moe_serve.rpc.codec import from_wire, to_wire
 from moe_serve.rpc.errors import InvalidArgument, ResourceExhausted
@@ -36,6 +37,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.max_new_tokens = max_new_tokens
         # ContextThreadPool: the engine's thread sees the request's deadline (moe_serve.process.handoff)
         self.executor = ContextThreadPool(max_workers=workers, thread_name_prefix="gateway")
+        self.serving = ServingMetrics(self.metrics.registry)
+        self._alone: dict[int, int] = {}  # without a scheduler: tokens (prompt + generated) of each open stream
+        self.serving.watch(self.load)
+
+    def load(self) -> tuple[int, int, int]:
+        """(running, waiting, KV-cache tokens) of Generate, for the gauges."""
+        if self.scheduler is not None:
+            return self.scheduler.active, self.scheduler.waiting, self.scheduler.kv_tokens
+        return len(self._alone), 0, sum(self._alone.values())
 
     def decode_hidden(self, msg) -> torch.Tensor:
         """Validated [..., H] hidden states ([S, H] or [B, S, H] for a causal LM); names the bad value."""
@@ -83,17 +93,36 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         params = sampling_params(request, spec, len(ids), self.max_new_tokens, self.max_tokens)
         self.metrics.observe_batch("Generate", len(ids))
         stats = ForwardStats()
-        count = 0
+        timer = self.serving.request(len(ids))
         tokens = (self.scheduler.stream(ids, params, stats) if self.scheduler is not None
                   else iterate_in_thread(self.executor, lambda: self.engine.generate(ids, params, stats)))
+        self._alone[id(stats)] = len(ids)
+        try:
+            async for reply in self._replies(tokens, ids, stats, timer):
+                yield reply
+        finally:
+            self._alone.pop(id(stats), None)
+
+    async def _replies(self, tokens, ids: list[int], stats: ForwardStats, timer):
+        """Each token as a GenerateResponse, timed for the serving metrics."""
+        count = 0
         async for token in tokens:
             count += 1
+            self._alone[id(stats)] = len(ids) + count
+            timer.token(stats.admitted)
+            if token.finish_reason is not None:
+                timer.finish(token.finish_reason.value)
             self.metrics.observe_tokens("Generate")
-            yield gateway_pb2.GenerateResponse(
+            reply = gateway_pb2.GenerateResponse(
                 token_id=token.token_id, text=token.text, finish_reason=FINISH_REASONS[token.finish_reason],
                 prompt_tokens=len(ids), generated_tokens=count, total_seconds=stats.total_seconds,
                 expert_seconds=stats.expert_seconds,
             )
+            if token.logprobs is not None:
+                reply.logprob = token.logprobs.logprob
+                reply.top_logprobs.extend(gateway_pb2.TokenLogprob(token_id=t, logprob=lp)
+                                          for t, lp in token.logprobs.top)
+            yield reply
 
     @rpc
     async def GetModelInfo(self, request, context):

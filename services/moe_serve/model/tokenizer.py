@@ -6,8 +6,6 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from moe_serve.model.checkpoint import CheckpointError
-
 # Tokens decoded again together with each new one, so word pieces and spaces join as they would in a full decode.
 _CONTEXT = 5
 
@@ -28,11 +26,16 @@ class TextTokenizer:
         try:
             return cls(Tokenizer.from_file(str(path)), path)
         except Exception as err:  # the Rust side raises plain Exception for any malformed file
+            from moe_serve.model.checkpoint import (
+                CheckpointError,  # here: the reader loads torch, the HTTP front end not
+            )
+
             raise CheckpointError(f"{path}: not a valid tokenizer.json ({err})") from err
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, with the special tokens (e.g. BOS) the tokenizer's post-processor adds."""
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, with the special tokens (e.g. BOS) the tokenizer's post-processor adds unless
+        add_special_tokens is False (a rendered chat template holds its own, as transformers encodes it)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`, special tokens left out."""

@@ -12,6 +12,7 @@ import torch
 from moe_serve.model.checkpoint import CheckpointError
 from moe_serve.model.placement import PlacementError
 from moe_serve.model.synthetic import SyntheticConfig, write_checkpoint
+from moe_serve.model.synthetic_lm import SyntheticLMConfig, write_causal_lm
 from moe_serve.tools.inspect_checkpoint import add_parser as add_inspect_parser
 from moe_serve.tools.inspect_checkpoint import run as inspect_checkpoint
 from moe_serve.tools.placement_cli import add_parsers as add_placement_parsers
@@ -21,11 +22,26 @@ from moe_serve.tools.versions import PrintVersions
 
 
 def _create_model(args: argparse.Namespace) -> int:
+    if args.causal_lm:
+        return _create_causal_lm(args)
     cfg = SyntheticConfig(hidden_size=args.hidden, intermediate_size=args.width, num_hidden_layers=args.layers,
                           num_experts=args.experts, num_experts_per_tok=args.top_k, seed=args.seed)
     path = write_checkpoint(args.output, cfg)
     print(f"Wrote {cfg.num_hidden_layers}-layer simple_moe model (hidden {cfg.hidden_size}, {cfg.num_experts} "
           f"experts of width {cfg.intermediate_size}, top-{cfg.num_experts_per_tok}, seed {cfg.seed}) to {path}")
+    return 0
+
+
+def _create_causal_lm(args: argparse.Namespace) -> int:
+    d = SyntheticLMConfig()
+    cfg = SyntheticLMConfig(hidden_size=args.hidden or d.hidden_size, num_hidden_layers=args.layers,
+                            num_experts=args.experts, num_experts_per_tok=args.top_k,
+                            moe_intermediate_size=args.width or d.moe_intermediate_size, seed=args.seed)
+    path = write_causal_lm(args.output, cfg)
+    print(f"Wrote a {cfg.num_hidden_layers}-layer qwen3_moe causal LM (hidden {cfg.hidden_size}, {cfg.num_experts} "
+          f"experts of width {cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}, context "
+          f"{cfg.max_position_embeddings}, seed {cfg.seed}) with tokenizer.json and a chat template to {path}. "
+          "Its weights are random: the text it generates is gibberish.")
     return 0
 
 
@@ -60,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action=PrintVersions,
                         help="print the versions of moe-serve and of the runtime it runs on, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
-    create = sub.add_parser("create-model", help="write the embedded default simple_moe checkpoint")
+    create = sub.add_parser("create-model", help="write the embedded default simple_moe checkpoint, or with "
+                                                 "--causal-lm a tiny random causal LM with a tokenizer")
     create.add_argument("output", help="directory to write config.json and model.safetensors into")
-    create.add_argument("--hidden", type=int, default=512, help="hidden size (default 512)")
-    create.add_argument("--width", type=int, default=1024, help="expert width (default 1024)")
+    create.add_argument("--causal-lm", action="store_true",
+                        help="a tiny random qwen3_moe causal LM with tokenizer.json and a chat template, for "
+                             "Generate and the OpenAI API (random weights: its text is gibberish)")
+    create.add_argument("--hidden", type=int, default=None, help="hidden size (default 512; 64 with --causal-lm)")
+    create.add_argument("--width", type=int, default=None, help="expert width (default 1024; 96 with --causal-lm)")
     create.add_argument("--layers", type=int, default=2, help="MoE layers (default 2)")
     create.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
     create.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
@@ -77,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     add_inspect_parser(sub)
     add_placement_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command == "create-model" and not args.causal_lm:
+        args.hidden, args.width = args.hidden or 512, args.width or 1024
     if args.command in ("plan", "rebalance"):
         try:
             return (run_plan if args.command == "plan" else run_rebalance)(args)

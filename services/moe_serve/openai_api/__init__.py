@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front end (`moe-openai`): a separate process speaking gRPC to the gateway."""
