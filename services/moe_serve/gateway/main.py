@@ -28,11 +28,13 @@ from moe_serve.process.console import RULE, summary
 from moe_serve.process.devices import parse_devices
 from moe_serve.process.malloc import keep_large_buffers
 from moe_serve.process.threads import set_torch_threads
+from moe_serve.rpc import shm_files
 from moe_serve.rpc.server import ServerHandle, serve_until_signal, start_server
-from moe_serve.rpc.shared_regions import ArenaPool, kind_names
+from moe_serve.rpc.shared_regions import SHM_DIR, ArenaPool, kind_names
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 LIMITED = [f"/{SERVICE_NAME}/Forward", f"/{SERVICE_NAME}/Generate"]  # counted against --max-queue
+log = logging.getLogger(__name__)
 
 
 def _check_placement(checkpoint: Checkpoint, placement: str, servers: list[Replica]) -> None:
@@ -79,6 +81,13 @@ def print_mapping(pool: ServerPool, shared_memory: bool = True) -> None:
         print(f"Expert-to-server mapping, layer {layer}: {mapping}")
 
 
+def _remove_stale_regions() -> None:
+    """Regions that gateways of this user killed with SIGKILL left in /dev/shm (moe-<pid>-*) go."""
+    removed = shm_files.remove_stale(SHM_DIR)
+    if removed:
+        log.info("removed %d stale shared-memory region(s) of dead processes: %s", len(removed), ", ".join(removed))
+
+
 async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[ServerHandle, GatewayServicer]:
     """Connect to the expert servers, check they cover the model, and start serving."""
     checkpoint = Checkpoint(config.checkpoint)
@@ -114,6 +123,8 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         raise
     if verbose:
         print_mapping(pool, config.shared_memory)
+    if config.shared_memory:
+        _remove_stale_regions()
     metrics = ServiceMetrics("gateway")
     metrics.describe(model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type, dtype=config.dense_dtype)
     dispatcher = ExpertDispatcher(checkpoint.spec, pool, asyncio.get_running_loop(),
