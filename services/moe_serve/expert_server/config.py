@@ -38,6 +38,7 @@ class ExpertServerConfig:
     merge_calls: bool = True
     torch_threads: int = 0  # 0: one per core on CPU devices, a few when every device is a GPU
     shared_memory: bool = True  # offer same-host callers the shared-memory / CUDA IPC fast path
+    max_tokens: int = 65536  # tokens of the largest RunExperts call: sets the message size limit
 
     @property
     def address(self) -> str:
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=env_flag("SHARED_MEMORY", True),
                    help="let a gateway on this host leave tensors in shared memory (/dev/shm, or its GPU's memory "
                         "through CUDA IPC) instead of sending their bytes (env MOE_SHARED_MEMORY; default on)")
+    p.add_argument("--max-tokens", type=int, default=int(env("MAX_TOKENS", "65536")),
+                   help="tokens of the largest RunExperts call (the gateway's --max-tokens): with the hidden size it "
+                        "sets --max-message-bytes' default (env MOE_MAX_TOKENS; default 65536)")
     add_serving_args(p, max_queue=256)
     return p
 
@@ -112,5 +116,5 @@ def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
         port=args.port, name=name, grace_seconds=args.grace, log_level=args.log_level,
         cuda_graph_tokens=args.cuda_graph_tokens, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
         serving=serving_from_args(args), merge_calls=args.merge_calls, torch_threads=args.torch_threads,
-        shared_memory=args.shared_memory,
+        shared_memory=args.shared_memory, max_tokens=args.max_tokens,
     )

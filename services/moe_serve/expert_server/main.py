@@ -21,6 +21,7 @@ from moe_serve.process.console import RULE, LoadProgress, summary
 from moe_serve.process.devices import describe_devices, parse_devices
 from moe_serve.process.malloc import keep_large_buffers
 from moe_serve.process.threads import set_torch_threads
+from moe_serve.rpc.message_limits import message_limit
 from moe_serve.rpc.server import ServerHandle, serve_until_signal, start_server
 
 SERVICE_NAME = experts_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
@@ -60,13 +61,16 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     fingerprint = checkpoint.fingerprint()
     metrics = ServiceMetrics("expert_server")
     servicer: ExpertServicer | None = None
+    spec = checkpoint.spec
+    serving = config.serving.with_message_limit(message_limit(spec.hidden_size, spec.top_k, config.max_tokens))
 
     def register(server) -> None:
         nonlocal servicer
         servicer = ExpertServicer(bank, experts_pb2.GetInfoResponse(), metrics=metrics, merge=config.merge_calls)
+        servicer.max_reply_bytes = serving.max_message_bytes
         add_to_server(servicer, server)
 
-    handle = await start_server(config.address, register, [SERVICE_NAME], config.serving, LIMITED,
+    handle = await start_server(config.address, register, [SERVICE_NAME], serving, LIMITED,
                                 [MetricsInterceptor(metrics, [SERVICE_NAME])])
     name = config.name or f"{socket.gethostname()}:{handle.port}"
     servicer.info = server_info(bank, fingerprint, checkpoint.spec, name, config.shared_memory)

@@ -29,6 +29,7 @@ from moe_serve.process.devices import parse_devices
 from moe_serve.process.malloc import keep_large_buffers
 from moe_serve.process.threads import set_torch_threads
 from moe_serve.rpc import shm_files
+from moe_serve.rpc.message_limits import message_limit
 from moe_serve.rpc.server import ServerHandle, serve_until_signal, start_server
 from moe_serve.rpc.shared_regions import SHM_DIR, ArenaPool, kind_names
 
@@ -110,10 +111,13 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         print(f"Causal LM: {spec.num_layers} decoder layers (dense MLP: {dense or 'none'}), {spec.num_heads} heads "
               f"/ {spec.num_kv_heads} KV heads of {spec.head_dim}, vocab {spec.vocab_size}, context "
               f"{spec.max_position_embeddings}, tokenizer.json {'yes' if has_tok else 'no'}")
+    spec = checkpoint.spec
+    # The expert servers derive theirs alike (same model, same --max-tokens default).
+    serving = config.serving.with_message_limit(message_limit(spec.hidden_size, spec.top_k, config.max_tokens))
     pool = ServerPool(addresses, checkpoint.spec, fingerprint,
                       PoolOptions(rpc_timeout=config.rpc_timeout, resolve_interval=config.resolve_interval,
                                   keepalive=config.keepalive, tls=config.expert_tls,
-                                  max_message_bytes=config.serving.max_message_bytes))
+                                  max_message_bytes=serving.max_message_bytes))
     await pool.start(config.connect_timeout)
     try:
         if config.placement and not config.servers:
@@ -138,12 +142,13 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     batching = start_batching(config.batching, model, dispatcher, tokenizer)
     servicer = GatewayServicer(engine, info(), config.max_tokens, max_new_tokens=config.max_new_tokens,
                                metrics=metrics, batcher=batching.batcher, scheduler=batching.scheduler)
+    servicer.max_reply_bytes = serving.max_message_bytes
     pool.on_change = lambda: setattr(servicer, "info", info())
     # Requests that come without an id get one here, the public entry point; the access log shows each.
     interceptor = MetricsInterceptor(metrics, [SERVICE_NAME], logging.INFO, make_request_ids=True)
     try:
         handle = await start_server(config.address, lambda s: add_to_server(servicer, s), [SERVICE_NAME],
-                                    config.serving, LIMITED, [interceptor])
+                                    serving, LIMITED, [interceptor])
     except BaseException:
         batching.close()
         await pool.close()
