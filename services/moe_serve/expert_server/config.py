@@ -4,6 +4,7 @@ MOE_* variables."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 
@@ -70,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(env MOE_DEVICES; default cpu)")
     p.add_argument("--dtype", default=env("DTYPE", "float32"), choices=sorted(DTYPES),
                    help="compute dtype of the experts (env MOE_DTYPE; default float32)")
-    p.add_argument("--host", default=env("HOST", "0.0.0.0"),
-                   help="address to bind, or unix:/path/to.sock (env MOE_HOST; default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=int(env("PORT", "50051")),
-                   help="port to bind; 0 picks a free one (env MOE_PORT; default 50051)")
+    p.add_argument("--host", default=env("HOST"),
+                   help="address to bind, or unix:/path/to.sock (env MOE_HOST; default: the placement entry's "
+                        "host when it is an IP address or unix: path, else 0.0.0.0)")
+    p.add_argument("--port", type=int, default=int(env("PORT")) if env("PORT") else None,
+                   help="port to bind; 0 picks a free one (env MOE_PORT; default: the placement entry's port, "
+                        "else 50051)")
     p.add_argument("--grace", type=float, default=float(env("GRACE", "10")),
                    help="seconds to finish in-flight requests on SIGTERM (env MOE_GRACE; default 10)")
     p.add_argument("--cuda-graph-tokens", type=int, default=int(env("CUDA_GRAPH_TOKENS", "16384")),
@@ -102,18 +105,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def bind_address(address: str) -> tuple[str | None, int | None]:
+    """Where to listen for a placement entry's address: its host if an IP address (a name may not be this
+    host's to bind: then all interfaces), a unix: path as it is, and its port."""
+    if address.startswith("unix:"):
+        return address, None
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        host = None
+    return host, int(port) if port.isdigit() else None
+
+
 def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
     """Flags -> config; the expert selection comes from --experts, else the placement file, else all."""
     experts: str | list[str] | dict | None = args.experts or env("EXPERTS")
     name = args.name
+    host, port = args.host, args.port
     if args.placement:
         entry = pick_entry(args.placement, read_placement(args.placement), args.name, args.placement_index,
                            socket.gethostname())
         experts = experts or entry.experts
         name = name or entry.name
+        entry_host, entry_port = bind_address(entry.address)
+        host = host or entry_host
+        port = entry_port if port is None else port
     return ExpertServerConfig(
-        checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=args.host,
-        port=args.port, name=name, grace_seconds=args.grace, log_level=args.log_level,
+        checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=host or "0.0.0.0",
+        port=50051 if port is None else port, name=name, grace_seconds=args.grace, log_level=args.log_level,
         cuda_graph_tokens=args.cuda_graph_tokens, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
         serving=serving_from_args(args), merge_calls=args.merge_calls, torch_threads=args.torch_threads,
         shared_memory=args.shared_memory, max_tokens=args.max_tokens,

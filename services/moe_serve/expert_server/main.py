@@ -22,6 +22,7 @@ from moe_serve.process.devices import describe_devices, parse_devices
 from moe_serve.process.malloc import keep_large_buffers
 from moe_serve.process.threads import set_torch_threads
 from moe_serve.rpc.message_limits import message_limit
+from moe_serve.rpc.ports import check_port_free
 from moe_serve.rpc.server import ServerHandle, serve_until_signal, start_server
 
 SERVICE_NAME = experts_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
@@ -57,6 +58,7 @@ def load_bank(config: ExpertServerConfig, verbose: bool = True) -> tuple[ExpertB
 
 async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tuple[ServerHandle, ExpertServicer]:
     """Load the bank and start serving on config.address; returns the running server."""
+    check_port_free(config.host, config.port)  # before loading anything: a busy port is one line at once
     bank, checkpoint = load_bank(config, verbose)
     fingerprint = checkpoint.fingerprint()
     metrics = ServiceMetrics("expert_server")

@@ -30,6 +30,7 @@ from moe_serve.process.malloc import keep_large_buffers
 from moe_serve.process.threads import set_torch_threads
 from moe_serve.rpc import shm_files
 from moe_serve.rpc.message_limits import message_limit
+from moe_serve.rpc.ports import check_port_free
 from moe_serve.rpc.server import ServerHandle, serve_until_signal, start_server
 from moe_serve.rpc.shared_regions import SHM_DIR, ArenaPool, kind_names
 
@@ -91,6 +92,7 @@ def _remove_stale_regions() -> None:
 
 async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[ServerHandle, GatewayServicer]:
     """Connect to the expert servers, check they cover the model, and start serving."""
+    check_port_free(config.host, config.port)  # before loading anything: a busy port is one line at once
     checkpoint = Checkpoint(config.checkpoint)
     fingerprint = checkpoint.fingerprint()
     # Before any server is asked: a missing or misshapen tensor fails the start at once, naming it.

@@ -130,6 +130,9 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 200),
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # grpc's default SO_REUSEPORT let a second server bind a port one already held, and the kernel then
+        # split connections between them: a busy port must be an error.
+        ("grpc.so_reuseport", 0),
     ])
 
 
