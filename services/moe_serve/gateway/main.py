@@ -14,6 +14,7 @@ from moe_serve.gateway.batching_config import (
     start_batching,
 )
 from moe_serve.gateway.config import DTYPES, GatewayConfig, build_parser, config_from_args
+from moe_serve.gateway.coverage import CoverageHealth
 from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.pool import PoolOptions, Replica, ServerPool, StartupError
@@ -145,7 +146,6 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     servicer = GatewayServicer(engine, info(), config.max_tokens, max_new_tokens=config.max_new_tokens,
                                metrics=metrics, batcher=batching.batcher, scheduler=batching.scheduler)
     servicer.max_reply_bytes = serving.max_message_bytes
-    pool.on_change = lambda: setattr(servicer, "info", info())
     # Requests that come without an id get one here, the public entry point; the access log shows each.
     interceptor = MetricsInterceptor(metrics, [SERVICE_NAME], logging.INFO, make_request_ids=True)
     try:
@@ -163,6 +163,14 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         dispatcher.close()
 
     handle.on_stop = on_stop
+    coverage = CoverageHealth(pool, metrics, handle.set_serving)
+
+    def on_change() -> None:
+        servicer.info = info()
+        coverage.update()
+
+    pool.on_change = on_change
+    on_change()
     return handle, servicer
 
 
