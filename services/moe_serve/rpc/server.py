@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_async
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from moe_client.channel import TRANSPORT_OPTIONS, merge_options
 from moe_client.security import TLSFiles, read_pem
@@ -89,6 +90,25 @@ class _Health(health.aio.HealthServicer):
             return
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def enable_reflection(names: list[str], server: grpc.aio.Server) -> None:
+    """Server reflection as grpc.reflection.v1 (what grpcurl and current tools ask first) and v1alpha.
+
+    grpcio-reflection serves only v1alpha; v1's messages are the same fields with the same numbers, so the
+    one servicer answers both, registered under v1's name too.
+    """
+    listed = [*names, REFLECTION_V1, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(listed, server)
+    servicer = reflection_async.ReflectionServicer(listed)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1,
+                                                                          {"ServerReflectionInfo": handler}),))
+
+
 class ServerHandle:
     """A started aio server with its bound port, health servicer and edge interceptor."""
 
@@ -156,7 +176,7 @@ async def start_server(
     health_servicer = _Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection([*names, health.SERVICE_NAME], server)
     if serving.tls is not None:
         port = server.add_secure_port(address, server_credentials(serving.tls, serving.require_client_cert))
     else:
