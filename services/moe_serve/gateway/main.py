@@ -54,7 +54,7 @@ def _check_placement(checkpoint: Checkpoint, placement: str, servers: list[Repli
 
 
 def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[Replica], dense_dtype: str,
-               has_tokenizer: bool = False):
+               has_tokenizer: bool = False, wire_dtype: str = "float32"):
     """The GetModelInfo answer; `servers` are the ones serving now."""
     spec = checkpoint.spec
     return gateway_pb2.GetModelInfoResponse(
@@ -63,10 +63,11 @@ def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[Replica],
         top_k=spec.top_k, dense_dtype=wire.dtype_from_name(dense_dtype),
         servers=[gateway_pb2.ExpertServerInfo(address=s.address, model_fingerprint=s.info.model_fingerprint,
                                               devices=list(s.info.devices), owned=to_messages(s.owned),
-                                              name=s.info.server_name)
+                                              name=s.info.server_name, compute_dtype=s.info.compute_dtype)
                  for s in servers],
         vocab_size=spec.vocab_size, max_position_embeddings=spec.max_position_embeddings if spec.has_attention else 0,
         has_tokenizer=has_tokenizer, eos_token_ids=list(spec.eos_token_ids),
+        wire_dtype=wire.dtype_from_name(wire_dtype),
     )
 
 
@@ -140,7 +141,8 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     engine = GatewayEngine(model, dispatcher, tokenizer)
 
     def info() -> gateway_pb2.GetModelInfoResponse:  # GetModelInfo lists the servers serving now
-        return model_info(checkpoint, fingerprint, pool.live(), config.dense_dtype, tokenizer is not None)
+        return model_info(checkpoint, fingerprint, pool.live(), config.dense_dtype, tokenizer is not None,
+                          config.wire_dtype)
 
     batching = start_batching(config.batching, model, dispatcher, tokenizer)
     servicer = GatewayServicer(engine, info(), config.max_tokens, max_new_tokens=config.max_new_tokens,
