@@ -125,10 +125,11 @@ def _print_info(client: GatewayClient) -> None:
         print(f"  causal LM: vocab {info.vocab_size}, context {info.max_position_embeddings}, "
               f"end-of-sequence ids {list(info.eos_token_ids)}, text prompts {'yes' if info.has_tokenizer else 'no'}")
     print(f"Expert servers ({len(info.servers)}):")
-    for server in info.servers:
+    for server in sorted(info.servers, key=lambda s: (s.name or s.address, s.address)):
         owned = "; ".join(format_ownership(from_messages(server.owned)))
-        name = f"{server.name} at " if server.name else ""
-        print(f"  {name}{server.address}  devices {', '.join(server.devices)}  experts {owned}")
+        dtype = f" ({wire.dtype_name(server.compute_dtype)})" if server.compute_dtype else ""
+        print(f"  {server.name or server.address} at {server.address}  devices {', '.join(server.devices)}{dtype}  "
+              f"experts {owned}")
 
 
 def _forward(client: GatewayClient, args: argparse.Namespace) -> None:

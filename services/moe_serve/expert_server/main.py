@@ -29,6 +29,25 @@ SERVICE_NAME = experts_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_nam
 LIMITED = [f"/{SERVICE_NAME}/RunExperts"]  # counted against --max-queue
 
 
+def describe_count(owned: dict[int, list[int]]) -> str:
+    """'8 experts (4 in each of 2 MoE layers)': the (layer, expert) pairs the progress bar counts."""
+    counts = {len(ids) for ids in owned.values()}
+    total = sum(len(ids) for ids in owned.values())
+    if len(counts) == 1 and len(owned) > 1:
+        return f"{total} experts ({counts.pop()} in each of {len(owned)} MoE layers)"
+    return f"{total} experts over {len(owned)} MoE layer(s)"
+
+
+def placement_lines(placement) -> list[str]:
+    """'  Expert 0 → cpu' per owned expert, under its layer's name when layers differ (the seed's lines)."""
+    by_layer: dict[int, list[str]] = {}
+    for placed in sorted(placement, key=lambda p: (p.layer, p.expert)):
+        by_layer.setdefault(placed.layer, []).append(f"Expert {placed.expert} → {placed.device}")
+    if len({tuple(v) for v in by_layer.values()}) == 1:  # every layer alike: the seed's lines once
+        return [f"  {line}  (every MoE layer)" for line in next(iter(by_layer.values()))]
+    return [f"  Layer {layer}: {', '.join(lines)}" for layer, lines in by_layer.items()]
+
+
 def load_bank(config: ExpertServerConfig, verbose: bool = True) -> tuple[ExpertBank, Checkpoint]:
     """Open the checkpoint, resolve the owned experts, load them onto the devices."""
     checkpoint = Checkpoint(config.checkpoint)
@@ -40,18 +59,14 @@ def load_bank(config: ExpertServerConfig, verbose: bool = True) -> tuple[ExpertB
             print(line)
         print(f"Checkpoint: {checkpoint.path} ({spec.model_type}, hidden {spec.hidden_size}, "
               f"{len(spec.moe_layers)} MoE layers x {spec.num_experts} experts, top-{spec.top_k})")
-        n_experts = len(set().union(*owned.values()))
-        print(f"Distributing {n_experts} experts across {len(devices)} device(s) "
+        print(f"Distributing {describe_count(owned)} across {len(devices)} device(s) "
               f"({', '.join(str(d) for d in devices)}), dtype {config.dtype}")
     progress = LoadProgress(sum(len(ids) for ids in owned.values())) if verbose else None
     bank = ExpertBank.load(checkpoint, owned, devices, DTYPES[config.dtype], progress,
                            cuda_graph_tokens=config.cuda_graph_tokens)
     if verbose:
-        by_expert: dict[int, str] = {}
-        for placed in bank.placement():
-            by_expert.setdefault(placed.expert, str(placed.device))
-        for expert, device in sorted(by_expert.items()):
-            print(f"  Expert {expert} → {device}")
+        for line in placement_lines(bank.placement()):
+            print(line)
         print(f"Owned experts: {'; '.join(format_ownership(bank.owned))}  ({bank.nbytes() / 2**20:.1f} MiB)")
     return bank, checkpoint
 

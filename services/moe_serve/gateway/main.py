@@ -192,7 +192,7 @@ async def _serve(config: GatewayConfig) -> None:
         ("checkpoint", f"{config.checkpoint} ({info.model_type}, fingerprint {info.model_fingerprint})"),
         ("model", f"hidden {info.hidden_size}, MoE layers {list(info.moe_layers)} x {info.num_experts} experts, "
                   f"top-{info.top_k}, dense {config.dense_dtype} on {config.dense_device}, wire {config.wire_dtype}"),
-        ("expert servers", ", ".join(s.address for s in info.servers)),
+        ("expert servers", ", ".join(f"{s.name or s.address} ({s.address})" for s in info.servers)),
         ("loaded in", f"{time.monotonic() - start:.1f} s"),
     ]))
     print(f"Gateway ready on {where}, serving {servicer.info.model_type} "

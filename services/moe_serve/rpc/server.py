@@ -77,17 +77,32 @@ def server_credentials(tls: TLSFiles, require_client_cert: bool = False) -> grpc
 
 
 class _Health(health.aio.HealthServicer):
-    """grpc's health servicer, whose Watch streams end quietly when the server stops.
+    """grpc's health servicer, whose Watch streams end cleanly when the server stops.
 
-    Watch never returns by itself; stopping the server cancels it, and grpc would log that as an
-    unhandled exception with a traceback on every stop with a gateway watching.
+    Watch never returns by itself; a server stopping with a gateway watching cancelled it inside grpc's
+    own task, which grpc logged as an unhandled CancelledError with two tracebacks after "Stopped.".
+    `end_watches` makes every Watch return normally (the watcher has been told NOT_SERVING just before).
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._ending = asyncio.Event()
+
     async def Watch(self, request, context) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        ending = asyncio.ensure_future(self._ending.wait())
         try:
-            await super().Watch(request, context)
+            await asyncio.wait({watch, ending}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            return
+            pass
+        finally:
+            for task in (watch, ending):
+                task.cancel()
+            await asyncio.gather(watch, ending, return_exceptions=True)
+
+    def end_watches(self) -> None:
+        """End every Watch stream (after enter_graceful_shutdown has sent them NOT_SERVING)."""
+        self._ending.set()
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -135,6 +150,9 @@ class ServerHandle:
         """
         await self.health.enter_graceful_shutdown()
         await self.edge.drain(grace)
+        if isinstance(self.health, _Health):
+            self.health.end_watches()
+            await asyncio.sleep(0.05)  # the Watch handlers return and their streams close before the server stops
         await self.server.stop(0)
         if self.on_stop is not None:
             await self.on_stop()
