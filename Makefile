@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup demo test protos lint bench bench-load soak clean deploy-check compose-test cluster cluster-down
+.PHONY: help setup demo test protos lint bench bench-load bench-links soak clean deploy-check compose-test cluster cluster-down
 
 ## List the targets and what each does (the default goal).
 help:
@@ -63,6 +63,13 @@ bench: setup
 ## rewrites that doc's section).
 bench-load: setup
 	$(BIN)/python -m benchmarks.load $(LOAD_ARGS)
+
+## Expert servers across shaped links (root: network namespaces, tc tbf at 1/10/25 Gbit/s, a delaying relay
+## for 0-200 us RTT; about 25 minutes on 2 cores): bytes/s against the rate, a MoE layer against RTT +
+## bytes/rate, Generate; then the sizing model's check (docs/deployment-sizing.md). LINKS_ARGS=--quick.
+bench-links: setup
+	$(BIN)/python -m benchmarks.shaped_links $(LINKS_ARGS)
+	$(BIN)/python -m benchmarks.sizing --check bench-results/shaped-links.json
 
 # buf, pinned, from npm into a folder of this clone (.tools/, git-ignored; no global install).
 BUF_VERSION := 1.75.0

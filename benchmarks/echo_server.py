@@ -3,7 +3,7 @@
 `/moe.bench.Echo/RunExperts` reads the request as the expert server does (zero-copy views) and
 sends the hidden states back as the output; `/moe.bench.EchoUpb/RunExperts` does the same with the
 codec as it was before zerocopy (upb messages, bytes copied out of and into them). Binds a TCP port
-and a unix socket, prints {"tcp": ..., "unix": ...} on one line, serves until SIGTERM.
+(--host) and a unix socket, prints {"tcp": ..., "unix": ...} on one line, serves until SIGTERM.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ def register(server: grpc.aio.Server) -> None:
                                      grpc.method_handlers_generic_handler("moe.bench.EchoUpb", {"RunExperts": upb})))
 
 
-async def serve(unix: str) -> None:
-    """Serve on 127.0.0.1:0 and `unix` until SIGTERM."""
-    handles = [await start_server(address, register, []) for address in ("127.0.0.1:0", unix)]
-    print(json.dumps({"tcp": f"127.0.0.1:{handles[0].port}", "unix": unix}), flush=True)
+async def serve(unix: str, tcp: str = "127.0.0.1:0") -> None:
+    """Serve on `tcp` (host:port, port 0 picks one) and `unix` until SIGTERM."""
+    handles = [await start_server(address, register, []) for address in (tcp, unix)]
+    print(json.dumps({"tcp": f"{tcp.rsplit(':', 1)[0]}:{handles[0].port}", "unix": unix}), flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
@@ -64,8 +64,9 @@ async def serve(unix: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--unix", required=True, help="unix:/path to bind besides a TCP port")
+    parser.add_argument("--host", default="127.0.0.1:0", help="host:port of the TCP listener (port 0 picks one)")
     parser.add_argument("--malloc-default", action="store_true", help="leave glibc malloc's thresholds alone")
     args = parser.parse_args()
     if not args.malloc_default:
         keep_large_buffers()  # as the expert servers do
-    asyncio.run(serve(args.unix))
+    asyncio.run(serve(args.unix, args.host))

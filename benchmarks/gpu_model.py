@@ -15,12 +15,18 @@ instead of float32 (the comparison behind the float32 default). An `r` (`4r`) re
 (their load counted over the benchmark's own prompts in the first row) onto the servers that carry the
 least of that layer's load; the gateway's pool then balances each call over the replicas. An `o` (`2o`)
 runs every step as the gateway serves it: two micro-batches taking turns on the dense layers, each one's
-RunExperts calls in flight while the other computes (gateway/overlap.py). Prints a
+RunExperts calls in flight while the other computes (gateway/overlap.py). Same-host servers are called
+over their same-host channel (rpc/local_channel.py); a `g` (`1g`) calls them by gRPC instead. Each row
+also records one expert call's time at 64 decode tokens (served: the round trip; one process: the
+compute alone), decode at every --decode-batches size against the memory-bandwidth bound (the bytes a
+step must read over the copy bandwidth measured first), --streams concurrent Generate streams through
+the gateway's API, and with --profile a torch.profiler breakdown of one decode step. Prints a
 table; writes JSON after every row (a run cut short keeps what it measured; a failed row is recorded).
 
     python -m benchmarks.gpu_model --servers 2,2t,1 --out results.json      # on a 2-GPU host
     python -m benchmarks.gpu_model --servers 1,2,4,4r,2t --out results.json  # on a 4-GPU host
     python -m benchmarks.gpu_model --servers 2,2o --out results.json          # overlap against none
+    python -m benchmarks.gpu_model --servers 1,1o,1g,1t --decode-batches 1,8,64,256 --streams 1,8,64 --profile
     python -m benchmarks.gpu_model --tiny --device cpu --servers 2,2r     # smoke run without a GPU
 """
 
@@ -39,6 +45,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from benchmarks.gpu_measures import (
+    bound_tokens_per_s,
+    copy_bandwidth,
+    decode_step_bytes,
+    expert_call_ms,
+    generate_streams,
+    profile_step,
+)
 from benchmarks.timing import synced_times, synchronize
 from moe_client import wire
 from moe_serve.core.causal_lm import CausalLM
@@ -195,7 +209,7 @@ def in_parts(pingpong: PingPong | None, experts, count: int, part) -> list:
 
 def ours_prefill_decode(model: CausalLM, experts, args, pingpong: PingPong | None = None) -> dict:
     """Prefill and decode tokens/s of the moe-serve model code over `experts`, greedy on the model's device;
-    with `pingpong`, every step as two overlapped micro-batches."""
+    with `pingpong`, every step as two overlapped micro-batches. Decode at every --decode-batches size."""
     prompts = prefill_prompts(model.spec, args)
 
     @torch.inference_mode()
@@ -205,33 +219,52 @@ def ours_prefill_decode(model: CausalLM, experts, args, pingpong: PingPong | Non
                         lambda lo, hi, b: model.forward(prompts[lo:hi], caches[lo:hi], b, last_only=True))
 
     t_prefill = timed(prefill, args.repeats, args.device)
+    row = {"prefill_tokens_per_s": args.prefill_batch * args.prefill_len / t_prefill,
+           "prefill_step_ms": t_prefill * 1e3, "decode": {}}
+    for batch in sorted({args.decode_batch, *args.decode_batches}):
+        run = decode_run(model, experts, args, prompts, batch, pingpong)
+        run()  # warm-up: CUDA graphs of every (layer, bucket) get captured
+        seconds = statistics.median(run() for _ in range(args.repeats))
+        row["decode"][batch] = {"tokens_per_s": batch * args.decode_steps / seconds,
+                                "step_ms": seconds / args.decode_steps * 1e3}
+        if args.bandwidth:
+            bound = bound_tokens_per_s(model.spec, batch, args.decode_prompt + args.decode_steps // 2, args.bandwidth)
+            row["decode"][batch].update(bound_tokens_per_s=bound,
+                                        share_of_bound=row["decode"][batch]["tokens_per_s"] / bound)
+    row["decode_tokens_per_s"] = row["decode"][args.decode_batch]["tokens_per_s"]
+    row["decode_step_ms"] = row["decode"][args.decode_batch]["step_ms"]
+    if args.profile:
+        run = decode_run(model, experts, args, prompts, args.decode_batch, pingpong, steps=1)
+        row["decode_step_profile"] = profile_step(run, args.device)
+    row["logits"] = [t.float().cpu() for t in prefill()]
+    return row
+
+
+def decode_run(model: CausalLM, experts, args, prompts, batch: int, pingpong: PingPong | None, steps: int = 0):
+    """A function that prefills `batch` sequences, then times `steps` (default --decode-steps) greedy decode
+    steps of all of them at once; returns the steps' seconds."""
+    steps = steps or args.decode_steps
 
     @torch.inference_mode()
     def decode():
-        caches = [model.new_cache(args.decode_prompt + args.decode_steps) for _ in range(args.decode_batch)]
-        starts = [p[: args.decode_prompt] for p in (prompts * args.decode_batch)[: args.decode_batch]]
-        lengths = [args.decode_prompt] * args.decode_batch
+        caches = [model.new_cache(args.decode_prompt + steps) for _ in range(batch)]
+        starts = [p[: args.decode_prompt] for p in (prompts * batch)[:batch]]
+        lengths = [args.decode_prompt] * batch
         h = model.forward_hidden(model.embed(torch.cat(starts)), caches, lengths, experts)
-        tokens = F.linear(h.view(args.decode_batch, args.decode_prompt, -1)[:, -1], model.lm_head).argmax(-1)
+        tokens = F.linear(h.view(batch, args.decode_prompt, -1)[:, -1], model.lm_head).argmax(-1)
 
         def step(last: torch.Tensor, lo: int, hi: int, backend) -> list[torch.Tensor]:
             return [model.forward_hidden(model.embed(last[lo:hi]), caches[lo:hi], [1] * (hi - lo), backend)]
 
         synchronize([args.device])
         start = time.perf_counter()
-        for _ in range(args.decode_steps):
-            h = torch.cat(in_parts(pingpong, experts, args.decode_batch, partial(step, tokens)))
+        for _ in range(steps):
+            h = torch.cat(in_parts(pingpong, experts, batch, partial(step, tokens)))
             tokens = F.linear(h, model.lm_head).argmax(-1)
         synchronize([args.device])
         return time.perf_counter() - start
 
-    decode()  # warm-up: CUDA graphs of every (layer, bucket) get captured
-    t_decode = statistics.median(decode() for _ in range(args.repeats))
-    return {"prefill_tokens_per_s": args.prefill_batch * args.prefill_len / t_prefill,
-            "prefill_step_ms": t_prefill * 1e3,
-            "decode_tokens_per_s": args.decode_batch * args.decode_steps / t_decode,
-            "decode_step_ms": t_decode / args.decode_steps * 1e3,
-            "logits": [t.float().cpu() for t in prefill()]}
+    return decode
 
 
 def transformers_qwen(args, device: str) -> dict:
@@ -311,7 +344,8 @@ class Report:
 
 
 def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], row: int, loop: LoopThread,
-             counter_loads: dict | None, shared_memory: bool, bf16_sums: bool = False, overlap: bool = False) -> dict:
+             counter_loads: dict | None, shared_memory: bool, bf16_sums: bool = False, overlap: bool = False,
+             same_host_calls: bool = True) -> dict:
     """Start the servers, a gateway in this process, measure, stop; fills counter_loads if given."""
     start = time.perf_counter()
     procs, addresses, placement = start_servers(ckpt_dir, owned, devices, row, spec, Path(args.workdir))
@@ -320,14 +354,16 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
         config = GatewayConfig(checkpoint=str(ckpt_dir), servers=addresses, placement=str(placement),
                                host="127.0.0.1", port=0, dense_dtype="bfloat16", dense_device=devices[0],
                                wire_dtype="bfloat16", connect_timeout=900, rpc_timeout=300,
-                               shared_memory=shared_memory)
+                               shared_memory=shared_memory, same_host_calls=same_host_calls)
         handle, servicer = loop.run(create_gateway(config))
         try:
             experts = servicer.engine.experts
             if bf16_sums:
                 experts.inner.shared_out_dtype = wire.BFLOAT16
-            kinds = set().union(*(r.shared_kinds for r in experts.inner.pool.members)) if shared_memory else set()
-            row = {"shared_kinds": kind_names(kinds)}
+            members = experts.inner.pool.members
+            kinds = set().union(*(r.shared_kinds for r in members)) if shared_memory else set()
+            row = {"shared_kinds": kind_names(kinds),
+                   "same_host_channel": all(r.local_link() is not None for r in members) and same_host_calls}
             if counter_loads is not None:
                 experts = LoadCounter(experts, spec.num_experts)
                 experts.counting = True
@@ -345,6 +381,10 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
             finally:
                 if pingpong is not None:
                     pingpong.close()
+            row["expert_call_ms_64_tokens"] = expert_call_ms(servicer.engine.experts.inner, spec, devices[0])
+            address = f"127.0.0.1:{handle.port}"
+            row["generate_streams"] = [generate_streams(address, spec.vocab_size, n, args.decode_prompt,
+                                                        args.decode_steps) for n in args.streams]
         finally:
             loop.run(handle.stop(0))
     finally:
@@ -364,6 +404,10 @@ def main() -> None:
     p.add_argument("--prefill-batch", type=int, default=8)
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--decode-batch", type=int, default=64)
+    p.add_argument("--decode-batches", default="", help="also decode at these batch sizes, e.g. 1,8,64,256")
+    p.add_argument("--streams", default="", help="served rows: also N concurrent Generate streams through the "
+                   "gateway's gRPC API, e.g. 1,8,64 (tokens/s, inter-token latency)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler over one decode step of each row")
     p.add_argument("--decode-prompt", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -373,6 +417,8 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="checkpoint, placement files and server logs (default: a temp dir)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
+    args.streams = [int(n) for n in args.streams.split(",") if n]
     config = dict(DEEPSEEK_MOE_16B)
     if args.tiny:
         config.update(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
@@ -393,13 +439,21 @@ def main() -> None:
         write_checkpoint(ckpt_dir, config, seed=0, device=devices[0])
         print(f"wrote random checkpoint ({spec.model_type}, {spec.num_layers} layers) in "
               f"{time.perf_counter() - start:.0f}s", flush=True)
-    report = Report(args.out, gpus=names, torch=torch.__version__, torch_threads=threads, args=vars(args))
+    args.bandwidth = copy_bandwidth(devices[0]) if on_gpu else 0.0
+    report = Report(args.out, gpus=names, torch=torch.__version__, torch_threads=threads, args=vars(args),
+                    copy_bandwidth_gb_s=args.bandwidth / 1e9,
+                    decode_step_bytes={b: decode_step_bytes(spec, b, args.decode_prompt + args.decode_steps // 2)
+                                       for b in sorted({args.decode_batch, *args.decode_batches})})
+    if args.bandwidth:
+        print(f"device copy bandwidth {args.bandwidth / 1e9:.0f} GB/s", flush=True)
     if not args.skip_one_process:
         checkpoint = Checkpoint(ckpt_dir)
         model = load_dense_model(checkpoint, torch.bfloat16, devices[0])
         bank = ExpertBank.load(checkpoint, resolve_ownership(checkpoint.spec, "all"), [torch.device(devices[0])],
                                torch.bfloat16)
-        report.add("one_process_1_device", ours_prefill_decode(model, InProcessExperts(bank), args))
+        one = ours_prefill_decode(model, InProcessExperts(bank), args)
+        one["expert_call_ms_64_tokens"] = expert_call_ms(InProcessExperts(bank), spec, devices[0])
+        report.add("one_process_1_device", one)
         row = report.data["rows"]["one_process_1_device"]
         print(f"one process, one device: prefill {row['prefill_tokens_per_s']:.0f} tok/s, "
               f"decode {row['decode_tokens_per_s']:.0f} tok/s", flush=True)
@@ -409,20 +463,21 @@ def main() -> None:
     loop = LoopThread("gpu-model-loop", timeout=900)
     loads: dict[int, torch.Tensor] = {}
     for n, item in enumerate(args.servers.split(",")):
-        count, replicated, tcp, bf16, overlap = (int(item.rstrip("rtbo")), "r" in item, "t" in item, "b" in item,
-                                                 "o" in item)
+        count, replicated, tcp, bf16, overlap, grpc_calls = (int(item.rstrip("rtbog")), "r" in item, "t" in item,
+                                                             "b" in item, "o" in item, "g" in item)
         if replicated and not loads:
             raise SystemExit(f"--servers {args.servers}: a replicated row ({item}) needs a plain row before it, "
                              "which counts the experts' loads")
         owned = (replicated_ownership(spec, count, loads, args.replicate) if replicated
                  else balanced_assignment(spec, count))
         name = (f"grpc_{count}_servers" + ("_replicated" if replicated else "") + ("_tcp_bytes" if tcp else "")
-                + ("_bf16_sums" if bf16 else "") + ("_overlap" if overlap else ""))
+                + ("_bf16_sums" if bf16 else "") + ("_overlap" if overlap else "")
+                + ("_grpc_calls" if grpc_calls else ""))
         if name in report.data["rows"]:
             name += f"_again_{n}"
         try:
             row = grpc_row(args, spec, ckpt_dir, owned, devices, n, loop, None if loads else loads,
-                           shared_memory=not tcp, bf16_sums=bf16, overlap=overlap)
+                           shared_memory=not tcp, bf16_sums=bf16, overlap=overlap, same_host_calls=not grpc_calls)
         except Exception as err:  # recorded; the other rows still run
             report.data.setdefault("failed", {})[name] = repr(err)
             report.save()

@@ -78,7 +78,9 @@ class MoeBench:
                 sync = SyncDispatcher(phase.addresses, phase.table, wire_dtype) if self.sync_variant else None
                 for tokens in tokens_list:
                     variants = {IN_GRPC: local, "ours": phase.dispatcher(wire_dtype),
-                                "ours, shared memory": phase.dispatcher(wire_dtype, shared_memory=True)}
+                                "ours, shared memory": phase.dispatcher(wire_dtype, shared_memory=True),
+                                "ours, same-host channel": phase.dispatcher(wire_dtype, shared_memory=True,
+                                                                            same_host_calls=True)}
                     if sync is not None:
                         variants["ours sync"] = sync
                     self._time(samples, (tokens,), variants, tokens, outputs[tokens] if r == 0 else None)

@@ -25,6 +25,7 @@ import torch.distributed.rpc as rpc
 from benchmarks import rpc_worker
 from benchmarks.model import Shape
 from moe_client import wire
+from moe_client.striping import DEFAULT_LANES, LANE_OPTIONS
 from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.pool import PoolOptions, ServerPool
 from moe_serve.model.checkpoint import Checkpoint
@@ -46,10 +47,11 @@ def bench_loop() -> LoopThread:
     return LoopThread("bench-loop", timeout=900.0)
 
 
-def _python(*args: str, label: str, stdout=subprocess.DEVNULL) -> ServiceProcess:
+def _python(*args: str, label: str, stdout=subprocess.DEVNULL, wrapper: list[str] = ()) -> ServiceProcess:
     """`python ARGS` with the benchmark's environment, stderr shown here; SIGTERM when the benchmark dies,
-    so no 1 GB process outlives a crash."""
-    return ServiceProcess([sys.executable, *args], label=label, env=ENV, die_with_parent=True, stdout=stdout).start()
+    so no 1 GB process outlives a crash. `wrapper` prefixes the command (ip netns exec NAME)."""
+    return ServiceProcess([sys.executable, *args], label=label, env=ENV, die_with_parent=True, stdout=stdout,
+                          wrapper=wrapper).start()
 
 
 class GrpcPhase:
@@ -81,13 +83,16 @@ class GrpcPhase:
             p.wait_ready(900.0)
         self.loop.run(self.pool.start(900.0))
 
-    def dispatcher(self, wire_dtype: int = wire.FLOAT32, shared_memory: bool = False) -> ExpertDispatcher:
+    def dispatcher(self, wire_dtype: int = wire.FLOAT32, shared_memory: bool = False,
+                   same_host_calls: bool = False) -> ExpertDispatcher:
         """The gateway's dispatcher over these servers, sending hidden states in `wire_dtype` (or, with
-        `shared_memory`, leaving them in /dev/shm arenas as the gateway does for same-host servers)."""
+        `shared_memory`, leaving them in /dev/shm arenas as the gateway does for same-host servers, and with
+        `same_host_calls` too, calling over the servers' same-host channel instead of gRPC)."""
         arenas = ArenaPool() if shared_memory else None
         if arenas is not None:
             self._arenas.append(arenas)
-        return ExpertDispatcher(self.spec, self.pool, self.loop.loop, wire_dtype, 900.0, arenas=arenas)
+        return ExpertDispatcher(self.spec, self.pool, self.loop.loop, wire_dtype, 900.0, arenas=arenas,
+                                same_host_calls=same_host_calls)
 
     def close(self) -> None:
         """Close the channels and stop the servers."""
@@ -137,12 +142,23 @@ class EchoPhase:
             return channels
 
         self.split_channels = loop.run(open_split())
+
+        async def open_lanes() -> list:
+            # the gateway's lanes to one server over TCP: the first channel shared, the rest their own connections
+            channels = [self.channels["tcp"], *(insecure_aio_channel(self.addresses["tcp"], LANE_OPTIONS)
+                                                for _ in range(DEFAULT_LANES - 1))]
+            for channel in channels:
+                await asyncio.wait_for(channel.channel_ready(), 60)
+            return channels
+
+        self.lane_channels = loop.run(open_lanes())
         self.sync_channels = {kind: insecure_channel(address) for kind, address in self.addresses.items()}
 
     def close(self) -> None:
         """Close the channels and stop the server."""
         async def close_channels() -> None:
-            await asyncio.gather(*(c.close() for c in [*self.channels.values(), *self.split_channels]))
+            await asyncio.gather(*(c.close() for c in [*self.channels.values(), *self.split_channels,
+                                                       *self.lane_channels[1:]]))
 
         for channel in self.sync_channels.values():
             channel.close()

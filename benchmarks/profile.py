@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile transport --tokens 1024     # 8 MiB RunExperts-sized echo
     python -m benchmarks.profile transport --tokens 1 --dtype bfloat16   # 4 KiB
+    python -m benchmarks.profile transport --tokens 1024 --tcp   # over TCP: the lanes vs torch RPC tcp-only
     python -m benchmarks.profile moe --tokens 512             # one MoE layer, 2 expert servers
 
 Runs the scenario in a loop for ours (gRPC) and for torch RPC in turn, samples the processes with
@@ -120,6 +121,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per expert server / rpc worker")
     p.add_argument("--only", choices=["ours", "rpc"], help="profile one side only")
+    p.add_argument("--tcp", action="store_true",
+                   help="transport over TCP: the gateway's lanes against torch RPC restricted to TCP")
     args = p.parse_args()
     keep_large_buffers()
     me = os.getpid()
@@ -127,13 +130,15 @@ def main() -> None:
     try:
         if args.scenario == "transport":
             x, ids, w = transport.payload(2048, 6, args.tokens, getattr(torch, args.dtype))
+            variant = "ours tcp lanes" if args.tcp else "ours unix"
             with EchoPhase(loop) as phase:
-                ours = transport.grpc_variants(phase, x, ids, w)["ours unix"]
-                _print(f"ours unix, {x.numel() * x.element_size()} B echo", *profile(ours, [me, phase.proc.pid],
+                ours = transport.grpc_variants(phase, x, ids, w)[variant]
+                _print(f"{variant}, {x.numel() * x.element_size()} B echo", *profile(ours, [me, phase.proc.pid],
                                                                                       args.seconds))
-            with RpcPhase(workers=1) as group:
-                _print("torch RPC", *profile(lambda: rpc.rpc_sync(group.names[0], rpc_worker.echo, args=(x, ids, w)),
-                                             [me, *(q.pid for q in group.procs)], args.seconds))
+            with RpcPhase(workers=1, tcp_only=args.tcp) as group:
+                _print("torch RPC" + (" tcp-only" if args.tcp else ""),
+                       *profile(lambda: rpc.rpc_sync(group.names[0], rpc_worker.echo, args=(x, ids, w)),
+                                [me, *(q.pid for q in group.procs)], args.seconds))
         else:
             shape = Shape()
             path = ensure_checkpoint(shape, ROOT / "bench-results")

@@ -46,25 +46,29 @@ def transport_table(rows: list[dict]) -> str:
         v = {name: s["median"] for name, s in row["variants"].items()}
         gbs = row["moved_bytes"] / 1e9
         lines.append([_payload(row), _ms(v["in-process"]), _ms(v["torch RPC"]), _ms(v["torch RPC tcp-only"]),
-                      _ms(v["ours unix"]), _ms(v["ours tcp"]), f"{gbs / v['torch RPC']:.2f}",
-                      f"{gbs / v['ours unix']:.2f}", f"{speed(row, 'ours unix', 'torch RPC'):.2f}x",
+                      _ms(v["ours unix"]), _ms(v["ours tcp"]), _ms(v["ours tcp lanes"]), f"{gbs / v['torch RPC']:.2f}",
+                      f"{gbs / v['torch RPC tcp-only']:.2f}", f"{gbs / v['ours tcp lanes']:.2f}",
+                      f"{speed(row, 'ours unix', 'torch RPC'):.2f}x",
                       f"{speed(row, 'ours tcp', 'torch RPC tcp-only'):.2f}x",
+                      f"{speed(row, 'ours tcp lanes', 'torch RPC tcp-only'):.2f}x",
                       f"{speed(row, 'ours unix', 'in-process'):.4f}x"])
-    header = ["payload", "in-proc", "RPC", "RPC tcp", "ours unix", "ours tcp", "RPC GB/s", "ours GB/s",
-              "unix/RPC", "tcp/RPC tcp", "unix/in-proc"]
+    header = ["payload", "in-proc", "RPC", "RPC tcp", "ours unix", "ours tcp 1 conn", "ours tcp lanes", "RPC GB/s",
+              "RPC tcp GB/s", "lanes GB/s", "unix/RPC", "tcp 1 conn/RPC tcp", "lanes/RPC tcp", "unix/in-proc"]
     return _table(header, lines)
 
 
 def variants_table(rows: list[dict]) -> str:
     """Our wire path against its variants: before zerocopy, without the loop hand-off, split in two."""
-    names = ["ours unix", "ours tcp", "grpc+upb tcp (before)", "ours unix sync", "ours unix split2"]
+    names = ["ours unix", "ours tcp", "ours tcp 2 lanes", "ours tcp lanes", "grpc+upb tcp (before)", "ours unix sync",
+             "ours unix split2"]
     lines = [[_payload(row), *(_ms(row["variants"][n]["median"]) for n in names),
               f"{speed(row, 'ours tcp', 'grpc+upb tcp (before)'):.2f}x"] for row in rows]
-    return _table(["payload", "unix", "tcp", "upb tcp (before)", "unix, no loop hop", "unix, split in 2",
-                   "tcp vs before"], lines)
+    return _table(["payload", "unix", "tcp", "tcp 2 lanes", "tcp 4 lanes", "upb tcp (before)", "unix, no loop hop",
+                   "unix, split in 2", "tcp vs before"], lines)
 
 
-SHM = "ours, shared memory"  # same-host servers reached through /dev/shm arenas
+SHM = "ours, shared memory"  # same-host servers reached through /dev/shm arenas, called by gRPC
+LOCAL = "ours, same-host channel"  # ... and called over the same-host channel from the model thread
 
 
 def moe_table(rows: list[dict]) -> str:
@@ -80,9 +84,12 @@ def moe_table(rows: list[dict]) -> str:
                       f"{speed(row, 'ours', RPC_SEED):.2f}x", "-" if norm is None else f"{norm:.2f}x",
                       f"{speed(row, 'ours', RPC_COMBINE):.2f}x", "-" if err is None else f"{err:.1e}",
                       *((_ms(v[SHM]), f"{speed(row, SHM, 'in-process'):.2f}x", f"{speed(row, SHM, RPC_SEED):.2f}x")
-                        if SHM in v else ("-", "-", "-"))])
+                        if SHM in v else ("-", "-", "-")),
+                      *((_ms(v[LOCAL]), _ms(v[LOCAL] - v["in-process"]), f"{speed(row, LOCAL, RPC_SEED):.2f}x")
+                        if LOCAL in v else ("-", "-", "-"))])
     header = ["dtype", "tokens", "in-proc ms", "ours ms", "RPC seed ms", "RPC+comb ms", "vs in-proc", "vs RPC seed",
-              "(normalised)", "vs RPC+comb", "ours err", "ours shm ms", "shm vs in-proc", "shm vs RPC seed"]
+              "(normalised)", "vs RPC+comb", "ours err", "ours shm ms", "shm vs in-proc", "shm vs RPC seed",
+              "same-host ms", "same-host - in-proc ms", "same-host vs RPC seed"]
     return _table(header, lines)
 
 

@@ -34,7 +34,7 @@ SECTIONS = ("transport", "moe", "wire", "threads")
 PLANS = {  # tokens per call, rounds of alternating phases, and what each section covers
     "smoke": {"tokens": [1, 4], "dtypes": ["float32"], "rounds": 1, "wire_tokens": [4],
               "thread_tokens": [4], "thread_settings": (1, 2), "thread_rounds": 1},
-    "quick": {"tokens": [1, 16, 512, 2048], "dtypes": ["float32", "bfloat16"], "rounds": 1,
+    "quick": {"tokens": [1, 16, 64, 512, 2048], "dtypes": ["float32", "bfloat16"], "rounds": 1,
               "wire_tokens": [16, 512], "thread_tokens": [16, 512], "thread_settings": (1, 2), "thread_rounds": 1},
     "full": {"tokens": [1, 4, 16, 64, 128, 256, 512, 1024, 2048], "dtypes": ["float32", "bfloat16"], "rounds": 3,
              "wire_tokens": [1, 16, 128, 512, 2048], "thread_tokens": [1, 128, 512, 2048],

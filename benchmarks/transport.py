@@ -23,6 +23,7 @@ from benchmarks.timing import Samples, interleaved
 from moe_client import wire, zerocopy
 from moe_client.channel import unary_callable
 from moe_client.pb import experts_pb2, tensor_pb2
+from moe_client.striping import DEFAULT_LANES, Lanes, StripedReply, pieces
 from moe_serve.rpc.codec import from_wire, to_wire
 from tests.support.threads import LoopThread
 
@@ -30,10 +31,10 @@ UPB = experts_pb2.RunExpertsRequest.SerializeToString, experts_pb2.RunExpertsRes
 
 
 def sizes(hidden: int, quick: bool, smoke: bool) -> list[tuple[int, torch.dtype]]:
-    """(tokens, dtype) per row: 1 token in bf16 (4 KiB at hidden 2048), then fp32 from 1 token to 8 MiB."""
+    """(tokens, dtype) per row: 1 token in bf16 (4 KiB at hidden 2048), then fp32 from 1 token to 16 (full: 32) MiB."""
     if smoke:
         return [(1, torch.bfloat16), (8, torch.float32)]
-    tokens = [1, 8, 128, 512, 1024] if quick else [1, 8, 64, 128, 256, 512, 1024]
+    tokens = [1, 8, 128, 512, 1024, 2048] if quick else [1, 8, 64, 128, 256, 512, 1024, 2048, 4096]
     return [(1, torch.bfloat16)] + [(t, torch.float32) for t in tokens]
 
 
@@ -95,7 +96,26 @@ def grpc_variants(phase: EchoPhase, hidden: torch.Tensor, ids: torch.Tensor, wei
     def ours_split() -> torch.Tensor:
         return asyncio.run_coroutine_threadsafe(ours_split_async(), loop).result()
 
-    return {"ours unix": lambda: ours("unix"), "ours tcp": lambda: ours("tcp"), "grpc+upb tcp (before)": upb,
+    lanes = {n: Lanes(phase.lane_channels[:n], method="/moe.bench.Echo/RunExperts") for n in (2, DEFAULT_LANES)}
+    out = torch.empty_like(hidden)
+    out_rows = out.view(torch.int16).numpy() if hidden.dtype == torch.bfloat16 else out.numpy()
+
+    def ours_lanes(n: int) -> torch.Tensor:
+        # The gateway's path over TCP: large calls split by rows over n connections. The pieces are copied into
+        # one tensor here (the gateway adds each into the layer's sum instead, as it does a whole reply), by
+        # numpy: a torch copy would wake OpenMP's threads, whose spin-wait takes CPU from grpc's on 2 cores.
+        request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
+                                             weights=to_wire(weights))
+        reply = asyncio.run_coroutine_threadsafe(_call(lanes[n], request), loop).result()
+        if not isinstance(reply, StripedReply):
+            return from_wire(reply.output, "output")
+        for start, stop, output in pieces(reply, len(hidden)):
+            out_rows[start:stop] = np.frombuffer(output.data, out_rows.dtype).reshape(stop - start, -1)
+        return out
+
+    return {"ours unix": lambda: ours("unix"), "ours tcp": lambda: ours("tcp"),
+            "ours tcp lanes": lambda: ours_lanes(DEFAULT_LANES), "ours tcp 2 lanes": lambda: ours_lanes(2),
+            "grpc+upb tcp (before)": upb,
             "ours unix sync": ours_sync, "ours unix split2": ours_split}
 
 

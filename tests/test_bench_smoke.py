@@ -43,7 +43,8 @@ def test_gpu_model_benchmark_on_cpu_matches_one_process(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"one_process_1_device", "grpc_2_servers", "grpc_2_servers_overlap"}
     for name in ("grpc_2_servers", "grpc_2_servers_overlap"):
-        assert rows[name]["shared_kinds"] == ["shm"] and rows[name]["logits_rel_error_vs_one_process"] <= 5e-3
+        # --device cpu: the dense layers' arenas are /dev/shm (a GPU host's servers also offer "cuda").
+        assert "shm" in rows[name]["shared_kinds"] and rows[name]["logits_rel_error_vs_one_process"] <= 5e-3
         assert rows[name]["prefill_tokens_per_s"] > 0 and rows[name]["decode_tokens_per_s"] > 0
 
 

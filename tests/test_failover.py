@@ -1,7 +1,6 @@
 """Replicas and failover in one process: spread, a replica lost, coverage lost and regained, a server
 restarted on another checkpoint. Real servers on loopback; every answer checked against the reference."""
 
-import threading
 import time
 
 import grpc
@@ -11,6 +10,7 @@ import pytest
 from moe_client import ExpertClient, GatewayClient, wire
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve.model.synthetic import write_checkpoint
+from tests.support.busy import bank_held
 from tests.support.checkpoints import TINY
 from tests.support.references import check_forward
 from tests.support.waiting import wait_for
@@ -126,17 +126,13 @@ def test_only_server_on_another_checkpoint_is_failed_precondition(cluster, tiny_
         assert mine in err.details() and theirs in err.details()
 
 
-def test_a_stuck_replica_is_passed_over_within_the_deadline(cluster, tiny_checkpoint):
+@pytest.mark.parametrize("same_host_calls", [True, False])
+def test_a_stuck_replica_is_passed_over_within_the_deadline(cluster, tiny_checkpoint, same_host_calls):
     a, b = (cluster.expert_server(tiny_checkpoint) for _ in range(2))
-    gateway = cluster.gateway(tiny_checkpoint, [a, b], rpc_timeout=0.5)
-    gate = threading.Event()
-    cluster.servicers[a].executor.submit(gate.wait, 60)  # a's only worker is busy: its calls pass their deadline
-    try:
-        with GatewayClient(gateway, timeout=20) as client:
-            for _ in range(4):
-                check_forward(client, tiny_checkpoint)
-    finally:
-        gate.set()
+    gateway = cluster.gateway(tiny_checkpoint, [a, b], rpc_timeout=0.5, same_host_calls=same_host_calls)
+    with bank_held(cluster.servicers[a]), GatewayClient(gateway, timeout=20) as client:  # a's calls pass their deadline
+        for _ in range(4):
+            check_forward(client, tiny_checkpoint)
 
 
 def test_a_skipped_replica_still_serves_when_it_is_the_last(cluster, tiny_checkpoint):

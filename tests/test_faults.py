@@ -8,9 +8,7 @@ bounded in count and time, with traffic on loopback or the veth the test makes.
 import os
 import shutil
 import signal
-import subprocess
 import time
-import uuid
 
 import grpc
 import pytest
@@ -18,6 +16,7 @@ import pytest
 from moe_client import GatewayClient
 from tests.support.launch import launch
 from tests.support.load import Load
+from tests.support.netns import NetNamespace
 from tests.support.process_cluster import ProcessCluster
 from tests.support.references import check_forward
 from tests.support.waiting import wait_for
@@ -70,38 +69,6 @@ def test_replica_killed_under_load_then_rejoins(causal_checkpoints, tmp_path):
     finally:
         cluster.stop()
     print(f"\nreplica faults under load: {figures}")
-
-
-class NetNamespace:
-    """A network namespace joined to this host by a veth pair; the link can be cut and restored."""
-
-    def __init__(self):
-        tag = uuid.uuid4().hex[:6]
-        self.name, self.host_if, self.ns_if = f"moe-{tag}", f"mh{tag}", f"mn{tag}"
-        octet = int(tag[:2], 16) % 200 + 20
-        self.host_ip, self.ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
-
-    def _ip(self, *args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-    def __enter__(self):
-        self._ip("netns", "add", self.name)
-        self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
-        self._ip("link", "set", self.ns_if, "netns", self.name)
-        self._ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
-        self._ip("link", "set", self.host_if, "up")
-        for args in (("addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if), ("link", "set", self.ns_if, "up"),
-                     ("link", "set", "lo", "up")):
-            self._ip("netns", "exec", self.name, "ip", *args)
-        return self
-
-    def link(self, up: bool) -> None:
-        """Cut (down) or restore (up) the host side of the veth."""
-        self._ip("link", "set", self.host_if, "up" if up else "down")
-
-    def __exit__(self, *exc):
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=30, check=False)
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30, check=False)
 
 
 @ROOT_ONLY

@@ -73,7 +73,7 @@ def test_messages_are_bounded(cluster, tiny_checkpoint):
 
 def test_gateway_queue_is_bounded(cluster, tiny_checkpoint, blocker):
     server = cluster.expert_server(tiny_checkpoint)
-    gateway = cluster.gateway(tiny_checkpoint, [server], serving=ServingOptions(max_queue=2))
+    gateway = cluster.gateway(tiny_checkpoint, [server], serving=ServingOptions(max_queue=2), same_host_calls=False)
     blocker.block(server)
     inputs = [np.random.default_rng().standard_normal((5, 64), dtype=np.float32) for _ in range(2)]
     with GatewayClient(gateway, timeout=30) as client, ThreadPoolExecutor(2) as pool:
@@ -91,8 +91,10 @@ def test_gateway_queue_is_bounded(cluster, tiny_checkpoint, blocker):
 
 def test_caller_deadline_reaches_the_expert_call_and_the_gateway_recovers(cluster, tiny_checkpoint, blocker):
     server = cluster.expert_server(tiny_checkpoint)
-    # rpc_timeout 60 s: the caller's 3 s must bound the expert call (requests run alone without batching)
-    gateway = cluster.gateway(tiny_checkpoint, [server], batching=BatchingConfig(batching=False))
+    # rpc_timeout 60 s: the caller's 3 s must bound the expert call (requests run alone without batching).
+    # By gRPC, whose server-side admission count shows the call waiting (the same-host channel: test_same_host_calls).
+    gateway = cluster.gateway(tiny_checkpoint, [server], batching=BatchingConfig(batching=False),
+                              same_host_calls=False)
     edge = cluster.handle(server).edge
     blocker.block(server)
     hidden = np.random.default_rng().standard_normal((4, 64), dtype=np.float32)

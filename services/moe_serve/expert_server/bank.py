@@ -9,6 +9,7 @@ Legend: T = tokens, H = hidden size, K = expert slots per token, N = routed (tok
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ class ExpertBank:
         """
         self.num_experts = num_experts
         self.hidden_size = hidden_size
+        # One user of the devices at a time: a computation, a CUDA graph capture (which fails if another
+        # thread touches the GPU meanwhile), or the decoding of a request whose tensors are on a GPU.
+        self.lock = threading.RLock()
         self.dtype = dtype
         self._owned: dict[int, list[int]] = {}
         self._pinned_buffers: dict[str, torch.Tensor] = {}
@@ -171,16 +175,19 @@ class ExpertBank:
     def launch(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                weights: torch.Tensor) -> list[torch.Tensor]:
         """Queue every device's work without waiting; returns per-device [T, H] float32 partial sums."""
-        staged = None
+        staged: dict[str, torch.Tensor] = {}
         partials = []
         for group in self._groups[layer]:
             device = group.stacked.device
-            if device.type == "cuda" and hidden.device.type == "cpu":
-                staged = staged or [self._pinned_copy(t, name) for t, name in
-                                    ((hidden, "hidden"), (expert_ids, "ids"), (weights, "weights"))]
-                inputs = [t.to(device, non_blocking=True) for t in staged]
-            else:
-                inputs = [t.to(device) for t in (hidden, expert_ids, weights)]
+            inputs = []
+            for t, name in ((hidden, "hidden"), (expert_ids, "ids"), (weights, "weights")):
+                if device.type == "cuda" and t.device.type == "cpu":
+                    # Through page-locked memory: an asynchronous copy, not a wait for the stream per tensor.
+                    if name not in staged:
+                        staged[name] = self._pinned_copy(t, name)
+                    inputs.append(staged[name].to(device, non_blocking=True))
+                else:
+                    inputs.append(t.to(device))
             graphed = self._graphed.get(device)
             # Kernels (Triton's included) and graph captures go to the current device's stream.
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():

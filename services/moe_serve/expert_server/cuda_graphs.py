@@ -73,6 +73,8 @@ class GraphedExperts:
             body()  # warm-up outside capture: Triton compiles, cuBLAS/CUTLASS pick kernels
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: work that another thread of this process starts meanwhile (a gateway in the same
+        # process, in tests) neither fails nor breaks the capture; the bank's lock keeps our own out.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             body()
         return graph

@@ -12,6 +12,7 @@ from moe_client.ownership import format_ownership
 from moe_client.pb import experts_pb2
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.config import DTYPES, ExpertServerConfig, build_parser, config_from_args
+from moe_serve.expert_server.local_calls import LocalCalls
 from moe_serve.expert_server.servicer import ExpertServicer, add_to_server, server_info
 from moe_serve.model.checkpoint import Checkpoint, CheckpointError
 from moe_serve.model.placement import PlacementError, resolve_ownership
@@ -90,7 +91,18 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     handle = await start_server(config.address, register, [SERVICE_NAME], serving, LIMITED,
                                 [MetricsInterceptor(metrics, [SERVICE_NAME])])
     name = config.name or f"{socket.gethostname()}:{handle.port}"
-    servicer.info = server_info(bank, fingerprint, checkpoint.spec, name, config.shared_memory)
+    info = server_info(bank, fingerprint, checkpoint.spec, name, config.shared_memory)
+    if config.shared_memory and config.serving.tls is None:
+        # Same-host callers may skip gRPC for RunExperts (local_calls.py). Not beside TLS: the channel
+        # admits by user id and token, not by certificate.
+        local = servicer.local = LocalCalls(servicer, config.serving.auth_token, config.serving.max_message_bytes)
+        info.local_address = local.address
+
+        async def close_local() -> None:  # after the gRPC drain: same-host callers fail over meanwhile
+            local.close()
+
+        handle.on_stop = close_local
+    servicer.info = info
     metrics.describe(name=name, model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type,
                      dtype=config.dtype)
     metrics.init_experts(bank.owned)

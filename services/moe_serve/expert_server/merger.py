@@ -5,6 +5,11 @@ every queued call of the same layer (and the same dtypes) runs as one grouped co
 expert once over all their tokens) and each call gets its own rows back. Nothing waits on purpose:
 a lone call runs at once, so merging only ever replaces queueing behind each other. Rows are
 independent (each is one token's weighted expert sum), so a call's rows are what it alone would get.
+
+A call may come as a `prepare` function (decode and check a request) that the worker runs before the
+call can join a group: then the event loop only moves bytes, and every touch of the bank's devices
+(reading a caller's GPU memory, checking it for NaN) happens on the worker, under the bank's lock, so
+nothing runs beside a CUDA graph capture. The same-host channel (local_calls.py) takes that lock too.
 Legend: T = tokens, H = hidden size, K = expert slots per token.
 """
 
@@ -25,23 +30,32 @@ from moe_serve.process.handoff import settle_from_thread
 
 
 @dataclass
-class _Call:
+class Work:
+    """What one call computes: prepared from a request on the worker, or given as is."""
+
     layer: int
     hidden: torch.Tensor  # [T, H]
     expert_ids: torch.Tensor  # [T, K]
     weights: torch.Tensor  # [T, K]
     out_dtype: torch.dtype
     finish: Callable[[torch.Tensor], Any]  # run on the worker thread on this call's [T, H] rows (e.g. encode)
+    on_device: bool = False  # finish() wants the result where the bank computed it (a GPU), not on the host
+
+
+@dataclass
+class _Call:
+    work: Work | None  # None until `prepare` has run on the worker
+    prepare: Callable[[], Work] | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     submitted: float = 0.0  # time.perf_counter() when queued
-    on_device: bool = False  # finish() wants the result where the bank computed it (a GPU), not on the host
 
     @property
     def key(self) -> tuple:
         """Calls with equal keys can share one computation."""
-        return (self.layer, self.out_dtype, self.hidden.dtype, self.hidden.device, self.expert_ids.dtype,
-                self.expert_ids.shape[1], self.on_device)
+        w = self.work
+        return (w.layer, w.out_dtype, w.hidden.dtype, w.hidden.device, w.expert_ids.dtype, w.expert_ids.shape[1],
+                w.on_device)
 
 
 class CallMerger:
@@ -65,9 +79,16 @@ class CallMerger:
                   on_device: bool = False) -> tuple[Any, float]:
         """finish(this call's [T, H] output) and the seconds of the computation it was part of; with
         `on_device` the output stays on the bank's first GPU (finish copies it where it is wanted)."""
+        value, seconds, _ = await self.run_prepared(
+            None, Work(layer, hidden, expert_ids, weights, out_dtype, finish, on_device))
+        return value, seconds
+
+    async def run_prepared(self, prepare: Callable[[], Work] | None,
+                           work: Work | None = None) -> tuple[Any, float, Work]:
+        """As `run`, for the Work that `prepare()` makes on the worker (its errors are the call's); returns
+        finish's value, the computation's seconds, and the Work."""
         loop = asyncio.get_running_loop()
-        call = _Call(layer, hidden, expert_ids, weights, out_dtype, finish, loop, loop.create_future(),
-                     time.perf_counter(), on_device)
+        call = _Call(work, prepare, loop, loop.create_future(), time.perf_counter())
         with self._lock:
             self._pending.append(call)
             start = not self._draining
@@ -77,36 +98,65 @@ class CallMerger:
         return await call.future
 
     def _take(self) -> list[_Call] | None:
-        """The oldest queued call and every later one it can merge with, up to max_tokens; None when empty."""
+        """The oldest prepared call and every later one it can merge with, up to max_tokens; None when the
+        queue is empty, [] when its calls still need preparing."""
         with self._lock:
             if not self._pending:
                 self._draining = False
                 return None
-            first = self._pending[0]
+            ready = [c for c in self._pending if c.work is not None]
+            if not ready:
+                return []
+            first = ready[0]
             if not self.merge:
-                self._pending.pop(0)
+                self._pending.remove(first)
                 return [first]
             group, rest, tokens = [], [], 0
             for call in self._pending:
-                if call.key == first.key and (not group or tokens + call.hidden.shape[0] <= self.max_tokens):
+                size = call.work.hidden.shape[0] if call.work is not None else 0
+                if call.work is not None and call.key == first.key and (not group or tokens + size <= self.max_tokens):
                     group.append(call)
-                    tokens += call.hidden.shape[0]
+                    tokens += size
                 else:
                     rest.append(call)
             self._pending = rest
             return group
 
-    def _drain(self) -> None:
-        while (group := self._take()) is not None:
+    def _prepare_pending(self) -> None:
+        """Run `prepare` of every queued call that has one; a call whose request is bad fails alone."""
+        with self._lock:
+            todo = [c for c in self._pending if c.work is None]
+        failed = []
+        for call in todo:
             try:
-                results = self._compute(group)
-            except Exception as err:  # each call of the group gets the error
-                results = [(None, err)] * len(group)
+                call.work = call.prepare()
+            except Exception as err:
+                failed.append((call, err))
+        if failed:
+            with self._lock:
+                self._pending = [c for c in self._pending if all(c is not f for f, _ in failed)]
+            for call, err in failed:
+                settle_from_thread(call.loop, call.future, None, err)
+
+    def _drain(self) -> None:
+        while True:
+            with self.bank.lock:  # the bank's devices are ours from decoding to the reply's bytes
+                self._prepare_pending()
+                group = self._take()
+                if group is None:
+                    return
+                if not group:
+                    continue
+                try:
+                    results = self._compute(group)
+                except Exception as err:  # each call of the group gets the error
+                    results = [(None, err)] * len(group)
             for call, (value, error) in zip(group, results, strict=True):
                 settle_from_thread(call.loop, call.future, value, error)
 
     def _compute(self, group: list[_Call]) -> list[tuple[Any, BaseException | None]]:
-        first = group[0]
+        first = group[0].work
+        works = [c.work for c in group]
         start = time.perf_counter()
         if self.on_wait is not None:
             for call in group:
@@ -116,18 +166,18 @@ class CallMerger:
                                     first.on_device)
             parts = [out]
         else:
-            out = self.bank.compute(first.layer, torch.cat([c.hidden for c in group]),
-                                    torch.cat([c.expert_ids for c in group]), torch.cat([c.weights for c in group]),
+            out = self.bank.compute(first.layer, torch.cat([w.hidden for w in works]),
+                                    torch.cat([w.expert_ids for w in works]), torch.cat([w.weights for w in works]),
                                     first.out_dtype, first.on_device)
-            parts = out.split([c.hidden.shape[0] for c in group])
+            parts = out.split([w.hidden.shape[0] for w in works])
             self.merged_calls += len(group)
         seconds = time.perf_counter() - start
         self.computations += 1
         # finish() runs here, before the next computation may reuse the bank's output buffer.
         results: list[tuple[Any, BaseException | None]] = []
-        for call, part in zip(group, parts, strict=True):
+        for work, part in zip(works, parts, strict=True):
             try:
-                results.append(((call.finish(part), seconds), None))
+                results.append(((work.finish(part), seconds, work), None))
             except Exception as err:  # only this call fails
                 results.append((None, err))
         return results

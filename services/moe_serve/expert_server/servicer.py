@@ -12,7 +12,7 @@ from moe_client.ownership import to_messages
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_serve import __version__
 from moe_serve.expert_server.bank import ExpertBank
-from moe_serve.expert_server.merger import CallMerger
+from moe_serve.expert_server.merger import CallMerger, Work
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import shared_regions
 from moe_serve.rpc.codec import TORCH_DTYPES, WIRE_DTYPES, from_wire, to_wire_owned
@@ -26,10 +26,13 @@ _INT_IDS = (wire.INT32, wire.INT64)
 _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16, wire.FLOAT8_E4M3)
 
 
-def decode_request(request, hidden_size: int, regions: RegionMaps | None = None):
+def decode_request(request, hidden_size: int, regions: RegionMaps | None = None,
+                   deferred: list | None = None):
     """Validated (hidden [T, H], expert_ids [T, K], weights [T, K]); InvalidArgument names the bad field.
 
-    With `regions`, hidden states named by `shared_hidden` are read where the caller left them.
+    With `regions`, hidden states named by `shared_hidden` are read where the caller left them. With
+    `deferred`, the NaN check of hidden states on a GPU is left there as (field, device flag) for the caller
+    to read after the computation's own synchronisation, instead of synchronising here.
     """
     if request.shared_hidden.region.kind:
         if regions is None:
@@ -52,7 +55,9 @@ def decode_request(request, hidden_size: int, regions: RegionMaps | None = None)
         raise InvalidArgument(f"weights: shape {list(weights.shape)} differs from expert_ids {list(ids.shape)}")
     if not bool(torch.isfinite(weights).all()):
         raise InvalidArgument("weights: contains NaN or Inf")
-    if not bool(torch.isfinite(hidden).all()):
+    if deferred is not None and hidden.is_cuda:
+        deferred.append(("hidden", torch.isfinite(hidden).all()))
+    elif not bool(torch.isfinite(hidden).all()):
         raise InvalidArgument("hidden: contains NaN or Inf")
     return hidden, ids, weights
 
@@ -70,6 +75,7 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts")
         # Concurrent calls of a layer share one computation; the queue wait goes to the metrics.
         self.merger = CallMerger(bank, self.executor, merge, on_wait=self.metrics.queue_wait.observe)
+        self.local = None  # the same-host channel (local_calls.LocalCalls), when offered
 
     @property
     def info(self) -> experts_pb2.GetInfoResponse:
@@ -81,13 +87,15 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         # Callers on this host may leave tensors in shared memory (shared_regions.py) of these kinds.
         self.regions = RegionMaps(list(info.shared_kinds)) if info.shared_kinds else None
 
-    @rpc
-    async def RunExperts(self, request, context):
+    def prepare(self, request) -> Work:
+        """Check and decode a RunExperts request into the bank's work (on the worker, under the bank's lock:
+        it may read a caller's GPU memory); the error names the bad field."""
         if request.model_fingerprint and request.model_fingerprint != self.info.model_fingerprint:
             raise FailedPrecondition(
                 f"model_fingerprint: the caller serves checkpoint {request.model_fingerprint}, this server "
                 f"({self.info.server_name}) serves {self.info.model_fingerprint}; start both on the same checkpoint")
-        hidden, ids, weights = decode_request(request, self.bank.hidden_size, self.regions)
+        deferred: list = []
+        hidden, ids, weights = decode_request(request, self.bank.hidden_size, self.regions, deferred)
         if request.shared_output.region.kind:
             dest = self.regions.tensor(request.shared_output, "shared_output") if self.regions else None
             if dest is None:
@@ -109,11 +117,21 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
             dest = None
             check_reply("RunExperts", hidden.numel() * TORCH_DTYPES[out_dtype].itemsize, self.max_reply_bytes)
         self.bank.check(request.layer, ids)
-        output, seconds = await self.merger.run(request.layer, hidden, ids, weights,
-                                                TORCH_DTYPES.get(out_dtype, torch.float32), finish,
-                                                on_device=dest is not None and dest.is_cuda)
-        self.metrics.observe_batch("RunExperts", hidden.shape[0])
-        self.metrics.observe_experts(request.layer, ids, seconds)
+        if deferred:
+            finish = partial(_checked, finish, deferred)
+        return Work(request.layer, hidden, ids, weights, TORCH_DTYPES.get(out_dtype, torch.float32), finish,
+                    on_device=dest is not None and dest.is_cuda)
+
+    def observe(self, work: Work, seconds: float) -> None:
+        """Count a finished call in the metrics."""
+        self.metrics.observe_batch("RunExperts", work.hidden.shape[0])
+        self.metrics.observe_experts(work.layer, work.expert_ids, seconds)
+
+    @rpc
+    async def RunExperts(self, request, context):
+        # The event loop only moves bytes: decoding, checks, compute and encoding run on the worker.
+        output, seconds, work = await self.merger.run_prepared(partial(self.prepare, request))
+        self.observe(work, seconds)
         return zerocopy.RunExpertsResponse(output=output, compute_seconds=seconds)
 
     @rpc
@@ -124,10 +142,19 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
 def _write_shared(dest: torch.Tensor, dtype: int, out: torch.Tensor) -> wire.WireTensor:
     """Copy the result into the caller's region; it is complete (synchronised) before the reply goes."""
     dest.copy_(out)
-    for t in (dest, out):
-        if t.is_cuda:
-            torch.cuda.synchronize(t.device)
+    for device in {t.device for t in (dest, out) if t.is_cuda}:
+        torch.cuda.synchronize(device)
     return wire.WireTensor(dtype=dtype, shape=tuple(dest.shape))
+
+
+def _checked(finish, deferred: list, out: torch.Tensor):
+    """finish(out), then the checks decode_request left on the GPU: read after finish's synchronisation, they
+    cost no wait of their own. A call that fails them gets INVALID_ARGUMENT (what it wrote is not used)."""
+    value = finish(out)
+    for field, finite in deferred:
+        if not bool(finite):
+            raise InvalidArgument(f"{field}: contains NaN or Inf")
+    return value
 
 
 def add_to_server(servicer: ExpertServicer, server) -> None:

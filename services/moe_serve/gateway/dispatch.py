@@ -22,12 +22,15 @@ import time
 import grpc
 import torch
 
-from moe_client import wire, zerocopy
+from moe_client import striping, wire, zerocopy
 from moe_client.ownership import format_ranges
 from moe_serve.core.spec import ModelSpec
 from moe_serve.gateway.call_budget import CallBudget
+from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures, tried
+from moe_serve.gateway.local_dispatch import start_local
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
 from moe_serve.gateway.routing_plan import expert_counts, rows_for
+from moe_serve.gateway.wire_choice import WireChoice
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import request_ids
 from moe_serve.rpc.codec import TORCH_DTYPES, from_wire, to_wire
@@ -39,11 +42,6 @@ __all__ = ["ExpertDispatcher", "StartupError"]
 
 log = logging.getLogger(__name__)
 
-Failures = dict[str, tuple[grpc.StatusCode, str]]  # address -> why its call failed, in this layer call
-# A replica answering these is not to blame (the request is bad): trying another would fail the same way.
-_FINAL = (grpc.StatusCode.INVALID_ARGUMENT,)
-# These leave the replica in the pool: it is busy, not broken.
-_NO_EJECT = (grpc.StatusCode.RESOURCE_EXHAUSTED,)
 
 
 class ExpertDispatcher:
@@ -51,9 +49,12 @@ class ExpertDispatcher:
 
     def __init__(self, spec: ModelSpec, pool: ServerPool, loop: asyncio.AbstractEventLoop,
                  wire_dtype: int = wire.FLOAT32, timeout: float = 60.0, metrics: ServiceMetrics | None = None,
-                 arenas: ArenaPool | None = None):
-        """`arenas`: shared memory for same-host servers that accept it (None: every byte goes by gRPC)."""
+                 arenas: ArenaPool | None = None, same_host_calls: bool = True, wire_choice: WireChoice | None = None):
+        """`arenas`: shared memory for same-host servers that accept it (None: every byte goes by gRPC);
+        `same_host_calls`: call those servers over their same-host channel when they offer one;
+        `wire_choice`: wire dtypes per direction and call size for bytes in messages (default: `wire_dtype`)."""
         self.spec = spec
+        self.wire_choice = wire_choice or WireChoice(wire_dtype)
         self.pool = pool
         self.loop = loop
         self.wire_dtype = wire_dtype
@@ -61,6 +62,7 @@ class ExpertDispatcher:
         self.metrics = metrics or ServiceMetrics("gateway")
         self.arenas = arenas
         self.budget = CallBudget(pool, timeout)  # per-attempt timeouts from observed latency (call_budget.py)
+        self.same_host_calls = same_host_calls
         # Shared regions hold the hidden states in the wire dtype (bf16 for fp8, which only saves socket
         # bytes) and the sums in float32: no bytes to save there, and each server's partial sum rounded
         # to bf16 before they are added moved 2-server DeepSeek-shape logits by 2% of their norm.
@@ -79,11 +81,15 @@ class ExpertDispatcher:
         deadline = REQUEST_DEADLINE.get()  # set by the edge interceptor, carried by ContextThreadPool
         # Dense layers may run on a GPU: the hidden states stay there if a server maps that GPU's memory,
         # else the wire starts from host memory. Routing is planned on the host.
-        if hidden.is_cuda and not any(self._shared_kind(r, hidden.device) for r in self.pool.members):
+        if hidden.is_cuda and not any(self.shared_kind(r, hidden.device) for r in self.pool.members):
             hidden = hidden.cpu()
-        expert_ids, weights = expert_ids.cpu(), weights.cpu()
-        return asyncio.run_coroutine_threadsafe(self.run_async(layer, hidden, expert_ids, weights, deadline),
-                                                self.loop)
+        expert_ids, weights = to_host(expert_ids, weights)
+        local = start_local(self, layer, hidden, expert_ids, weights, deadline)
+        if local is not None:  # every server of this layer's plan is on this host: no event loop on the way
+            return local
+        calls = asyncio.run_coroutine_threadsafe(self._partials(layer, hidden, expert_ids, weights, deadline),
+                                                 self.loop)
+        return SummedPartials(calls, hidden.shape, hidden.device)
 
     def close(self) -> None:
         """Unlink the shared-memory arenas."""
@@ -93,14 +99,26 @@ class ExpertDispatcher:
     async def run_async(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                         weights: torch.Tensor, deadline: float | None = None) -> torch.Tensor:
         """hidden [T, H], expert_ids [T, K], weights [T, K] -> [T, H] float32; `deadline` is time.monotonic()."""
+        return add_partials(await self._partials(layer, hidden, expert_ids, weights, deadline), hidden.shape,
+                            hidden.device)
+
+    async def _partials(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                        deadline: float | None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The layer's calls, failover included; each one's (first expert, rows, [rows, H] partial sum)."""
         partials: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         failures: Failures = {}
         slots = expert_counts(expert_ids, self.spec.num_experts)  # expert -> (token, expert) pairs
         await self._scatter(layer, hidden, expert_ids, weights, slots, deadline, frozenset(), failures, partials)
-        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        for _, rows, partial in sorted(partials, key=lambda p: p[0]):  # a fixed order: same input, same sum
-            out.index_add_(0, rows.to(out.device), partial.to(out.device))
-        return out
+        return partials
+
+    async def rescue(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                     counts: dict[int, int], deadline: float | None, excluded: frozenset[str],
+                     failures: Failures) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Run `counts`' experts by gRPC on replicas not in `excluded` (a same-host call failed); the
+        (first expert, rows, [rows, H] partial sum) of each call."""
+        partials: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        await self._scatter(layer, hidden, expert_ids, weights, counts, deadline, excluded, failures, partials)
+        return partials
 
     async def _scatter(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                        counts: dict[int, int], deadline: float | None, excluded: frozenset[str],
@@ -133,15 +151,16 @@ class ExpertDispatcher:
             request_id=request_ids.current(),
         )
         request.model_fingerprint = self.pool.fingerprint
-        kind = self._shared_kind(replica, hidden.device)
-        arena = self._acquire(replica, hidden, rows.numel()) if kind else None
+        kind = self.shared_kind(replica, hidden.device)
+        arena = self.acquire(replica, hidden, rows.numel()) if kind else None
         done = False
         try:
             if arena is None:
-                request.hidden = to_wire(hidden.index_select(0, rows.to(hidden.device)).cpu(), self.wire_dtype)
+                to_experts, request.output_dtype = self.wire_choice.for_call(rows.numel())
+                request.hidden = to_wire(hidden.index_select(0, rows.to(hidden.device)).cpu(), to_experts)
                 result = None
             else:
-                result = self._stage(arena, request, hidden, rows)
+                result = self.stage(arena, request, hidden, rows)
             done = await self._call(replica, chosen, layer, hidden, expert_ids, weights, counts, deadline, excluded,
                                     failures, partials, request, rows, result)
         finally:
@@ -166,7 +185,7 @@ class ExpertDispatcher:
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
             if timeout <= 0:
-                raise DeadlineExceeded(f"{where}: the request's deadline passed" + _tried(failures))
+                raise DeadlineExceeded(f"{where}: the request's deadline passed" + tried(failures))
         replica.outstanding += slots
         started = time.monotonic()
         try:
@@ -187,21 +206,23 @@ class ExpertDispatcher:
                 await self._send(replica, chosen, layer, hidden, expert_ids, weights, counts, deadline, excluded,
                                  failures, partials)
                 return False
-            if error.code() in _FINAL:
+            if error.code() in FINAL:
                 raise ServiceError(f"expert server {replica.name} ({replica.address}), {where}: {reason}") from error
-            self.pool.report_failure(replica, reason, eject=error.code() not in _NO_EJECT)
+            self.pool.report_failure(replica, reason, eject=error.code() not in NO_EJECT)
             failures[replica.address] = (error.code(), f"{replica.name} ({replica.address}) {reason}")
             await self._scatter(layer, hidden, expert_ids, weights, {e: counts[e] for e in chosen}, deadline,
                                 excluded | {replica.address}, failures, partials)
             return False
         self.pool.report_success(replica)
-        # A shared result is read (copied out) before its arena goes back to the pool.
-        partial = (result.to(torch.float32, copy=True) if result is not None  # .float() of float32 is no copy
-                   else from_wire(reply.output, "output").float())
-        partials.append((min(chosen), rows, partial))
+        if result is not None:  # a shared result is read (copied out) before its arena goes back to the pool
+            partials.append((min(chosen), rows, result.to(torch.float32, copy=True)))
+            return True
+        # A large call came back in pieces of rows (moe_client.striping): each is added where it belongs, no copy.
+        for start, stop, output in striping.pieces(reply, rows.numel()):
+            partials.append((min(chosen), rows[start:stop], from_wire(output, "output")))  # made float32 when added
         return True
 
-    def _shared_kind(self, replica: Replica, device: torch.device) -> int | None:
+    def shared_kind(self, replica: Replica, device: torch.device) -> int | None:
         """The shared-memory kind (RegionKind) to reach `replica` with for tensors on `device`, or None (gRPC
         bytes)."""
         if self.arenas is None:
@@ -217,7 +238,7 @@ class ExpertDispatcher:
                 return None
         return kind
 
-    def _acquire(self, replica: Replica, hidden: torch.Tensor, tokens: int) -> Arena | None:
+    def acquire(self, replica: Replica, hidden: torch.Tensor, tokens: int) -> Arena | None:
         """An arena for `tokens` rows in and out; None (gRPC bytes this time) if the memory is not there."""
         size = (aligned(tokens * hidden.shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize)
                 + tokens * hidden.shape[1] * TORCH_DTYPES[self.shared_out_dtype].itemsize)
@@ -227,14 +248,17 @@ class ExpertDispatcher:
             log.warning("no shared memory for %d tokens to %s (%s); sending them by gRPC", tokens, replica.name, err)
             return None
 
-    def _stage(self, arena: Arena, request, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def stage(self, arena: Arena, request, hidden: torch.Tensor, rows: torch.Tensor, sync: bool = True,
+              device_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Copy the routed rows into `arena`, name them and the result's place in `request`; returns that place.
 
-        GPU writes are complete (stream synchronised) before the request can leave."""
+        GPU writes are complete (stream synchronised) before the request can leave; `sync=False` leaves
+        that to the caller (one synchronisation for all of a layer's calls)."""
         shape = (rows.numel(), hidden.shape[1])
         out_at = aligned(shape[0] * shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize)
-        arena.view(0, self.shared_dtype, shape).copy_(hidden.index_select(0, rows.to(hidden.device)))
-        if hidden.is_cuda:
+        rows = device_rows if device_rows is not None else rows.to(hidden.device)
+        arena.view(0, self.shared_dtype, shape).copy_(hidden.index_select(0, rows))
+        if hidden.is_cuda and sync:
             torch.cuda.current_stream(hidden.device).synchronize()
         request.shared_hidden = arena.message(0, self.shared_dtype, shape)
         request.shared_output = arena.message(out_at, self.shared_out_dtype, shape)
@@ -244,7 +268,7 @@ class ExpertDispatcher:
         """UNAVAILABLE naming the pairs and why each owner is out; FAILED_PRECONDITION when they serve another
         checkpoint; RESOURCE_EXHAUSTED when every one tried was only busy."""
         why, refused = self.pool.explain(layer, experts)
-        text = f"no expert server can run layer {layer} experts {format_ranges(experts)}: {why}" + _tried(failures)
+        text = f"no expert server can run layer {layer} experts {format_ranges(experts)}: {why}" + tried(failures)
         codes = {code for code, _ in failures.values()}
         if refused or codes == {grpc.StatusCode.FAILED_PRECONDITION}:
             return FailedPrecondition(text)
@@ -253,5 +277,48 @@ class ExpertDispatcher:
         return Unavailable(text)
 
 
-def _tried(failures: Failures) -> str:
-    return f" (tried: {'; '.join(text for _, text in failures.values())})" if failures else ""
+def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in host memory; those on a GPU copied into page-locked memory behind one synchronisation
+    (two plain .cpu() calls would wait for the stream twice)."""
+    if not any(t.is_cuda for t in tensors):
+        return tensors
+    out = []
+    for t in tensors:
+        if t.is_cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # from torch's caching host allocator
+            host.copy_(t, non_blocking=True)
+            out.append(host)
+        else:
+            out.append(t)
+    for device in {t.device for t in tensors if t.is_cuda}:
+        torch.cuda.current_stream(device).synchronize()
+    return tuple(out)
+
+
+def add_partials(partials: list[tuple[int, torch.Tensor, torch.Tensor]], shape: torch.Size,
+                 device: torch.device) -> torch.Tensor:
+    """[T, H] float32 on `device`: the partial sums added by row, in a fixed order (by first expert): the same
+    input gives the same sum whichever call answered first."""
+    out = torch.zeros(shape, dtype=torch.float32, device=device)
+    for _, rows, partial in sorted(partials, key=lambda p: p[0]):
+        out.index_add_(0, rows.to(device), partial.to(device, torch.float32))
+    return out
+
+
+class SummedPartials:
+    """The future of a layer's gRPC calls: `result()` adds their partial sums on the caller's thread, so the
+    event loop only moves bytes (tensor work there also wakes torch's worker threads, which then spin)."""
+
+    def __init__(self, calls: concurrent.futures.Future, shape: torch.Size, device: torch.device):
+        self._calls = calls
+        self._shape = shape
+        self._device = device
+        self._out: torch.Tensor | None = None
+
+    def done(self) -> bool:
+        return self._calls.done()
+
+    def result(self, timeout: float | None = None) -> torch.Tensor:
+        if self._out is None:
+            self._out = add_partials(self._calls.result(timeout), self._shape, self._device)
+        return self._out

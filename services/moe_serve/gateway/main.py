@@ -19,6 +19,7 @@ from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.pool import PoolOptions, Replica, ServerPool, StartupError
 from moe_serve.gateway.servicer import GatewayServicer, add_to_server
+from moe_serve.gateway.wire_choice import WireChoice
 from moe_serve.model.checkpoint import Checkpoint, CheckpointError
 from moe_serve.model.loader import load_dense_model
 from moe_serve.model.placement import PlacementError, read_placement, resolve_ownership
@@ -120,8 +121,10 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     serving = config.serving.with_message_limit(message_limit(spec.hidden_size, spec.top_k, config.max_tokens))
     pool = ServerPool(addresses, checkpoint.spec, fingerprint,
                       PoolOptions(rpc_timeout=config.rpc_timeout, resolve_interval=config.resolve_interval,
-                                  keepalive=config.keepalive, tls=config.expert_tls,
-                                  max_message_bytes=serving.max_message_bytes))
+                                  keepalive=config.keepalive, tls=config.expert_tls, tcp_lanes=config.tcp_lanes,
+                                  min_piece_bytes=config.min_piece_bytes,
+                                  max_message_bytes=serving.max_message_bytes,
+                                  local_calls=config.shared_memory and config.same_host_calls))
     await pool.start(config.connect_timeout)
     try:
         if config.placement and not config.servers:
@@ -137,7 +140,9 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     metrics.describe(model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type, dtype=config.dense_dtype)
     dispatcher = ExpertDispatcher(checkpoint.spec, pool, asyncio.get_running_loop(),
                                   wire.dtype_from_name(config.wire_dtype), config.rpc_timeout, metrics,
-                                  ArenaPool() if config.shared_memory else None)
+                                  ArenaPool() if config.shared_memory else None,
+                                  wire_choice=WireChoice.of(config.wire_dtype, config.reply_wire_dtype,
+                                                            config.full_precision_below_tokens))
     engine = GatewayEngine(model, dispatcher, tokenizer)
 
     def info() -> gateway_pb2.GetModelInfoResponse:  # GetModelInfo lists the servers serving now

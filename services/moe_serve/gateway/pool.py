@@ -26,6 +26,7 @@ from moe_serve.core.spec import ModelSpec
 from moe_serve.gateway.replica import PoolOptions, Replica
 from moe_serve.gateway.resolve import resolve
 from moe_serve.rpc import shared_regions
+from moe_serve.rpc.local_channel import ChannelError, LocalLink
 
 __all__ = ["PoolOptions", "Replica", "ServerPool", "StartupError"]
 
@@ -171,7 +172,9 @@ class ServerPool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(r.channel.close() for r in self.replicas.values()), return_exceptions=True)
+        await asyncio.gather(*(r.close() for r in self.replicas.values()), return_exceptions=True)
+        for replica in self.replicas.values():
+            self._link(replica, "")
         self.replicas.clear()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -184,9 +187,12 @@ class ServerPool:
 
     def _add(self, address: str, target: str, host: str) -> Replica:
         options = self.options
-        channel = open_aio_channel(address, options.tls, extra=options.channel_options(),
-                                   server_name=host if options.tls is not None and host else None)
-        replica = self.replicas[address] = Replica(address, target, channel)
+        name = host if options.tls is not None and host else None
+        channel = open_aio_channel(address, options.tls, extra=options.channel_options(), server_name=name)
+        # Lanes connect on their first call (grpc channels are lazy): none for servers reached by shared memory.
+        lanes = tuple(open_aio_channel(address, options.tls, extra=options.lane_options(), server_name=name)
+                      for _ in range(options.tcp_lanes - 1))
+        replica = self.replicas[address] = Replica(address, target, channel, lanes, options.min_piece_bytes)
         return replica
 
     async def refresh(self) -> None:
@@ -221,7 +227,8 @@ class ServerPool:
         deadline = time.monotonic() + self.options.rpc_timeout
         while replica.outstanding and time.monotonic() < deadline:  # let its in-flight calls finish
             await asyncio.sleep(0.1)
-        await replica.channel.close()
+        await replica.close()
+        self._link(replica, "")
 
     async def _resolve_loop(self) -> None:
         while True:
@@ -240,6 +247,7 @@ class ServerPool:
         same_host = info.host_id == shared_regions.host_id()
         replica.shared_kinds = frozenset(info.shared_kinds) if same_host else frozenset()
         replica.gpu_uuids = frozenset(info.gpu_uuids)
+        self._link(replica, info.local_address if same_host and replica.shared_kinds else "")
         refused = ""
         if info.model_fingerprint != self.fingerprint:
             refused = (f"serves checkpoint {info.model_fingerprint} ({info.model_type}), "
@@ -248,6 +256,24 @@ class ServerPool:
             log.error("expert server %s (%s) %s; not using it", replica.name, replica.address, refused)
         replica.refused = refused
         self._reindex()
+
+    def _link(self, replica: Replica, address: str) -> None:
+        """Open (or reopen, after a restart) the same-host channel to `address`; "" closes it."""
+        current = replica.local_link()
+        if current is not None and current.address == address:
+            return
+        if current is not None:
+            current.close()
+        replica.local = None
+        if not address or not self.options.local_calls or self.options.tls is not None:
+            return
+        try:
+            replica.local = LocalLink(address, timeout=min(self.options.rpc_timeout, 5.0),
+                                      max_bytes=self.options.max_message_bytes)
+            log.info("expert server %s (%s): RunExperts over the same-host channel", replica.name, replica.address)
+        except (OSError, ChannelError) as err:  # another network namespace, another user: gRPC it is
+            log.info("expert server %s (%s): no same-host channel (%s); calls go by gRPC", replica.name,
+                     replica.address, err)
 
     def _set_serving(self, replica: Replica, serving: bool, reason: str = "") -> None:
         if serving != replica.serving:

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from moe_client import zerocopy
-from moe_client.channel import MAX_MESSAGE_BYTES, unary_callable
+from moe_client.channel import MAX_MESSAGE_BYTES
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_client.security import TLSFiles
+from moe_client.striping import DEFAULT_LANES, LANE_OPTIONS, MIN_PIECE_BYTES, Lanes
+from moe_serve.rpc.local_channel import LocalLink
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,14 @@ class PoolOptions:
     keepalive: float = 10.0  # ping an idle connection this often; no answer within it marks the server down
     tls: TLSFiles | None = None  # TLS to the expert servers (cert + key: mutual TLS)
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # Same-host servers that offer it get RunExperts over a Unix socket from the model thread (local_dispatch.py).
+    local_calls: bool = True
+    tcp_lanes: int = DEFAULT_LANES  # connections per server; large calls are split by rows over them
+    min_piece_bytes: int = MIN_PIECE_BYTES  # smallest piece of hidden states a call is split into
+
+    def __post_init__(self) -> None:
+        if self.tcp_lanes < 1:
+            raise ValueError(f"--tcp-lanes {self.tcp_lanes} must be at least 1")
 
     def channel_options(self) -> list[tuple[str, int]]:
         """Keepalive and reconnect options of the channels to expert servers."""
@@ -40,16 +49,23 @@ class PoolOptions:
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
 
+    def lane_options(self) -> list[tuple[str, int]]:
+        """channel_options for the extra lanes: each its own connection."""
+        return self.channel_options() + LANE_OPTIONS
+
 class Replica:
     """One expert server address: its channel, what it owns, and what the pool knows of its health."""
 
-    def __init__(self, address: str, target: str, channel: grpc.aio.Channel):
+    def __init__(self, address: str, target: str, channel: grpc.aio.Channel, lanes: tuple[grpc.aio.Channel, ...] = (),
+                 min_piece_bytes: int = MIN_PIECE_BYTES):
+        """`lanes`: more channels (own connections) to the same address, for large calls split by rows."""
         self.address = address
         self.target = target  # the --servers entry it was resolved from
         self.channel = channel
         self.stub = experts_pb2_grpc.ExpertServiceStub(channel)
-        # RunExperts through the zero-copy codec (the generated stub copies every tensor 4 times).
-        self.run_experts = unary_callable(channel, "/moe.v1.ExpertService/RunExperts", zerocopy.RunExpertsResponse)
+        # RunExperts through the zero-copy codec (the generated stub copies every tensor 4 times), large calls
+        # split over the lanes (moe_client.striping).
+        self.run_experts = Lanes([channel, *lanes], min_piece_bytes)
         self.health = health_pb2_grpc.HealthStub(channel)
         self.info = experts_pb2.GetInfoResponse()
         self.owns: dict[int, frozenset[int]] = {}
@@ -63,6 +79,11 @@ class Replica:
         self.shared_kinds: frozenset[int] = frozenset()  # same-host fast paths it accepts (RegionKind values)
         self.gpu_uuids: frozenset[str] = frozenset()  # GPUs whose memory it can map
         self.watcher: asyncio.Task | None = None
+        self.local: LocalLink | None = None  # the same-host channel, when the server offers one on our host
+
+    async def close(self) -> None:
+        """Close its channels."""
+        await self.run_experts.close()
 
     @property
     def name(self) -> str:
@@ -71,6 +92,11 @@ class Replica:
     @property
     def owned(self) -> dict[int, tuple[int, ...]]:
         return {layer: tuple(sorted(ids)) for layer, ids in sorted(self.owns.items())}
+
+    def local_link(self) -> LocalLink | None:
+        """The same-host channel if it is open."""
+        link = self.local
+        return link if link is not None and not link.closed else None
 
     def routable(self, now: float) -> bool:
         """True if calls may go here now."""

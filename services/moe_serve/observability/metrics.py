@@ -123,6 +123,16 @@ class ServiceMetrics:
             self.expert_compute.labels(str(layer))
             self.expert_tokens.hold(layer, experts)
 
+    def record_call(self, rpc: str, code: str, seconds: float, received: int, sent: int,
+                    access_log_level: int = logging.DEBUG) -> None:
+        """One call served outside gRPC (the same-host channel), counted and logged as the interceptor does
+        RPCs (the caller binds the request id)."""
+        log.log(access_log_level, "%s %s in %.1f ms", rpc, code, seconds * 1e3)
+        self.child(self.requests, rpc, code).inc()
+        self.child(self.request_seconds, rpc).observe(seconds)
+        self.child(self.received_bytes, rpc).inc(received)
+        self.child(self.sent_bytes, rpc).inc(sent)
+
     def observe_batch(self, rpc: str, tokens: int) -> None:
         """One call processed `tokens` tokens."""
         self.child(self.tokens, rpc).inc(tokens)
@@ -151,9 +161,8 @@ class ServiceMetrics:
 
     async def call_expert(self, server: str, method: Callable[..., Awaitable], request, **kwargs):
         """`await method(request, **kwargs)` (a RunExperts stub call), recording latency, status and bytes."""
-        self.child(self.expert_call_sent_bytes, server).inc(request.ByteSize())
         start = time.perf_counter()
-        code = "UNKNOWN"
+        code, reply = "UNKNOWN", None
         try:
             reply = await method(request, **kwargs)
             code = "OK"
@@ -164,10 +173,17 @@ class ServiceMetrics:
             code = "CANCELLED"
             raise
         finally:
-            self.child(self.expert_call_seconds, server).observe(time.perf_counter() - start)
-            self.child(self.expert_calls, server, code).inc()
-        self.child(self.expert_call_received_bytes, server).inc(reply.ByteSize())
+            self.record_expert_call(server, code, time.perf_counter() - start, request.ByteSize(),
+                                    reply.ByteSize() if reply is not None else 0)
         return reply
+
+    def record_expert_call(self, server: str, code: str, seconds: float, sent: int, received: int) -> None:
+        """One RunExperts call to `server` (over gRPC or the same-host channel): status, latency, bytes."""
+        self.child(self.expert_call_sent_bytes, server).inc(sent)
+        self.child(self.expert_call_seconds, server).observe(seconds)
+        self.child(self.expert_calls, server, code).inc()
+        if received:
+            self.child(self.expert_call_received_bytes, server).inc(received)
 
     def serve(self, host: str = "0.0.0.0", port: int = 0) -> int:
         """Start the HTTP /metrics endpoint on a daemon thread; returns the bound port (0 picks one)."""

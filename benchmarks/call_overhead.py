@@ -1,0 +1,169 @@
+"""One MoE layer's expert call between two processes on one host: where the time goes besides the compute.
+
+A real `moe-expert-server` process owns every expert of one DeepSeek-MoE-16B-shaped layer (64 experts of
+width 1408, top-6, bf16 on a GPU, fp32 on the CPU); this process is the gateway (its ExpertDispatcher
+and pool). For each token count, interleaved, medians over repeats:
+  - in-process: the same bank in this process (ExpertBank.compute): the compute alone;
+  - same-host channel: hidden states and sums in shared memory (CUDA IPC with --device cuda), the call
+    over the Unix socket from this thread (rpc/local_channel.py), what the gateway does by default;
+  - gRPC + shared memory: the same, the call by gRPC through the event loops (--no-same-host-calls);
+  - (GPU) same-host channel, host memory: the caller's tensors in /dev/shm, the server copying them to
+    its GPU and back: the caller never touches the GPU;
+and the host overhead of the channel: its round trip minus the compute the server reports doing.
+Goal (issue 14): <= 0.3 ms at 64 decode tokens.
+
+    python -m benchmarks.call_overhead --device cuda --out docs/bench/call-overhead-h200.json
+    python -m benchmarks.call_overhead --device cpu --tokens 1,64 --repeats 50   # the 2-core machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from benchmarks import machine
+from benchmarks.model import LAYER, Shape, ensure_checkpoint, make_input
+from benchmarks.procs import ENV, bench_loop
+from moe_client import wire
+from moe_serve.core.routing import route
+from moe_serve.expert_server.bank import ExpertBank
+from moe_serve.gateway.dispatch import ExpertDispatcher
+from moe_serve.gateway.local_dispatch import LocalRound
+from moe_serve.gateway.pool import PoolOptions, ServerPool
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.rpc.shared_regions import ArenaPool
+from tests.support.launch import launch
+from tests.support.ports import free_port
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: str, repeats: int) -> list[float]:
+    times = []
+    for i in range(repeats + 3):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(tokens: int, shape: Shape, args, bank: ExpertBank, dispatchers: dict, torch_dtype) -> dict:
+    """Every variant at `tokens` tokens, interleaved in 4 rounds (load changes hit each alike)."""
+    hidden = make_input(shape, tokens).to(args.device, torch_dtype)
+    weights, ids = route(torch.randn(tokens, shape.experts), shape.top_k, False)
+    ids, weights = ids.to(args.device), weights.to(args.device)
+    server_seconds: list[float] = []
+
+    def channel():
+        call = dispatchers["same-host channel"].submit(LAYER, hidden, ids, weights)
+        call.result()
+        if isinstance(call, LocalRound):
+            server_seconds.append(call.server_seconds)
+
+    variants = {"in-process": lambda: bank.compute(LAYER, hidden, ids, weights, on_device=True),
+                "same-host channel": channel,
+                "gRPC + shared memory": lambda: dispatchers["gRPC + shared memory"].run(LAYER, hidden, ids, weights)}
+    if args.device.startswith("cuda"):
+        # The caller's tensors in host memory (/dev/shm): the caller never touches the GPU, so the GPU does not
+        # switch between this process's context and the server's on every call.
+        host = (hidden.cpu(), ids.cpu(), weights.cpu())
+        variants["same-host channel, host memory"] = lambda: dispatchers["same-host channel"].run(LAYER, *host)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    # The server's own view, from its metrics: whole handling of a call (decode to reply) and compute alone.
+    handled = {name: [0.0, 0.0, 0.0] for name in variants}  # handling seconds, compute seconds, calls
+    for _ in range(4):
+        for name, fn in variants.items():
+            before = server_seconds_so_far(args.metrics_url)
+            times[name] += timed(fn, args.device, args.repeats // 4)
+            after = server_seconds_so_far(args.metrics_url)
+            handled[name] = [h + a - b for h, a, b in zip(handled[name], after, before, strict=True)]
+    med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    server_ms = statistics.median(server_seconds) * 1e3 if server_seconds else float("nan")
+    server_view = {name: {"handling_ms": h / n * 1e3, "compute_ms": c / n * 1e3}
+                   for name, (h, c, n) in handled.items() if n}
+    return {"tokens": tokens, "median_ms": med, "server_compute_ms": server_ms,
+            "channel_overhead_ms": med["same-host channel"] - server_ms,
+            "grpc_overhead_ms": med["gRPC + shared memory"] - server_ms, "server_mean_ms": server_view}
+
+
+def server_seconds_so_far(url: str) -> list[float]:
+    """(RunExperts handling seconds, expert compute seconds, calls) the server has counted since it started."""
+    text = urllib.request.urlopen(url, timeout=30).read().decode()
+    handling = _sample(text, 'moe_request_duration_seconds_sum{rpc="RunExperts"}')
+    calls = _sample(text, 'moe_request_duration_seconds_count{rpc="RunExperts"}')
+    compute = _sample(text, f'moe_expert_compute_seconds_sum{{layer="{LAYER}"}}')
+    return [handling, compute, calls]
+
+
+def _sample(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tokens", default="1,8,64,256,4096")
+    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--checkpoints", default="bench-results")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    shape = Shape()
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    torch_dtype = getattr(torch, dtype)
+    ckpt_dir = ensure_checkpoint(shape, Path(args.checkpoints))
+    checkpoint = Checkpoint(ckpt_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="call-overhead-"))
+    metrics_port = free_port()
+    args.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    server = launch("expert-server", workdir / "server.log", env=ENV, die_with_parent=True, checkpoint=ckpt_dir,
+                    devices=args.device, dtype=dtype, name="experts", log_level="WARNING", metrics_port=metrics_port)
+    loop = bench_loop()
+    try:
+        server.wait_ready(900)
+        pool = ServerPool([server.address], checkpoint.spec, checkpoint.fingerprint(), PoolOptions(rpc_timeout=900))
+        loop.run(pool.start(900))
+        dispatchers = {name: ExpertDispatcher(checkpoint.spec, pool, loop.loop, wire.dtype_from_name(dtype), 900.0,
+                                              arenas=ArenaPool(), same_host_calls=local)
+                       for name, local in (("same-host channel", True), ("gRPC + shared memory", False))}
+        bank = ExpertBank.load(checkpoint, {LAYER: tuple(range(shape.experts))}, [torch.device(args.device)],
+                               torch_dtype)
+        result = {"machine": machine.describe(), "device": args.device, "dtype": dtype, "shape": shape.__dict__,
+                  "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+                  "same_host_channel": pool.members[0].local_link() is not None, "rows": []}
+        print(f"{'tokens':>6} {'in-process':>11} {'channel':>9} {'gRPC':>9} {'server':>9} {'overhead':>9}  (ms)")
+        for tokens in [int(t) for t in args.tokens.split(",")]:
+            row = measure(tokens, shape, args, bank, dispatchers, torch_dtype)
+            result["rows"].append(row)
+            med = row["median_ms"]
+            print(f"{tokens:>6} {med['in-process']:>11.3f} {med['same-host channel']:>9.3f} "
+                  f"{med['gRPC + shared memory']:>9.3f} {row['server_compute_ms']:>9.3f} "
+                  f"{row['channel_overhead_ms']:>9.3f}", flush=True)
+            print(f"        server side (mean ms): {json.dumps(row['server_mean_ms'])}", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        for d in dispatchers.values():
+            d.close()
+        loop.run(pool.close())
+    finally:
+        server.stop(60)
+        loop.close()
+
+
+if __name__ == "__main__":
+    main()

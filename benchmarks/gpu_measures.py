@@ -1,0 +1,144 @@
+"""What benchmarks/gpu_model.py measures beside tokens/s: the memory-bandwidth bound of a decode step, one
+expert call's host overhead, a profile of a decode step, and Generate streams through the gateway's API.
+
+Legend: B = sequences decoding, H = hidden size, E = routed experts, K = top-k, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import torch
+
+from moe_client import GatewayClient
+from moe_serve.core.routing import route
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Bytes/s a device-to-device copy moves, counting the read and the write (what a kernel that streams
+    weights can reach); median over repeats."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 2):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+def experts_touched(num_experts: int, top_k: int, batch: int) -> float:
+    """Expected distinct experts a layer runs for `batch` tokens routed uniformly (top_k of num_experts each)."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** batch)
+
+
+def decode_step_bytes(spec, batch: int, context: int, itemsize: int = 2) -> dict:
+    """Bytes one decode step of `batch` sequences must read at least: every dense weight (attention,
+    shared experts, dense MLPs, the LM head), the routed experts the batch touches, and the KV cache."""
+    h = spec.hidden_size
+    attn = h * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim + spec.num_heads * spec.head_dim * h
+    moe = len(spec.moe_layers)
+    dense_layers = spec.num_layers - moe
+    dense = (spec.num_layers * attn + moe * (3 * h * spec.shared_expert_width + spec.num_experts * h)
+             + dense_layers * 3 * h * spec.dense_width + spec.vocab_size * h + batch * h) * itemsize
+    experts = moe * experts_touched(spec.num_experts, spec.top_k, batch) * 3 * h * spec.expert_width * itemsize
+    kv = spec.num_layers * 2 * batch * context * spec.num_kv_heads * spec.head_dim * itemsize
+    return {"dense": dense, "experts": experts, "kv_cache": kv, "total": dense + experts + kv}
+
+
+def bound_tokens_per_s(spec, batch: int, context: int, bandwidth: float) -> float:
+    """Decode tokens/s if a step cost only its bytes at `bandwidth`."""
+    return batch / (decode_step_bytes(spec, batch, context)["total"] / bandwidth)
+
+
+def expert_call_ms(experts, spec, device: str, tokens: int = 64, repeats: int = 50) -> float:
+    """Median ms of one MoE layer's routed-expert call at `tokens` decode tokens (DeepSeek routing, random
+    input on `device`), synchronised: the served round trip, or the compute alone for an in-process bank."""
+    layer = spec.moe_layers[len(spec.moe_layers) // 2]
+    gen = torch.Generator(device="cpu").manual_seed(tokens)
+    hidden = torch.randn(tokens, spec.hidden_size, generator=gen).to(device, torch.bfloat16)
+    weights, ids = route(torch.randn(tokens, spec.num_experts, generator=gen), spec.top_k, spec.norm_topk_prob)
+    ids, weights = ids.to(device), weights.to(device)
+    times = []
+    for i in range(repeats + 5):
+        torch.cuda.synchronize(device) if device.startswith("cuda") else None
+        start = time.perf_counter()
+        out = experts.run(layer, hidden, ids, weights)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        if i >= 5:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def profile_step(step, device: str, rows: int = 30) -> dict:
+    """torch.profiler over one call of `step()`: wall ms, and the ops with the most self CPU and self device
+    time (ms), so a decode step's time can be split into host work, kernels and waiting."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    step()  # warm: graphs captured, caches allocated
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+
+    def top(key: str) -> list[dict]:
+        ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
+        return [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                 "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in ranked]
+
+    return {"wall_ms": wall * 1e3,
+            "self_cpu_ms_total": sum(e.self_cpu_time_total for e in events) / 1e3,
+            "self_device_ms_total": sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3,
+            "top_cpu": top("self_cpu_time_total"), "top_device": top("self_device_time_total")}
+
+
+def generate_streams(address: str, vocab: int, streams: int, prompt_len: int, new_tokens: int,
+                     timeout: float = 600.0) -> dict:
+    """`streams` concurrent greedy Generate calls through the gateway's gRPC API: generated tokens/s over
+    the whole run, and inter-token latency (gaps between a stream's tokens) p50 / p99 in ms."""
+    gen = torch.Generator().manual_seed(streams)
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for _ in range(streams)]
+    gaps: list[list[float]] = [[] for _ in range(streams)]
+    counts = [0] * streams
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(streams + 1)
+
+    def one(i: int) -> None:
+        try:
+            with GatewayClient(address, timeout=timeout) as client:
+                barrier.wait()
+                last = None
+                for _ in client.generate(prompts[i], max_new_tokens=new_tokens, ignore_eos=True):
+                    now = time.perf_counter()
+                    if last is not None:
+                        gaps[i].append(now - last)
+                    last = now
+                    counts[i] += 1
+        except BaseException as err:  # reported with the row
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    itl = sorted(g for gs in gaps for g in gs)
+    return {"streams": streams, "tokens": sum(counts), "tokens_per_s": sum(counts) / seconds,
+            "itl_p50_ms": itl[len(itl) // 2] * 1e3 if itl else None,
+            "itl_p99_ms": itl[min(len(itl) - 1, int(len(itl) * 0.99))] * 1e3 if itl else None}

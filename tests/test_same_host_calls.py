@@ -1,0 +1,159 @@
+"""The same-host call channel: RunExperts over a Unix socket from the gateway's model thread, gRPC as the
+fallback. Sums equal the reference, bad requests get the gRPC codes, a server that goes away fails over,
+and only the server's user (or root) gets in."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from moe_client import GatewayClient, wire
+from moe_client.pb import experts_pb2
+from moe_serve.gateway.batching_config import BatchingConfig
+from moe_serve.rpc.local_channel import ChannelError, LocalLink, LocalListener
+from tests.support.busy import bank_held
+from tests.support.references import reference_forward
+from tests.support.waiting import wait_for
+
+
+def _local_calls(cluster, server: str) -> int:
+    local = cluster.expert_servicers[server].local
+    return 0 if local is None else local.listener.calls
+
+
+def _grpc_computations(cluster, server: str) -> int:
+    return cluster.expert_servicers[server].merger.computations
+
+
+@pytest.mark.parametrize("same_host_calls", [True, False])
+def test_forward_over_the_same_host_channel_equals_reference(cluster, tiny_checkpoint, same_host_calls):
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-2", "3-7")]
+    gateway = cluster.gateway(tiny_checkpoint, servers, same_host_calls=same_host_calls,
+                              batching=BatchingConfig(batching=False))
+    rng = np.random.default_rng()
+    inputs = [rng.standard_normal((n, 64), dtype=np.float32) for n in (1, 7, 300)]
+    with GatewayClient(gateway) as client:
+        outputs = [client.forward(x) for x in inputs]
+    for x, got in zip(inputs, outputs, strict=True):
+        assert np.abs(got - reference_forward(tiny_checkpoint, x)).max() <= 1e-5
+    local = sum(_local_calls(cluster, s) for s in servers)
+    grpc_calls = sum(_grpc_computations(cluster, s) for s in servers)
+    if same_host_calls:
+        assert local >= 2 * len(inputs) and grpc_calls == 0  # 2 MoE layers per Forward, >= 1 server each
+    else:
+        assert local == 0 and grpc_calls >= 2 * len(inputs)
+
+
+def test_a_server_that_stops_fails_over_to_its_replica(cluster, tiny_checkpoint):
+    """The stopped server's channel closes; its experts go to the other replica by gRPC, then over its own
+    channel: no Forward fails."""
+    servers = [cluster.expert_server(tiny_checkpoint, experts="0-7") for _ in range(2)]
+    gateway = cluster.gateway(tiny_checkpoint, servers, batching=BatchingConfig(batching=False))
+    rng = np.random.default_rng()
+    with GatewayClient(gateway) as client:
+        for i in range(12):
+            if i == 4:
+                cluster.stop_one(servers[0])
+            x = rng.standard_normal((16, 64), dtype=np.float32)
+            assert np.abs(client.forward(x) - reference_forward(tiny_checkpoint, x)).max() <= 1e-5
+    assert _local_calls(cluster, servers[1]) > 0
+
+
+def _request(layer: int = 0, tokens: int = 4, weights=None) -> bytes:
+    hidden = torch.randn(tokens, 64)
+    ids = torch.randint(0, 8, (tokens, 2), dtype=torch.int32)
+    w = torch.rand(tokens, 2) if weights is None else weights
+    request = experts_pb2.RunExpertsRequest(layer=layer, output_dtype=wire.FLOAT32)
+    for field, tensor in (("hidden", hidden), ("expert_ids", ids), ("weights", w)):
+        getattr(request, field).CopyFrom(wire.encode(tensor.numpy()))
+    return request.SerializeToString()
+
+
+def test_bad_requests_get_the_grpc_codes_and_the_channel_goes_on(cluster, tiny_checkpoint):
+    server = cluster.expert_server(tiny_checkpoint, experts="0-7")
+    link = LocalLink(cluster.expert_servicers[server].local.address)
+    try:
+        cases = [
+            (b"\x0a\xff\xff", grpc.StatusCode.INVALID_ARGUMENT, "not a RunExpertsRequest"),
+            (_request(weights=torch.full((4, 2), float("nan"))), grpc.StatusCode.INVALID_ARGUMENT, "weights"),
+            (_request(layer=7), grpc.StatusCode.NOT_FOUND, "layer 7"),
+        ]
+        for payload, code, words in cases:
+            with pytest.raises(ChannelError) as err:
+                link.receive(link.send(payload), 10)
+            assert err.value.code == code and words in err.value.details
+        reply = experts_pb2.RunExpertsResponse.FromString(bytes(link.receive(link.send(_request()), 10)))
+        assert list(reply.output.shape) == [4, 64]
+    finally:
+        link.close()
+
+
+def test_replies_reach_their_own_waiters_and_late_ones_are_dropped():
+    """Two threads wait on one link for replies that come back in the other order; a reply whose wait
+    timed out is dropped, and the link goes on."""
+    def handler(payload: bytearray) -> bytes:
+        time.sleep(float(payload.decode()))
+        return bytes(payload)
+
+    listener = LocalListener(handler)
+    link = LocalLink(listener.address)
+    try:
+        got = {}
+        slow, fast = link.send(b"0.3"), link.send(b"0.0")  # answered in order: fast waits behind slow
+
+        def wait(seq):
+            got[seq] = bytes(link.receive(seq, 10))
+
+        threads = [threading.Thread(target=wait, args=(s,)) for s in (fast, slow)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == {slow: b"0.3", fast: b"0.0"}
+        late = link.send(b"0.5")
+        with pytest.raises(TimeoutError):
+            link.receive(late, 0.05)
+        assert bytes(link.receive(link.send(b"0.0"), 10)) == b"0.0"  # the late reply was skipped
+    finally:
+        link.close()
+        listener.close()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a caller as another user")
+def test_only_the_servers_user_gets_in():
+    listener = LocalListener(lambda payload: b"ok")
+    try:
+        probe = (f"import os, socket; os.setuid(65534); s = socket.socket(socket.AF_UNIX); "
+                 f"s.connect('\\0{listener.address}'); s.settimeout(5); print(len(s.recv(64)))")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "0"  # closed at once, not a byte sent
+        link = LocalLink(listener.address)  # root (this process) is let in
+        assert bytes(link.receive(link.send(b"x"), 10)) == b"ok"
+        link.close()
+    finally:
+        listener.close()
+
+
+def test_a_stuck_server_times_out_on_the_channel_and_the_link_recovers(cluster, tiny_checkpoint):
+    """rpc_timeout bounds a call on the channel as over gRPC (UNAVAILABLE naming the layer, the only replica
+    having timed out); once the server frees up, its late reply is dropped and the next calls are right."""
+    server = cluster.expert_server(tiny_checkpoint)
+    gateway = cluster.gateway(tiny_checkpoint, [server], rpc_timeout=0.5, batching=BatchingConfig(batching=False))
+    hidden = np.random.default_rng().standard_normal((4, 64), dtype=np.float32)
+    with GatewayClient(gateway, timeout=30) as client:
+        with bank_held(cluster.expert_servicers[server]), pytest.raises(grpc.RpcError) as err:
+            client.forward(hidden)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "DEADLINE_EXCEEDED" in err.value.details() and "layer 0 experts" in err.value.details()
+        pool = cluster.servicers[gateway].engine.experts.inner.pool
+        pool.replicas[server].ejected_until = 0.0  # skipped after the timeout; the test needs no wait for it
+        wait_for(lambda: np.abs(client.forward(hidden) - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5,
+                 "a correct answer after the stall")
+    assert _local_calls(cluster, server) >= 2
