@@ -95,7 +95,7 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     if config.shared_memory and config.serving.tls is None:
         # Same-host callers may skip gRPC for RunExperts (local_calls.py). Not beside TLS: the channel
         # admits by user id and token, not by certificate.
-        local = servicer.local = LocalCalls(servicer, config.serving.auth_token, config.serving.max_message_bytes)
+        local = servicer.local = LocalCalls(servicer, config.serving.auth_token, serving.max_message_bytes)
         info.local_address = local.address
 
         async def close_local() -> None:  # after the gRPC drain: same-host callers fail over meanwhile
