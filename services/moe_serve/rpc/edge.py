@@ -59,6 +59,7 @@ def forget_refused(nbytes: int) -> None:
 def _trim() -> None:
     global _trim_pending
     _trim_pending = False
+    log.debug("returning freed memory after a failed request")
     gc.collect(1)  # grpc keeps an aborted call's state in a reference cycle (RPCState -> AbortError -> frames)
     release_free_memory()
 
