@@ -13,7 +13,7 @@ and the host overhead of the channel: its round trip minus the compute the serve
 Goal (issue 14): <= 0.3 ms at 64 decode tokens.
 
     python -m benchmarks.call_overhead --device cuda --out docs/bench/call-overhead-h200.json
-    python -m benchmarks.call_overhead --device cpu --tokens 1,64 --repeats 50   # the 2-core machine
+    python -m benchmarks.call_overhead --device cpu --width 16 --tokens 1,64 --repeats 200  # the 2-core machine
 """
 
 from __future__ import annotations
@@ -121,9 +121,11 @@ def main() -> None:
     p.add_argument("--tokens", default="1,8,64,256,4096")
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--checkpoints", default="bench-results")
+    p.add_argument("--width", type=int, default=1408,
+                   help="expert width; a small one (e.g. 16) leaves the call's own cost visible on a CPU")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    shape = Shape()
+    shape = Shape(width=args.width)
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     torch_dtype = getattr(torch, dtype)
     ckpt_dir = ensure_checkpoint(shape, Path(args.checkpoints))

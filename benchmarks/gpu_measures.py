@@ -6,6 +6,7 @@ Legend: B = sequences decoding, H = hidden size, E = routed experts, K = top-k, 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -77,26 +78,44 @@ def expert_call_ms(experts, spec, device: str, tokens: int = 64, repeats: int = 
 
 
 def profile_step(step, device: str, rows: int = 30) -> dict:
-    """torch.profiler over one call of `step()`: wall ms, and the ops with the most self CPU and self device
-    time (ms), so a decode step's time can be split into host work, kernels and waiting."""
+    """torch.profiler over one call of `step()` (after one warm call): see profile_region."""
+    step()  # warm: graphs captured, caches allocated
+    return profile_region(lambda around: _around_all(step, around), device, rows)
+
+
+def _around_all(step, around) -> None:
+    with around():
+        step()
+
+
+def profile_region(run, device: str, rows: int = 30) -> dict:
+    """torch.profiler over the part of `run(around)` that runs inside `with around():` (e.g. decode steps
+    without their prefill): wall ms, and the ops with the most self CPU and self device time (ms), so a step's
+    time splits into host work, kernels and waiting."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    step()  # warm: graphs captured, caches allocated
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-        wall = time.perf_counter() - start
-    events = prof.key_averages()
+    held: dict = {}
+
+    @contextlib.contextmanager
+    def around():
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            yield
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            held["wall"] = time.perf_counter() - start
+        held["events"] = prof.key_averages()
+
+    run(around)
+    events = held["events"]
 
     def top(key: str) -> list[dict]:
         ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
         return [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
                  "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in ranked]
 
-    return {"wall_ms": wall * 1e3,
+    return {"wall_ms": held["wall"] * 1e3,
             "self_cpu_ms_total": sum(e.self_cpu_time_total for e in events) / 1e3,
             "self_device_ms_total": sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3,
             "top_cpu": top("self_cpu_time_total"), "top_device": top("self_device_time_total")}

@@ -33,6 +33,7 @@ table; writes JSON after every row (a run cut short keeps what it measured; a fa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -51,8 +52,9 @@ from benchmarks.gpu_measures import (
     decode_step_bytes,
     expert_call_ms,
     generate_streams,
-    profile_step,
+    profile_region,
 )
+from benchmarks.model_shapes import DEEPSEEK_MOE_16B, QWEN15_MOE_A27B
 from benchmarks.timing import synced_times, synchronize
 from moe_client import wire
 from moe_serve.core.causal_lm import CausalLM
@@ -69,21 +71,6 @@ from moe_serve.process.threads import set_torch_threads
 from moe_serve.rpc.shared_regions import kind_names
 from tests.support.launch import ServiceProcess, launch, stop_all
 from tests.support.threads import LoopThread
-
-DEEPSEEK_MOE_16B = {
-    "model_type": "deepseek", "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
-    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64,
-    "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1,
-    "norm_topk_prob": False, "scoring_func": "softmax", "vocab_size": 102400, "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0, "max_position_embeddings": 4096, "torch_dtype": "bfloat16", "hidden_act": "silu",
-    "attention_bias": False, "tie_word_embeddings": False,
-}
-QWEN15_MOE_A27B = {
-    "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
-    "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4, "num_hidden_layers": 24,
-    "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936, "max_position_embeddings": 8192,
-    "rope_theta": 1000000.0, "norm_topk_prob": False, "decoder_sparse_step": 1,
-}
 
 
 def write_checkpoint(path: Path, config: dict, seed: int, device: str) -> None:
@@ -214,7 +201,7 @@ def ours_prefill_decode(model: CausalLM, experts, args, pingpong: PingPong | Non
 
     @torch.inference_mode()
     def prefill():
-        caches = [model.new_cache(args.prefill_len) for _ in prompts]
+        caches = model.new_caches([args.prefill_len] * len(prompts))
         return in_parts(pingpong, experts, len(prompts),
                         lambda lo, hi, b: model.forward(prompts[lo:hi], caches[lo:hi], b, last_only=True))
 
@@ -234,20 +221,22 @@ def ours_prefill_decode(model: CausalLM, experts, args, pingpong: PingPong | Non
     row["decode_tokens_per_s"] = row["decode"][args.decode_batch]["tokens_per_s"]
     row["decode_step_ms"] = row["decode"][args.decode_batch]["step_ms"]
     if args.profile:
-        run = decode_run(model, experts, args, prompts, args.decode_batch, pingpong, steps=1)
-        row["decode_step_profile"] = profile_step(run, args.device)
+        run = decode_run(model, experts, args, prompts, args.decode_batch, pingpong, steps=2)
+        run()  # warm: this batch's graphs captured
+        row["decode_2_steps_profile"] = profile_region(run, args.device)
     row["logits"] = [t.float().cpu() for t in prefill()]
     return row
 
 
 def decode_run(model: CausalLM, experts, args, prompts, batch: int, pingpong: PingPong | None, steps: int = 0):
     """A function that prefills `batch` sequences, then times `steps` (default --decode-steps) greedy decode
-    steps of all of them at once; returns the steps' seconds."""
+    steps of all of them at once; returns the steps' seconds. Its `around` (a context manager factory, e.g.
+    a profiler's) encloses the steps only."""
     steps = steps or args.decode_steps
 
     @torch.inference_mode()
-    def decode():
-        caches = [model.new_cache(args.decode_prompt + steps) for _ in range(batch)]
+    def decode(around=contextlib.nullcontext):
+        caches = model.new_caches([args.decode_prompt + steps] * batch)
         starts = [p[: args.decode_prompt] for p in (prompts * batch)[:batch]]
         lengths = [args.decode_prompt] * batch
         h = model.forward_hidden(model.embed(torch.cat(starts)), caches, lengths, experts)
@@ -257,12 +246,13 @@ def decode_run(model: CausalLM, experts, args, prompts, batch: int, pingpong: Pi
             return [model.forward_hidden(model.embed(last[lo:hi]), caches[lo:hi], [1] * (hi - lo), backend)]
 
         synchronize([args.device])
-        start = time.perf_counter()
-        for _ in range(steps):
-            h = torch.cat(in_parts(pingpong, experts, batch, partial(step, tokens)))
-            tokens = F.linear(h, model.lm_head).argmax(-1)
-        synchronize([args.device])
-        return time.perf_counter() - start
+        with around():
+            start = time.perf_counter()
+            for _ in range(steps):
+                h = torch.cat(in_parts(pingpong, experts, batch, partial(step, tokens)))
+                tokens = F.linear(h, model.lm_head).argmax(-1)
+            synchronize([args.device])
+            return time.perf_counter() - start
 
     return decode
 
@@ -370,7 +360,7 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
                 with torch.inference_mode():
                     prompts = prefill_prompts(spec, args)
                     model = servicer.engine.model
-                    model.forward(prompts, [model.new_cache(args.prefill_len) for _ in prompts], experts)
+                    model.forward(prompts, model.new_caches([args.prefill_len] * len(prompts)), experts)
                 experts.counting = False
                 counter_loads.update(experts.loads)
             # As the gateway serves a step: two micro-batches, each one's expert calls out while the other

@@ -25,7 +25,7 @@ from moe_serve.model.loader import load_reference
 def step_times(model, experts, decoding: int, chunks: list[int], repeats: int) -> dict[int, float]:
     """Median seconds of one step (`decoding` sequences' next tokens plus a chunk of a new prompt) per chunk
     size; the sizes take turns within each repeat, so a burst of outside load hits all of them alike."""
-    caches = [model.new_cache(64) for _ in range(decoding)]
+    caches = model.new_caches([64] * decoding)  # one pool, as the Generate scheduler keeps
     model.forward([torch.randint(0, model.spec.vocab_size, (16,)) for _ in caches], caches, experts)
     times: dict[int, list[float]] = {c: [] for c in chunks}
     for _ in range(repeats):
@@ -34,12 +34,14 @@ def step_times(model, experts, decoding: int, chunks: list[int], repeats: int) -
             step_caches = list(caches)
             if chunk:
                 tokens.append(torch.randint(0, model.spec.vocab_size, (chunk,)))
-                step_caches.append(model.new_cache(chunk))
+                step_caches.append(caches[0].pool.allocate())
             start = time.perf_counter()
             model.forward(tokens, step_caches, experts, last_only=True)
             times[chunk].append(time.perf_counter() - start)
             for cache in caches:  # back to the same position, so every repeat does the same work
                 cache.length -= 1
+            if chunk:
+                step_caches[-1].release()
     return {c: statistics.median(t) for c, t in times.items()}
 
 

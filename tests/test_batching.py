@@ -58,12 +58,14 @@ def test_batched_causal_forward_keeps_sequences_apart(cluster, causal_checkpoint
         assert (torch.from_numpy(got) - alone).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek", "olmoe"])
-def test_continuous_batching_greedy_matches_one_at_a_time(cluster, causal_checkpoints, arch):
+@pytest.mark.parametrize(("arch", "decode_graphs"),
+                         [("qwen2_moe", False), ("deepseek", False), ("olmoe", False), ("qwen2_moe", True)])
+def test_continuous_batching_greedy_matches_one_at_a_time(cluster, causal_checkpoints, arch, decode_graphs):
+    """decode_graphs: decode-only steps through core.decode_step (eager stages here, without a GPU)."""
     path = causal_checkpoints[arch]
     # Room for 5 sequences and 8 prompt tokens a step: requests queue for a slot, long prompts prefill in chunks
     # beside other sequences' decode tokens.
-    gateway = start(cluster, path, max_prefill_tokens=8, max_running_requests=5)
+    gateway = start(cluster, path, max_prefill_tokens=8, max_running_requests=5, decode_graphs=decode_graphs)
     lengths = [1, 3, 12, 5, 20, 2, 9, 17, 4, 7]
     new_tokens = [12, 3, 6, 25, 4, 1, 9, 14, 7, 18]
     prompts = random_prompts(160, lengths)
@@ -103,6 +105,7 @@ def test_continuous_batching_greedy_matches_one_at_a_time(cluster, causal_checkp
         assert [t.finish_reason for t in streams[i]] == [None] * (new_tokens[i] - 1) + ["length"]
         assert streams[i][-1].generated_tokens == new_tokens[i] and streams[i][-1].prompt_tokens == len(prompt)
     scheduler = cluster.servicers[gateway].scheduler
+    assert (scheduler.staged_parts > 0) == decode_graphs
     deadline = time.monotonic() + 30
     while scheduler.active and time.monotonic() < deadline:  # the cancelled ones leave at the next step
         time.sleep(0.01)

@@ -52,3 +52,19 @@ def test_routing_plan_benchmark_checks_both_forms_agree(tmp_path):
     proc = _run_module(["benchmarks/routing_plan.py", "--tokens", "1,300", "--servers", "2,3", "--repeats", "2"],
                        tmp_path)
     assert len(proc.stdout.strip().splitlines()) == 1 + 2 * 2  # header, then one line per (tokens, servers)
+
+
+def test_decode_step_benchmark_on_cpu_agrees_across_impls(tmp_path):
+    """The decode-step benchmark's CPU smoke mode: every impl (graphs through the CPU stand-in recorder)
+    and the per-stage breakdown; each impl's logits as the plain forward's (bf16: GEMMs of other shapes
+    may round differently, so within bf16's few 1e-3, not exactly)."""
+    out = tmp_path / "decode.json"
+    _run_module(["-m", "benchmarks.decode_step", "--tiny", "--device", "cpu", "--impls", "forward,eager,graphs",
+                 "--batches", "3", "--prompt", "5", "--warmup", "1", "--steps", "2", "--profile", "eager",
+                 "--profile-batch", "3", "--out", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    assert set(report["rows"]) == {"forward_b3", "eager_b3", "graphs_b3"}
+    for name in ("eager_b3", "graphs_b3"):
+        assert report["rows"][name]["logits_rel_error_vs_forward"] <= 5e-3 and "profile" in report["rows"]["eager_b3"]
+    assert report["rows"]["graphs_b3"]["captures"] == 1 and report["rows"]["graphs_b3"]["capture_failures"] == []
+    assert {"whole step", "routed experts (grouped GEMMs)", "shared experts"} <= set(report["stages"])

@@ -1,6 +1,6 @@
 """Deadlines and limits: bounded queues answer RESOURCE_EXHAUSTED, big messages are refused, deadlines hold."""
 
-import threading
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -10,22 +10,24 @@ import pytest
 from moe_client import ExpertClient, GatewayClient
 from moe_serve.gateway.batching_config import BatchingConfig
 from moe_serve.rpc.options import ServingOptions
+from tests.support.busy import bank_held
 from tests.support.references import plain_torch, reference_forward
 from tests.support.waiting import wait_for
 
 
 class Blocker:
-    """Occupies expert servers' only compute thread, so their calls wait, until release()."""
+    """Keeps expert servers' devices busy (their bank lock held), so their calls wait, over gRPC or the
+    same-host channel, until release()."""
 
     def __init__(self, cluster):
         self.cluster = cluster
-        self.gate = threading.Event()
+        self.stack = contextlib.ExitStack()
 
     def block(self, address: str) -> None:
-        self.cluster.servicers[address].executor.submit(self.gate.wait, 60)
+        self.stack.enter_context(bank_held(self.cluster.servicers[address]))
 
     def release(self) -> None:
-        self.gate.set()
+        self.stack.close()
 
 
 @pytest.fixture

@@ -121,18 +121,3 @@ def test_split_point_balances_tokens():
     assert split_point([20, 1, 1, 1]) == 1
     assert split_point([1, 1, 1, 20]) == 3
     assert split_point([3, 5, 2, 6]) == 2
-
-
-def test_batched_decode_attention_equals_one_sequence_at_a_time():
-    from moe_serve.core.attention import AttentionConfig, _attend
-    from moe_serve.core.decode_attention import attend_decode
-
-    cfg = AttentionConfig(num_heads=6, num_kv_heads=2, head_dim=8)
-    lengths = [1, 5, 17, 2, 9]
-    keys = [torch.randn(n, 2, 8) for n in lengths]
-    values = [torch.randn(n, 2, 8) for n in lengths]
-    q = torch.randn(len(lengths), 6, 8)
-    got = attend_decode(q, keys, values, cfg.num_kv_heads, cfg.head_dim)
-    for b, n in enumerate(lengths):
-        want = _attend(q[b:b + 1], keys[b], values[b], n - 1, cfg)[0]  # the newest token sees every key
-        assert (got[b] - want).abs().max() <= 1e-6

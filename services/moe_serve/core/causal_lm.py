@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from moe_serve.core.attention import AttentionConfig, AttentionWeights, positions_of
+from moe_serve.core.attention import AttentionConfig, AttentionWeights
 from moe_serve.core.decoder import DecoderLayerWeights, RouterConfig, decoder_layer
 from moe_serve.core.experts import ExpertBackend, ExpertWeights
-from moe_serve.core.kv_cache import KVCache
+from moe_serve.core.kv_batch import KVBatch
+from moe_serve.core.kv_cache import KVCache, KVPool
 from moe_serve.core.norms import rms_norm
 from moe_serve.core.rotary import RotaryEmbedding
 from moe_serve.core.spec import ModelSpec
@@ -76,10 +77,23 @@ class CausalLM:
         layers = [_layer_weights(spec, cast, layer) for layer in range(spec.num_layers)]
         return cls(spec, embed, layers, cast["model.norm.weight"], lm_head, dtype)
 
+    def new_pool(self, slots: int = 1, capacity: int = 16) -> KVPool:
+        """A KV pool for `slots` sequences of `capacity` tokens (it grows when asked for more)."""
+        return KVPool(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, self.dtype, slots, capacity,
+                      self.device)
+
     def new_cache(self, capacity: int = 16) -> KVCache:
-        """An empty KV cache for one sequence, with room for `capacity` tokens before it grows."""
-        return KVCache(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, self.dtype, capacity,
-                       self.device)
+        """An empty KV cache for one sequence alone, with room for `capacity` tokens before it grows.
+
+        A batch of such caches stores and attends pool by pool; sequences that share a pool
+        (`new_pool().allocate()`) do each in one op."""
+        return self.new_pool(1, capacity).allocate()
+
+    def new_caches(self, lengths: Sequence[int]) -> list[KVCache]:
+        """Empty caches for sequences of up to lengths[i] tokens, sharing one pool: a step over them stores
+        each layer's keys and values in one op."""
+        pool = self.new_pool(len(lengths), max(lengths, default=1))
+        return [pool.allocate() for _ in lengths]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[T] int64 -> [T, H] on the model's device."""
@@ -97,11 +111,11 @@ class CausalLM:
             raise ValueError(f"lengths {list(lengths)} do not split {hidden.shape[0]} tokens over {len(caches)} caches")
         for cache, n in zip(caches, lengths, strict=True):
             cache.reserve(n)
-        positions = positions_of(caches, lengths)  # [T]
+        batch = KVBatch(caches, lengths, self.device)
         h = hidden.to(self.device, self.dtype)
         for layer, weights in enumerate(self.layers):
             h = decoder_layer(h, layer, weights, self.attn, self.router, self.rope, self.spec.rms_norm_eps,
-                              experts, caches, lengths, positions)
+                              experts, batch)
         for cache, n in zip(caches, lengths, strict=True):
             cache.advance(n)
         return rms_norm(h, self.final_norm, self.spec.rms_norm_eps)

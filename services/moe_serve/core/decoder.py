@@ -8,7 +8,6 @@ Legend: T = tokens, H = hidden size, E = routed experts, K = top-k.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 from moe_serve.core.attention import AttentionConfig, AttentionWeights, self_attention
 from moe_serve.core.experts import ExpertBackend, ExpertWeights, start_experts, swiglu
-from moe_serve.core.kv_cache import KVCache
+from moe_serve.core.kv_batch import DecodeBatch, KVBatch
 from moe_serve.core.norms import rms_norm
 from moe_serve.core.rotary import RotaryEmbedding
 from moe_serve.core.routing import route, router_logits
@@ -48,26 +47,46 @@ class DecoderLayerWeights:
         return self.router is not None
 
 
+def route_tokens(x: torch.Tensor, w: DecoderLayerWeights, router: RouterConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, H] -> (gate weights [T, K] float32, expert ids [T, K])."""
+    return route(router_logits(x, w.router), router.top_k, router.norm_topk_prob, router.softmax_fp32)
+
+
+def shared_experts(x: torch.Tensor, w: DecoderLayerWeights) -> torch.Tensor | None:
+    """[T, H] -> [T, H] through the shared expert(s) (sigmoid-gated where the model has the gate), or None."""
+    if w.shared is None:
+        return None
+    shared = swiglu(x, w.shared)
+    return shared if w.shared_gate is None else torch.sigmoid(F.linear(x, w.shared_gate)) * shared
+
+
+def add_experts(h: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+    """h [T, H] + routed [T, H] float32 (cast to h's dtype) + shared: the MoE block's residual add."""
+    out = routed.to(device=h.device, dtype=h.dtype)
+    return h + (out if shared is None else out + shared)
+
+
 def moe_block(x: torch.Tensor, layer: int, w: DecoderLayerWeights, router: RouterConfig,
-              experts: ExpertBackend) -> torch.Tensor:
-    """[T, H] -> [T, H]: routed experts through the backend, plus the shared expert(s)."""
-    weights, ids = route(router_logits(x, w.router), router.top_k, router.norm_topk_prob,
-                         router.softmax_fp32)  # [T, K] each
+              experts: ExpertBackend) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[T, H] -> (routed experts' sum [T, H] float32 through the backend, shared experts' [T, H] or None)."""
+    weights, ids = route_tokens(x, w, router)  # [T, K] each
     pending = start_experts(experts, layer, x, ids, weights)  # an async backend runs them meanwhile
-    shared = None
-    if w.shared is not None:
-        shared = swiglu(x, w.shared)
-        if w.shared_gate is not None:
-            shared = torch.sigmoid(F.linear(x, w.shared_gate)) * shared
-    out = pending.result().to(device=x.device, dtype=x.dtype)  # [T, H]
-    return out if shared is None else out + shared
+    shared = shared_experts(x, w)
+    return pending.result(), shared
+
+
+def attention_residual(h: torch.Tensor, layer: int, w: DecoderLayerWeights, attn: AttentionConfig,
+                       rope: RotaryEmbedding, eps: float, batch: KVBatch | DecodeBatch) -> torch.Tensor:
+    """h [T, H] -> h + attn(norm(h))."""
+    return h + self_attention(rms_norm(h, w.input_norm, eps), w.attention, attn, rope, layer, batch)
 
 
 def decoder_layer(h: torch.Tensor, layer: int, w: DecoderLayerWeights, attn: AttentionConfig,
                   router: RouterConfig, rope: RotaryEmbedding, eps: float, experts: ExpertBackend,
-                  caches: Sequence[KVCache], lengths: Sequence[int], positions: torch.Tensor) -> torch.Tensor:
+                  batch: KVBatch | DecodeBatch) -> torch.Tensor:
     """h [T, H] -> [T, H]: h + attn(norm(h)), then + mlp(norm(.))."""
-    x = rms_norm(h, w.input_norm, eps)
-    h = h + self_attention(x, w.attention, attn, rope, layer, caches, lengths, positions)
+    h = attention_residual(h, layer, w, attn, rope, eps, batch)
     x = rms_norm(h, w.post_norm, eps)
-    return h + (moe_block(x, layer, w, router, experts) if w.is_moe else swiglu(x, w.mlp))
+    if not w.is_moe:
+        return h + swiglu(x, w.mlp)
+    return add_experts(h, *moe_block(x, layer, w, router, experts))

@@ -27,6 +27,7 @@ class BatchingConfig:
     max_prefill_tokens: int = 128  # Generate: prompt tokens per step (~2x a decode step of 32: prefill_cost.py)
     max_running_requests: int = 128  # Generate: sequences per step
     max_queued_requests: int = 1024  # waiting requests (each of Forward, Generate); more: RESOURCE_EXHAUSTED
+    decode_graphs: bool = False  # Generate: decode-only steps through core.decode_step (CUDA graphs on a GPU)
 
 
 
@@ -63,6 +64,12 @@ def add_batching_flags(p: argparse.ArgumentParser) -> None:
                    help="requests waiting for a batch; more are refused with RESOURCE_EXHAUSTED "
                         f"(env MOE_MAX_QUEUED_REQUESTS; default {d.max_queued_requests})")
 
+    p.add_argument("--decode-graphs", action=argparse.BooleanOptionalAction,
+                   default=env_flag("DECODE_GRAPHS", d.decode_graphs),
+                   help="run Generate steps that only decode through the staged decode step: with dense layers "
+                        "on a GPU, each stage between two MoE layers' expert calls is a CUDA graph "
+                        "(env MOE_DECODE_GRAPHS; default off)")
+
 
 def batching_config_from_args(args: argparse.Namespace) -> BatchingConfig:
     """Flags -> config; ValueError names a limit that is not positive."""
@@ -71,6 +78,7 @@ def batching_config_from_args(args: argparse.Namespace) -> BatchingConfig:
         max_batch_tokens=args.max_batch_tokens,
         max_queue_delay_ms=args.max_queue_delay_ms, max_prefill_tokens=args.max_prefill_tokens,
         max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
+        decode_graphs=args.decode_graphs,
     )
     for name in ("overlap_min_tokens", "max_batch_tokens", "max_prefill_tokens", "max_running_requests",
                  "max_queued_requests"):
@@ -118,5 +126,5 @@ def start_batching(config: BatchingConfig, model: SimpleMoEModel | CausalLM, exp
     scheduler = None
     if isinstance(model, CausalLM):
         limits = SchedulerLimits(config.max_running_requests, config.max_queued_requests, config.max_prefill_tokens)
-        scheduler = GenerateScheduler(model, pingpong(), tokenizer, limits)
+        scheduler = GenerateScheduler(model, pingpong(), tokenizer, limits, decode_graphs=config.decode_graphs)
     return Batching(batcher, scheduler)

@@ -78,7 +78,7 @@ class GatewayEngine:
         try:
             if self.is_causal:
                 batch = hidden.reshape(-1, hidden.shape[-2], self.hidden_size)  # [B, S, H]
-                caches = [self.model.new_cache(batch.shape[1]) for _ in range(batch.shape[0])]
+                caches = self.model.new_caches([batch.shape[1]] * batch.shape[0])
                 flat = self.model.forward_hidden(batch.reshape(-1, self.hidden_size), caches,
                                                  [batch.shape[1]] * batch.shape[0], self.experts)
                 out = flat.reshape(hidden.shape)
@@ -93,7 +93,7 @@ class GatewayEngine:
     @torch.inference_mode()
     def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Float32 logits [n_i, V] at every position of each prompt, all prompts in one batch."""
-        caches = [self.model.new_cache(len(p)) for p in prompts]
+        caches = self.model.new_caches([len(p) for p in prompts])
         ids = [torch.tensor(list(p), dtype=torch.long) for p in prompts]
         return self.model.forward(ids, caches, self.experts)
 

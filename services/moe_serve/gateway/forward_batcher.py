@@ -148,6 +148,6 @@ class ForwardBatcher:
 
     def _causal_part(self, seqs: list[torch.Tensor], backend: ExpertBackend) -> list[torch.Tensor]:
         lengths = [s.shape[0] for s in seqs]
-        caches = [self.model.new_cache(n) for n in lengths]
+        caches = self.model.new_caches(lengths)
         out = self.model.forward_hidden(torch.cat(seqs), caches, lengths, backend)  # [T, H]
         return list(out.split(lengths))

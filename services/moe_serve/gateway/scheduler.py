@@ -3,9 +3,10 @@
 Each step is one flat batch: the next token of every decoding sequence plus prompt chunks of new
 ones, up to a prefill budget, so a long prompt cannot stall everyone's next token for long. A new
 request joins at the next step; a finished one (stop token, max_new_tokens, client gone) leaves at
-once with its KV cache. Every sequence keeps its own cache, sampling settings and random generator,
-and sequences never mix in the model (attention is per sequence, everything else per token), so a
-request's tokens do not depend on what else runs beside it.
+once and its KV-cache slot goes back to the pool. Every sequence keeps its own slot of one KV pool
+(so a step stores each layer's keys in one op and decode tokens attend together), its own sampling
+settings and random generator, and sequences never mix in the model (attention is per sequence,
+everything else per token), so a request's tokens do not depend on what else runs beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_serve.core.causal_lm import CausalLM
+from moe_serve.core.decode_step import DecodeStep
 from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.generation import FinishReason, SamplingParams, sample_next
 from moe_serve.gateway.engine import ForwardStats, GeneratedToken
@@ -89,7 +91,9 @@ class GenerateScheduler:
     """Runs every Generate stream in shared steps on one dedicated thread."""
 
     def __init__(self, model: CausalLM, pingpong: PingPong, tokenizer: TextTokenizer | None = None,
-                 limits: SchedulerLimits = SchedulerLimits()):
+                 limits: SchedulerLimits = SchedulerLimits(), decode_graphs: bool = False):
+        """`decode_graphs`: steps where every sequence feeds one token run through core.decode_step (its
+        dense stages as CUDA graphs on a GPU, eager on the CPU), one DecodeStep per micro-batch."""
         self.model = model
         self.pingpong = pingpong
         self.tokenizer = tokenizer
@@ -97,7 +101,11 @@ class GenerateScheduler:
         self._waiting: deque[_Sequence] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        # Slots x the longest sequence, grown by doubling; touched on the batch thread only.
+        self.pool = model.new_pool(slots=4, capacity=128)
+        self._decode_steps: dict[int, DecodeStep] | None = {} if decode_graphs else None
         self.steps = 0  # steps run so far (tests and benchmarks read it)
+        self.staged_parts = 0  # micro-batches run through a DecodeStep (tests read it)
         self.active = 0  # sequences admitted and not yet finished or dropped
         self._thread = threading.Thread(target=self._loop, name="generate-scheduler", daemon=True)
         self._thread.start()
@@ -146,16 +154,32 @@ class GenerateScheduler:
                     break
                 while self._waiting and len(running) < self.limits.max_running:
                     running.append(self._waiting.popleft())
-            running = [s for s in running if not s.cancelled]
+            running = self._keep(running)
             if running:
                 self._step(running)
-                running = [s for s in running if not (s.done or s.cancelled)]
+                running = self._keep(running)
             self.active = len(running)
         with self._cond:
             left = running + list(self._waiting)
             self._waiting.clear()
         for seq in left:
             seq.emit(Unavailable("Generate: the gateway is shutting down"))
+        for seq in running:
+            if seq.cache is not None:
+                seq.cache.release()
+
+    @staticmethod
+    def _keep(running: list[_Sequence]) -> list[_Sequence]:
+        """The sequences still running; the others' KV slots go back to the pool."""
+        kept = []
+        for seq in running:
+            if seq.done or seq.cancelled:
+                if seq.cache is not None:
+                    seq.cache.release()
+                    seq.cache = None
+            else:
+                kept.append(seq)
+        return kept
 
     def _plan(self, running: list[_Sequence]) -> list[_Entry]:
         """Every decoding sequence's next token, then prompt chunks in arrival order within the budget."""
@@ -165,9 +189,8 @@ class GenerateScheduler:
             if seq.decoding or budget <= 0:
                 continue
             n = min(budget, seq.prompt.numel() - seq.prefilled)
-            if seq.cache is None:  # sized for the prompt: it doubles as the stream grows, so many streams with a
-                # large max_new_tokens hold only what they have generated
-                seq.cache = self.model.new_cache(seq.prompt.numel() + 16)
+            if seq.cache is None:
+                seq.cache = self.pool.allocate()
             entries.append(_Entry(seq, seq.prompt[seq.prefilled:seq.prefilled + n],
                                   seq.prefilled + n == seq.prompt.numel()))
             budget -= n
@@ -175,11 +198,14 @@ class GenerateScheduler:
 
     def _step(self, running: list[_Sequence]) -> None:
         entries = self._plan(running)
+        for entry in entries:  # before the micro-batches start: growing the pool moves its tensors
+            entry.seq.cache.reserve(entry.tokens.numel())
         cut = self.pingpong.cut([e.tokens.numel() for e in entries])
         groups = [entries[:cut], entries[cut:]] if cut else [entries]
         token = request_ids.bind(request_ids.joined([e.seq.request_id for e in entries]))
         try:
-            results, waited = self.pingpong.run([lambda backend, g=g: self._part(g, backend) for g in groups])
+            results, waited = self.pingpong.run([lambda backend, g=g, i=i: self._part(g, backend, i)
+                                                 for i, g in enumerate(groups)])
         except Exception as err:  # e.g. an expert server is down: this step's requests fail, the rest go on
             for entry in entries:
                 entry.seq.done = True
@@ -198,11 +224,19 @@ class GenerateScheduler:
             if row is not None:
                 self._sample(seq, row, now)
 
-    def _part(self, entries: list[_Entry], backend: ExpertBackend) -> list[torch.Tensor | None]:
-        """One micro-batch through the model: [V] logits for each entry that samples, else None."""
+    def _part(self, entries: list[_Entry], backend: ExpertBackend, group: int) -> list[torch.Tensor | None]:
+        """One micro-batch (the `group`-th of the step) through the model: [V] logits for each entry that
+        samples, else None."""
         lengths = [e.tokens.numel() for e in entries]
-        hidden = self.model.forward_hidden(self.model.embed(torch.cat([e.tokens for e in entries])),
-                                           [e.seq.cache for e in entries], lengths, backend)  # [T, H]
+        tokens = torch.cat([e.tokens for e in entries])
+        caches = [e.seq.cache for e in entries]
+        if self._decode_steps is not None and tokens.numel() == len(entries):
+            if group not in self._decode_steps:  # its own buffers and graphs: the micro-batches run side by side
+                self._decode_steps[group] = DecodeStep(self.model, self.pool)
+            self.staged_parts += 1  # micro-batches compute in turns (PingPong's lock): no lost update
+            hidden = self._decode_steps[group].run(tokens, caches, backend)  # [T, H]
+        else:
+            hidden = self.model.forward_hidden(self.model.embed(tokens), caches, lengths, backend)  # [T, H]
         ends = torch.tensor(lengths).cumsum(0) - 1
         rows = [i for i, e in enumerate(entries) if e.samples]
         out: list[torch.Tensor | None] = [None] * len(entries)
