@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import _async as reflection_async
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from moe_client.channel import TRANSPORT_OPTIONS, merge_options
+from moe_client.channel import MAX_MESSAGE_BYTES, TRANSPORT_OPTIONS, merge_options
 from moe_client.security import TLSFiles, read_pem
 from moe_serve.rpc.edge import EdgeInterceptor
 from moe_serve.rpc.errors import status_of
@@ -189,7 +189,9 @@ async def start_server(
     """
     serving = serving or ServingOptions()
     edge = EdgeInterceptor(serving.auth_token, serving.max_queue, limited)
-    server = grpc.aio.server(interceptors=[edge, *interceptors], options=server_options(serving.max_message_bytes))
+    # 0 (derive from the model) is resolved by the services' mains; a bare server (an echo benchmark) keeps 1 GiB.
+    limit = serving.max_message_bytes or MAX_MESSAGE_BYTES
+    server = grpc.aio.server(interceptors=[edge, *interceptors], options=server_options(limit))
     register(server)
     health_servicer = _Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
