@@ -83,4 +83,4 @@ def test_model_info_lists_servers(cluster, tiny_checkpoint, capsys):
     assert cli.main(["--address", gateway, "info"]) == 0
     out = capsys.readouterr().out
     assert "dense dtype float32" in out
-    assert f"  b at {servers[1]}  devices cpu  experts 0:4-7; 1:4-7" in out
+    assert f"  b at {servers[1]}  devices cpu (float32)  experts 0:4-7; 1:4-7" in out

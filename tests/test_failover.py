@@ -63,10 +63,13 @@ def test_coverage_lost_then_regained(cluster, tiny_checkpoint):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
         assert "no expert server can run layer 0 experts" in err.value.details()
         assert b in err.value.details()  # names the owner that is down
-        assert client.health() == "SERVING" and client.model_info().hidden_size == 64  # the gateway stays up
+        # The gateway stays up and answers, but says it cannot serve (load balancers stop sending work).
+        assert client.model_info().hidden_size == 64
+        wait_for(lambda: client.health() == "NOT_SERVING", "health NOT_SERVING while experts 4-7 are unserved")
 
         cluster.expert_server(tiny_checkpoint, experts="4-7", port=port_b)  # the same server comes back
         wait_for(lambda: try_forward(client, tiny_checkpoint), "the gateway serving again")
+        wait_for(lambda: client.health() == "SERVING", "health SERVING again")
 
 
 def test_server_restarted_on_another_checkpoint_is_refused(cluster, tiny_checkpoint, tmp_path):

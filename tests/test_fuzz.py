@@ -160,6 +160,7 @@ class Target:
 
     def __init__(self, address: str, stub_class, valid, expected: np.ndarray, field: str):
         self.channel = grpc.insecure_channel(address)
+        self.channel_address = address
         self.stub = stub_class(self.channel)
         self.valid, self.expected, self.field = valid, expected, field
 
@@ -251,12 +252,40 @@ def _valid_bytes() -> dict[str, bytes]:
 VALID_BYTES = _valid_bytes()
 
 
+def _tag(field: int, wire_type: int) -> bytes:
+    key, out = field << 3 | wire_type, bytearray()
+    while key >= 128:
+        out.append(key & 0x7F | 0x80)
+        key >>= 7
+    return bytes([*out, key])
+
+
+@st.composite
+def groups(draw, depth: int = 0) -> bytes:
+    """A group field (wire types 3..4) of an unused number, with varints, bytes and groups inside; sometimes left
+    open or closed with another number, which protobuf refuses."""
+    field = draw(st.integers(16, 2**20))
+    body = b""
+    for _ in range(draw(st.integers(0, 3))):
+        inner = draw(st.integers(1, 2**20))
+        body += draw(st.sampled_from([_tag(inner, 0) + b"\x05", _tag(inner, 2) + b"\x02ab",
+                                      _tag(inner, 5) + b"\x00" * 4]))
+        if depth < 3 and draw(st.integers(0, 3)) == 0:
+            body += draw(groups(depth + 1))
+    end = draw(st.sampled_from(["close"] * 6 + ["open", "other"]))
+    close = b"" if end == "open" else _tag(field + (end == "other"), 4)
+    return _tag(field, 3) + body + close
+
+
 @st.composite
 def raw_messages(draw, valid: bytes) -> bytes:
     """Garbage, a truncated valid message, a valid one with bytes flipped, or one with junk appended."""
-    kind = draw(st.sampled_from(["garbage", "truncated", "flipped", "appended"]))
+    kind = draw(st.sampled_from(["garbage", "truncated", "flipped", "appended", "group", "field0"]))
     if kind == "garbage" or not valid:
         return draw(st.binary(max_size=2048))
+    if kind in ("group", "field0"):  # what protobuf skips (groups, maybe left open) or refuses (field number 0)
+        extra = draw(groups()) if kind == "group" else bytes([draw(st.sampled_from([0, 1, 2, 5]))]) + b"\x00"
+        return extra + valid if draw(st.booleans()) else valid + extra
     if kind == "truncated":
         return valid[:draw(st.integers(0, max(0, len(valid) - 1)))]
     if kind == "flipped":
@@ -290,3 +319,97 @@ def test_fuzz_raw_bytes_generate(causal_gateway, data):
     payload = data.draw(raw_messages(VALID_BYTES["Generate"]))
     check_status(lambda: list(raw(payload, timeout=CALL_TIMEOUT)), GENERATE_CODES)
     assert (generated(causal_gateway.stub, causal_gateway.valid) == causal_gateway.expected).all()
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_codec_accepts_what_protobuf_accepts(data):
+    """The zero-copy codec parses what protobuf parses and refuses what it refuses: groups, field number 0."""
+    from moe_client import zerocopy
+    from moe_client.wire import WireError
+
+    name = data.draw(st.sampled_from(["RunExperts", "Forward"]))
+    message = data.draw(raw_messages(VALID_BYTES[name]))
+    pb_type = experts_pb2.RunExpertsRequest if name == "RunExperts" else gateway_pb2.ForwardRequest
+    ours = zerocopy.RunExpertsRequest if name == "RunExperts" else zerocopy.ForwardRequest
+    try:
+        expected = pb_type.FromString(message)
+    except Exception:
+        expected = None
+    try:
+        got = ours.parse(message)
+    except WireError:
+        got = None
+    event("protobuf accepts" if expected is not None else "protobuf refuses")
+    assert (got is None) == (expected is None), message
+    if got is not None:
+        assert bytes(got.hidden.data) == expected.hidden.data
+
+
+SHM_CODES = EXPERT_CODES | {grpc.StatusCode.OK}
+
+
+@pytest.fixture
+def planted_regions(expert):
+    """/dev/shm as an attacker leaves it: a real region, a symlink to it, a FIFO, a file too small, and (as root)
+    a file of another user; all removed afterwards."""
+    import secrets
+
+    import torch
+
+    from moe_serve.rpc.shared_regions import SHM_DIR, Arena
+
+    arena = Arena(torch.device("cpu"), 1 << 20)
+    tag = secrets.token_hex(4)
+    paths = {"link": SHM_DIR / f"moe-fzl{tag}", "fifo": SHM_DIR / f"moe-fzf{tag}", "small": SHM_DIR / f"moe-fzs{tag}",
+             "other": SHM_DIR / f"moe-fzo{tag}"}
+    paths["link"].symlink_to(SHM_DIR / arena.region.name)
+    os.mkfifo(paths["fifo"], 0o600)
+    paths["small"].write_bytes(bytes(arena.region.key) + bytes(100))
+    paths["other"].write_bytes(bytes(arena.region.key) + bytes(arena.region.size))
+    if os.geteuid() == 0:
+        os.chown(paths["other"], 65534, -1)
+    names = {"region": arena.region.name, **{k: p.name for k, p in paths.items()}, "missing": f"moe-fzm{tag}"}
+    yield arena, names, {k: paths[k].read_bytes() for k in ("small", "other")}
+    for path in paths.values():
+        path.unlink(missing_ok=True)
+    arena.close()
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_shared_regions(expert, planted_regions, data):
+    """RunExperts naming regions, real and planted, with right and wrong keys, sizes, offsets and shapes: every
+    refused region gets the one answer, no planted file changes, and the server stays right."""
+    from moe_client import zerocopy
+    from moe_serve.rpc import shared_regions, shm_files
+    from tests.support.calls import run_experts
+
+    arena, names, contents = planted_regions
+    which = data.draw(st.sampled_from(sorted(names)))
+    key = bytes(arena.region.key)
+    key = data.draw(st.sampled_from([key, key[:8], b"", os.urandom(16)]))
+    size = data.draw(st.sampled_from([arena.region.size, arena.region.size * 2, 512, 0]))
+    rows = data.draw(st.integers(1, 9))
+    offset = data.draw(st.sampled_from([256, 0, 260, arena.region.size - 1024, arena.region.size]))
+    field = data.draw(st.sampled_from(["shared_hidden", "shared_output"]))
+    region = zerocopy.SharedRegion(kind=shared_regions.SHM, name=names[which], size=size, key=key)
+    shared = zerocopy.SharedTensor(dtype=wire.FLOAT32, shape=(rows, H), region=region, offset=offset)
+    rng = np.random.default_rng()
+    fields = {field: shared} if field == "shared_hidden" else {
+        "hidden": wire.encode_view(rng.standard_normal((rows, H), dtype=np.float32)), field: shared}
+    request = zerocopy.RunExpertsRequest(
+        layer=1, expert_ids=wire.encode_view(rng.integers(0, 8, (rows, 2)).astype(np.int32)),
+        weights=wire.encode_view(rng.random((rows, 2), dtype=np.float32)), **fields)
+    try:
+        run_experts(expert.channel_address, request, timeout=CALL_TIMEOUT)
+        event(f"{which}: OK")
+        assert which == "region", "a planted file was used"
+    except grpc.RpcError as err:
+        event(f"{which}: {err.code().name}")
+        assert err.code() in SHM_CODES, err.details()
+        if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            assert err.details() == shm_files.refusal(field, names[which]), err.details()
+    for name, content in contents.items():
+        assert (shared_regions.SHM_DIR / names[name]).read_bytes() == content
+    expert.still_right("RunExperts")

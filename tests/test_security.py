@@ -102,8 +102,10 @@ def test_gateway_can_require_client_certificates(cluster, tiny_checkpoint, pki):
 def test_gateway_without_a_certificate_cannot_start(cluster, tiny_checkpoint, pki):
     server = cluster.expert_server(tiny_checkpoint, serving=ServingOptions(
         tls=TLSFiles(pki["ca"], pki["expert"].cert, pki["expert"].key), require_client_cert=True))
-    with pytest.raises(StartupError, match="did not answer GetInfo"):
+    with pytest.raises(StartupError) as err:
         cluster.gateway(tiny_checkpoint, [server], connect_timeout=1.0, expert_tls=TLSFiles(ca=pki["ca"]))
+    print(err.value)
+    assert "DEADLINE_EXCEEDED" not in str(err.value)
 
 
 def test_flags_and_cli(cluster, tiny_checkpoint, pki, tmp_path):

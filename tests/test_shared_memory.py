@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from moe_client import GatewayClient, wire, zerocopy
-from moe_client.channel import unary_callable
 from moe_serve.core.routing import route
 from moe_serve.gateway.batching_config import BatchingConfig
 from moe_serve.gateway.dispatch import ExpertDispatcher
@@ -21,6 +20,7 @@ from moe_serve.gateway.pool import ServerPool
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.rpc import shared_regions
 from moe_serve.rpc.shared_regions import Arena, ArenaPool
+from tests.support.calls import run_experts
 from tests.support.launch import launch
 from tests.support.references import plain_torch, reference_forward
 
@@ -147,12 +147,7 @@ def arena():
 
 
 def _call(server, request):
-    channel = grpc.insecure_channel(server)
-    try:
-        return unary_callable(channel, "/moe.v1.ExpertService/RunExperts", zerocopy.RunExpertsResponse)(
-            request, timeout=10)
-    finally:
-        channel.close()
+    return run_experts(server, request)
 
 
 def _request(arena, x, ids, weights, **fields):
@@ -201,10 +196,10 @@ BAD = {
         grpc.StatusCode.INVALID_ARGUMENT, "shared_hidden.region.name"),
     "no such region": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
         dtype=wire.FLOAT32, shape=h.shape, region=_region(a, name="moe-gone"), offset=256)},
-        grpc.StatusCode.FAILED_PRECONDITION, "cannot open shared memory 'moe-gone'"),
+        grpc.StatusCode.FAILED_PRECONDITION, "shared_hidden: shared memory 'moe-gone' is not a region this server"),
     "region smaller than said": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
         dtype=wire.FLOAT32, shape=h.shape, region=_region(a, size=a.nbytes * 2), offset=256)},
-        grpc.StatusCode.INVALID_ARGUMENT, "shared_hidden.region.size"),
+        grpc.StatusCode.FAILED_PRECONDITION, "is not a region this server can use"),
     "integer dtype": (lambda a, h: {"shared_output": zerocopy.SharedTensor(
         dtype=wire.INT32, shape=h.shape, region=a.region, offset=a.nbytes // 2)},
         grpc.StatusCode.INVALID_ARGUMENT, "shared_output.dtype"),
@@ -215,10 +210,10 @@ BAD = {
                          grpc.StatusCode.INVALID_ARGUMENT, "set together with shared_hidden"),
     "name without its key": (lambda a, h: {"shared_hidden": zerocopy.SharedTensor(
         dtype=wire.FLOAT32, shape=h.shape, region=_region(a, key=b""), offset=256)},
-        grpc.StatusCode.PERMISSION_DENIED, "shared_hidden.region.key"),
+        grpc.StatusCode.FAILED_PRECONDITION, "shared_hidden: shared memory"),
     "another key": (lambda a, h: {"shared_output": zerocopy.SharedTensor(
         dtype=wire.FLOAT32, shape=h.shape, region=_region(a, key=bytes(16)), offset=a.nbytes // 2)},
-        grpc.StatusCode.PERMISSION_DENIED, "shared_output.region.key"),
+        grpc.StatusCode.FAILED_PRECONDITION, "shared_output: shared memory"),
     "inside the key header": (lambda a, h: {"shared_output": zerocopy.SharedTensor(
         dtype=wire.FLOAT32, shape=h.shape, region=a.region, offset=0)},
         grpc.StatusCode.INVALID_ARGUMENT, "shared_output.offset: 0 is inside the region's key header"),
@@ -255,7 +250,8 @@ def test_a_mapped_region_still_needs_its_key(server, tiny_checkpoint, arena):
                                             offset=good.shared_output.offset))
     with pytest.raises(grpc.RpcError) as err:
         _call(server, stolen)
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "region.key" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is not a region this server can use" in err.value.details()
     assert torch.equal(arena.view(out_at, wire.FLOAT32, (7, 64)), want)
 
 

@@ -29,6 +29,32 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _address(text: str) -> str:
+    """host:port, [v6]:port or unix:PATH; a bare host would make grpc dial port 443."""
+    if text.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or (text.count(":") > 1 and not host.endswith("]")):
+        raise argparse.ArgumentTypeError(f"{text!r} has no port: give host:port, e.g. {text.strip('[]')}:50050 "
+                                         "(grpc would dial port 443)")
+    return text
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from err
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return value
+    return parse
+
+
+_positive, _count = _at_least(1), _at_least(0)
+
+
 def _wire_dtype(text: str) -> str:
     try:
         dtype_from_name(text)
@@ -40,7 +66,7 @@ def _wire_dtype(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's flags; every flag also reads MOE_<FLAG> from the environment where noted."""
     parser = argparse.ArgumentParser(prog="moe-client", description="Call a moe-serve gateway over gRPC.")
-    parser.add_argument("--address", default=os.environ.get("MOE_GATEWAY", "127.0.0.1:50050"),
+    parser.add_argument("--address", type=_address, default=os.environ.get("MOE_GATEWAY", "127.0.0.1:50050"),
                         help="gateway host:port (env MOE_GATEWAY; default %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds (default 60)")
     parser.add_argument("--tls-ca", default=os.environ.get("MOE_TLS_CA"),
@@ -66,17 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     fwd.add_argument("--seed", type=int, default=None, help="seed for the random input (default: fresh)")
     fwd.add_argument("--output", help="write the output to this .npy file")
     fwd.add_argument("--dtype", type=_wire_dtype, default="float32",
-                     help="wire dtype of the request: float32, bfloat16, float16 (default float32)")
-    fwd.add_argument("--repeat", type=int, default=1, help="send the request this many times, report each time")
+                     help="wire dtype of the request: float32, bfloat16, float16, float8_e4m3 (default float32)")
+    fwd.add_argument("--repeat", type=_positive, default=1, help="send the request this many times, report each time")
 
     gen = sub.add_parser("generate", help="generate tokens after a prompt, printed as they arrive")
     gen.add_argument("prompt", nargs="?", help="prompt text (the checkpoint needs a tokenizer.json)")
     gen.add_argument("--ids", type=_ids, help="prompt as comma-separated token ids instead of text")
-    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
+    gen.add_argument("--max-new-tokens", type=_positive, default=32,
+                     help="tokens to generate at most, 1 or more (default 32)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    gen.add_argument("--top-k", type=_count, default=0, help="sample from the k most likely tokens (0 = all)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    gen.add_argument("--seed", type=int, default=None, help="sampler seed, for reproducible sampling")
+    gen.add_argument("--seed", type=_count, default=None, help="sampler seed, for reproducible sampling")
     gen.add_argument("--stop", type=_ids, default=(), help="comma-separated stop token ids")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-sequence tokens")
     return parser
@@ -98,10 +125,11 @@ def _print_info(client: GatewayClient) -> None:
         print(f"  causal LM: vocab {info.vocab_size}, context {info.max_position_embeddings}, "
               f"end-of-sequence ids {list(info.eos_token_ids)}, text prompts {'yes' if info.has_tokenizer else 'no'}")
     print(f"Expert servers ({len(info.servers)}):")
-    for server in info.servers:
+    for server in sorted(info.servers, key=lambda s: (s.name or s.address, s.address)):
         owned = "; ".join(format_ownership(from_messages(server.owned)))
-        name = f"{server.name} at " if server.name else ""
-        print(f"  {name}{server.address}  devices {', '.join(server.devices)}  experts {owned}")
+        dtype = f" ({wire.dtype_name(server.compute_dtype)})" if server.compute_dtype else ""
+        print(f"  {server.name or server.address} at {server.address}  devices {', '.join(server.devices)}{dtype}  "
+              f"experts {owned}")
 
 
 def _forward(client: GatewayClient, args: argparse.Namespace) -> None:

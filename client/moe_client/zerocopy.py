@@ -56,6 +56,40 @@ def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
     raise WireError("malformed protobuf: truncated or overlong varint")
 
 
+_MAX_GROUP_DEPTH = 100  # protobuf's recursion limit
+
+
+def _skip_group(buf, pos: int, end: int, number: int, message: str) -> int:
+    """Skip a group's fields up to its end-group tag (number `number`); the position after it."""
+    open_groups = [number]
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        field, wire_type = key >> 3, key & 7
+        if field == 0:
+            raise WireError(f"malformed protobuf in {message}: field number 0")
+        if wire_type == 4:
+            if field != open_groups.pop():
+                raise WireError(f"malformed protobuf in {message}: end of group {field} inside another group")
+            if not open_groups:
+                return pos
+        elif wire_type == 3:
+            open_groups.append(field)
+            if len(open_groups) > _MAX_GROUP_DEPTH:
+                raise WireError(f"malformed protobuf in {message}: groups nested deeper than {_MAX_GROUP_DEPTH}")
+        elif wire_type == 0:
+            _, pos = _read_varint(buf, pos, end)
+        elif wire_type == 2:
+            length, pos = _read_varint(buf, pos, end)
+            pos += length
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise WireError(f"malformed protobuf in {message}: wire type {wire_type}, field {field}")
+        if pos > end:
+            break
+    raise WireError(f"malformed protobuf in {message}: group {number} runs past the end")
+
+
 def _as_int(value: int, kind: int) -> int:
     """A decoded varint as protobuf reads it for the field's type (truncation, sign)."""
     if kind == _F.TYPE_BOOL:
@@ -150,6 +184,10 @@ class MessageType:
     def _parse_one(self, values: dict, key: int, buf: memoryview, pos: int, end: int) -> int:
         """Read one field whose key is already read; any encoding protobuf accepts. Returns the new position."""
         number, wire_type = key >> 3, key & 7
+        if number == 0:  # protobuf refuses field number 0
+            raise WireError(f"malformed protobuf in {self.descriptor.name}: field number 0")
+        if wire_type == 3:  # a group (proto2's): skipped as an unknown field, as protobuf does
+            return _skip_group(buf, pos, end, number, self.descriptor.name)
         if wire_type == 0 or wire_type == 2:
             if pos >= end:
                 raise WireError(f"malformed protobuf in {self.descriptor.name}: field {number} runs past the end")

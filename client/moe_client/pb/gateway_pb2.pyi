@@ -101,21 +101,23 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertServerInfo(_message.Message):
-    __slots__ = ("address", "model_fingerprint", "devices", "owned", "name")
+    __slots__ = ("address", "model_fingerprint", "devices", "owned", "name", "compute_dtype")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     OWNED_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     address: str
     model_fingerprint: str
     devices: _containers.RepeatedScalarFieldContainer[str]
     owned: _containers.RepeatedCompositeFieldContainer[_experts_pb2.LayerExperts]
     name: str
-    def __init__(self, address: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., owned: _Optional[_Iterable[_Union[_experts_pb2.LayerExperts, _Mapping]]] = ..., name: _Optional[str] = ...) -> None: ...
+    compute_dtype: _tensor_pb2.DType
+    def __init__(self, address: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., owned: _Optional[_Iterable[_Union[_experts_pb2.LayerExperts, _Mapping]]] = ..., name: _Optional[str] = ..., compute_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_type", "model_fingerprint", "hidden_size", "num_layers", "moe_layers", "num_experts", "top_k", "dense_dtype", "servers", "vocab_size", "max_position_embeddings", "has_tokenizer", "eos_token_ids")
+    __slots__ = ("model_type", "model_fingerprint", "hidden_size", "num_layers", "moe_layers", "num_experts", "top_k", "dense_dtype", "wire_dtype", "servers", "vocab_size", "max_position_embeddings", "has_tokenizer", "eos_token_ids")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +126,7 @@ class GetModelInfoResponse(_message.Message):
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     DENSE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITION_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -137,9 +140,10 @@ class GetModelInfoResponse(_message.Message):
     num_experts: int
     top_k: int
     dense_dtype: _tensor_pb2.DType
+    wire_dtype: _tensor_pb2.DType
     servers: _containers.RepeatedCompositeFieldContainer[ExpertServerInfo]
     vocab_size: int
     max_position_embeddings: int
     has_tokenizer: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_type: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., dense_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., servers: _Optional[_Iterable[_Union[ExpertServerInfo, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, model_type: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., dense_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., servers: _Optional[_Iterable[_Union[ExpertServerInfo, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...

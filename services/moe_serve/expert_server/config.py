@@ -4,6 +4,7 @@ MOE_* variables."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class ExpertServerConfig:
     shared_memory: bool = True  # offer same-host callers the shared-memory / CUDA IPC fast path
     admin_token: str | None = None  # AdminService callers send it as a bearer token (or use mutual TLS)
     expert_capacity: str = ""  # 'cpu=8GiB,cuda:0=70GiB': bytes of experts per device (default: its memory)
+    max_tokens: int = 65536  # tokens of the largest RunExperts call: sets the message size limit
 
     @property
     def address(self) -> str:
@@ -72,10 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(env MOE_DEVICES; default cpu)")
     p.add_argument("--dtype", default=env("DTYPE", "float32"), choices=sorted(DTYPES),
                    help="compute dtype of the experts (env MOE_DTYPE; default float32)")
-    p.add_argument("--host", default=env("HOST", "0.0.0.0"),
-                   help="address to bind, or unix:/path/to.sock (env MOE_HOST; default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=int(env("PORT", "50051")),
-                   help="port to bind; 0 picks a free one (env MOE_PORT; default 50051)")
+    p.add_argument("--host", default=env("HOST"),
+                   help="address to bind, or unix:/path/to.sock (env MOE_HOST; default: the placement entry's "
+                        "host when it is an IP address or unix: path, else 0.0.0.0)")
+    p.add_argument("--port", type=int, default=int(env("PORT")) if env("PORT") else None,
+                   help="port to bind; 0 picks a free one (env MOE_PORT; default: the placement entry's port, "
+                        "else 50051)")
     p.add_argument("--grace", type=float, default=float(env("GRACE", "10")),
                    help="seconds to finish in-flight requests on SIGTERM (env MOE_GRACE; default 10)")
     p.add_argument("--cuda-graph-tokens", type=int, default=int(env("CUDA_GRAPH_TOKENS", "16384")),
@@ -105,26 +109,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-capacity", default=env("EXPERT_CAPACITY", ""),
                    help="bytes of experts each device may hold, for live loads and `moe-serve plan`: e.g. "
                         "cpu=8GiB,cuda:0=70GiB; devices not named: their physical memory (env MOE_EXPERT_CAPACITY)")
+    p.add_argument("--max-tokens", type=int, default=int(env("MAX_TOKENS", "65536")),
+                   help="tokens of the largest RunExperts call (the gateway's --max-tokens): with the hidden size it "
+                        "sets --max-message-bytes' default (env MOE_MAX_TOKENS; default 65536)")
     add_serving_args(p, max_queue=256)
     return p
+
+
+def bind_address(address: str) -> tuple[str | None, int | None]:
+    """Where to listen for a placement entry's address: its host if an IP address (a name may not be this
+    host's to bind: then all interfaces), a unix: path as it is, and its port."""
+    if address.startswith("unix:"):
+        return address, None
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        host = None
+    return host, int(port) if port.isdigit() else None
 
 
 def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
     """Flags -> config; the expert selection comes from --experts, else the placement file, else all."""
     experts: str | list[str] | dict | None = args.experts or env("EXPERTS")
     name = args.name
+    host, port = args.host, args.port
     if args.placement:
         entry = pick_entry(args.placement, read_placement(args.placement), args.name, args.placement_index,
                            socket.gethostname())
         experts = experts or entry.experts
         name = name or entry.name
+        entry_host, entry_port = bind_address(entry.address)
+        host = host or entry_host
+        port = entry_port if port is None else port
     return ExpertServerConfig(
-        checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=args.host,
-        port=args.port, name=name, grace_seconds=args.grace, log_level=args.log_level,
+        checkpoint=args.checkpoint, experts=experts, devices=args.devices, dtype=args.dtype, host=host or "0.0.0.0",
+        port=50051 if port is None else port, name=name, grace_seconds=args.grace, log_level=args.log_level,
         cuda_graph_tokens=args.cuda_graph_tokens, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
         serving=serving_from_args(args), merge_calls=args.merge_calls, torch_threads=args.torch_threads,
         shared_memory=args.shared_memory, admin_token=_read_token(args.admin_token_file),
-        expert_capacity=args.expert_capacity,
+        expert_capacity=args.expert_capacity, max_tokens=args.max_tokens,
     )
 
 

@@ -26,10 +26,31 @@ from moe_serve.process.console import RULE, LoadProgress, summary
 from moe_serve.process.devices import describe_devices, parse_devices
 from moe_serve.process.malloc import keep_large_buffers
 from moe_serve.process.threads import set_torch_threads
+from moe_serve.rpc.message_limits import message_limit
+from moe_serve.rpc.ports import check_port_free
 from moe_serve.rpc.server import ServerHandle, serve_until_signal, start_server
 
 SERVICE_NAME = experts_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
 LIMITED = [f"/{SERVICE_NAME}/RunExperts"]  # counted against --max-queue
+
+
+def describe_count(owned: dict[int, list[int]]) -> str:
+    """'8 experts (4 in each of 2 MoE layers)': the (layer, expert) pairs the progress bar counts."""
+    counts = {len(ids) for ids in owned.values()}
+    total = sum(len(ids) for ids in owned.values())
+    if len(counts) == 1 and len(owned) > 1:
+        return f"{total} experts ({counts.pop()} in each of {len(owned)} MoE layers)"
+    return f"{total} experts over {len(owned)} MoE layer(s)"
+
+
+def placement_lines(placement) -> list[str]:
+    """'  Expert 0 → cpu' per owned expert, under its layer's name when layers differ (the seed's lines)."""
+    by_layer: dict[int, list[str]] = {}
+    for placed in sorted(placement, key=lambda p: (p.layer, p.expert)):
+        by_layer.setdefault(placed.layer, []).append(f"Expert {placed.expert} → {placed.device}")
+    if len({tuple(v) for v in by_layer.values()}) == 1:  # every layer alike: the seed's lines once
+        return [f"  {line}  (every MoE layer)" for line in next(iter(by_layer.values()))]
+    return [f"  Layer {layer}: {', '.join(lines)}" for layer, lines in by_layer.items()]
 
 
 def load_bank(config: ExpertServerConfig, verbose: bool = True) -> tuple[ExpertBank, Checkpoint]:
@@ -43,30 +64,29 @@ def load_bank(config: ExpertServerConfig, verbose: bool = True) -> tuple[ExpertB
             print(line)
         print(f"Checkpoint: {checkpoint.path} ({spec.model_type}, hidden {spec.hidden_size}, "
               f"{len(spec.moe_layers)} MoE layers x {spec.num_experts} experts, top-{spec.top_k})")
-        n_experts = len(set().union(*owned.values()))
-        print(f"Distributing {n_experts} experts across {len(devices)} device(s) "
+        print(f"Distributing {describe_count(owned)} across {len(devices)} device(s) "
               f"({', '.join(str(d) for d in devices)}), dtype {config.dtype}")
     progress = LoadProgress(sum(len(ids) for ids in owned.values())) if verbose else None
     bank = ExpertBank.load(checkpoint, owned, devices, DTYPES[config.dtype], progress,
                            cuda_graph_tokens=config.cuda_graph_tokens)
     if verbose:
-        by_expert: dict[int, str] = {}
-        for placed in bank.placement():
-            by_expert.setdefault(placed.expert, str(placed.device))
-        for expert, device in sorted(by_expert.items()):
-            print(f"  Expert {expert} → {device}")
+        for line in placement_lines(bank.placement()):
+            print(line)
         print(f"Owned experts: {'; '.join(format_ownership(bank.owned))}  ({bank.nbytes() / 2**20:.1f} MiB)")
     return bank, checkpoint
 
 
 async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tuple[ServerHandle, ExpertServicer]:
     """Load the bank and start serving on config.address; returns the running server."""
+    check_port_free(config.host, config.port)  # before loading anything: a busy port is one line at once
     bank, checkpoint = load_bank(config, verbose)
     fingerprint = checkpoint.fingerprint()
     metrics = ServiceMetrics("expert_server")
     devices = parse_devices(config.devices)
     capacity = capacities(devices, parse_capacity(config.expert_capacity))
     servicer: ExpertServicer | None = None
+    spec = checkpoint.spec
+    serving = config.serving.with_message_limit(message_limit(spec.hidden_size, spec.top_k, config.max_tokens))
     admin: AdminServicer | None = None
     name = config.name
 
@@ -84,19 +104,20 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     def register(server) -> None:
         nonlocal servicer, admin
         servicer = ExpertServicer(bank, experts_pb2.GetInfoResponse(), metrics=metrics, merge=config.merge_calls)
+        servicer.max_reply_bytes = serving.max_message_bytes
         add_to_server(servicer, server)
         live = LivePlacement(bank, checkpoint, devices, capacity, servicer.calls, on_change)
         admin = AdminServicer(live, AdminAuth(config.admin_token, config.serving.require_client_cert),
                               metrics.expert_tokens)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
 
-    handle = await start_server(config.address, register, [SERVICE_NAME, ADMIN_SERVICE], config.serving, LIMITED,
+    handle = await start_server(config.address, register, [SERVICE_NAME, ADMIN_SERVICE], serving, LIMITED,
                                 [MetricsInterceptor(metrics, [SERVICE_NAME])])
     name = admin.name = config.name or f"{socket.gethostname()}:{handle.port}"
     if config.shared_memory and config.serving.tls is None:
         # Same-host callers may skip gRPC for RunExperts (local_calls.py). Not beside TLS: the channel
         # admits by user id and token, not by certificate.
-        local = servicer.local = LocalCalls(servicer, config.serving.auth_token, config.serving.max_message_bytes)
+        local = servicer.local = LocalCalls(servicer, config.serving.auth_token, serving.max_message_bytes)
 
         async def close_local() -> None:  # after the gRPC drain: same-host callers fail over meanwhile
             await asyncio.to_thread(local.close)

@@ -18,6 +18,7 @@ from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import shared_regions
 from moe_serve.rpc.codec import TORCH_DTYPES, WIRE_DTYPES, from_wire, to_wire_owned
 from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument
+from moe_serve.rpc.message_limits import check_reply
 from moe_serve.rpc.registration import add_servicer
 from moe_serve.rpc.server import rpc
 from moe_serve.rpc.shared_regions import RegionMaps
@@ -64,6 +65,8 @@ def decode_request(request, hidden_size: int, regions: RegionMaps | None = None,
 
 class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
     """Serves one ExpertBank; compute runs on a worker thread so health checks answer meanwhile."""
+
+    max_reply_bytes: int | None = None  # the server's message limit: larger replies are refused before compute
 
     def __init__(self, bank: ExpertBank, info: experts_pb2.GetInfoResponse, workers: int = 1,
                  metrics: ServiceMetrics | None = None, merge: bool = True):
@@ -114,6 +117,7 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
             # fp8 replies are quantised from float32 (the quantisation makes new buffers).
             finish = partial(to_wire_owned, dtype=out_dtype)
             dest = None
+            check_reply("RunExperts", hidden.numel() * TORCH_DTYPES[out_dtype].itemsize, self.max_reply_bytes)
         self.bank.check(request.layer, ids)
         self.calls.enter(request.layer, ids)  # under the bank's lock, as a live drop's last look is
         if deferred:

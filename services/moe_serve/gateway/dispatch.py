@@ -25,6 +25,7 @@ import torch
 from moe_client import striping, wire, zerocopy
 from moe_client.ownership import format_ranges
 from moe_serve.core.spec import ModelSpec
+from moe_serve.gateway.call_budget import CallBudget
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures, tried
 from moe_serve.gateway.local_dispatch import start_local
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
@@ -60,6 +61,7 @@ class ExpertDispatcher:
         self.timeout = timeout
         self.metrics = metrics or ServiceMetrics("gateway")
         self.arenas = arenas
+        self.budget = CallBudget(pool, timeout)  # per-attempt timeouts from observed latency (call_budget.py)
         self.same_host_calls = same_host_calls
         # Shared regions hold the hidden states in the wire dtype (bf16 for fp8, which only saves socket
         # bytes) and the sums in float32: no bytes to save there, and each server's partial sum rounded
@@ -180,14 +182,16 @@ class ExpertDispatcher:
         `replica` answered; False if the sums came from elsewhere (failover, or bytes after a refused region)."""
         slots = sum(counts[e] for e in chosen)
         where = f"layer {layer} experts {format_ranges(chosen)}"
-        timeout = self.timeout
+        timeout = self.budget.timeout(replica, layer, chosen, excluded)  # short when another replica can take over
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
             if timeout <= 0:
                 raise DeadlineExceeded(f"{where}: the request's deadline passed" + tried(failures))
         replica.outstanding += slots
+        started = time.monotonic()
         try:
             reply = await self.metrics.call_expert(replica.name, replica.run_experts, request, timeout=timeout)
+            self.budget.observe(time.monotonic() - started)
         except grpc.aio.AioRpcError as err:
             reply, error = None, err
         finally:

@@ -55,9 +55,9 @@ def sampling_params(request: gateway_pb2.GenerateRequest, spec: ModelSpec, promp
                               f"{prompt_len + max_new} exceeds the model's max_position_embeddings "
                               f"{spec.max_position_embeddings}")
     if not math.isfinite(request.temperature) or request.temperature < 0:
-        raise InvalidArgument(f"temperature: {request.temperature} must be >= 0 (0 = greedy)")
+        raise InvalidArgument(f"temperature: {request.temperature} must be a finite number >= 0 (0 = greedy)")
     if not math.isfinite(request.top_p) or not 0 <= request.top_p <= 1:
-        raise InvalidArgument(f"top_p: {request.top_p} must be in [0, 1]")
+        raise InvalidArgument(f"top_p: {request.top_p} must be a number in [0, 1]")
     if request.top_logprobs > MAX_TOP_LOGPROBS:
         raise InvalidArgument(f"top_logprobs: {request.top_logprobs} exceeds the limit of {MAX_TOP_LOGPROBS}")
     stops = list(request.stop_token_ids)

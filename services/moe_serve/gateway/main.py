@@ -14,6 +14,7 @@ from moe_serve.gateway.batching_config import (
     start_batching,
 )
 from moe_serve.gateway.config import DTYPES, GatewayConfig, build_parser, config_from_args
+from moe_serve.gateway.coverage import CoverageHealth
 from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.pool import PoolOptions, Replica, ServerPool, StartupError
@@ -29,11 +30,15 @@ from moe_serve.process.console import RULE, summary
 from moe_serve.process.devices import parse_devices
 from moe_serve.process.malloc import keep_large_buffers
 from moe_serve.process.threads import set_torch_threads
+from moe_serve.rpc import shm_files
+from moe_serve.rpc.message_limits import message_limit
+from moe_serve.rpc.ports import check_port_free
 from moe_serve.rpc.server import ServerHandle, serve_until_signal, start_server
-from moe_serve.rpc.shared_regions import ArenaPool, kind_names
+from moe_serve.rpc.shared_regions import SHM_DIR, ArenaPool, kind_names
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 LIMITED = [f"/{SERVICE_NAME}/Forward", f"/{SERVICE_NAME}/Generate"]  # counted against --max-queue
+log = logging.getLogger(__name__)
 
 
 def _check_placement(checkpoint: Checkpoint, placement: str, servers: list[Replica]) -> None:
@@ -50,7 +55,7 @@ def _check_placement(checkpoint: Checkpoint, placement: str, servers: list[Repli
 
 
 def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[Replica], dense_dtype: str,
-               has_tokenizer: bool = False):
+               has_tokenizer: bool = False, wire_dtype: str = "float32"):
     """The GetModelInfo answer; `servers` are the ones serving now."""
     spec = checkpoint.spec
     return gateway_pb2.GetModelInfoResponse(
@@ -59,10 +64,11 @@ def model_info(checkpoint: Checkpoint, fingerprint: str, servers: list[Replica],
         top_k=spec.top_k, dense_dtype=wire.dtype_from_name(dense_dtype),
         servers=[gateway_pb2.ExpertServerInfo(address=s.address, model_fingerprint=s.info.model_fingerprint,
                                               devices=list(s.info.devices), owned=to_messages(s.owned),
-                                              name=s.info.server_name)
+                                              name=s.info.server_name, compute_dtype=s.info.compute_dtype)
                  for s in servers],
         vocab_size=spec.vocab_size, max_position_embeddings=spec.max_position_embeddings if spec.has_attention else 0,
         has_tokenizer=has_tokenizer, eos_token_ids=list(spec.eos_token_ids),
+        wire_dtype=wire.dtype_from_name(wire_dtype),
     )
 
 
@@ -80,8 +86,16 @@ def print_mapping(pool: ServerPool, shared_memory: bool = True) -> None:
         print(f"Expert-to-server mapping, layer {layer}: {mapping}")
 
 
+def _remove_stale_regions() -> None:
+    """Regions that gateways of this user killed with SIGKILL left in /dev/shm (moe-<pid>-*) go."""
+    removed = shm_files.remove_stale(SHM_DIR)
+    if removed:
+        log.info("removed %d stale shared-memory region(s) of dead processes: %s", len(removed), ", ".join(removed))
+
+
 async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[ServerHandle, GatewayServicer]:
     """Connect to the expert servers, check they cover the model, and start serving."""
+    check_port_free(config.host, config.port)  # before loading anything: a busy port is one line at once
     checkpoint = Checkpoint(config.checkpoint)
     fingerprint = checkpoint.fingerprint()
     # Before any server is asked: a missing or misshapen tensor fails the start at once, naming it.
@@ -102,11 +116,14 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         print(f"Causal LM: {spec.num_layers} decoder layers (dense MLP: {dense or 'none'}), {spec.num_heads} heads "
               f"/ {spec.num_kv_heads} KV heads of {spec.head_dim}, vocab {spec.vocab_size}, context "
               f"{spec.max_position_embeddings}, tokenizer.json {'yes' if has_tok else 'no'}")
+    spec = checkpoint.spec
+    # The expert servers derive theirs alike (same model, same --max-tokens default).
+    serving = config.serving.with_message_limit(message_limit(spec.hidden_size, spec.top_k, config.max_tokens))
     pool = ServerPool(addresses, checkpoint.spec, fingerprint,
                       PoolOptions(rpc_timeout=config.rpc_timeout, resolve_interval=config.resolve_interval,
                                   keepalive=config.keepalive, tls=config.expert_tls, tcp_lanes=config.tcp_lanes,
                                   min_piece_bytes=config.min_piece_bytes,
-                                  max_message_bytes=config.serving.max_message_bytes,
+                                  max_message_bytes=serving.max_message_bytes,
                                   local_calls=config.shared_memory and config.same_host_calls))
     await pool.start(config.connect_timeout)
     try:
@@ -117,6 +134,8 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         raise
     if verbose:
         print_mapping(pool, config.shared_memory)
+    if config.shared_memory:
+        _remove_stale_regions()
     metrics = ServiceMetrics("gateway")
     metrics.describe(model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type, dtype=config.dense_dtype)
     dispatcher = ExpertDispatcher(checkpoint.spec, pool, asyncio.get_running_loop(),
@@ -127,17 +146,18 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     engine = GatewayEngine(model, dispatcher, tokenizer)
 
     def info() -> gateway_pb2.GetModelInfoResponse:  # GetModelInfo lists the servers serving now
-        return model_info(checkpoint, fingerprint, pool.live(), config.dense_dtype, tokenizer is not None)
+        return model_info(checkpoint, fingerprint, pool.live(), config.dense_dtype, tokenizer is not None,
+                          config.wire_dtype)
 
     batching = start_batching(config.batching, model, dispatcher, tokenizer)
     servicer = GatewayServicer(engine, info(), config.max_tokens, max_new_tokens=config.max_new_tokens,
                                metrics=metrics, batcher=batching.batcher, scheduler=batching.scheduler)
-    pool.on_change = lambda: setattr(servicer, "info", info())
+    servicer.max_reply_bytes = serving.max_message_bytes
     # Requests that come without an id get one here, the public entry point; the access log shows each.
     interceptor = MetricsInterceptor(metrics, [SERVICE_NAME], logging.INFO, make_request_ids=True)
     try:
         handle = await start_server(config.address, lambda s: add_to_server(servicer, s), [SERVICE_NAME],
-                                    config.serving, LIMITED, [interceptor])
+                                    serving, LIMITED, [interceptor])
     except BaseException:
         batching.close()
         await pool.close()
@@ -150,6 +170,14 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         dispatcher.close()
 
     handle.on_stop = on_stop
+    coverage = CoverageHealth(pool, metrics, handle.set_serving)
+
+    def on_change() -> None:
+        servicer.info = info()
+        coverage.update()
+
+    pool.on_change = on_change
+    on_change()
     return handle, servicer
 
 
@@ -169,7 +197,7 @@ async def _serve(config: GatewayConfig) -> None:
         ("checkpoint", f"{config.checkpoint} ({info.model_type}, fingerprint {info.model_fingerprint})"),
         ("model", f"hidden {info.hidden_size}, MoE layers {list(info.moe_layers)} x {info.num_experts} experts, "
                   f"top-{info.top_k}, dense {config.dense_dtype} on {config.dense_device}, wire {config.wire_dtype}"),
-        ("expert servers", ", ".join(s.address for s in info.servers)),
+        ("expert servers", ", ".join(f"{s.name or s.address} ({s.address})" for s in info.servers)),
         ("loaded in", f"{time.monotonic() - start:.1f} s"),
     ]))
     print(f"Gateway ready on {where}, serving {servicer.info.model_type} "

@@ -35,6 +35,12 @@ EXPERT_SERVICE = experts_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_n
 SERVING = health_pb2.HealthCheckResponse.SERVING
 EJECT_BASE, EJECT_MAX = 0.5, 10.0  # seconds a failed replica is skipped: 0.5, 1, 2, ... 10
 WATCH_BACKOFF = (0.1, 2.0)  # seconds between watcher reconnects, doubling
+WAIT_LOG_EVERY = 3.0  # seconds between start-up lines naming the servers the gateway still waits for
+
+
+def _waiting_for(replicas: list[Replica]) -> str:
+    return "; ".join(f"{r.name} ({r.error or 'no answer yet'})" if r.name != r.address else
+                     f"{r.address} ({r.error or 'no answer yet'})" for r in replicas)
 
 
 class StartupError(RuntimeError):
@@ -72,8 +78,11 @@ class ServerPool:
     async def start(self, connect_timeout: float) -> None:
         """Resolve the targets and fetch every server's info, waiting for servers still starting.
 
-        StartupError names an address that never answered, a server on another checkpoint, or the
-        (layer, expert) pairs nobody owns. On success the background watchers start.
+        While some do not answer, their names and last errors are logged every WAIT_LOG_EVERY seconds;
+        once the servers that answered cover every (layer, expert), the gateway starts without the rest
+        (their watchers add them when they answer). StartupError names a server on another checkpoint,
+        or, after `connect_timeout`, the (layer, expert) pairs nobody covers and why each silent server
+        is silent (its last error: a TLS failure shows as one, not as a timeout).
         """
         deadline = time.monotonic() + connect_timeout
         self._loop = asyncio.get_running_loop()
@@ -81,15 +90,7 @@ class ServerPool:
             for target in self.targets:
                 for address, host in (await self._resolve_waiting(target, deadline)).items():
                     self._add(address, target, host)
-            await asyncio.gather(*(self._first_info(r, connect_timeout, deadline) for r in self.members))
-            for replica in self.members:
-                if replica.refused:
-                    raise StartupError(f"expert server {replica.name} ({replica.address}) {replica.refused}; "
-                                       "start every service on the same checkpoint")
-            missing = self.uncovered()
-            if missing:
-                raise StartupError("no expert server owns " + "; ".join(missing)
-                                   + f" (servers: {', '.join(r.name for r in self.members) or 'none'})")
+            await self._first_infos(connect_timeout, deadline)
         except BaseException:
             await self.close()
             raise
@@ -97,6 +98,40 @@ class ServerPool:
             replica.watcher = self._spawn(self._watch(replica))
         self._spawn(self._resolve_loop())
         self._spawn(self._info_loop())
+
+    async def _first_infos(self, connect_timeout: float, deadline: float) -> None:
+        tasks = {r: asyncio.ensure_future(self._first_info(r, deadline)) for r in self.members}
+        next_log = time.monotonic() + WAIT_LOG_EVERY
+        try:
+            while True:
+                answered = [r for r, t in tasks.items() if t.done() and t.result()]
+                for replica in answered:
+                    if replica.refused:
+                        raise StartupError(f"expert server {replica.name} ({replica.address}) {replica.refused}; "
+                                           "start every service on the same checkpoint")
+                silent = [r for r in tasks if r not in answered]
+                missing = self.uncovered()
+                if not missing:
+                    if silent:
+                        log.warning("starting without expert server(s) %s: their experts are covered by the "
+                                    "others; they join when they answer", _waiting_for(silent))
+                    return
+                if not silent or time.monotonic() >= deadline:
+                    why = f"; not answering within {connect_timeout:.0f}s: {_waiting_for(silent)}" if silent else ""
+                    raise StartupError("no expert server owns " + "; ".join(missing) + " (servers: "
+                                       + (", ".join(r.name for r in self.members) or "none") + ")" + why)
+                if time.monotonic() >= next_log:
+                    log.warning("waiting for expert server(s) %s; uncovered: %s", _waiting_for(silent),
+                                "; ".join(missing))
+                    next_log += WAIT_LOG_EVERY
+                pending = [t for t in tasks.values() if not t.done()]
+                if pending:
+                    await asyncio.wait(pending, timeout=max(0.05, min(next_log, deadline) - time.monotonic()),
+                                       return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
 
     async def _resolve_waiting(self, target: str, deadline: float) -> dict[str, str]:
         while True:
@@ -107,20 +142,34 @@ class ServerPool:
                     raise StartupError(str(err)) from err
                 await asyncio.sleep(0.5)
 
-    async def _first_info(self, replica: Replica, timeout: float, deadline: float) -> None:
+    async def _first_info(self, replica: Replica, deadline: float) -> bool:
+        """GetInfo until it answers (True) or the deadline passes (False); each failure (connection refused,
+        a TLS handshake) is kept in replica.error. Not wait_for_ready: that turned every failure into
+        DEADLINE_EXCEEDED, hiding a TLS error's text."""
         while True:
             left = deadline - time.monotonic()
             try:
-                info = await replica.stub.GetInfo(experts_pb2.GetInfoRequest(), timeout=max(0.5, min(5.0, left)),
-                                                  wait_for_ready=True)
+                info = await replica.stub.GetInfo(experts_pb2.GetInfoRequest(), timeout=max(0.5, min(5.0, left)))
                 self._set_info(replica, info)
-                replica.serving = True  # the watcher confirms within moments
-                return
+                replica.serving = not replica.refused  # the watcher confirms within moments
+                return True
             except grpc.aio.AioRpcError as err:
+                replica.error = f"{err.code().name}: {err.details()}" + self._tls_hint(err)
                 if time.monotonic() >= deadline:
-                    raise StartupError(f"expert server {replica.address} did not answer GetInfo within "
-                                       f"{timeout:.0f}s ({err.code().name}: {err.details()})") from err
+                    return False
                 await asyncio.sleep(0.2)
+
+    def _tls_hint(self, err: grpc.aio.AioRpcError) -> str:
+        """What a failed connection over TLS most likely means: a server that requires a client certificate
+        ends the handshake without a word, which grpc reports as 'Socket closed'."""
+        if self.options.tls is None or err.code() != grpc.StatusCode.UNAVAILABLE:
+            return ""
+        text = err.details() or ""
+        if "Socket closed" in text or "Connection reset" in text:
+            mine = "this gateway sends none" if not self.options.tls.cert else "it refused this gateway's"
+            return (f" [TLS handshake refused by the server: it likely requires a client certificate signed by its "
+                    f"--tls-ca, and {mine} (--expert-tls-cert, --expert-tls-key)]")
+        return ""
 
     async def close(self) -> None:
         """Stop watching and resolving, and close every channel."""

@@ -16,6 +16,7 @@ from moe_serve.observability.serving import ServingMetrics
 from moe_serve.process.handoff import ContextThreadPool
 from moe_serve.rpc.codec import from_wire, to_wire
 from moe_serve.rpc.errors import InvalidArgument, ResourceExhausted
+from moe_serve.rpc.message_limits import check_reply
 from moe_serve.rpc.registration import add_servicer
 from moe_serve.rpc.server import rpc, rpc_stream
 
@@ -24,6 +25,8 @@ _FLOAT = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16, wire.FLOAT8_E4M3)
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Serves Forward, Generate and GetModelInfo for one engine."""
+
+    max_reply_bytes: int | None = None  # the server's message limit: larger replies are refused before compute
 
     def __init__(self, engine: GatewayEngine, info: gateway_pb2.GetModelInfoResponse, max_tokens: int = 65536,
                  workers: int = 4, max_new_tokens: int = 4096, metrics: ServiceMetrics | None = None,
@@ -76,6 +79,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         out_dtype = request.output_dtype or request.hidden.dtype
         if out_dtype not in _FLOAT:
             raise InvalidArgument(f"output_dtype: {wire.dtype_name(out_dtype)} is not a float wire dtype")
+        check_reply("Forward", hidden.numel() * wire.STORAGE[out_dtype].itemsize, self.max_reply_bytes)
         if self.batcher is not None:
             out, stats = await self.batcher.forward(hidden)
         else:

@@ -84,6 +84,12 @@ class ServiceMetrics:
                                               ["server"], registry=r)
         self.expert_call_received_bytes = Counter("moe_expert_call_received_bytes",
                                                   "RunExperts reply bytes received", ["server"], registry=r)
+        # Gateway: whether it can serve every expert (its health is NOT_SERVING while unserved > 0).
+        self.expert_server_up = Gauge("moe_expert_server_up", "1 while an expert server is SERVING and usable, "
+                                      "else 0; one series per expert server the gateway knows", ["server"],
+                                      registry=r)
+        self.unserved_experts = Gauge("moe_unserved_experts", "(layer, expert) pairs with no live replica",
+                                      registry=r)
         self.info = Info("moe_server", "What this service is and serves", registry=r)
         self.info.info({"service": service})
         ProcessCollector(registry=r)

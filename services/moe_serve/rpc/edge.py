@@ -8,18 +8,60 @@ even when the server is saturated or the caller has no token.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import inspect
 import logging
+import traceback
 from collections.abc import Iterable
 
 import grpc
 
 from moe_client.security import AUTH_METADATA
+from moe_serve.process.malloc import release_free_memory
 from moe_serve.rpc.deadlines import REQUEST_DEADLINE, deadline_after
 
 log = logging.getLogger(__name__)
+RELEASE_BYTES = 4 << 20  # failed requests at least this large give their memory back at once (malloc_trim)
+TRIM_DELAY = 0.05  # seconds
+_trim_pending = False
 EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def release_frames(err: BaseException) -> None:
+    """Clear the locals of the finished frames `err` (and the exceptions it chains) passed through.
+
+    A refused request's frames hold its message, and the exception's traceback holds the frames; grpc
+    and asyncio keep exceptions in reference cycles, so without this a refused request's buffers (up
+    to --max-message-bytes each) stayed until a garbage collection: three refused 684 MiB Forwards held
+    2.4 GiB. The frame still running (the caller's) is left alone; it drops its own references.
+    """
+    pending, seen = [err], set()
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        pending += [exc.__cause__, exc.__context__]
+
+
+def forget_refused(nbytes: int) -> None:
+    """After a refused (or failed) request of `nbytes`: give a large one's freed buffers back to the system,
+    once grpc has let go of the message too (it holds it until the status is sent): soon after, at most
+    once per TRIM_DELAY however many fail meanwhile."""
+    global _trim_pending
+    if nbytes >= RELEASE_BYTES and not _trim_pending:
+        _trim_pending = True
+        asyncio.get_running_loop().call_later(TRIM_DELAY, _trim)
+
+
+def _trim() -> None:
+    global _trim_pending
+    _trim_pending = False
+    log.debug("returning freed memory after a failed request")
+    gc.collect(1)  # grpc keeps an aborted call's state in a reference cycle (RPCState -> AbortError -> frames)
+    release_free_memory()
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
@@ -112,11 +154,23 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             behavior = inner.unary_unary
 
             async def unary(raw, context):
-                await self._admit(method, limited, context)
+                size = len(raw)
+                try:
+                    await self._admit(method, limited, context)
+                except BaseException:
+                    raw = None  # a refused message is freed now (see release_frames)
+                    forget_refused(size)
+                    raise
                 try:
                     request = await self._decode(raw, deserialize, method, context)
+                    raw = None
                     REQUEST_DEADLINE.set(deadline_after(context.time_remaining()))
                     return await behavior(request, context)
+                except BaseException as err:
+                    raw = request = None
+                    release_frames(err)
+                    forget_refused(size)
+                    raise
                 finally:
                     self._release(limited)
 
@@ -125,16 +179,29 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             stream_behavior = inner.unary_stream
 
             async def stream(raw, context):
-                await self._admit(method, limited, context)
+                size = len(raw)
+                try:
+                    await self._admit(method, limited, context)
+                except BaseException:
+                    raw = None
+                    forget_refused(size)
+                    raise
                 try:
                     request = await self._decode(raw, deserialize, method, context)
+                    raw = None
                     REQUEST_DEADLINE.set(deadline_after(context.time_remaining()))
                     result = stream_behavior(request, context)
+                    request = None  # the handler holds it as long as it needs it
                     if inspect.isasyncgen(result):
                         async for item in result:
                             yield item
                     else:  # a handler that writes with context.write()
                         await result
+                except BaseException as err:
+                    raw = request = result = None
+                    release_frames(err)
+                    forget_refused(size)
+                    raise
                 finally:
                     self._release(limited)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_client.channel import MAX_MESSAGE_BYTES
 from moe_client.security import TLSFiles
 from moe_serve.process.env import env, env_flag
 
@@ -19,7 +19,7 @@ class ServingOptions:
     require_client_cert: bool = False  # mutual TLS: only callers with a certificate signed by tls.ca
     auth_token: str | None = None  # callers must send `authorization: Bearer <token>`
     max_queue: int = 64  # heavy requests in flight (running or waiting); more is RESOURCE_EXHAUSTED
-    max_message_bytes: int = MAX_MESSAGE_BYTES  # larger messages are RESOURCE_EXHAUSTED
+    max_message_bytes: int = 0  # larger messages are RESOURCE_EXHAUSTED; 0: derived from the model (message_limits)
 
     def __post_init__(self) -> None:
         if self.require_client_cert and (self.tls is None or not self.tls.ca or not self.tls.cert):
@@ -28,8 +28,13 @@ class ServingOptions:
             raise ValueError("serving TLS needs --tls-cert and --tls-key (--tls-ca alone only verifies clients)")
         if self.max_queue < 1:
             raise ValueError(f"--max-queue {self.max_queue} must be at least 1")
-        if self.max_message_bytes < 1024:
-            raise ValueError(f"--max-message-bytes {self.max_message_bytes} must be at least 1024")
+        if self.max_message_bytes and self.max_message_bytes < 1024:
+            raise ValueError(f"--max-message-bytes {self.max_message_bytes} must be at least 1024 (or 0: derived "
+                             "from the model)")
+
+    def with_message_limit(self, derived: int) -> ServingOptions:
+        """These options with the message limit set: the flag's value, or else `derived` from the model."""
+        return dataclasses.replace(self, max_message_bytes=self.max_message_bytes or derived)
 
 
 def add_serving_args(parser: argparse.ArgumentParser, max_queue: int, token: bool = False) -> None:
@@ -54,9 +59,10 @@ def add_serving_args(parser: argparse.ArgumentParser, max_queue: int, token: boo
     g.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", str(max_queue))),
                    help=f"requests in flight (running or waiting) before new ones get RESOURCE_EXHAUSTED "
                         f"(env MOE_MAX_QUEUE; default {max_queue})")
-    g.add_argument("--max-message-bytes", type=int, default=int(env("MAX_MESSAGE_BYTES", str(MAX_MESSAGE_BYTES))),
-                   help="largest message received or sent; larger is RESOURCE_EXHAUSTED "
-                        f"(env MOE_MAX_MESSAGE_BYTES; default {MAX_MESSAGE_BYTES})")
+    g.add_argument("--max-message-bytes", type=int, default=int(env("MAX_MESSAGE_BYTES", "0")),
+                   help="largest message received or sent; larger is RESOURCE_EXHAUSTED (env MOE_MAX_MESSAGE_BYTES; "
+                        "default 0: what --max-tokens tokens of the model need, hidden size x 4 bytes each plus "
+                        "their routing, plus 1 MiB)")
 
 
 def serving_from_args(args: argparse.Namespace) -> ServingOptions:

@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_async
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from moe_client.channel import TRANSPORT_OPTIONS, merge_options
+from moe_client.channel import MAX_MESSAGE_BYTES, TRANSPORT_OPTIONS, merge_options
 from moe_client.security import TLSFiles, read_pem
 from moe_serve.rpc.edge import EdgeInterceptor
 from moe_serve.rpc.errors import status_of
@@ -76,17 +77,51 @@ def server_credentials(tls: TLSFiles, require_client_cert: bool = False) -> grpc
 
 
 class _Health(health.aio.HealthServicer):
-    """grpc's health servicer, whose Watch streams end quietly when the server stops.
+    """grpc's health servicer, whose Watch streams end cleanly when the server stops.
 
-    Watch never returns by itself; stopping the server cancels it, and grpc would log that as an
-    unhandled exception with a traceback on every stop with a gateway watching.
+    Watch never returns by itself; a server stopping with a gateway watching cancelled it inside grpc's
+    own task, which grpc logged as an unhandled CancelledError with two tracebacks after "Stopped.".
+    `end_watches` makes every Watch return normally (the watcher has been told NOT_SERVING just before).
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._ending = asyncio.Event()
+
     async def Watch(self, request, context) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        ending = asyncio.ensure_future(self._ending.wait())
         try:
-            await super().Watch(request, context)
+            await asyncio.wait({watch, ending}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            return
+            pass
+        finally:
+            for task in (watch, ending):
+                task.cancel()
+            await asyncio.gather(watch, ending, return_exceptions=True)
+
+    def end_watches(self) -> None:
+        """End every Watch stream (after enter_graceful_shutdown has sent them NOT_SERVING)."""
+        self._ending.set()
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def enable_reflection(names: list[str], server: grpc.aio.Server) -> None:
+    """Server reflection as grpc.reflection.v1 (what grpcurl and current tools ask first) and v1alpha.
+
+    grpcio-reflection serves only v1alpha; v1's messages are the same fields with the same numbers, so the
+    one servicer answers both, registered under v1's name too.
+    """
+    listed = [*names, REFLECTION_V1, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(listed, server)
+    servicer = reflection_async.ReflectionServicer(listed)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1,
+                                                                          {"ServerReflectionInfo": handler}),))
 
 
 class ServerHandle:
@@ -115,6 +150,9 @@ class ServerHandle:
         """
         await self.health.enter_graceful_shutdown()
         await self.edge.drain(grace)
+        if isinstance(self.health, _Health):
+            self.health.end_watches()
+            await asyncio.sleep(0.05)  # the Watch handlers return and their streams close before the server stops
         await self.server.stop(0)
         if self.on_stop is not None:
             await self.on_stop()
@@ -130,6 +168,9 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 200),
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # grpc's default SO_REUSEPORT let a second server bind a port one already held, and the kernel then
+        # split connections between them: a busy port must be an error.
+        ("grpc.so_reuseport", 0),
     ])
 
 
@@ -148,12 +189,14 @@ async def start_server(
     """
     serving = serving or ServingOptions()
     edge = EdgeInterceptor(serving.auth_token, serving.max_queue, limited)
-    server = grpc.aio.server(interceptors=[edge, *interceptors], options=server_options(serving.max_message_bytes))
+    # 0 (derive from the model) is resolved by the services' mains; a bare server (an echo benchmark) keeps 1 GiB.
+    limit = serving.max_message_bytes or MAX_MESSAGE_BYTES
+    server = grpc.aio.server(interceptors=[edge, *interceptors], options=server_options(limit))
     register(server)
     health_servicer = _Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection([*names, health.SERVICE_NAME], server)
     if serving.tls is not None:
         port = server.add_secure_port(address, server_credentials(serving.tls, serving.require_client_cert))
     else:

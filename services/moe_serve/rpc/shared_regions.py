@@ -12,15 +12,16 @@ takes them back after the reply, so a region is exported once and reused call af
 Server side: `RegionMaps` maps each region once (kept mapped, least recently used dropped first) and
 views tensors in it, checking every field against the region.
 
-A /dev/shm object is mode 0600, but its name is visible to everyone on the host, and an expert server
-opens whatever a caller names. So each one begins with a random key that only its gateway and the
-server (once it has mapped it) know; a request must carry it, or the server refuses the region
-(PERMISSION_DENIED). A CUDA IPC handle is itself an unguessable secret, sent only in requests.
+A /dev/shm object is mode 0600, but its name is visible to everyone on the host, and anyone may make a
+file or symlink there. So an expert server opens only regular files of its own user, never through a
+symlink, and each region begins with a random key that only its gateway and the server (once it has
+mapped it) know; a request must carry it. Any refusal is one FAILED_PRECONDITION (shm_files.py), so
+the answers tell nothing about other files. A CUDA IPC handle is itself an unguessable secret, sent
+only in requests.
 """
 
 from __future__ import annotations
 
-import hmac
 import math
 import mmap
 import os
@@ -36,8 +37,9 @@ import torch
 
 from moe_client import wire, zerocopy
 from moe_client.pb import experts_pb2
+from moe_serve.rpc import shm_files
 from moe_serve.rpc.codec import TORCH_DTYPES
-from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "moe-"
@@ -249,22 +251,10 @@ class RegionMaps:
     def _open_shm(self, region, field: str) -> torch.Tensor:
         if not _SHM_NAME.match(region.name):
             raise InvalidArgument(f"{field}.region.name: {region.name!r} is not a moe-serve region name (moe-...)")
-        try:
-            fd = os.open(SHM_DIR / region.name, os.O_RDWR)
-        except OSError as err:
-            raise FailedPrecondition(f"{field}: cannot open shared memory {region.name!r} on this host "
-                                     f"({err.strerror}); the caller is on another host or container") from err
-        try:
-            if os.fstat(fd).st_size < region.size:
-                raise InvalidArgument(f"{field}.region.size: {region.size} bytes but {region.name!r} holds "
-                                      f"{os.fstat(fd).st_size}")
-            mapped = mmap.mmap(fd, region.size)
-        finally:
-            os.close(fd)
-        if not hmac.compare_digest(mapped[:_KEY_BYTES], bytes(region.key)):
-            mapped.close()
-            raise PermissionDenied(f"{field}.region.key: does not match the key of shared memory {region.name!r}; "
-                                   "only the process that made a region may name it")
+        # No symlink, only a regular file of this server's user, the key checked: one answer for every refusal.
+        mapped = shm_files.map_region(SHM_DIR, region.name, region.size, bytes(region.key), _KEY_BYTES)
+        if mapped is None:
+            raise FailedPrecondition(shm_files.refusal(field, region.name))
         return torch.frombuffer(mapped, dtype=torch.uint8)
 
     def _open_cuda(self, region, field: str) -> torch.Tensor:
