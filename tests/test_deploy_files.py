@@ -23,11 +23,6 @@ from tests.support.prometheus import render_config, require
 DEPLOY = ROOT / "deploy"
 DEMO_SPEC = spec_from_config(SyntheticConfig().to_json())  # the embedded model both deployments serve
 OVERLAYS = sorted(p.name for p in (DEPLOY / "k8s" / "overlays").iterdir())
-# The gateway's per-server health gauges, named in HELPERS.md and built by issue 15 in parallel: the
-# dashboard and alerts use them already. test_pending_gateway_metrics_are_defined says when they land.
-PENDING_METRICS = {"moe_expert_server_up", "moe_unserved_experts"}
-
-
 def serves_every_expert_without_any_one_server(placement_path):
     entries = read_placement(placement_path)
     owned = [resolve_ownership(DEMO_SPEC, e.experts) for e in entries]
@@ -223,7 +218,7 @@ def test_dashboard_asks_only_for_defined_metrics_in_the_chosen_job_and_namespace
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert exprs
     used = {name for expr in exprs for name in re.findall(r"\b(moe_[a-z0-9_]+)\b", expr)}
-    assert used and used <= defined_metrics() | PENDING_METRICS, f"unknown metrics: {sorted(used - defined_metrics())}"
+    assert used and used <= defined_metrics(), f"unknown metrics: {sorted(used - defined_metrics())}"
     variables = {v["name"] for v in dashboard["templating"]["list"]}
     assert {"namespace", "gateway_job", "expert_job"} <= variables
     for expr in exprs:  # every selector is narrowed to the chosen namespace and a chosen job
@@ -238,14 +233,9 @@ def test_alert_rules_ask_only_for_defined_metrics_and_pass_their_promtool_tests(
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.rules.yml").read_text())
     exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
     used = {name for expr in exprs for name in re.findall(r"\b(moe_[a-z0-9_]+)\b", expr)}
-    assert used <= defined_metrics() | PENDING_METRICS, f"unknown metrics: {sorted(used - defined_metrics())}"
+    assert used <= defined_metrics(), f"unknown metrics: {sorted(used - defined_metrics())}"
     tested = set(re.findall(r"alertname: (\w+)", (DEPLOY / "prometheus" / "alerts.test.yml").read_text()))
     assert tested == {r["alert"] for g in rules["groups"] for r in g["rules"]}, "an alert without a test"
     done = subprocess.run([require("promtool"), "test", "rules", "alerts.test.yml"], cwd=DEPLOY / "prometheus",
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-@pytest.mark.xfail(strict=True, reason="issue 15 adds these gateway metrics; drop PENDING_METRICS when it lands")
-def test_pending_gateway_metrics_are_defined():
-    assert defined_metrics() >= PENDING_METRICS

@@ -124,10 +124,6 @@ def test_refused_maximum_size_requests_leave_memory_where_it_was(tiny_checkpoint
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", ["fingerprint", "nan"])
-@pytest.mark.xfail(reason="holds on this branch before main's issue-14 merges (314 -> 314 MiB for NaN); since "
-                   "the expert server decodes and checks on its worker (merger.run_prepared) and checks NaN after "
-                   "computing, refused RunExperts grow it: ~5 MiB per NaN request, +8-13% after 50 for another "
-                   "checkpoint's. Left to issue 14's owner")
 def test_refused_maximum_size_run_experts_leave_memory_where_it_was(tiny_checkpoint, tmp_path, processes, how):
     server = launch("expert-server", tmp_path / "e.log", checkpoint=tiny_checkpoint, experts="all")
     processes.append(server)

@@ -128,10 +128,14 @@ class CallMerger:
             todo = [c for c in self._pending if c.work is None]
         failed = []
         for call in todo:
+            prepare, call.prepare = call.prepare, None  # the request's bytes go as soon as it is decoded
             try:
-                call.work = call.prepare()
+                call.work = prepare()
             except Exception as err:
-                failed.append((call, err))
+                # Without its traceback: that would hold this frame, and with it the refused request's
+                # buffers, in a reference cycle until a garbage collection (issue 15: refused requests).
+                failed.append((call, err.with_traceback(None)))
+            del prepare
         if failed:
             with self._lock:
                 self._pending = [c for c in self._pending if all(c is not f for f, _ in failed)]
