@@ -29,7 +29,7 @@ from moe_serve.gateway.routing_plan import expert_counts, rows_for
 from moe_serve.rpc import request_ids
 from moe_serve.rpc.codec import to_wire
 from moe_serve.rpc.errors import ServiceError
-from moe_serve.rpc.local_channel import ChannelClosed, ChannelError
+from moe_serve.rpc.local_channel import ChannelClosed, ChannelError, LocalLink
 from moe_serve.rpc.shared_regions import Arena
 
 # `dispatcher` below is the gateway's ExpertDispatcher (dispatch.py, which calls start_local): its pool,
@@ -48,6 +48,7 @@ class _Part:
     payload: bytes
     slots: int
     seq: int = 0
+    link: LocalLink | None = None  # the channel it went on (the pool may open a new one meanwhile)
     sent_at: float = 0.0
     send_error: str = ""
 
@@ -122,6 +123,7 @@ class LocalRound:
             try:
                 if link is None:
                     raise ChannelClosed("the same-host channel closed")
+                part.link = link
                 part.seq = link.send(part.payload)
             except ChannelClosed as err:
                 part.send_error = str(err)
@@ -151,8 +153,7 @@ class LocalRound:
         try:
             if part.send_error:
                 raise ChannelClosed(part.send_error)
-            link = replica.local
-            reply = link.receive(part.seq, self._timeout(part))
+            reply = part.link.receive(part.seq, self._timeout(part))
         except ChannelError as err:
             code, reason = err.code, f"{err.code.name}: {err.details}"
         except ChannelClosed as err:
