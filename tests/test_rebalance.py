@@ -140,11 +140,10 @@ def test_plan_reads_load_from_prometheus(cluster, skewed_checkpoint, tmp_path):
         total = sum(counted.values())
         prometheus.wait_for("sum(moe_expert_tokens_total)", lambda v: v.get("") == total)
         scraped = prometheus_tokens(prometheus.url, 120)
-        # Rows x4 give experts 0 and 1 about 21% of the slots each and no other above 12% (measured on 8,000
-        # random tokens); over Load's 256 distinct tokens (512 slots) that gap is over 5 standard deviations.
-        for layer in TINY_LAYERS:  # the hottest experts by Prometheus are the hottest by the counters
-            top = [sorted(range(8), key=lambda e, t=t: -t.get((layer, e), 0))[:2] for t in (counted, scraped)]
-            assert set(top[0]) == set(top[1]) == {0, 1}, (layer, counted, scraped)
+        # Prometheus started just before the load, so the window covers all of it: each expert's count exactly.
+        assert counted and scraped.keys() >= counted.keys()
+        for key, count in counted.items():
+            assert scraped[key] == count, (key, counted, scraped)
     finally:
         load.stop()
         prometheus.stop()

@@ -69,8 +69,15 @@ def read_cluster(clients: Sequence[AdminClient], window: float = 0.0, prometheus
 
 
 def prometheus_tokens(url: str, window: float) -> dict[tuple[int, int], float]:
-    """sum by (layer, expert) of increase(moe_expert_tokens_total[window]) from a Prometheus at `url`."""
-    query = f"sum by (layer, expert) (increase(moe_expert_tokens_total[{max(1, int(window))}s]))"
+    """Tokens per (layer, expert) counted over the last `window` seconds, from a Prometheus at `url`.
+
+    The counters' own difference over the window (a series younger than the window counts from zero), not
+    increase(): that extrapolates each series from its own samples, and two servers scraped at other
+    moments came back scaled 1.02x and 1.27x, enough to reorder the experts a plan ranks. A server that
+    restarted within the window counts 0 for it (its counter went down)."""
+    w = max(1, int(window))
+    query = (f"sum by (layer, expert) (clamp_min(moe_expert_tokens_total - (moe_expert_tokens_total offset {w}s "
+             f"or moe_expert_tokens_total * 0), 0))")
     target = url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
     try:
         with urllib.request.urlopen(target, timeout=30) as reply:
