@@ -44,6 +44,7 @@ def test_forward_over_the_same_host_channel_equals_reference(cluster, tiny_check
         assert np.abs(got - reference_forward(tiny_checkpoint, x)).max() <= 1e-5
     local = sum(_local_calls(cluster, s) for s in servers)
     grpc_calls = sum(_grpc_computations(cluster, s) for s in servers)
+    assert all(r.outstanding == 0 for r in cluster.servicers[gateway].engine.experts.inner.pool.members)
     if same_host_calls:
         assert local >= 2 * len(inputs) and grpc_calls == 0  # 2 MoE layers per Forward, >= 1 server each
     else:
@@ -157,3 +158,4 @@ def test_a_stuck_server_times_out_on_the_channel_and_the_link_recovers(cluster, 
         wait_for(lambda: np.abs(client.forward(hidden) - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5,
                  "a correct answer after the stall")
     assert _local_calls(cluster, server) >= 2
+    assert pool.replicas[server].outstanding == 0  # the timed-out call's work left the count too

@@ -51,6 +51,7 @@ class _Part:
     link: LocalLink | None = None  # the channel it went on (the pool may open a new one meanwhile)
     sent_at: float = 0.0
     send_error: str = ""
+    waited: bool = False  # its slots are off the replica's outstanding count
 
 
 def start_local(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
@@ -143,6 +144,10 @@ class LocalRound:
                 for part in self.parts:
                     if part.arena is not None:  # not gathered (an error above): never reused
                         part.arena.close()
+                        part.arena = None
+                    if not part.waited:  # its reply is not waited for: its work leaves the replica's count
+                        part.waited = True
+                        part.replica.outstanding -= part.slots
             self._out = out
         return self._out
 
@@ -161,6 +166,7 @@ class LocalRound:
         except TimeoutError as err:
             code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, f"DEADLINE_EXCEEDED: {err}"
         finally:
+            part.waited = True
             replica.outstanding -= part.slots
             d.metrics.record_expert_call(replica.name, code.name, time.perf_counter() - part.sent_at,
                                          len(part.payload), len(reply) if reply is not None else 0)
