@@ -28,6 +28,7 @@ from moe_serve.core.spec import ModelSpec
 from moe_serve.gateway.call_budget import CallBudget
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures, tried
 from moe_serve.gateway.local_dispatch import start_local
+from moe_serve.gateway.partial_sums import add_partials
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
 from moe_serve.gateway.routing_plan import expert_counts, rows_for
 from moe_serve.gateway.wire_choice import WireChoice
@@ -99,8 +100,8 @@ class ExpertDispatcher:
     async def run_async(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                         weights: torch.Tensor, deadline: float | None = None) -> torch.Tensor:
         """hidden [T, H], expert_ids [T, K], weights [T, K] -> [T, H] float32; `deadline` is time.monotonic()."""
-        return add_partials(await self._partials(layer, hidden, expert_ids, weights, deadline), hidden.shape,
-                            hidden.device)
+        return add_partials(await self._partials(layer, hidden, expert_ids, weights, deadline),
+                            torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device))
 
     async def _partials(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                         deadline: float | None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -301,16 +302,6 @@ def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def add_partials(partials: list[tuple[int, torch.Tensor, torch.Tensor]], shape: torch.Size,
-                 device: torch.device) -> torch.Tensor:
-    """[T, H] float32 on `device`: the partial sums added by row, in a fixed order (by first expert): the same
-    input gives the same sum whichever call answered first."""
-    out = torch.zeros(shape, dtype=torch.float32, device=device)
-    for _, rows, partial in sorted(partials, key=lambda p: p[0]):
-        out.index_add_(0, rows.to(device), partial.to(device, torch.float32))
-    return out
-
-
 class SummedPartials:
     """The future of a layer's gRPC calls: `result()` adds their partial sums on the caller's thread, so the
     event loop only moves bytes (tensor work there also wakes torch's worker threads, which then spin)."""
@@ -326,5 +317,6 @@ class SummedPartials:
 
     def result(self, timeout: float | None = None) -> torch.Tensor:
         if self._out is None:
-            self._out = add_partials(self._calls.result(timeout), self._shape, self._device)
+            self._out = add_partials(self._calls.result(timeout),
+                                     torch.zeros(self._shape, dtype=torch.float32, device=self._device))
         return self._out

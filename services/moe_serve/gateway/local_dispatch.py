@@ -24,6 +24,7 @@ from moe_client import zerocopy
 from moe_client.ownership import format_ranges
 from moe_client.pb import experts_pb2
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures
+from moe_serve.gateway.partial_sums import add_partials
 from moe_serve.gateway.replica import Replica
 from moe_serve.gateway.routing_plan import expert_counts, rows_for
 from moe_serve.rpc import request_ids
@@ -196,8 +197,7 @@ class LocalRound:
         rescued = asyncio.run_coroutine_threadsafe(
             d.rescue(self.layer, self.hidden, self.expert_ids, self.weights,
                      {e: self.counts[e] for e in part.chosen}, self.deadline, excluded, failures), d.loop).result()
-        for _, rows, partial in sorted(rescued, key=lambda p: p[0]):
-            out.index_add_(0, rows.to(out.device), partial.to(out.device, torch.float32))
+        add_partials(rescued, out)
 
     def _timeout(self, part: _Part) -> float:
         timeout = self.dispatcher.timeout - (time.perf_counter() - part.sent_at)
