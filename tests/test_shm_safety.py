@@ -6,6 +6,7 @@ for every refused region, so that the answers tell nothing about other files (th
 first bytes).
 """
 
+import logging
 import os
 import secrets
 import signal
@@ -114,8 +115,10 @@ def test_a_region_of_another_user_is_refused_even_with_its_key(server, planted):
     assert path.read_bytes() == content
 
 
-def test_every_refusal_gets_one_answer(server, planted):
-    """Missing, symlink, FIFO, another user's file, too small, wrong key: the same code and the same text."""
+def test_every_refusal_gets_one_answer(server, planted, caplog):
+    """Missing, symlink, FIFO, another user's file, too small, wrong key: the same code and the same text; the
+    server's log says which check refused (never the caller)."""
+    caplog.set_level(logging.DEBUG, logger="moe_serve.rpc.shm_files")
     mine, content = _region_file(planted, "mine")
     key = content[:16]
     fifo = SHM_DIR / f"moe-fifo{secrets.token_hex(4)}"
@@ -138,7 +141,14 @@ def test_every_refusal_gets_one_answer(server, planted):
     answers = {case: _refused(server, "shared_output", *args) for case, args in cases.items()}
     assert len(set(answers.values())) == 1, answers
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and mine.read_bytes() == content
-    _call(server, "shared_output", mine.name, len(content), key)  # the right key on the right file serves
+    why = {r.getMessage().rsplit(": ", 1)[-1] for r in caplog.records if r.name == "moe_serve.rpc.shm_files"}
+    assert {"cannot open", "not a regular file", "too small", "wrong key", "key length"} <= why, why
+    caplog.clear()
+    try:  # the right key on the right file serves
+        _call(server, "shared_output", mine.name, len(content), key)
+    except grpc.RpcError as err:  # once seen in CI, never reproduced: say what the server saw
+        logged = [r.getMessage() for r in caplog.records]
+        raise AssertionError(f"{err.details()}; server log: {logged}; file: {os.lstat(mine)}") from err
 
 
 def test_gateway_start_removes_stale_regions_of_dead_gateways(tiny_checkpoint, tmp_path, processes):

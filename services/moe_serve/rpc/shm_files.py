@@ -13,6 +13,7 @@ unlinks the ones of this user whose process is gone, at the gateway's start.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import mmap
@@ -37,26 +38,43 @@ def refusal(field: str, name: str) -> str:
 
 def map_region(directory: Path, name: str, size: int, key: bytes, key_bytes: int) -> mmap.mmap | None:
     """`size` bytes of the region file `directory/name` mapped read-write, or None if any check fails
-    (`key` must be `key_bytes` long and equal the file's first bytes)."""
+    (`key` must be `key_bytes` long and equal the file's first bytes). Why is logged here, at DEBUG (an
+    error of this process's own, such as running out of file descriptors, at WARNING), never answered."""
+    mapped, why = _map(directory / name, size, key, key_bytes)
+    if mapped is None:
+        log.log(logging.DEBUG if why in _REFUSALS else logging.WARNING, "shared memory %r not mapped: %s", name, why)
+    return mapped
+
+
+_REFUSALS = {"key length", "cannot open", "not a regular file", "another user's", "too small", "wrong key"}
+_ABOUT_THE_FILE = {errno.ENOENT, errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENOTDIR, errno.EISDIR,
+                   errno.ENODEV, errno.EROFS, errno.ETXTBSY, errno.EOPNOTSUPP}
+
+
+def _map(path: Path, size: int, key: bytes, key_bytes: int) -> tuple[mmap.mmap | None, str]:
     if len(key) != key_bytes:
-        return None
+        return None, "key length"
     try:
-        fd = os.open(directory / name, _OPEN_FLAGS)
-    except OSError:
-        return None
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as err:
+        return None, "cannot open" if err.errno in _ABOUT_THE_FILE else f"open: {err}"
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size < max(size, key_bytes):
-            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not a regular file"
+        if st.st_uid != os.geteuid():
+            return None, "another user's"
+        if st.st_size < max(size, key_bytes):
+            return None, "too small"
         mapped = mmap.mmap(fd, size)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as err:
+        return None, f"mmap: {err}"
     finally:
         os.close(fd)
     if not hmac.compare_digest(mapped[:key_bytes], key):
         mapped.close()
-        return None
-    return mapped
+        return None, "wrong key"
+    return mapped, ""
 
 
 def _alive(pid: int) -> bool:
