@@ -5,7 +5,7 @@ width 1408, top-6, bf16 on a GPU, fp32 on the CPU); this process is the gateway 
 and pool). For each token count, interleaved, medians over repeats:
   - in-process: the same bank in this process (ExpertBank.compute): the compute alone;
   - same-host channel: hidden states and sums in shared memory (CUDA IPC with --device cuda), the call
-    over the Unix socket from this thread (rpc/local_channel.py), what the gateway does by default;
+    over the Unix socket from this thread (rpc/side_channel.py), what the gateway does by default;
   - gRPC + shared memory: the same, the call by gRPC through the event loops (--no-same-host-calls);
   - (GPU) same-host channel, host memory: the caller's tensors in /dev/shm, the server copying them to
     its GPU and back: the caller never touches the GPU;
@@ -35,8 +35,8 @@ from moe_client import wire
 from moe_serve.core.routing import route
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.gateway.dispatch import ExpertDispatcher
-from moe_serve.gateway.local_dispatch import LocalRound
 from moe_serve.gateway.pool import PoolOptions, ServerPool
+from moe_serve.gateway.side_dispatch import SideRound
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.rpc.shared_regions import ArenaPool
 from tests.support.launch import launch
@@ -70,7 +70,7 @@ def measure(tokens: int, shape: Shape, args, bank: ExpertBank, dispatchers: dict
     def channel():
         call = dispatchers["same-host channel"].submit(LAYER, hidden, ids, weights)
         call.result()
-        if isinstance(call, LocalRound):
+        if isinstance(call, SideRound):
             server_seconds.append(call.server_seconds)
 
     variants = {"in-process": lambda: bank.compute(LAYER, hidden, ids, weights, on_device=True),
@@ -141,13 +141,13 @@ def main() -> None:
         pool = ServerPool([server.address], checkpoint.spec, checkpoint.fingerprint(), PoolOptions(rpc_timeout=900))
         loop.run(pool.start(900))
         dispatchers = {name: ExpertDispatcher(checkpoint.spec, pool, loop.loop, wire.dtype_from_name(dtype), 900.0,
-                                              arenas=ArenaPool(), same_host_calls=local)
+                                              arenas=ArenaPool(), side_calls=local)
                        for name, local in (("same-host channel", True), ("gRPC + shared memory", False))}
         bank = ExpertBank.load(checkpoint, {LAYER: tuple(range(shape.experts))}, [torch.device(args.device)],
                                torch_dtype)
         result = {"machine": machine.describe(), "device": args.device, "dtype": dtype, "shape": shape.__dict__,
                   "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
-                  "same_host_channel": pool.members[0].local_link() is not None, "rows": []}
+                  "same_host_channel": pool.members[0].side_link() is not None, "rows": []}
         print(f"{'tokens':>6} {'in-process':>11} {'channel':>9} {'gRPC':>9} {'server':>9} {'overhead':>9}  (ms)")
         for tokens in [int(t) for t in args.tokens.split(",")]:
             row = measure(tokens, shape, args, bank, dispatchers, torch_dtype)

@@ -2,8 +2,10 @@
 
 `/moe.bench.Echo/RunExperts` reads the request as the expert server does (zero-copy views) and
 sends the hidden states back as the output; `/moe.bench.EchoUpb/RunExperts` does the same with the
-codec as it was before zerocopy (upb messages, bytes copied out of and into them). Binds a TCP port
-(--host) and a unix socket, prints {"tcp": ..., "unix": ...} on one line, serves until SIGTERM.
+codec as it was before zerocopy (upb messages, bytes copied out of and into them). The same echo
+answers on a TCP side channel too (rpc/side_channel.py: frames, no gRPC), as an expert server's
+does. Binds a TCP port (--host), a unix socket and the side channel's TCP port, prints
+{"tcp": ..., "unix": ..., "side_tcp": ...} on one line, serves until SIGTERM.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from moe_client.pb import experts_pb2, tensor_pb2
 from moe_serve.process.malloc import keep_large_buffers
 from moe_serve.rpc.codec import from_wire, to_wire
 from moe_serve.rpc.server import start_server
+from moe_serve.rpc.side_channel import SideListener
 
 
 async def echo(request, context):
@@ -39,6 +42,16 @@ async def echo_upb(request, context):
                                                                    shape=request.hidden.shape, data=hidden.tobytes()))
 
 
+def echo_frame(payload: memoryview) -> list:
+    """The side channel's echo: the request parsed in place, as an expert server's side_calls does."""
+    request = zerocopy.RunExpertsRequest.FromString(payload)
+    hidden = from_wire(request.hidden, "hidden")
+    from_wire(request.expert_ids, "expert_ids")
+    from_wire(request.weights, "weights")
+    reply = zerocopy.RunExpertsResponse(output=to_wire(hidden))
+    return reply._type.chunks(reply)[0]
+
+
 def register(server: grpc.aio.Server) -> None:
     """Both echo services on `server`."""
     fast = grpc.unary_unary_rpc_method_handler(echo, request_deserializer=zerocopy.RunExpertsRequest.FromString,
@@ -53,10 +66,13 @@ def register(server: grpc.aio.Server) -> None:
 async def serve(unix: str, tcp: str = "127.0.0.1:0") -> None:
     """Serve on `tcp` (host:port, port 0 picks one) and `unix` until SIGTERM."""
     handles = [await start_server(address, register, []) for address in (tcp, unix)]
-    print(json.dumps({"tcp": f"{tcp.rsplit(':', 1)[0]}:{handles[0].port}", "unix": unix}), flush=True)
+    host = tcp.rsplit(":", 1)[0]
+    side = SideListener(echo_frame, max_bytes=1 << 30, tcp=(host, 0))
+    print(json.dumps({"tcp": f"{host}:{handles[0].port}", "unix": unix, "side_tcp": side.address}), flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
+    side.close()
     for handle in handles:
         await handle.stop(0)
 

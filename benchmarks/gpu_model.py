@@ -16,7 +16,7 @@ instead of float32 (the comparison behind the float32 default). An `r` (`4r`) re
 least of that layer's load; the gateway's pool then balances each call over the replicas. An `o` (`2o`)
 runs every step as the gateway serves it: two micro-batches taking turns on the dense layers, each one's
 RunExperts calls in flight while the other computes (gateway/overlap.py). Same-host servers are called
-over their same-host channel (rpc/local_channel.py); a `g` (`1g`) calls them by gRPC instead. Each row
+over their same-host channel (rpc/side_channel.py); a `g` (`1g`) calls them by gRPC instead. Each row
 also records one expert call's time at 64 decode tokens (served: the round trip; one process: the
 compute alone), decode at every --decode-batches size against the memory-bandwidth bound (the bytes a
 step must read over the copy bandwidth measured first), --streams concurrent Generate streams through
@@ -353,7 +353,7 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
             members = experts.inner.pool.members
             kinds = set().union(*(r.shared_kinds for r in members)) if shared_memory else set()
             row = {"shared_kinds": kind_names(kinds),
-                   "same_host_channel": all(r.local_link() is not None for r in members) and same_host_calls}
+                   "same_host_channel": all(r.side_link() is not None for r in members) and same_host_calls}
             if counter_loads is not None:
                 experts = LoadCounter(experts, spec.num_experts)
                 experts.counting = True

@@ -92,7 +92,7 @@ class GrpcPhase:
         if arenas is not None:
             self._arenas.append(arenas)
         return ExpertDispatcher(self.spec, self.pool, self.loop.loop, wire_dtype, 900.0, arenas=arenas,
-                                same_host_calls=same_host_calls)
+                                side_calls=same_host_calls)
 
     def close(self) -> None:
         """Close the channels and stop the servers."""
@@ -124,6 +124,7 @@ class EchoPhase:
             self.proc.stop(60)
             raise RuntimeError("echo server did not start")
         self.addresses = json.loads(line)
+        self.side_address = self.addresses.pop("side_tcp")
 
         async def open_channels() -> dict:
             channels = {kind: insecure_aio_channel(address) for kind, address in self.addresses.items()}
@@ -153,6 +154,11 @@ class EchoPhase:
 
         self.lane_channels = loop.run(open_lanes())
         self.sync_channels = {kind: insecure_channel(address) for kind, address in self.addresses.items()}
+        from moe_serve.rpc.side_channel import SideLink
+
+        # The gateway's TCP side links to one server: large calls are split by rows over them.
+        self.side_links = [SideLink(self.side_address, tcp=True, max_bytes=1 << 30) for _ in range(DEFAULT_LANES)]
+        self.side_link = self.side_links[0]
 
     def close(self) -> None:
         """Close the channels and stop the server."""
@@ -162,6 +168,8 @@ class EchoPhase:
 
         for channel in self.sync_channels.values():
             channel.close()
+        for link in self.side_links:
+            link.close()
 
         self.loop.run(close_channels())
         self.proc.stop(60)

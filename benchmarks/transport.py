@@ -23,7 +23,7 @@ from benchmarks.timing import Samples, interleaved
 from moe_client import wire, zerocopy
 from moe_client.channel import unary_callable
 from moe_client.pb import experts_pb2, tensor_pb2
-from moe_client.striping import DEFAULT_LANES, Lanes, StripedReply, pieces
+from moe_client.striping import DEFAULT_LANES, MIN_PIECE_BYTES, Lanes, StripedReply, pieces, split_rows
 from moe_serve.rpc.codec import from_wire, to_wire
 from tests.support.threads import LoopThread
 
@@ -113,7 +113,33 @@ def grpc_variants(phase: EchoPhase, hidden: torch.Tensor, ids: torch.Tensor, wei
             out_rows[start:stop] = np.frombuffer(output.data, out_rows.dtype).reshape(stop - start, -1)
         return out
 
-    return {"ours unix": lambda: ours("unix"), "ours tcp": lambda: ours("tcp"),
+    def ours_side_tcp() -> torch.Tensor:
+        # The gateway's path to another host's server: the TCP side channel from the calling thread, the
+        # tensors sent from their own buffers and the reply read in place (gateway/side_dispatch.py).
+        request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
+                                             weights=to_wire(weights))
+        link = phase.side_link
+        reply = zerocopy.RunExpertsResponse.FromString(link.receive(link.send(request._type.chunks(request)[0]), 60))
+        return from_wire(reply.output, "output")
+
+    def ours_side_lanes() -> torch.Tensor:
+        # ... with calls of 2 MiB of hidden states or more split by rows over the server's links (as the gateway
+        # does); the pieces copied into one tensor by numpy, as ours_lanes does.
+        request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
+                                             weights=to_wire(weights))
+        links = phase.side_links
+        parts = min(len(links), len(request.hidden.data) // MIN_PIECE_BYTES, len(hidden))
+        if parts < 2:
+            return ours_side_tcp()
+        sent = [(link, link.send(piece._type.chunks(piece)[0]), start, stop)
+                for link, (start, stop, piece) in zip(links, split_rows(request, parts), strict=False)]
+        for link, seq, start, stop in sent:
+            output = zerocopy.RunExpertsResponse.FromString(link.receive(seq, 60)).output
+            out_rows[start:stop] = np.frombuffer(output.data, out_rows.dtype).reshape(stop - start, -1)
+        return out
+
+    return {"ours unix": lambda: ours("unix"), "ours tcp": lambda: ours("tcp"), "ours tcp side channel": ours_side_tcp,
+            "ours tcp side lanes": ours_side_lanes,
             "ours tcp lanes": lambda: ours_lanes(DEFAULT_LANES), "ours tcp 2 lanes": lambda: ours_lanes(2),
             "grpc+upb tcp (before)": upb,
             "ours unix sync": ours_sync, "ours unix split2": ours_split}

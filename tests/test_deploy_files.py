@@ -154,7 +154,9 @@ def test_k8s_placement_probes_and_disruptions_keep_every_expert_served(overlay, 
         (container,) = pod["spec"]["containers"]
         env = env_of(container)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": int(env["MOE_PORT"]), "metrics": int(env["MOE_METRICS_PORT"])}
+        # Expert servers also take RunExperts frames on their TCP side channel, at a fixed port.
+        side = {"tensors": int(env["MOE_TCP_CHANNEL_PORT"])} if kind == "StatefulSet" else {}
+        assert ports == {"grpc": int(env["MOE_PORT"]), "metrics": int(env["MOE_METRICS_PORT"]), **side}
         # Readiness asks grpc.health.v1 through moe-client, which takes the container's MOE_TLS_* files,
         # so it works with TLS too; liveness only asks that the port accepts connections.
         command = container["readinessProbe"]["exec"]["command"]
@@ -176,9 +178,10 @@ def test_k8s_only_gateways_reach_expert_servers_and_podmonitors_scrape_both(over
     policy = docs["NetworkPolicy", "moe-expert"]["spec"]
     assert selects(policy["podSelector"], expert_pod["metadata"]["labels"]) and policy["policyTypes"] == ["Ingress"]
     by_port = {p["port"]: rule.get("from") for rule in policy["ingress"] for p in rule["ports"]}
-    assert set(by_port) == {"grpc", "metrics"}
-    (source,) = by_port["grpc"]
-    assert set(source) == {"podSelector"} and selects(source["podSelector"], gateway_labels)
+    assert set(by_port) == {"grpc", "tensors", "metrics"}
+    for port in ("grpc", "tensors"):  # RunExperts by gRPC and over the TCP side channel: from gateways only
+        (source,) = by_port[port]
+        assert set(source) == {"podSelector"} and selects(source["podSelector"], gateway_labels)
     workloads = {"moe-gateway": ("Deployment", "moe-gateway"), "moe-expert-server": ("StatefulSet", "moe-expert")}
     for name, workload in workloads.items():
         monitor = docs["PodMonitor", name]["spec"]

@@ -106,7 +106,9 @@ def _count_splits(monkeypatch) -> list[int]:
 def test_forward_over_lanes_equals_reference(cluster, tiny_checkpoint, monkeypatch):
     splits = _count_splits(monkeypatch)
     servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-2", "3-7")]
-    gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=False, tcp_lanes=3, min_piece_bytes=H * 4 * 8,
+    # The gRPC path's lanes: no TCP side channel.
+    gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=False, tcp_calls=False, tcp_lanes=3,
+                              min_piece_bytes=H * 4 * 8,
                               batching=BatchingConfig(batching=False))
     rng = np.random.default_rng()
     for tokens in (1, int(rng.integers(100, 400))):
@@ -121,7 +123,7 @@ def test_forward_over_lanes_equals_reference(cluster, tiny_checkpoint, monkeypat
 def test_a_replica_that_dies_fails_its_pieces_over_to_another(cluster, tiny_checkpoint, monkeypatch):
     splits = _count_splits(monkeypatch)
     first, second = (cluster.expert_server(tiny_checkpoint) for _ in range(2))
-    gateway = cluster.gateway(tiny_checkpoint, [first, second], shared_memory=False, tcp_lanes=4,
+    gateway = cluster.gateway(tiny_checkpoint, [first, second], shared_memory=False, tcp_calls=False, tcp_lanes=4,
                               min_piece_bytes=H * 4 * 8, rpc_timeout=5.0, batching=BatchingConfig(batching=False))
     hidden = np.random.default_rng().standard_normal((300, H), dtype=np.float32)
     want = reference_forward(tiny_checkpoint, hidden)

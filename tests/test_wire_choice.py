@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe_client import GatewayClient, wire
-from moe_client.striping import Lanes
+from moe_serve.expert_server.servicer import ExpertServicer
 from moe_serve.gateway.batching_config import BatchingConfig
 from moe_serve.gateway.wire_choice import WireChoice
 from moe_serve.model.checkpoint import Checkpoint
@@ -36,21 +36,24 @@ class Bf16Inputs:
         return self.inner.run(layer, hidden.bfloat16().float(), expert_ids, weights)
 
 
-def test_bf16_to_the_experts_fp32_back(cluster, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tcp_calls", [True, False])
+def test_bf16_to_the_experts_fp32_back(cluster, tmp_path, monkeypatch, tcp_calls):
     """One MoE layer, so the served and the reference inputs are the same fp32 numbers before their bf16
     rounding: with a second layer, sums added in another order (~1e-6 apart) can round a layer-1 input to
-    the neighbouring bf16 value (2^-8 apart), which once moved an output by 2e-4."""
+    the neighbouring bf16 value (2^-8 apart), which once moved an output by 2e-4. Over gRPC and over the
+    TCP side channel alike (the server records what it is sent)."""
     tiny_checkpoint = write_checkpoint(tmp_path / "one-layer", dataclasses.replace(TINY, num_hidden_layers=1))
     seen = []
-    call = Lanes.__call__
+    prepare = ExpertServicer.prepare
 
-    async def recording(self, request, **kwargs):
+    def recording(self, request):
         seen.append((request.hidden.shape[0], request.hidden.dtype, request.output_dtype))
-        return await call(self, request, **kwargs)
+        return prepare(self, request)
 
-    monkeypatch.setattr(Lanes, "__call__", recording)
+    monkeypatch.setattr(ExpertServicer, "prepare", recording)
     server = cluster.expert_server(tiny_checkpoint)
-    gateway = cluster.gateway(tiny_checkpoint, [server], shared_memory=False, wire_dtype="bfloat16",
+    gateway = cluster.gateway(tiny_checkpoint, [server], shared_memory=False, tcp_calls=tcp_calls,
+                              wire_dtype="bfloat16",
                               reply_wire_dtype="float32", full_precision_below_tokens=3,
                               batching=BatchingConfig(batching=False))
     rng = np.random.default_rng()

@@ -40,6 +40,7 @@ class ExpertServerConfig:
     merge_calls: bool = True
     torch_threads: int = 0  # 0: one per core on CPU devices, a few when every device is a GPU
     shared_memory: bool = True  # offer same-host callers the shared-memory / CUDA IPC fast path
+    tcp_channel_port: int = 0  # TCP port of the side channel for other hosts' callers; 0 picks one, -1 none
     admin_token: str | None = None  # AdminService callers send it as a bearer token (or use mutual TLS)
     expert_capacity: str = ""  # 'cpu=8GiB,cuda:0=70GiB': bytes of experts per device (default: its memory)
     max_tokens: int = 65536  # tokens of the largest RunExperts call: sets the message size limit
@@ -101,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                    default=env_flag("SHARED_MEMORY", True),
                    help="let a gateway on this host leave tensors in shared memory (/dev/shm, or its GPU's memory "
                         "through CUDA IPC) instead of sending their bytes (env MOE_SHARED_MEMORY; default on)")
+    p.add_argument("--tcp-channel-port", type=int, default=int(env("TCP_CHANNEL_PORT", "0")),
+                   help="TCP port of the side channel: gateways on other hosts send RunExperts there as frames "
+                        "with the tensors' bytes, without gRPC's copies (GetInfo announces it, on the host of "
+                        "--host); 0 picks a free port, -1 offers none. Not offered with TLS (the side channel is "
+                        "not encrypted): then every call is gRPC (env MOE_TCP_CHANNEL_PORT; default 0)")
     p.add_argument("--admin-token-file", default=env("ADMIN_TOKEN_FILE"),
                    help="AdminService (live expert loads and drops, per-expert load) takes calls with "
                         "'authorization: Bearer TOKEN', TOKEN read from this file; without it only callers with "
@@ -148,7 +154,8 @@ def config_from_args(args: argparse.Namespace) -> ExpertServerConfig:
         port=50051 if port is None else port, name=name, grace_seconds=args.grace, log_level=args.log_level,
         cuda_graph_tokens=args.cuda_graph_tokens, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
         serving=serving_from_args(args), merge_calls=args.merge_calls, torch_threads=args.torch_threads,
-        shared_memory=args.shared_memory, admin_token=_read_token(args.admin_token_file),
+        shared_memory=args.shared_memory, tcp_channel_port=args.tcp_channel_port,
+        admin_token=_read_token(args.admin_token_file),
         expert_capacity=args.expert_capacity, max_tokens=args.max_tokens,
     )
 

@@ -16,8 +16,8 @@ from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.capacity import capacities, parse_capacity
 from moe_serve.expert_server.config import DTYPES, ExpertServerConfig, build_parser, config_from_args
 from moe_serve.expert_server.live_placement import LivePlacement
-from moe_serve.expert_server.local_calls import LocalCalls
 from moe_serve.expert_server.servicer import ExpertServicer, add_to_server, server_info
+from moe_serve.expert_server.side_calls import SideCalls
 from moe_serve.model.checkpoint import Checkpoint, CheckpointError
 from moe_serve.model.placement import PlacementError, resolve_ownership
 from moe_serve.observability.logs import configure_logging
@@ -79,6 +79,8 @@ def load_bank(config: ExpertServerConfig, verbose: bool = True) -> tuple[ExpertB
 async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tuple[ServerHandle, ExpertServicer]:
     """Load the bank and start serving on config.address; returns the running server."""
     check_port_free(config.host, config.port)  # before loading anything: a busy port is one line at once
+    if config.tcp_channel_port > 0:
+        check_port_free(config.host, config.tcp_channel_port, "--tcp-channel-port")
     bank, checkpoint = load_bank(config, verbose)
     fingerprint = checkpoint.fingerprint()
     metrics = ServiceMetrics("expert_server")
@@ -93,8 +95,9 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     def on_change() -> None:  # the served experts or the version changed: GetInfo and metrics follow
         info = server_info(bank, fingerprint, checkpoint.spec, name, config.shared_memory, admin.live.version,
                            admin.live.listed())
-        if servicer.local is not None:
-            info.local_address = servicer.local.address
+        if servicer.side is not None:
+            info.local_address = servicer.side.address
+            info.tcp_channel_port = servicer.side.tcp_port
         servicer.info = info
         metrics.init_experts(bank.owned)
         held = bank.nbytes_by_device()
@@ -114,15 +117,18 @@ async def create_server(config: ExpertServerConfig, verbose: bool = False) -> tu
     handle = await start_server(config.address, register, [SERVICE_NAME, ADMIN_SERVICE], serving, LIMITED,
                                 [MetricsInterceptor(metrics, [SERVICE_NAME])])
     name = admin.name = config.name or f"{socket.gethostname()}:{handle.port}"
-    if config.shared_memory and config.serving.tls is None:
-        # Same-host callers may skip gRPC for RunExperts (local_calls.py). Not beside TLS: the channel
-        # admits by user id and token, not by certificate.
-        local = servicer.local = LocalCalls(servicer, config.serving.auth_token, serving.max_message_bytes)
+    tcp = config.tcp_channel_port >= 0 and not config.host.startswith("unix:")
+    if (config.shared_memory or tcp) and config.serving.tls is None:
+        # Callers may skip gRPC for RunExperts (side_calls.py): same-host ones over a Unix socket, others over
+        # TCP. Not beside TLS: the side channel admits by user id and token, not by certificate, unencrypted.
+        side = servicer.side = SideCalls(servicer, config.serving.auth_token, serving.max_message_bytes,
+                                         unix=config.shared_memory,
+                                         tcp=(config.host, config.tcp_channel_port) if tcp else None)
 
-        async def close_local() -> None:  # after the gRPC drain: same-host callers fail over meanwhile
-            await asyncio.to_thread(local.close)
+        async def close_side() -> None:  # after the gRPC drain: side-channel callers fail over meanwhile
+            await asyncio.to_thread(side.close)
 
-        handle.on_stop = close_local
+        handle.on_stop = close_side
     on_change()
     metrics.describe(name=name, model_fingerprint=fingerprint, model_type=checkpoint.spec.model_type,
                      dtype=config.dtype)

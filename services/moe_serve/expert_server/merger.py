@@ -9,7 +9,7 @@ independent (each is one token's weighted expert sum), so a call's rows are what
 A call may come as a `prepare` function (decode and check a request) that the worker runs before the
 call can join a group: then the event loop only moves bytes, and every touch of the bank's devices
 (reading a caller's GPU memory, checking it for NaN) happens on the worker, under the bank's lock, so
-nothing runs beside a CUDA graph capture. The same-host channel (local_calls.py) takes that lock too.
+nothing runs beside a CUDA graph capture. The same-host channel (side_calls.py) takes that lock too.
 Legend: T = tokens, H = hidden size, K = expert slots per token.
 """
 

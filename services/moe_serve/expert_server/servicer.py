@@ -77,7 +77,7 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         # Concurrent calls of a layer share one computation; the queue wait goes to the metrics.
         self.merger = CallMerger(bank, self.executor, merge, on_wait=self.metrics.queue_wait.observe)
         self.calls = InflightCalls()  # what a live drop waits for (live_placement.py)
-        self.local = None  # the same-host channel (local_calls.LocalCalls), when offered
+        self.side = None  # the side channels (side_calls.SideCalls), when offered
 
     @property
     def info(self) -> experts_pb2.GetInfoResponse:

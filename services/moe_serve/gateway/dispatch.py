@@ -27,10 +27,10 @@ from moe_client.ownership import format_ranges
 from moe_serve.core.spec import ModelSpec
 from moe_serve.gateway.call_budget import CallBudget
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures, tried
-from moe_serve.gateway.local_dispatch import start_local
 from moe_serve.gateway.partial_sums import add_partials
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
 from moe_serve.gateway.routing_plan import expert_counts, rows_for
+from moe_serve.gateway.side_dispatch import start_side
 from moe_serve.gateway.wire_choice import WireChoice
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import request_ids
@@ -50,9 +50,9 @@ class ExpertDispatcher:
 
     def __init__(self, spec: ModelSpec, pool: ServerPool, loop: asyncio.AbstractEventLoop,
                  wire_dtype: int = wire.FLOAT32, timeout: float = 60.0, metrics: ServiceMetrics | None = None,
-                 arenas: ArenaPool | None = None, same_host_calls: bool = True, wire_choice: WireChoice | None = None):
+                 arenas: ArenaPool | None = None, side_calls: bool = True, wire_choice: WireChoice | None = None):
         """`arenas`: shared memory for same-host servers that accept it (None: every byte goes by gRPC);
-        `same_host_calls`: call those servers over their same-host channel when they offer one;
+        `side_calls`: call servers over their side channel when they offer one (same host or TCP);
         `wire_choice`: wire dtypes per direction and call size for bytes in messages (default: `wire_dtype`)."""
         self.spec = spec
         self.wire_choice = wire_choice or WireChoice(wire_dtype)
@@ -63,7 +63,7 @@ class ExpertDispatcher:
         self.metrics = metrics or ServiceMetrics("gateway")
         self.arenas = arenas
         self.budget = CallBudget(pool, timeout)  # per-attempt timeouts from observed latency (call_budget.py)
-        self.same_host_calls = same_host_calls
+        self.side_calls = side_calls
         # Shared regions hold the hidden states in the wire dtype (bf16 for fp8, which only saves socket
         # bytes) and the sums in float32: no bytes to save there, and each server's partial sum rounded
         # to bf16 before they are added moved 2-server DeepSeek-shape logits by 2% of their norm.
@@ -85,7 +85,7 @@ class ExpertDispatcher:
         if hidden.is_cuda and not any(self.shared_kind(r, hidden.device) for r in self.pool.members):
             hidden = hidden.cpu()
         expert_ids, weights = to_host(expert_ids, weights)
-        local = start_local(self, layer, hidden, expert_ids, weights, deadline)
+        local = start_side(self, layer, hidden, expert_ids, weights, deadline)
         if local is not None:  # every server of this layer's plan is on this host: no event loop on the way
             return local
         calls = asyncio.run_coroutine_threadsafe(self._partials(layer, hidden, expert_ids, weights, deadline),

@@ -124,7 +124,8 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
                                   keepalive=config.keepalive, tls=config.expert_tls, tcp_lanes=config.tcp_lanes,
                                   min_piece_bytes=config.min_piece_bytes,
                                   max_message_bytes=serving.max_message_bytes,
-                                  local_calls=config.shared_memory and config.same_host_calls))
+                                  local_calls=config.shared_memory and config.same_host_calls,
+                                  shared_memory=config.shared_memory, tcp_calls=config.tcp_calls))
     await pool.start(config.connect_timeout)
     try:
         if config.placement and not config.servers:

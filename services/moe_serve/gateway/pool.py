@@ -26,7 +26,7 @@ from moe_serve.core.spec import ModelSpec
 from moe_serve.gateway.replica import PoolOptions, Replica
 from moe_serve.gateway.resolve import resolve
 from moe_serve.rpc import shared_regions
-from moe_serve.rpc.local_channel import ChannelError, LocalLink
+from moe_serve.rpc.side_channel import ChannelError, SideLink
 
 __all__ = ["PoolOptions", "Replica", "ServerPool", "StartupError"]
 
@@ -252,7 +252,7 @@ class ServerPool:
         same_host = info.host_id == shared_regions.host_id()
         replica.shared_kinds = frozenset(info.shared_kinds) if same_host else frozenset()
         replica.gpu_uuids = frozenset(info.gpu_uuids)
-        self._link(replica, info.local_address if same_host and replica.shared_kinds else "")
+        self._link(replica, *self._side_address(replica, info, same_host))
         refused = ""
         if info.model_fingerprint != self.fingerprint:
             refused = (f"serves checkpoint {info.model_fingerprint} ({info.model_type}), "
@@ -262,23 +262,74 @@ class ServerPool:
         replica.refused = refused
         self._reindex()
 
-    def _link(self, replica: Replica, address: str) -> None:
-        """Open (or reopen, after a restart) the same-host channel to `address`; "" closes it."""
-        current = replica.local_link()
+    def _side_address(self, replica: Replica, info: experts_pb2.GetInfoResponse, same_host: bool) -> tuple[str, bool]:
+        """(address, is TCP) of the side channel to use for `replica`, ("", False) for none. Same host with shared
+        memory: its Unix socket (tensors in shared memory); otherwise its TCP port, on its address's host. Never
+        beside TLS: the side channel is not encrypted."""
+        if self.options.tls is not None:
+            return "", False
+        if same_host and replica.shared_kinds and self.options.shared_memory:
+            return (info.local_address if self.options.local_calls else ""), False
+        host = replica.address.rpartition(":")[0]
+        if not self.options.tcp_calls or not info.tcp_channel_port or not host or replica.address.startswith("unix:"):
+            return "", False
+        return f"{host}:{info.tcp_channel_port}", True
+
+    def _link(self, replica: Replica, address: str, tcp: bool = False) -> None:
+        """Open (or reopen, after a restart) the side channel to `address`; "" closes it. A TCP connection is made
+        off the event loop (a host that drops packets would hold it for seconds); calls go by gRPC meanwhile."""
+        current = replica.side_link()
         if current is not None and current.address == address:
             return
         if current is not None:
             current.close()
-        replica.local = None
-        if not address or not self.options.local_calls or self.options.tls is not None:
+        for lane in replica.lanes:
+            lane.close()
+        replica.side, replica.lanes = None, ()
+        if not address or address == replica.linking:
+            return
+        if tcp:
+            replica.linking = address
+            self._spawn(self._open_tcp(replica, address))
             return
         try:
-            replica.local = LocalLink(address, timeout=min(self.options.rpc_timeout, 5.0),
-                                      max_bytes=self.options.max_message_bytes)
+            replica.side = SideLink(address, timeout=min(self.options.rpc_timeout, 5.0),
+                                    max_bytes=self.options.max_message_bytes)
             log.info("expert server %s (%s): RunExperts over the same-host channel", replica.name, replica.address)
         except (OSError, ChannelError) as err:  # another network namespace, another user: gRPC it is
             log.info("expert server %s (%s): no same-host channel (%s); calls go by gRPC", replica.name,
                      replica.address, err)
+
+    async def _open_tcp(self, replica: Replica, address: str) -> None:
+        def connect() -> list[SideLink]:  # --tcp-lanes connections: large calls are split by rows over them
+            links: list[SideLink] = []
+            try:
+                for _ in range(self.options.tcp_lanes):
+                    links.append(SideLink(address, timeout=min(self.options.rpc_timeout, 5.0),
+                                          max_bytes=self.options.max_message_bytes, tcp=True,
+                                          keepalive=self.options.keepalive))
+            except BaseException:
+                for link in links:
+                    link.close()
+                raise
+            return links
+
+        try:
+            links = await asyncio.to_thread(connect)
+        except (OSError, ChannelError) as err:  # a firewall, a server that stopped: gRPC it is
+            log.info("expert server %s (%s): no TCP side channel at %s (%s); calls go by gRPC", replica.name,
+                     replica.address, address, err)
+            return
+        finally:
+            if replica.linking == address:
+                replica.linking = ""
+        if replica.side_link() is not None or self.replicas.get(replica.address) is not replica:
+            for link in links:  # another link came first, or the replica left the pool meanwhile
+                link.close()
+            return
+        replica.side, replica.lanes = links[0], tuple(links[1:])
+        log.info("expert server %s (%s): RunExperts over the TCP side channel %s", replica.name, replica.address,
+                 address)
 
     def _set_serving(self, replica: Replica, serving: bool, reason: str = "") -> None:
         if serving != replica.serving:

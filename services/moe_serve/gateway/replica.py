@@ -13,7 +13,7 @@ from moe_client.channel import MAX_MESSAGE_BYTES
 from moe_client.pb import experts_pb2, experts_pb2_grpc
 from moe_client.security import TLSFiles
 from moe_client.striping import DEFAULT_LANES, LANE_OPTIONS, MIN_PIECE_BYTES, Lanes
-from moe_serve.rpc.local_channel import LocalLink
+from moe_serve.rpc.side_channel import SideLink
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,11 @@ class PoolOptions:
     keepalive: float = 10.0  # ping an idle connection this often; no answer within it marks the server down
     tls: TLSFiles | None = None  # TLS to the expert servers (cert + key: mutual TLS)
     max_message_bytes: int = MAX_MESSAGE_BYTES
-    # Same-host servers that offer it get RunExperts over a Unix socket from the model thread (local_dispatch.py).
+    shared_memory: bool = True  # same-host servers that map it get tensors through shared memory (dispatch.py)
+    # Same-host servers that offer it get RunExperts over a Unix socket from the model thread (side_dispatch.py),
     local_calls: bool = True
+    # ... and servers whose tensors cannot go through shared memory (other hosts) over TCP, bytes in the frames.
+    tcp_calls: bool = True
     tcp_lanes: int = DEFAULT_LANES  # connections per server; large calls are split by rows over them
     min_piece_bytes: int = MIN_PIECE_BYTES  # smallest piece of hidden states a call is split into
 
@@ -72,6 +75,7 @@ class Replica:
         # RunExperts through the zero-copy codec (the generated stub copies every tensor 4 times), large calls
         # split over the lanes (moe_client.striping).
         self.run_experts = Lanes([channel, *lanes], min_piece_bytes)
+        self.min_piece_bytes = min_piece_bytes  # the same split over the TCP side links (side_dispatch.py)
         self.health = health_pb2_grpc.HealthStub(channel)
         self.info = experts_pb2.GetInfoResponse()
         self.owns: dict[int, frozenset[int]] = {}
@@ -86,7 +90,9 @@ class Replica:
         self.shared_kinds: frozenset[int] = frozenset()  # same-host fast paths it accepts (RegionKind values)
         self.gpu_uuids: frozenset[str] = frozenset()  # GPUs whose memory it can map
         self.watcher: asyncio.Task | None = None
-        self.local: LocalLink | None = None  # the same-host channel, when the server offers one on our host
+        self.side: SideLink | None = None  # its side channel (Unix socket on our host, else TCP), when open
+        self.lanes: tuple[SideLink, ...] = ()  # more TCP side links, for large calls split by rows
+        self.linking = ""  # the TCP side channel's address while a connection is being made
 
     def recent_load(self, now: float) -> float:
         """(token, expert) slots sent here lately: each slot counts exp(-age / RECENT_SECONDS)."""
@@ -108,10 +114,14 @@ class Replica:
     def owned(self) -> dict[int, tuple[int, ...]]:
         return {layer: tuple(sorted(ids)) for layer, ids in sorted(self.owns.items())}
 
-    def local_link(self) -> LocalLink | None:
-        """The same-host channel if it is open."""
-        link = self.local
+    def side_link(self) -> SideLink | None:
+        """The side channel if it is open."""
+        link = self.side
         return link if link is not None and not link.closed else None
+
+    def side_lanes(self) -> list[SideLink]:
+        """The open TCP side links, the main one first (large calls are split over them)."""
+        return [link for link in (self.side, *self.lanes) if link is not None and not link.closed]
 
     def routable(self, now: float) -> bool:
         """True if calls may go here now."""

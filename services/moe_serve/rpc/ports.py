@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
     """OSError naming host and port when something listens there (or the address is not this host's)."""
     if host.startswith("unix:") or port == 0:
         return
@@ -27,5 +27,5 @@ def check_port_free(host: str, port: int) -> None:
             except OSError as err:
                 if err.errno == 98:  # EADDRINUSE
                     raise OSError(f"port {port} on {host} is already in use by another process; stop it or "
-                                  "choose another --port") from None
+                                  f"choose another {flag}") from None
                 raise OSError(f"cannot bind {host}:{port}: {err.strerror}; check --host") from None

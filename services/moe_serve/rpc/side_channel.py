@@ -1,16 +1,22 @@
-"""A same-host channel beside gRPC: length-prefixed frames over a Unix socket, no event loop on either side.
+"""A channel beside gRPC for RunExperts: length-prefixed frames over a socket, no event loop on either side.
 
 A gRPC unary call between two processes on one host costs ~0.5 ms (two event loops, HTTP/2 framing,
-thread hand-offs); a message pair on a Unix socket costs ~15-45 us (`../shared/tools/rpc_floor.py`). A
-MoE layer's call to a same-host server carries only its routing (the hidden states and sums travel
-in shared memory, shared_regions.py), so the caller's model thread writes a frame and the server's
-connection thread reads it, computes and answers: TensorPipe's arrangement for torch RPC, with gRPC
-kept for everything else (other hosts, control, health, and the fallback when this channel fails).
+thread hand-offs); a message pair on a Unix socket costs ~15-45 us (`../shared/tools/rpc_floor.py`).
+And gRPC's Python stack copies a large message several times on each side, so a RunExperts of a few
+MiB over TCP moved at a fraction of the link's rate. Here the caller's model thread writes a frame
+and the server's connection thread reads it, computes and answers: TensorPipe's arrangement for
+torch RPC, with gRPC kept for everything else (control, health, and the fallback when a call over
+this channel fails).
 
-The socket lives in the abstract namespace (no file; it is reachable from the server's network
-namespace only, so containers with their own network fall back to gRPC by themselves), and a peer is
-admitted only if the kernel says it runs as the server's user or root (SO_PEERCRED), and, when the
-server has a bearer token, if its first frame carries it.
+Two kinds of socket:
+- same host: a Unix socket in the abstract namespace (no file; reachable from the server's network
+  namespace only, so containers with their own network fall back by themselves), admitted only if
+  the kernel says the peer runs as the server's user or root (SO_PEERCRED). A call carries only its
+  routing: the hidden states and sums travel in shared memory (shared_regions.py).
+- other hosts: TCP. A call carries the tensors' bytes, written from their own buffers in one
+  sendmsg and read with recv_into into one buffer that the request is parsed from in place
+  (zerocopy): no copy in user space on either side beyond the kernel's.
+Either way, when the server has a bearer token the caller's first frame must carry it.
 
 Frame: u32 payload bytes, u64 sequence number, u8 kind, then the payload. A request's payload is the
 caller's serialized message; a reply is OK + the serialized answer, or ERROR + u8 gRPC status code +
@@ -32,6 +38,7 @@ import time
 from collections.abc import Callable
 
 import grpc
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,9 @@ _HEADER = struct.Struct("<IQB")
 HELLO, REQUEST, OK, ERROR = 1, 2, 3, 4
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+_IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
+_SMALL = 1 << 16  # payloads below this are read into a bytearray; larger ones into uninitialised memory
+Payload = bytes | bytearray | memoryview | list  # a list: pieces sent in order, as one payload
 
 
 class ChannelError(Exception):
@@ -54,27 +64,45 @@ class ChannelClosed(ConnectionError):
     """The peer went away (or sent something that is not a frame); the channel is unusable."""
 
 
-def _read_exact(sock: socket.socket, size: int) -> bytearray:
-    buf = bytearray(size)
-    view, got = memoryview(buf), 0
+def _read_exact(sock: socket.socket, size: int) -> memoryview:
+    # A large payload goes into malloc'd memory, not a bytearray: no zero-fill, and no fresh pages to fault
+    # in once malloc keeps large blocks (process.malloc.keep_large_buffers).
+    view = memoryview(bytearray(size) if size < _SMALL else np.empty(size, np.uint8).data)
+    got = 0
     while got < size:
         n = sock.recv_into(view[got:])
         if n == 0:
             raise ChannelClosed("the peer closed the channel")
         got += n
-    return buf
+    return view
 
 
-def read_frame(sock: socket.socket, max_bytes: int) -> tuple[int, int, bytearray]:
+def read_frame(sock: socket.socket, max_bytes: int) -> tuple[int, int, memoryview]:
     """(sequence, kind, payload) of the next frame; ChannelClosed at the end or on a frame over max_bytes."""
     size, seq, kind = _HEADER.unpack(_read_exact(sock, _HEADER.size))
     if size > max_bytes:
         raise ChannelClosed(f"a frame of {size} bytes is over the limit of {max_bytes}")
-    return seq, kind, _read_exact(sock, size) if size else bytearray()
+    return seq, kind, _read_exact(sock, size)
 
 
-def write_frame(sock: socket.socket, seq: int, kind: int, payload: bytes | bytearray | memoryview = b"") -> None:
-    sock.sendall(_HEADER.pack(len(payload), seq, kind) + bytes(payload))
+def write_frame(sock: socket.socket, seq: int, kind: int, payload: Payload = b"") -> None:
+    """One frame; a list payload is its pieces in order, each sent from its own buffer (sendmsg, no join)."""
+    pieces = [memoryview(p).cast("B") for p in (payload if isinstance(payload, list) else [payload])]
+    size = sum(p.nbytes for p in pieces)
+    _send_all(sock, [memoryview(_HEADER.pack(size, seq, kind)), *(p for p in pieces if p.nbytes)])
+
+
+def _send_all(sock: socket.socket, views: list[memoryview]) -> None:
+    """sendmsg until every byte of `views` is sent (a blocking socket may take part of them at a time)."""
+    while views:
+        sent = sock.sendmsg(views[:_IOV_MAX])
+        while sent:
+            if sent >= views[0].nbytes:
+                sent -= views[0].nbytes
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -82,28 +110,37 @@ def peer_uid(sock: socket.socket) -> int:
     return uid
 
 
-class LocalListener:
-    """Accepts same-host callers and answers their frames with `handler(payload) -> reply bytes`.
+class SideListener:
+    """Accepts callers and answers their frames with `handler(payload) -> reply payload`.
 
-    `handler` raises ChannelError (or anything with `.code` and `.details`) for a refused call; other
-    exceptions answer INTERNAL. Each connection has its own thread; calls on one connection are answered
-    in order."""
+    Same-host callers on an abstract Unix socket (the default), or any host's on TCP (`tcp=(host, port)`,
+    port 0 picks one). `handler` raises ChannelError (or anything with `.code` and `.details`) for a refused
+    call; other exceptions answer INTERNAL. Each connection has its own thread; calls on one connection are
+    answered in order."""
 
-    def __init__(self, handler: Callable[[bytearray], bytes], token: str | None = None,
-                 max_bytes: int = 64 << 20, name: str | None = None):
+    def __init__(self, handler: Callable[[memoryview], Payload], token: str | None = None,
+                 max_bytes: int = 64 << 20, name: str | None = None, tcp: tuple[str, int] | None = None):
         self.handler = handler
         self.token = token.encode() if token else None
         self.max_bytes = max_bytes
-        self.address = name or f"moe-serve-{os.getpid()}-{secrets.token_hex(6)}"
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind("\0" + self.address)
-        self._sock.listen(64)
+        self.tcp = tcp is not None
+        if tcp is None:
+            self.address = name or f"moe-serve-{os.getpid()}-{secrets.token_hex(6)}"
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.bind("\0" + self.address)
+            self._sock.listen(64)
+        else:  # create_server: SO_REUSEADDR, never SO_REUSEPORT (two servers on one port would split callers)
+            host, port = tcp
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._sock = socket.create_server((host, port), family=family, backlog=64)
+            self.address = f"{host}:{self._sock.getsockname()[1]}"
+        self.port = self._sock.getsockname()[1] if self.tcp else 0
         self._closing = False
         self._conns: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self.calls = 0  # calls answered (tests read it)
-        self._thread = threading.Thread(target=self._accept, name="local-accept", daemon=True)
+        self._thread = threading.Thread(target=self._accept, name="side-accept", daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -131,12 +168,15 @@ class LocalListener:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            uid = peer_uid(conn)
-            if uid not in (os.getuid(), 0):
-                log.warning("same-host channel: refused a caller running as uid %d", uid)
-                conn.close()
-                continue
-            thread = threading.Thread(target=self._serve, args=(conn,), name="local-calls", daemon=True)
+            if self.tcp:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a reply's last bytes go at once
+            else:
+                uid = peer_uid(conn)
+                if uid not in (os.getuid(), 0):
+                    log.warning("same-host channel: refused a caller running as uid %d", uid)
+                    conn.close()
+                    continue
+            thread = threading.Thread(target=self._serve, args=(conn,), name="side-calls", daemon=True)
             with self._lock:
                 self._conns.add(conn)
                 self._threads.add(thread)
@@ -146,7 +186,7 @@ class LocalListener:
         try:
             seq, kind, payload = read_frame(conn, self.max_bytes)
             if kind != HELLO or (self.token is not None and not hmac.compare_digest(bytes(payload), self.token)):
-                _write_error(conn, seq, grpc.StatusCode.UNAUTHENTICATED, "same-host channel: missing or wrong token")
+                _write_error(conn, seq, grpc.StatusCode.UNAUTHENTICATED, "side channel: missing or wrong token")
                 return
             write_frame(conn, seq, OK)
             while not self._closing:
@@ -163,14 +203,14 @@ class LocalListener:
                 self._threads.discard(threading.current_thread())
             conn.close()
 
-    def _answer(self, conn: socket.socket, seq: int, payload: bytearray) -> None:
+    def _answer(self, conn: socket.socket, seq: int, payload: memoryview) -> None:
         try:
             reply = self.handler(payload)
         except Exception as err:  # the call fails; the connection and the server go on
             code = getattr(err, "code", None)
             code = code() if callable(code) else code
             if not isinstance(code, grpc.StatusCode):
-                log.exception("same-host call failed")
+                log.exception("side-channel call failed")
                 code, details = grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
             else:
                 details = getattr(err, "details", None)
@@ -185,19 +225,24 @@ def _write_error(conn: socket.socket, seq: int, code: grpc.StatusCode, details: 
     write_frame(conn, seq, ERROR, bytes([code.value[0]]) + details.encode())
 
 
-class LocalLink:
+class SideLink:
     """The caller's end: `send` a request from any thread, `receive` its reply by sequence number.
 
+    `address`: the server's abstract Unix socket name, or "host:port" of its TCP listener with `tcp=True`
+    (then TCP keepalive probes every `keepalive` s find a peer that vanished without closing).
     Two threads (two micro-batches) may wait at once: one reads the socket at a time and leaves the
     other's reply for it. A reply nobody waits for any more (its wait timed out) is dropped."""
 
-    def __init__(self, address: str, token: str | None = None, timeout: float = 5.0, max_bytes: int = 64 << 20):
+    def __init__(self, address: str, token: str | None = None, timeout: float = 5.0, max_bytes: int = 64 << 20,
+                 tcp: bool = False, keepalive: float = 10.0):
         self.address = address
+        self.tcp = tcp
         self.max_bytes = max_bytes
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
         try:
-            self.sock.connect("\0" + address)
+            self.sock = _connect_tcp(address, timeout, keepalive) if tcp else _connect_unix(address, timeout)
+        except OSError as err:
+            raise ChannelClosed(f"cannot connect to {address}: {err}") from err
+        try:
             write_frame(self.sock, 0, HELLO, (token or "").encode())
             _seq, kind, payload = read_frame(self.sock, max_bytes)
             if kind != OK:
@@ -210,11 +255,11 @@ class LocalLink:
         self._cond = threading.Condition()
         self._reading = False
         self._expected: set[int] = set()
-        self._replies: dict[int, tuple[int, bytearray]] = {}
+        self._replies: dict[int, tuple[int, memoryview]] = {}
         self._next = 1
         self.closed = False
 
-    def send(self, payload: bytes) -> int:
+    def send(self, payload: Payload) -> int:
         """Send one request; returns its sequence number for `receive`."""
         with self._send_lock:
             if self.closed:
@@ -230,7 +275,7 @@ class LocalLink:
                 raise ChannelClosed(f"send failed: {err}") from err
         return seq
 
-    def receive(self, seq: int, timeout: float) -> bytearray:
+    def receive(self, seq: int, timeout: float) -> memoryview:
         """The reply's payload; ChannelError for an error reply, TimeoutError after `timeout` s (the reply,
         if it comes later, is dropped), ChannelClosed if the server went away."""
         deadline = time.monotonic() + timeout
@@ -266,12 +311,18 @@ class LocalLink:
                     self._expected.discard(seq)
                 raise TimeoutError(f"no reply within {timeout:.3g}s")
 
-    def _take(self, seq: int) -> bytearray:
+    def forget(self, seq: int) -> None:
+        """Nobody will wait for `seq`'s reply: drop it, now or when it comes."""
+        with self._cond:
+            self._expected.discard(seq)
+            self._replies.pop(seq, None)
+
+    def _take(self, seq: int) -> memoryview:
         kind, payload = self._replies.pop(seq)
         self._expected.discard(seq)
         return _reply(kind, payload)
 
-    def _read(self, deadline: float) -> tuple[int, int, bytearray] | None:
+    def _read(self, deadline: float) -> tuple[int, int, memoryview] | None:
         """The next frame, or None if none starts before the deadline. A frame once started is read whole
         (the server writes each in one call), so a timeout never leaves half a frame behind."""
         try:
@@ -285,7 +336,7 @@ class LocalLink:
 
     def _fail(self, err: BaseException) -> None:
         if not self.closed:
-            log.warning("same-host channel to %s closed: %s", self.address, err)
+            log.warning("side channel to %s closed: %s", self.address, err)
         self.close()
 
     def close(self) -> None:
@@ -297,13 +348,38 @@ class LocalLink:
             self._cond.notify_all()
 
 
-def _reply(kind: int, payload: bytearray) -> bytearray:
+def _connect_unix(name: str, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect("\0" + name)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect_tcp(address: str, timeout: float, keepalive: float) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    idle = max(1, int(keepalive))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
+    # Unsent or unacknowledged data for this long means the peer is gone (keepalive only probes an idle line).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 3 * idle * 1000)
+    return sock
+
+
+def _reply(kind: int, payload: memoryview) -> memoryview:
     if kind == OK:
         return payload
     raise _error_of(payload)
 
 
-def _error_of(payload: bytearray) -> ChannelError:
+def _error_of(payload: memoryview) -> ChannelError:
     if not payload:
         return ChannelError(grpc.StatusCode.UNKNOWN, "error reply without a status")
     return ChannelError(_CODES.get(payload[0], grpc.StatusCode.UNKNOWN), bytes(payload[1:]).decode(errors="replace"))

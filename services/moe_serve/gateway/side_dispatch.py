@@ -1,0 +1,281 @@
+"""A MoE layer's calls to expert servers, made from the model thread over their side channels.
+
+When every server of a layer's plan offers a side channel (rpc/side_channel.py), the model thread plans
+and writes one frame per server: no event loop, no thread hand-off. Each server's share goes one of two
+ways:
+- same host, sharing our memory (a Unix socket): the hidden states are staged into the server's arena
+  (one GPU synchronisation for all of them) and the frame carries only the routing; the sums are read
+  straight from the arena;
+- another host (TCP): the frame carries the hidden rows' bytes, in the wire dtypes chosen for the call's
+  size, sent from their own buffers; the sums are read in place from the reply's frame.
+`result()` reads the replies and adds the partial sums in a fixed order (by first expert, as the gRPC
+path does): the same input gives the same sum either way.
+
+A call that fails goes, for its experts only, to the gRPC path's failover (dispatch.rescue on the
+event loop) with that replica excluded; a bad request (INVALID_ARGUMENT) fails the layer as over gRPC.
+Legend: T = tokens, H = hidden size, K = top-k.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from moe_client import zerocopy
+from moe_client.ownership import format_ranges
+from moe_client.striping import split_rows
+from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures
+from moe_serve.gateway.partial_sums import add_partials
+from moe_serve.gateway.replica import Replica
+from moe_serve.gateway.routing_plan import expert_counts, rows_for
+from moe_serve.rpc import request_ids
+from moe_serve.rpc.codec import from_wire, to_wire
+from moe_serve.rpc.errors import ServiceError
+from moe_serve.rpc.shared_regions import Arena
+from moe_serve.rpc.side_channel import ChannelClosed, ChannelError, SideLink
+
+# `dispatcher` below is the gateway's ExpertDispatcher (dispatch.py, which calls start_side): its pool,
+# arenas, staging, metrics and gRPC failover (`rescue`). Not imported, so the two modules form no loop.
+
+
+@dataclass
+class _Piece:
+    """One frame of a server's share: rows [start, stop) of it (all of them unless a large TCP call is split)."""
+
+    start: int
+    stop: int
+    payload: list  # the request's pieces (its tensors' own buffers)
+    size: int  # bytes of the request
+    link: SideLink | None = None  # the channel it goes on (set at send for the same-host one)
+    seq: int = 0
+    send_error: str = ""
+
+
+@dataclass
+class _Part:
+    """One server's share of the layer: its experts, their tokens, and where its sums land."""
+
+    replica: Replica
+    chosen: list[int]
+    rows: torch.Tensor  # [T'] positions in the layer's batch, on the hidden states' device
+    arena: Arena | None  # same host: the region it reads and writes; None over TCP (bytes in the frames)
+    result: torch.Tensor | None  # [T', H] float32 view of the arena the server writes
+    pieces: list[_Piece]
+    slots: int
+    sent_at: float = 0.0
+    waited: bool = False  # its slots are off the replica's outstanding count
+
+    @property
+    def size(self) -> int:
+        return sum(piece.size for piece in self.pieces)
+
+
+def start_side(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+               weights: torch.Tensor, deadline: float | None) -> SideRound | None:
+    """Send the layer's calls if every server in its plan takes them over a side channel; else None (nothing
+    sent: the gRPC path runs the layer)."""
+    if not dispatcher.side_calls:
+        return None
+    counts = expert_counts(expert_ids, dispatcher.spec.num_experts)
+    if not counts:
+        return None
+    plan, missing = dispatcher.pool.assign(layer, counts)
+    if missing or not all(_carrier(dispatcher, r, hidden.device) for r in plan):
+        return None
+    parts = _stage(dispatcher, layer, hidden, expert_ids, weights, counts, plan)
+    if parts is None:
+        return None
+    round_ = SideRound(dispatcher, layer, hidden, expert_ids, weights, counts, deadline, parts)
+    round_.send()
+    return round_
+
+
+def _carrier(dispatcher, replica: Replica, device: torch.device) -> bool:
+    """True if `replica`'s share can go over its side channel: TCP, or same host with memory it maps."""
+    link = replica.side_link()
+    if link is None:
+        return False
+    return link.tcp or (dispatcher.arenas is not None and bool(dispatcher.shared_kind(replica, device)))
+
+
+def _stage(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+           weights: torch.Tensor, counts: dict[int, int], plan: dict[Replica, list[int]]) -> list[_Part] | None:
+    """Each server's request: its hidden rows copied into an arena (same host) or into the request (TCP); None
+    (arenas released) when shared memory runs out."""
+    parts: list[_Part] = []
+    shared = False
+    for replica, chosen in sorted(plan.items(), key=lambda kv: min(kv[1])):
+        rows, ids = rows_for(expert_ids, chosen, dispatcher.spec.num_experts)
+        request = zerocopy.RunExpertsRequest(layer=layer, expert_ids=to_wire(ids),
+                                             weights=to_wire(weights.index_select(0, rows).float()),
+                                             request_id=request_ids.current())
+        request.model_fingerprint = dispatcher.pool.fingerprint
+        if hidden.is_cuda:  # once, asynchronously: the staging gathers by them and the sum adds by them
+            rows = rows.pin_memory().to(hidden.device, non_blocking=True)
+        if replica.side_link().tcp:
+            arena = result = None
+            to_experts, request.output_dtype = dispatcher.wire_choice.for_call(rows.numel())
+            request.hidden = to_wire(hidden.index_select(0, rows).cpu(), to_experts)
+            pieces = _split(request, replica.side_lanes(), replica.min_piece_bytes)
+        else:
+            arena = dispatcher.acquire(replica, hidden, rows.numel())
+            if arena is None:
+                for part in parts:
+                    if part.arena is not None:
+                        dispatcher.arenas.release(part.replica.address, part.arena)
+                return None
+            result = dispatcher.stage(arena, request, hidden, rows, sync=False, device_rows=rows)
+            shared = True
+            pieces = [_Piece(0, rows.numel(), *request._type.chunks(request))]
+        parts.append(_Part(replica, chosen, rows, arena, result, pieces, sum(counts[e] for e in chosen)))
+    if hidden.is_cuda and shared:  # every server reads what we wrote: one synchronisation for all of them
+        torch.cuda.current_stream(hidden.device).synchronize()
+    return parts
+
+
+def _split(request, links: list[SideLink], min_piece_bytes: int) -> list[_Piece]:
+    """A TCP call as frames: one, or, when its hidden states are 2 x `min_piece_bytes` or more (default 2 MiB) and
+    the server has several TCP links, pieces of contiguous rows one per link, sent at once (moe_client.striping's
+    lanes, over the side channel): a row's sum depends on that row alone."""
+    parts = min(len(links), len(request.hidden.data) // min_piece_bytes, request.hidden.shape[0])
+    if parts < 2:  # no link left (it closed since the plan): the send fails and the share goes by gRPC
+        return [_Piece(0, request.hidden.shape[0], *request._type.chunks(request), link=links[0] if links else None)]
+    return [_Piece(start, stop, *piece._type.chunks(piece), link=link)
+            for link, (start, stop, piece) in zip(links, split_rows(request, parts), strict=False)]
+
+
+class SideRound:
+    """One layer's side-channel calls in flight; `result()` waits for them like a Future."""
+
+    def __init__(self, dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor, counts: dict[int, int], deadline: float | None, parts: list[_Part]):
+        self.dispatcher = dispatcher
+        self.layer = layer
+        self.hidden = hidden
+        self.expert_ids = expert_ids
+        self.weights = weights
+        self.counts = counts
+        self.deadline = deadline
+        self.parts = parts
+        self.server_seconds = 0.0  # the servers' own compute, as their replies say (benchmarks read it)
+        self._out: torch.Tensor | None = None
+
+    def send(self) -> None:
+        for part in self.parts:
+            part.replica.outstanding += part.slots
+            part.sent_at = time.perf_counter()
+            for piece in part.pieces:
+                try:
+                    piece.link = piece.link or part.replica.side_link()
+                    if piece.link is None:
+                        raise ChannelClosed("the side channel closed")
+                    piece.seq = piece.link.send(piece.payload)
+                except ChannelClosed as err:
+                    piece.send_error = str(err)
+
+    def done(self) -> bool:
+        return self._out is not None
+
+    def result(self) -> torch.Tensor:
+        """[T, H] float32: the layer's routed-expert sum, on the hidden states' device."""
+        if self._out is None:
+            out = torch.zeros(self.hidden.shape, dtype=torch.float32, device=self.hidden.device)
+            failures: Failures = {}
+            try:
+                for part in self.parts:
+                    self._gather(part, out, failures)
+            finally:
+                for part in self.parts:
+                    if part.arena is not None:  # not gathered (an error above): never reused
+                        part.arena.close()
+                        part.arena = None
+                    if not part.waited:  # its reply is not waited for: its work leaves the replica's count
+                        part.waited = True
+                        part.replica.outstanding -= part.slots
+            self._out = out
+        return self._out
+
+    def _gather(self, part: _Part, out: torch.Tensor, failures: Failures) -> None:
+        d = self.dispatcher
+        replica = part.replica
+        code, reason, replies = self._receive(part)
+        if code == grpc.StatusCode.OK:
+            answers = [zerocopy.RunExpertsResponse.FromString(reply) for reply in replies]  # views into the frames
+            if part.result is None:  # over TCP: each piece's sums in place in its reply's frame
+                sums = [(piece, from_wire(answer.output, "output")) for piece, answer in zip(part.pieces, answers,
+                                                                                                strict=True)]
+                for piece, partial in sums:
+                    want = (piece.stop - piece.start, self.hidden.shape[1])
+                    if tuple(partial.shape) != want:
+                        raise ServiceError(f"expert server {replica.name} ({replica.address}) answered layer "
+                                           f"{self.layer} with output {list(partial.shape)} for {list(want)}")
+            else:
+                sums = [(part.pieces[0], part.result)]  # read in place: no copy out of the arena
+            self.server_seconds += max(answer.compute_seconds for answer in answers)
+            d.budget.observe(time.perf_counter() - part.sent_at)
+            d.pool.report_success(replica, max(answer.placement_version for answer in answers))
+            rows = part.rows.to(out.device)
+            for piece, partial in sums:
+                out.index_add_(0, rows[piece.start:piece.stop], partial.to(out.device, torch.float32))
+            if part.arena is not None:
+                d.arenas.release(replica.address, part.arena)
+                part.arena = None
+            return
+        if part.arena is not None:  # after a failure the server may still write into the arena: dropped, not reused
+            part.arena.close()
+            part.arena = None
+        where = f"layer {self.layer} experts {format_ranges(part.chosen)}"
+        if code in FINAL:
+            raise ServiceError(f"expert server {replica.name} ({replica.address}), {where}: {reason}")
+        excluded = frozenset()
+        if code == grpc.StatusCode.FAILED_PRECONDITION and "shared_" in reason:
+            replica.shared_kinds = frozenset()  # it cannot map our memory after all: bytes by gRPC from now on
+        else:
+            d.loop.call_soon_threadsafe(d.pool.report_failure, replica, reason, code not in NO_EJECT)
+            # NOT_FOUND: dropped live; the rescue plans on the fresh infos, this server included, once.
+            moved = code == grpc.StatusCode.NOT_FOUND and replica.address not in failures
+            failures[replica.address] = (code, f"{replica.name} ({replica.address}) {reason}")
+            excluded = frozenset() if moved else frozenset({replica.address})
+        rescued = asyncio.run_coroutine_threadsafe(
+            d.rescue(self.layer, self.hidden, self.expert_ids, self.weights,
+                     {e: self.counts[e] for e in part.chosen}, self.deadline, excluded, failures), d.loop).result()
+        add_partials(rescued, out)
+
+    def _receive(self, part: _Part) -> tuple[grpc.StatusCode, str, list[memoryview]]:
+        """Every piece's reply, or the first failure (the other pieces' replies are then dropped: the share
+        goes elsewhere whole)."""
+        code, reason, replies = grpc.StatusCode.OK, "", []
+        try:
+            for piece in part.pieces:
+                if piece.send_error:
+                    raise ChannelClosed(piece.send_error)
+                replies.append(piece.link.receive(piece.seq, self._timeout(part)))
+        except ChannelError as err:
+            code, reason = err.code, f"{err.code.name}: {err.details}"
+        except ChannelClosed as err:
+            code, reason = grpc.StatusCode.UNAVAILABLE, f"UNAVAILABLE: side channel: {err}"
+        except TimeoutError as err:
+            code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, f"DEADLINE_EXCEEDED: {err}"
+        finally:
+            part.waited = True
+            part.replica.outstanding -= part.slots
+            for piece in part.pieces[len(replies) + 1:]:
+                if piece.link is not None and not piece.send_error:
+                    piece.link.forget(piece.seq)
+            self.dispatcher.metrics.record_expert_call(part.replica.name, code.name,
+                                                       time.perf_counter() - part.sent_at, part.size,
+                                                       sum(len(r) for r in replies))
+        return code, reason, replies
+
+    def _timeout(self, part: _Part) -> float:
+        # As over gRPC: short when another replica can take over (call_budget.py), else the full --rpc-timeout.
+        budget = self.dispatcher.budget.timeout(part.replica, self.layer, part.chosen, frozenset())
+        timeout = budget - (time.perf_counter() - part.sent_at)
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+        return max(timeout, 0.0)
+

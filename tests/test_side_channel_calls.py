@@ -1,0 +1,247 @@
+"""The side channel: RunExperts from the gateway's model thread over a Unix socket (same host, tensors in shared
+memory) or TCP (tensors in the frames), gRPC as the fallback. Sums equal the reference, bad requests get the gRPC
+codes, a server that goes away fails over, only the server's user (or root) gets in on the Unix socket, and only
+callers with the token on either."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from moe_client import GatewayClient, wire
+from moe_client.pb import experts_pb2
+from moe_serve.gateway.batching_config import BatchingConfig
+from moe_serve.rpc.side_channel import ChannelError, SideLink, SideListener
+from tests.support.busy import bank_held
+from tests.support.references import reference_forward
+from tests.support.waiting import wait_for
+
+
+def _local_calls(cluster, server: str) -> int:
+    side = cluster.expert_servicers[server].side
+    return 0 if side is None or side.unix is None else side.unix.calls
+
+
+def _tcp_calls(cluster, server: str) -> int:
+    side = cluster.expert_servicers[server].side
+    return 0 if side is None or side.tcp is None else side.tcp.calls
+
+
+def _gateway_pool(cluster, gateway: str):
+    return cluster.servicers[gateway].engine.experts.inner.pool
+
+
+def _wait_linked(cluster, gateway: str, tcp: bool) -> None:
+    """The gateway's TCP links are made off its event loop: wait until every server has one."""
+    pool = _gateway_pool(cluster, gateway)
+    wait_for(lambda: all(r.side_link() is not None and r.side_link().tcp == tcp for r in pool.members),
+             "side channels to every server", timeout=20)
+
+
+def _grpc_computations(cluster, server: str) -> int:
+    return cluster.expert_servicers[server].merger.computations
+
+
+def _forwards_equal_reference(gateway: str, checkpoint, sizes) -> list[np.ndarray]:
+    """Forwards of fresh random inputs of `sizes` tokens, each checked against the reference; the inputs."""
+    rng = np.random.default_rng()
+    inputs = [rng.standard_normal((n, 64), dtype=np.float32) for n in sizes]
+    with GatewayClient(gateway) as client:
+        outputs = [client.forward(x) for x in inputs]
+    for x, got in zip(inputs, outputs, strict=True):
+        assert np.abs(got - reference_forward(checkpoint, x)).max() <= 1e-5
+    return inputs
+
+
+@pytest.mark.parametrize("same_host_calls", [True, False])
+def test_forward_over_the_same_host_channel_equals_reference(cluster, tiny_checkpoint, same_host_calls):
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-2", "3-7")]
+    gateway = cluster.gateway(tiny_checkpoint, servers, same_host_calls=same_host_calls,
+                              batching=BatchingConfig(batching=False))
+    inputs = _forwards_equal_reference(gateway, tiny_checkpoint, (1, 7, 300))
+    local = sum(_local_calls(cluster, s) for s in servers)
+    grpc_calls = sum(_grpc_computations(cluster, s) for s in servers)
+    assert all(r.outstanding == 0 for r in cluster.servicers[gateway].engine.experts.inner.pool.members)
+    if same_host_calls:
+        assert local >= 2 * len(inputs) and grpc_calls == 0  # 2 MoE layers per Forward, >= 1 server each
+    else:
+        assert local == 0 and grpc_calls >= 2 * len(inputs)
+
+
+def test_forward_over_tcp_equals_reference(cluster, tiny_checkpoint):
+    """Without shared memory, calls go over the servers' TCP side channels with the tensors' bytes in the frames,
+    large ones (3,000 tokens: 750 KiB of hidden states each way) included; none by gRPC."""
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-2", "3-7")]
+    gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=False, batching=BatchingConfig(batching=False))
+    _wait_linked(cluster, gateway, tcp=True)
+    inputs = _forwards_equal_reference(gateway, tiny_checkpoint, (1, 7, 3000))
+    assert sum(_tcp_calls(cluster, s) for s in servers) >= 2 * len(inputs)
+    assert sum(_grpc_computations(cluster, s) for s in servers) == 0
+    assert sum(_local_calls(cluster, s) for s in servers) == 0
+    assert all(r.outstanding == 0 for r in _gateway_pool(cluster, gateway).members)
+
+
+def test_large_tcp_calls_are_split_over_the_lanes(cluster, tiny_checkpoint):
+    """A call of 2 x min_piece_bytes of hidden states or more goes as pieces of rows, one per TCP link, each a frame
+    the server answers on its own connection; the sums equal the reference."""
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-2", "3-7")]
+    gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=False, tcp_lanes=3, min_piece_bytes=64 * 4 * 8,
+                              batching=BatchingConfig(batching=False))
+    pool = _gateway_pool(cluster, gateway)
+    wait_for(lambda: all(len(r.side_lanes()) == 3 for r in pool.members), "3 TCP links per server", timeout=20)
+    rng = np.random.default_rng()
+    hidden = rng.standard_normal((int(rng.integers(300, 500)), 64), dtype=np.float32)
+    with GatewayClient(gateway) as client:
+        got = client.forward(hidden)
+    assert np.abs(got - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5
+    # 300+ tokens x top-2 of 8: each server's share of each of the 2 layers is far over 3 pieces' worth (8 rows).
+    assert all(_tcp_calls(cluster, s) == 3 * 2 for s in servers)
+    assert all(r.outstanding == 0 for r in pool.members)
+
+
+def test_tcp_calls_off_go_by_grpc(cluster, tiny_checkpoint):
+    server = cluster.expert_server(tiny_checkpoint, experts="0-7")
+    gateway = cluster.gateway(tiny_checkpoint, [server], shared_memory=False, tcp_calls=False,
+                              batching=BatchingConfig(batching=False))
+    x = np.random.default_rng().standard_normal((5, 64), dtype=np.float32)
+    with GatewayClient(gateway) as client:
+        assert np.abs(client.forward(x) - reference_forward(tiny_checkpoint, x)).max() <= 1e-5
+    assert _tcp_calls(cluster, server) == 0 and _grpc_computations(cluster, server) >= 2
+    assert all(r.side_link() is None for r in _gateway_pool(cluster, gateway).members)
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_a_server_that_stops_fails_over_to_its_replica(cluster, tiny_checkpoint, shared_memory):
+    """The stopped server's channel (Unix or TCP) closes; its experts go to the other replica by gRPC, then over
+    its own channel: no Forward fails."""
+    servers = [cluster.expert_server(tiny_checkpoint, experts="0-7") for _ in range(2)]
+    # Over TCP, calls of 16 tokens split over the lanes (2 rows a piece at least): the split ones fail over too.
+    gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=shared_memory, min_piece_bytes=64 * 4 * 2,
+                              batching=BatchingConfig(batching=False))
+    _wait_linked(cluster, gateway, tcp=not shared_memory)
+    rng = np.random.default_rng()
+    with GatewayClient(gateway) as client:
+        for i in range(12):
+            if i == 4:
+                cluster.stop_one(servers[0])
+            x = rng.standard_normal((16, 64), dtype=np.float32)
+            assert np.abs(client.forward(x) - reference_forward(tiny_checkpoint, x)).max() <= 1e-5
+    assert (_local_calls if shared_memory else _tcp_calls)(cluster, servers[1]) > 0
+
+
+def _request(layer: int = 0, tokens: int = 4, weights=None) -> bytes:
+    hidden = torch.randn(tokens, 64)
+    ids = torch.randint(0, 8, (tokens, 2), dtype=torch.int32)
+    w = torch.rand(tokens, 2) if weights is None else weights
+    request = experts_pb2.RunExpertsRequest(layer=layer, output_dtype=wire.FLOAT32)
+    for field, tensor in (("hidden", hidden), ("expert_ids", ids), ("weights", w)):
+        getattr(request, field).CopyFrom(wire.encode(tensor.numpy()))
+    return request.SerializeToString()
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+def test_bad_requests_get_the_grpc_codes_and_the_channel_goes_on(cluster, tiny_checkpoint, tcp):
+    server = cluster.expert_server(tiny_checkpoint, experts="0-7")
+    side = cluster.expert_servicers[server].side
+    link = SideLink(f"127.0.0.1:{side.tcp_port}", tcp=True) if tcp else SideLink(side.address)
+    try:
+        cases = [
+            (b"\x0a\xff\xff", grpc.StatusCode.INVALID_ARGUMENT, "not a RunExpertsRequest"),
+            (_request(weights=torch.full((4, 2), float("nan"))), grpc.StatusCode.INVALID_ARGUMENT, "weights"),
+            (_request(layer=7), grpc.StatusCode.NOT_FOUND, "layer 7"),
+        ]
+        for payload, code, words in cases:
+            with pytest.raises(ChannelError) as err:
+                link.receive(link.send(payload), 10)
+            assert err.value.code == code and words in err.value.details
+        reply = experts_pb2.RunExpertsResponse.FromString(bytes(link.receive(link.send(_request()), 10)))
+        assert list(reply.output.shape) == [4, 64]
+    finally:
+        link.close()
+
+
+def test_replies_reach_their_own_waiters_and_late_ones_are_dropped():
+    """Two threads wait on one link for replies that come back in the other order; a reply whose wait
+    timed out is dropped, and the link goes on."""
+    def handler(payload: memoryview) -> bytes:
+        time.sleep(float(bytes(payload).decode()))
+        return bytes(payload)
+
+    listener = SideListener(handler)
+    link = SideLink(listener.address)
+    try:
+        got = {}
+        slow, fast = link.send(b"0.3"), link.send(b"0.0")  # answered in order: fast waits behind slow
+
+        def wait(seq):
+            got[seq] = bytes(link.receive(seq, 10))
+
+        threads = [threading.Thread(target=wait, args=(s,)) for s in (fast, slow)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == {slow: b"0.3", fast: b"0.0"}
+        late = link.send(b"0.5")
+        with pytest.raises(TimeoutError):
+            link.receive(late, 0.05)
+        assert bytes(link.receive(link.send(b"0.0"), 10)) == b"0.0"  # the late reply was skipped
+    finally:
+        link.close()
+        listener.close()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a caller as another user")
+def test_only_the_servers_user_gets_in():
+    listener = SideListener(lambda payload: b"ok")
+    try:
+        probe = (f"import os, socket; os.setuid(65534); s = socket.socket(socket.AF_UNIX); "
+                 f"s.connect('\\0{listener.address}'); s.settimeout(5); print(len(s.recv(64)))")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "0"  # closed at once, not a byte sent
+        link = SideLink(listener.address)  # root (this process) is let in
+        assert bytes(link.receive(link.send(b"x"), 10)) == b"ok"
+        link.close()
+    finally:
+        listener.close()
+
+
+def test_a_stuck_server_times_out_on_the_channel_and_the_link_recovers(cluster, tiny_checkpoint):
+    """rpc_timeout bounds a call on the channel as over gRPC (UNAVAILABLE naming the layer, the only replica
+    having timed out); once the server frees up, its late reply is dropped and the next calls are right."""
+    server = cluster.expert_server(tiny_checkpoint)
+    gateway = cluster.gateway(tiny_checkpoint, [server], rpc_timeout=0.5, batching=BatchingConfig(batching=False))
+    hidden = np.random.default_rng().standard_normal((4, 64), dtype=np.float32)
+    with GatewayClient(gateway, timeout=30) as client:
+        with bank_held(cluster.expert_servicers[server]), pytest.raises(grpc.RpcError) as err:
+            client.forward(hidden)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "DEADLINE_EXCEEDED" in err.value.details() and "layer 0 experts" in err.value.details()
+        pool = cluster.servicers[gateway].engine.experts.inner.pool
+        pool.replicas[server].ejected_until = 0.0  # skipped after the timeout; the test needs no wait for it
+        wait_for(lambda: np.abs(client.forward(hidden) - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5,
+                 "a correct answer after the stall")
+    assert _local_calls(cluster, server) >= 2
+    assert pool.replicas[server].outstanding == 0  # the timed-out call's work left the count too
+
+
+def test_the_tcp_channel_takes_only_callers_with_the_token():
+    listener = SideListener(lambda payload: bytes(payload), token="s3cret", tcp=("127.0.0.1", 0))
+    try:
+        for token in (None, "wrong"):
+            with pytest.raises(ChannelError) as err:
+                SideLink(listener.address, token=token, tcp=True)
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        link = SideLink(listener.address, token="s3cret", tcp=True)
+        payload = np.random.default_rng().bytes(3 << 20)  # a large frame, sent from pieces, echoed whole
+        assert bytes(link.receive(link.send([payload[:5], memoryview(payload)[5:]]), 10)) == payload
+        link.close()
+    finally:
+        listener.close()
