@@ -1,7 +1,7 @@
 """A TCP relay that adds a fixed one-way delay in each direction: the RTT of a real network, which this
 machine's kernel cannot add (no netem qdisc).
 
-Listens on 127.0.0.1:0, prints the port on one line, and forwards every connection to --target. Each
+Listens on 127.0.0.1:--port (0: any), prints the port on one line, and forwards every connection to --target. Each
 direction has a reader thread that timestamps what it reads (up to 1 MiB at a time) and a writer thread
 that sends it once --delay-us has passed since it was read, so bytes keep flowing while earlier bytes
 wait: a pipe of fixed latency, not a stop-and-wait. Its own cost (the extra copies and wake-ups) is
@@ -85,12 +85,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--target", required=True, help="host:port to forward to")
     p.add_argument("--delay-us", type=float, default=0.0, help="one-way delay added in each direction (us)")
+    p.add_argument("--port", type=int, default=0, help="port to listen on, on 127.0.0.1 (0 picks one)")
     args = p.parse_args()
     sys.setswitchinterval(0.0002)  # a waiting thread gets the GIL within 0.2 ms, not the default 5 ms
     host, port = args.target.rsplit(":", 1)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
+    listener.bind(("127.0.0.1", args.port))
     listener.listen(64)
     print(listener.getsockname()[1], flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -5,7 +5,8 @@ sends the hidden states back as the output; `/moe.bench.EchoUpb/RunExperts` does
 codec as it was before zerocopy (upb messages, bytes copied out of and into them). The same echo
 answers on a TCP side channel too (rpc/side_channel.py: frames, no gRPC), as an expert server's
 does. Binds a TCP port (--host), a unix socket and the side channel's TCP port, prints
-{"tcp": ..., "unix": ..., "side_tcp": ...} on one line, serves until SIGTERM.
+{"tcp": ..., "unix": ..., "side_tcp": ..., "raw_tcp": ...} on one line, serves until SIGTERM. `raw_tcp` is
+the side channel echoing a frame's bytes as they are, no message: the floor of one TCP connection.
 """
 
 from __future__ import annotations
@@ -63,16 +64,19 @@ def register(server: grpc.aio.Server) -> None:
                                      grpc.method_handlers_generic_handler("moe.bench.EchoUpb", {"RunExperts": upb})))
 
 
-async def serve(unix: str, tcp: str = "127.0.0.1:0") -> None:
-    """Serve on `tcp` (host:port, port 0 picks one) and `unix` until SIGTERM."""
+async def serve(unix: str, tcp: str = "127.0.0.1:0", side_port: int = 0) -> None:
+    """Serve on `tcp` (host:port, port 0 picks one), `unix` and the side channel's TCP port until SIGTERM."""
     handles = [await start_server(address, register, []) for address in (tcp, unix)]
     host = tcp.rsplit(":", 1)[0]
-    side = SideListener(echo_frame, max_bytes=1 << 30, tcp=(host, 0))
-    print(json.dumps({"tcp": f"{host}:{handles[0].port}", "unix": unix, "side_tcp": side.address}), flush=True)
+    side = SideListener(echo_frame, max_bytes=1 << 30, tcp=(host, side_port))
+    raw = SideListener(lambda payload: payload, max_bytes=1 << 30, tcp=(host, 0))  # the bytes alone: the floor
+    print(json.dumps({"tcp": f"{host}:{handles[0].port}", "unix": unix, "side_tcp": side.address,
+                      "raw_tcp": raw.address}), flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     side.close()
+    raw.close()
     for handle in handles:
         await handle.stop(0)
 
@@ -81,8 +85,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--unix", required=True, help="unix:/path to bind besides a TCP port")
     parser.add_argument("--host", default="127.0.0.1:0", help="host:port of the TCP listener (port 0 picks one)")
+    parser.add_argument("--side-port", type=int, default=0, help="TCP port of the side channel (0 picks one)")
     parser.add_argument("--malloc-default", action="store_true", help="leave glibc malloc's thresholds alone")
     args = parser.parse_args()
     if not args.malloc_default:
         keep_large_buffers()  # as the expert servers do
-    asyncio.run(serve(args.unix, args.host))
+    asyncio.run(serve(args.unix, args.host, args.side_port))

@@ -125,6 +125,7 @@ class EchoPhase:
             raise RuntimeError("echo server did not start")
         self.addresses = json.loads(line)
         self.side_address = self.addresses.pop("side_tcp")
+        self.raw_address = self.addresses.pop("raw_tcp")
 
         async def open_channels() -> dict:
             channels = {kind: insecure_aio_channel(address) for kind, address in self.addresses.items()}
@@ -158,7 +159,7 @@ class EchoPhase:
 
         # The gateway's TCP side links to one server: large calls are split by rows over them.
         self.side_links = [SideLink(self.side_address, tcp=True, max_bytes=1 << 30) for _ in range(DEFAULT_LANES)]
-        self.side_link = self.side_links[0]
+        self.raw_link = SideLink(self.raw_address, tcp=True, max_bytes=1 << 30)
 
     def close(self) -> None:
         """Close the channels and stop the server."""
@@ -168,7 +169,7 @@ class EchoPhase:
 
         for channel in self.sync_channels.values():
             channel.close()
-        for link in self.side_links:
+        for link in [*self.side_links, self.raw_link]:
             link.close()
 
         self.loop.run(close_channels())

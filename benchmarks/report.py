@@ -41,6 +41,7 @@ def _payload(row: dict) -> str:
 
 SIDE_TCP = "ours tcp side channel"  # RunExperts frames over TCP from the calling thread (rpc/side_channel.py)
 SIDE_LANES = "ours tcp side lanes"  # ... large calls split by rows over 4 connections, as the gateway does
+RAW_TCP = "raw tcp frames (floor)"  # the hidden states' bytes alone over one side-channel connection
 
 
 def transport_table(rows: list[dict]) -> str:
@@ -66,11 +67,12 @@ def transport_table(rows: list[dict]) -> str:
 def variants_table(rows: list[dict]) -> str:
     """Our wire path against its variants: before zerocopy, without the loop hand-off, split in two."""
     names = ["ours unix", "ours tcp", "ours tcp 2 lanes", "ours tcp lanes", "grpc+upb tcp (before)", "ours unix sync",
-             "ours unix split2"]
+             "ours unix split2", SIDE_TCP, RAW_TCP]
     lines = [[_payload(row), *(_ms(row["variants"][n]["median"]) for n in names),
-              f"{speed(row, 'ours tcp', 'grpc+upb tcp (before)'):.2f}x"] for row in rows]
+              f"{speed(row, 'ours tcp', 'grpc+upb tcp (before)'):.2f}x", f"{speed(row, SIDE_TCP, RAW_TCP):.2f}x"]
+             for row in rows]
     return _table(["payload", "unix", "tcp", "tcp 2 lanes", "tcp 4 lanes", "upb tcp (before)", "unix, no loop hop",
-                   "unix, split in 2", "tcp vs before"], lines)
+                   "unix, split in 2", "side tcp 1 conn", "raw tcp frames", "tcp vs before", "side vs raw"], lines)
 
 
 SHM = "ours, shared memory"  # same-host servers reached through /dev/shm arenas, called by gRPC

@@ -8,11 +8,17 @@ token bucket (tc tbf) limits to each rate in turn; an expert server (and, in the
 server) in each. This kernel has no netem, so each connection goes through benchmarks.delay_relay on
 this side, which holds every byte for RTT/2 each way; its own cost is the `relay, no delay` row against
 `direct`. Measured per (rate, RTT), medians over repeats, variants interleaved:
-- transport: RunExperts-sized echoes (hidden 2048, fp32) over one connection and over the gateway's
-  lanes (moe_client.striping); bytes/s as a share of the rate, and time against RTT + bytes/rate;
+- transport: RunExperts-sized echoes (hidden 2048, fp32) by gRPC over one connection and over the
+  gateway's lanes (moe_client.striping), and over the TCP side channel (rpc/side_channel.py) with one
+  connection and with lanes; bytes/s as a share of the rate, and time against RTT + bytes/rate;
 - one MoE layer (hidden 2048 as DeepSeek-MoE-16B, small experts so this machine's compute stays small)
-  over both servers through the gateway's ExpertDispatcher, against RTT + the busiest link's bytes/rate;
-- Generate of a small causal LM (tiny mixtral, hidden 512) through a real gateway process: tok/s.
+  over both servers through the gateway's ExpertDispatcher, by gRPC and over the side channel, against
+  RTT + the busiest link's bytes/rate;
+- Generate of a small causal LM (tiny mixtral, hidden 512) through a real gateway process (side channel,
+  its default): tok/s.
+Every server's side channel has a fixed port with a relay of its own on this side at the same port
+number, since a gateway reaches it at the host of the server's address (the relay's) and the port
+GetInfo announces.
 Everything it makes (namespaces, links, qdiscs, processes) is removed on exit, on error and after
 --time-limit seconds (SIGALRM). The JSON report goes to --out.
 """
@@ -36,7 +42,7 @@ from benchmarks import machine
 from benchmarks.model import LAYER, InProcess, Shape, ensure_checkpoint, make_input, moe_layer, owner_table
 from benchmarks.procs import ENV, _python
 from benchmarks.timing import interleaved, summary
-from benchmarks.transport import payload
+from benchmarks.transport import payload, side_echo
 from moe_client import GatewayClient, zerocopy
 from moe_client.channel import insecure_aio_channel
 from moe_client.striping import DEFAULT_LANES, LANE_OPTIONS, Lanes
@@ -44,6 +50,7 @@ from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.pool import PoolOptions, ServerPool
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.rpc.codec import to_wire
+from moe_serve.rpc.side_channel import SideLink
 from tests.support import ROOT
 from tests.support.launch import launch, stop_all
 from tests.support.netns import AVAILABLE, NetNamespace
@@ -52,14 +59,15 @@ from tests.support.threads import LoopThread
 HIDDEN = 2048
 LAYER_SHAPE = Shape(hidden=HIDDEN, width=64, experts=16, top_k=6)  # DeepSeek's hidden; experts kept small
 EXPERT_PORT, ECHO_PORT = 50051, 50061
+SIDE_PORTS = {"layer0": 50071, "layer1": 50072, "lm0": 50073, "lm1": 50074, "echo": 50075}  # side channels
 
 
 class Relay:
     """benchmarks.delay_relay to `target` with `rtt_us` split over the two directions."""
 
-    def __init__(self, target: str, rtt_us: float):
+    def __init__(self, target: str, rtt_us: float, port: int = 0):
         self.proc = _python("-m", "benchmarks.delay_relay", "--target", target, "--delay-us", str(rtt_us / 2),
-                            label="relay", stdout=subprocess.PIPE)
+                            "--port", str(port), label="relay", stdout=subprocess.PIPE)
         self.address = f"127.0.0.1:{int(self.proc.popen.stdout.readline())}"
 
     def close(self) -> None:
@@ -85,17 +93,26 @@ def _lanes(loop: LoopThread, address: str, n: int) -> Lanes:
     return loop.run(open_())
 
 
-def transport(loop: LoopThread, echo: str, rate: float, rtt_us: float, tokens_list: list[int], repeats: int,
-              direct: bool) -> list[dict]:
-    """Echo round trips over one connection and over the lanes; share of the rate and of the physical limit."""
-    relay = Relay(echo, rtt_us)
+def _side_call(links: list[SideLink], tokens: int):
+    x, ids, w = payload(HIDDEN, 6, tokens, torch.float32)
+    return lambda: side_echo(links, x, ids, w)
+
+
+def transport(loop: LoopThread, echo: str, echo_side: str, rate: float, rtt_us: float, tokens_list: list[int],
+              repeats: int, direct: bool) -> list[dict]:
+    """Echo round trips by gRPC and over the side channel, over one connection and over lanes; share of the rate
+    and of the physical limit."""
+    relay, side_relay = Relay(echo, rtt_us), Relay(echo_side, rtt_us)
     paths = {"1 connection": _lanes(loop, relay.address, 1), "lanes": _lanes(loop, relay.address, DEFAULT_LANES)}
     if direct:
         paths["direct, 1 connection"] = _lanes(loop, echo, 1)
+    side = [SideLink(side_relay.address, tcp=True, max_bytes=1 << 30) for _ in range(DEFAULT_LANES)]
     try:
         rows = []
         for tokens in tokens_list:
             variants = {name: _echo_call(lanes, loop, tokens) for name, lanes in paths.items()}
+            variants |= {"side channel, 1 connection": _side_call(side[:1], tokens),
+                         "side channel, lanes": _side_call(side, tokens)}
             times = interleaved(variants, repeats, warmup=1)
             nbytes = tokens * HIDDEN * 4  # each way (ids and weights add 48 bytes a token)
             limit = rtt_us / 1e6 + 2 * nbytes * 8 / rate  # request, then reply, each at the rate
@@ -110,7 +127,10 @@ def transport(loop: LoopThread, echo: str, rate: float, rtt_us: float, tokens_li
     finally:
         for lanes in paths.values():
             loop.run(lanes.close())
+        for link in side:
+            link.close()
         relay.close()
+        side_relay.close()
 
 
 def _busiest_bytes(x: torch.Tensor, router: torch.Tensor, workers: int) -> int:
@@ -123,24 +143,40 @@ def _busiest_bytes(x: torch.Tensor, router: torch.Tensor, workers: int) -> int:
     return max(rows) * (HIDDEN * 4 + LAYER_SHAPE.top_k * 8)
 
 
-def moe(loop: LoopThread, checkpoint: Path, servers: list[str], rate: float, rtt_us: float,
-        tokens_list: list[int], repeats: int, local: InProcess, router: torch.Tensor) -> list[dict]:
-    """One MoE layer over both servers through relays, against RTT + the busiest link's bytes/rate."""
+def _relays(servers: list[str], side_ports: list[int], rtt_us: float) -> list[Relay]:
+    """A relay to each server's gRPC port, and one to its side channel at the same port number on this side."""
     relays = [Relay(s, rtt_us) for s in servers]
+    return relays + [Relay(f"{s.rsplit(':', 1)[0]}:{port}", rtt_us, port=port) for s, port in zip(servers, side_ports,
+                                                                                                  strict=True)]
+
+
+def moe(loop: LoopThread, checkpoint: Path, servers: list[str], side_ports: list[int], rate: float, rtt_us: float,
+        tokens_list: list[int], repeats: int, local: InProcess, router: torch.Tensor) -> list[dict]:
+    """One MoE layer over both servers through relays, by gRPC and over the side channel, against RTT + the busiest
+    link's bytes/rate."""
+    relays = _relays(servers, side_ports, rtt_us)
     ckpt = Checkpoint(checkpoint)
-    pool = ServerPool([r.address for r in relays], ckpt.spec, ckpt.fingerprint(), PoolOptions(rpc_timeout=120))
+    pool = ServerPool([r.address for r in relays[:len(servers)]], ckpt.spec, ckpt.fingerprint(),
+                      PoolOptions(rpc_timeout=120))
     try:
         loop.run(pool.start(120))
-        gateway = ExpertDispatcher(ckpt.spec, pool, loop.loop, timeout=120)  # no arenas: every byte by TCP
+        deadline = time.monotonic() + 30
+        while not all(r.side_link() is not None for r in pool.members) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the TCP side links are made off the event loop
+        # No arenas: every byte crosses the links.
+        paths = {"gateway (lanes)": ExpertDispatcher(ckpt.spec, pool, loop.loop, timeout=120, side_calls=False),
+                 "gateway (side channel)": ExpertDispatcher(ckpt.spec, pool, loop.loop, timeout=120)}
         rows = []
         for tokens in tokens_list:
             x = make_input(LAYER_SHAPE, tokens)
-            got = moe_layer(x, router, LAYER_SHAPE.top_k, gateway)
             want = moe_layer(x, router, LAYER_SHAPE.top_k, local)
-            if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
-                raise AssertionError(f"MoE layer over the links differs from in-process at {tokens} tokens")
-            times = interleaved({"gateway (lanes)": lambda x=x: moe_layer(x, router, LAYER_SHAPE.top_k, gateway),
-                                 "in-process": lambda x=x: moe_layer(x, router, LAYER_SHAPE.top_k, local)},
+            for name, gateway in paths.items():
+                if not torch.allclose(moe_layer(x, router, LAYER_SHAPE.top_k, gateway), want, rtol=1e-4, atol=1e-4):
+                    raise AssertionError(f"MoE layer over the links ({name}) differs from in-process at {tokens} "
+                                         "tokens")
+            variants = {name: lambda x=x, g=gateway: moe_layer(x, router, LAYER_SHAPE.top_k, g)
+                        for name, gateway in paths.items()}
+            times = interleaved({**variants, "in-process": lambda x=x: moe_layer(x, router, LAYER_SHAPE.top_k, local)},
                                 repeats, warmup=1)
             nbytes = _busiest_bytes(x, router, len(servers))
             rows.append({"tokens": tokens, "busiest_bytes_each_way": nbytes,
@@ -153,11 +189,13 @@ def moe(loop: LoopThread, checkpoint: Path, servers: list[str], rate: float, rtt
             r.close()
 
 
-def generate(work: Path, causal: Path, servers: list[str], rtt_us: float, new_tokens: int) -> dict:
+def generate(work: Path, causal: Path, servers: list[str], side_ports: list[int], rtt_us: float,
+             new_tokens: int) -> dict:
     """Generate through a gateway process whose expert servers sit behind the relays: tok/s, and the time a token."""
-    relays = [Relay(s, rtt_us) for s in servers]
+    relays = _relays(servers, side_ports, rtt_us)
     gateway = launch("gateway", work / f"gateway-{rtt_us:g}.log", env=ENV, die_with_parent=True, checkpoint=causal,
-                     servers=",".join(r.address for r in relays), shared_memory=False, log_level="WARNING")
+                     servers=",".join(r.address for r in relays[:len(servers)]), shared_memory=False,
+                     log_level="WARNING")
     try:
         gateway.wait_ready(300)
         with GatewayClient(gateway.address, timeout=600) as client:
@@ -227,25 +265,29 @@ def main(argv: list[str] | None = None) -> int:
                     experts = f"{i * per}-{min((i + 1) * per, spec.num_experts) - 1}"
                     procs.append(launch("expert-server", work / f"{name}.log", host=ns.ns_ip, port=port,
                                         wrapper=ns.wrapper, env=ENV, die_with_parent=True, checkpoint=ckpt,
-                                        experts=experts, name=name, shared_memory=False, log_level="WARNING"))
+                                        experts=experts, name=name, shared_memory=False, log_level="WARNING",
+                                        tcp_channel_port=SIDE_PORTS[name]))
             echo = _python("-m", "benchmarks.echo_server", "--unix", f"unix:{work}/echo.sock", "--host",
-                           f"{spaces[0].ns_ip}:{ECHO_PORT}", label="echo", stdout=subprocess.PIPE,
-                           wrapper=spaces[0].wrapper)
+                           f"{spaces[0].ns_ip}:{ECHO_PORT}", "--side-port", str(SIDE_PORTS["echo"]), label="echo",
+                           stdout=subprocess.PIPE, wrapper=spaces[0].wrapper)
             procs.append(echo)
             echo.popen.stdout.readline()
             for proc in procs[:-1]:
                 proc.wait_ready(300)
             layer_servers = [f"{ns.ns_ip}:{EXPERT_PORT}" for ns in spaces]
             lm_servers = [f"{ns.ns_ip}:{EXPERT_PORT + 1}" for ns in spaces]
+            layer_side, lm_side = [SIDE_PORTS[f"layer{i}"] for i in (0, 1)], [SIDE_PORTS[f"lm{i}"] for i in (0, 1)]
             for rate in rates:
                 for ns in spaces:
                     ns.shape(rate)
                 for rtt in rtts:
                     run = {"rate_bit_s": rate, "rtt_us": rtt}
-                    run["transport"] = transport(loop, f"{spaces[0].ns_ip}:{ECHO_PORT}", rate, rtt, echo_tokens,
+                    run["transport"] = transport(loop, f"{spaces[0].ns_ip}:{ECHO_PORT}",
+                                                 f"{spaces[0].ns_ip}:{SIDE_PORTS['echo']}", rate, rtt, echo_tokens,
                                                  repeats, direct=rtt == 0)
-                    run["moe"] = moe(loop, layer_ckpt, layer_servers, rate, rtt, moe_tokens, repeats, local, router)
-                    run["generate"] = generate(work, causal, lm_servers, rtt, 16 if args.quick else 32)
+                    run["moe"] = moe(loop, layer_ckpt, layer_servers, layer_side, rate, rtt, moe_tokens, repeats,
+                                     local, router)
+                    run["generate"] = generate(work, causal, lm_servers, lm_side, rtt, 16 if args.quick else 32)
                     result["runs"].append(run)
                     print(summary_lines(run), flush=True)
                     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +311,8 @@ def summary_lines(run: dict) -> str:
                      + "; ".join(parts))
     for row in run["moe"]:
         v = row["variants"]
-        lines.append(f"  MoE layer {row['tokens']} tok: gateway {v['gateway (lanes)']['median'] * 1e3:.2f} ms, "
+        lines.append(f"  MoE layer {row['tokens']} tok: gateway by gRPC {v['gateway (lanes)']['median'] * 1e3:.2f} ms, "
+                     f"over the side channel {v['gateway (side channel)']['median'] * 1e3:.2f} ms, "
                      f"in-process {v['in-process']['median'] * 1e3:.2f} ms, RTT + bytes/rate "
                      f"{row['limit_s'] * 1e3:.2f} ms")
     g = run["generate"]

@@ -11,7 +11,7 @@ slowest; layers run one after another. So per layer:
     t_layer = rtt + call_overhead + max(max(bytes out, bytes in) / rate, (bytes out + bytes in) / wire_cap)
 
 where bytes out and in are the gateway's (its own link carries every host's rows: its NIC is the
-shared bottleneck; the link is full duplex), `wire_cap` is what the gRPC path moves per second at best,
+shared bottleneck; the link is full duplex), `wire_cap` is what the TCP path moves per second at best,
 request and reply bytes together (measured; lanes included), and `call_overhead` the fixed cost of one
 RunExperts round trip (measured). Compute is left out: these are the transport's
 limits; the GPU's own limits are in docs/gpu.md.
@@ -43,10 +43,11 @@ MODELS = [Model("DeepSeek-MoE-16B", 2048, 64, 6, 27), Model("Mixtral-8x7B", 4096
 
 @dataclass(frozen=True)
 class Transport:
-    """Measured costs of the gRPC path (defaults: docs/deployment-sizing.md, 'What was measured')."""
+    """Measured costs of the TCP side channel (defaults: docs/deployment-sizing.md, 'The TCP side channel';
+    the gRPC path's were 0.65 ms and 1.2 GB/s on a quiet 16-core host)."""
 
-    call_overhead_s: float = 0.65e-3  # one small RunExperts round trip, quiet 16-core host
-    wire_cap_bytes_s: float = 1.2e9  # request + reply bytes per second over 4 lanes, same host
+    call_overhead_s: float = 0.29e-3  # one 4 KiB RunExperts round trip over the side channel, 2-core machine
+    wire_cap_bytes_s: float = 2.7e9  # request + reply bytes per second at 8-16 MiB, lanes, 2-core loopback
     to_experts: str = "bfloat16"
     back: str = "bfloat16"
 
@@ -104,7 +105,8 @@ def tables(t: Transport, prefill_tokens: int = 4096, decode_batch: int = 64) -> 
 
 
 def check(path: str, t: Transport) -> str:
-    """The model's t_layer for each shaped-link MoE-layer row (busiest link's bytes), beside the measured one."""
+    """The model's t_layer for each shaped-link MoE-layer row (busiest link's bytes), beside the measured one (over
+    the side channel where the report has it)."""
     with open(path) as f:
         report = json.load(f)
     lines = ["| Gbit/s | RTT (us) | tokens | measured (ms) | in-process compute (ms) | predicted transport "
@@ -113,7 +115,9 @@ def check(path: str, t: Transport) -> str:
         rate, rtt = run["rate_bit_s"], run["rtt_us"] * 1e-6
         for row in run["moe"]:
             v = row["variants"]
-            measured, compute = v["gateway (lanes)"]["median"], v["in-process"]["median"]
+            # the gateway's default path over TCP: the side channel (reports before it measured gRPC alone)
+            path = "gateway (side channel)" if "gateway (side channel)" in v else "gateway (lanes)"
+            measured, compute = v[path]["median"], v["in-process"]["median"]
             # busiest link: its bytes each way, request and reply back to back on one server's link; the
             # gateway's wire cap over both servers' bytes (about 2 x the busiest's)
             each = row["busiest_bytes_each_way"]

@@ -30,6 +30,19 @@ from tests.support.threads import LoopThread
 UPB = experts_pb2.RunExpertsRequest.SerializeToString, experts_pb2.RunExpertsResponse.FromString
 
 
+def side_echo(links: list, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> list[tuple]:
+    """A RunExperts-shaped echo over TCP side links (rpc/side_channel.py) as the gateway makes it: one frame, or
+    pieces of rows over the links when the hidden states are 2 MiB or more; (start, stop, output) per piece."""
+    request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
+                                         weights=to_wire(weights))
+    parts = min(len(links), len(request.hidden.data) // MIN_PIECE_BYTES, len(hidden))
+    split = split_rows(request, parts) if parts > 1 else [(0, len(hidden), request)]
+    sent = [(link, link.send(piece._type.chunks(piece)[0]), start, stop)
+            for link, (start, stop, piece) in zip(links, split, strict=False)]
+    return [(start, stop, zerocopy.RunExpertsResponse.FromString(link.receive(seq, 120)).output)
+            for link, seq, start, stop in sent]
+
+
 def sizes(hidden: int, quick: bool, smoke: bool) -> list[tuple[int, torch.dtype]]:
     """(tokens, dtype) per row: 1 token in bf16 (4 KiB at hidden 2048), then fp32 from 1 token to 16 (full: 32) MiB."""
     if smoke:
@@ -116,30 +129,28 @@ def grpc_variants(phase: EchoPhase, hidden: torch.Tensor, ids: torch.Tensor, wei
     def ours_side_tcp() -> torch.Tensor:
         # The gateway's path to another host's server: the TCP side channel from the calling thread, the
         # tensors sent from their own buffers and the reply read in place (gateway/side_dispatch.py).
-        request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
-                                             weights=to_wire(weights))
-        link = phase.side_link
-        reply = zerocopy.RunExpertsResponse.FromString(link.receive(link.send(request._type.chunks(request)[0]), 60))
-        return from_wire(reply.output, "output")
+        ((_, _, output),) = side_echo(phase.side_links[:1], hidden, ids, weights)
+        return from_wire(output, "output")
 
     def ours_side_lanes() -> torch.Tensor:
         # ... with calls of 2 MiB of hidden states or more split by rows over the server's links (as the gateway
         # does); the pieces copied into one tensor by numpy, as ours_lanes does.
-        request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
-                                             weights=to_wire(weights))
-        links = phase.side_links
-        parts = min(len(links), len(request.hidden.data) // MIN_PIECE_BYTES, len(hidden))
-        if parts < 2:
-            return ours_side_tcp()
-        sent = [(link, link.send(piece._type.chunks(piece)[0]), start, stop)
-                for link, (start, stop, piece) in zip(links, split_rows(request, parts), strict=False)]
-        for link, seq, start, stop in sent:
-            output = zerocopy.RunExpertsResponse.FromString(link.receive(seq, 60)).output
+        replies = side_echo(phase.side_links, hidden, ids, weights)
+        if len(replies) == 1:
+            return from_wire(replies[0][2], "output")
+        for start, stop, output in replies:
             out_rows[start:stop] = np.frombuffer(output.data, out_rows.dtype).reshape(stop - start, -1)
         return out
 
+    def raw_tcp() -> torch.Tensor:
+        # The floor of one TCP connection from Python: the hidden states' bytes out and back in one frame each,
+        # no message around them (the side channel's framing, sendmsg and recv_into alone).
+        link = phase.raw_link
+        back = link.receive(link.send(memoryview(storage.numpy()).cast("B")), 60)
+        return torch.frombuffer(back, dtype=hidden.dtype).view(hidden.shape)
+
     return {"ours unix": lambda: ours("unix"), "ours tcp": lambda: ours("tcp"), "ours tcp side channel": ours_side_tcp,
-            "ours tcp side lanes": ours_side_lanes,
+            "ours tcp side lanes": ours_side_lanes, "raw tcp frames (floor)": raw_tcp,
             "ours tcp lanes": lambda: ours_lanes(DEFAULT_LANES), "ours tcp 2 lanes": lambda: ours_lanes(2),
             "grpc+upb tcp (before)": upb,
             "ours unix sync": ours_sync, "ours unix split2": ours_split}
