@@ -69,6 +69,10 @@ moe-client --address "$GATEWAY" forward --shape 4,16,512 --repeat 3 | sed 's/^/ 
 if ! moe-serve verify --gateway "$GATEWAY" --checkpoint "$WORK/model" --tokens 256 | sed 's/^/    /'; then
   die "the cluster's output differs from the in-process reference"
 fi
+# Containers are other hosts to the gateway: its RunExperts calls go over the servers' TCP side channels.
+side=$(compose logs --no-color gateway 2>/dev/null | grep -c "RunExperts over the TCP side channel" || true)
+echo "    the gateway calls ${side:-0} of 3 expert servers over their TCP side channel"
+[ "${side:-0}" -ge 3 ] || die "the gateway does not use the expert servers' TCP side channels"
 
 say "[7/8] expert-1 killed under load (every expert has another replica), then restarted"
 # The restarted process's own counter: RunExperts calls it answered OK since it started, so > 0 means the
