@@ -17,7 +17,7 @@ import torch
 from moe_client import GatewayClient, wire
 from moe_client.pb import experts_pb2
 from moe_serve.gateway.batching_config import BatchingConfig
-from moe_serve.rpc.side_channel import ChannelError, SideLink, SideListener
+from moe_serve.rpc.side_channel import ChannelClosed, ChannelError, SideLink, SideListener
 from tests.support.busy import bank_held
 from tests.support.references import reference_forward
 from tests.support.waiting import wait_for
@@ -244,4 +244,26 @@ def test_the_tcp_channel_takes_only_callers_with_the_token():
         assert bytes(link.receive(link.send([payload[:5], memoryview(payload)[5:]]), 10)) == payload
         link.close()
     finally:
+        listener.close()
+
+
+def test_a_send_to_a_peer_that_stopped_reading_fails_instead_of_blocking():
+    """A TCP peer that no longer reads (a cut link looks the same): once its buffers are full, a send waits at most
+    the link's timeout, then the link closes and the caller fails over."""
+    release = threading.Event()
+    listener = SideListener(lambda payload: release.wait(30) and b"", tcp=("127.0.0.1", 0), max_bytes=256 << 20)
+    link = SideLink(listener.address, tcp=True, timeout=0.5, max_bytes=256 << 20)
+    try:
+        link.send(b"x")  # the server's connection thread now waits in the handler and reads nothing more
+        big = np.zeros(64 << 20, np.uint8)  # far more than the two sockets' buffers hold
+        start = time.monotonic()
+        with pytest.raises(ChannelClosed):
+            for _ in range(4):
+                link.send(big)
+        # each sendmsg that finds no room waits 0.5 s: a few of them at most, never the handler's 30 s
+        assert time.monotonic() - start < 10
+        assert link.closed
+    finally:
+        release.set()
+        link.close()
         listener.close()

@@ -260,6 +260,12 @@ class SideRound:
             code, reason = grpc.StatusCode.UNAVAILABLE, f"UNAVAILABLE: side channel: {err}"
         except TimeoutError as err:
             code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, f"DEADLINE_EXCEEDED: {err}"
+            if part.pieces[len(replies)].link.tcp:
+                # Silence on TCP may be a dead link, which gives no error: its sends would soon block on a full
+                # buffer. Closed; the pool opens it again once the server answers GetInfo (gRPC meanwhile).
+                for piece in part.pieces:
+                    if piece.link is not None:
+                        piece.link.close()
         finally:
             part.waited = True
             part.replica.outstanding -= part.slots

@@ -251,6 +251,11 @@ class SideLink:
             self.sock.close()
             raise
         self.sock.settimeout(None)
+        # A send never waits for room in the socket's buffer longer than `timeout`: a peer that stopped reading,
+        # or a link that went silent, fails the call (and the link) instead of holding the caller.
+        seconds = max(timeout, 0.001)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                             struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._reading = False
