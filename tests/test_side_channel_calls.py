@@ -4,6 +4,8 @@ codes, a server that goes away fails over, only the server's user (or root) gets
 callers with the token on either."""
 
 import os
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -266,4 +268,39 @@ def test_a_send_to_a_peer_that_stopped_reading_fails_instead_of_blocking():
     finally:
         release.set()
         link.close()
+        listener.close()
+
+
+def test_callers_that_are_not_admitted_hold_no_thread_and_no_memory():
+    """Over TCP anyone who can reach the port may connect: a caller that says nothing is dropped after the hello
+    timeout, a first frame claiming a gigabyte is refused unread, and connections past the limit are closed."""
+    listener = SideListener(lambda payload: bytes(payload), tcp=("127.0.0.1", 0), max_connections=3,
+                            hello_timeout=0.3, max_bytes=2 << 30)
+    host, port = listener.address.rsplit(":", 1)
+
+    def closed_by_server(sock: socket.socket, within: float) -> bool:
+        sock.settimeout(within)
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    try:
+        silent = socket.create_connection((host, int(port)))
+        start = time.monotonic()
+        assert closed_by_server(silent, 10) and time.monotonic() - start < 5
+        huge = socket.create_connection((host, int(port)))
+        huge.sendall(struct.pack("<IQB", 1 << 30, 0, 1))  # a HELLO of 1 GiB: over the 4 KiB a token may take
+        assert closed_by_server(huge, 10)
+        held = [SideLink(listener.address, tcp=True) for _ in range(3)]
+        extra = socket.create_connection((host, int(port)))
+        assert closed_by_server(extra, 10)
+        assert bytes(held[0].receive(held[0].send(b"ok"), 10)) == b"ok"  # the admitted ones go on
+        for link in held:
+            link.close()
+        for sock in (silent, huge, extra):
+            sock.close()
+    finally:
         listener.close()

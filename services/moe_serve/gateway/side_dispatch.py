@@ -50,7 +50,7 @@ class _Piece:
     stop: int
     payload: list  # the request's pieces (its tensors' own buffers)
     size: int  # bytes of the request
-    link: SideLink | None = None  # the channel it goes on (set at send for the same-host one)
+    link: SideLink  # the channel it goes on (the pool may open a new one meanwhile)
     seq: int = 0
     send_error: str = ""
 
@@ -84,9 +84,12 @@ def start_side(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.T
     if not counts:
         return None
     plan, missing = dispatcher.pool.assign(layer, counts)
-    if missing or not all(_carrier(dispatcher, r, hidden.device) for r in plan):
+    if missing:
         return None
-    parts = _stage(dispatcher, layer, hidden, expert_ids, weights, counts, plan)
+    links = {r: _carrier(dispatcher, r, hidden.device) for r in plan}  # taken once: another thread may close one
+    if not all(links.values()):
+        return None
+    parts = _stage(dispatcher, layer, hidden, expert_ids, weights, counts, plan, links)
     if parts is None:
         return None
     round_ = SideRound(dispatcher, layer, hidden, expert_ids, weights, counts, deadline, parts)
@@ -94,16 +97,18 @@ def start_side(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.T
     return round_
 
 
-def _carrier(dispatcher, replica: Replica, device: torch.device) -> bool:
-    """True if `replica`'s share can go over its side channel: TCP, or same host with memory it maps."""
+def _carrier(dispatcher, replica: Replica, device: torch.device) -> SideLink | None:
+    """`replica`'s side channel if its share can go there: TCP, or same host with memory it maps; else None."""
     link = replica.side_link()
     if link is None:
-        return False
-    return link.tcp or (dispatcher.arenas is not None and bool(dispatcher.shared_kind(replica, device)))
+        return None
+    usable = link.tcp or (dispatcher.arenas is not None and bool(dispatcher.shared_kind(replica, device)))
+    return link if usable else None
 
 
 def _stage(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-           weights: torch.Tensor, counts: dict[int, int], plan: dict[Replica, list[int]]) -> list[_Part] | None:
+           weights: torch.Tensor, counts: dict[int, int], plan: dict[Replica, list[int]],
+           links: dict[Replica, SideLink]) -> list[_Part] | None:
     """Each server's request: its hidden rows copied into an arena (same host) or into the request (TCP); None
     (arenas released) when shared memory runs out."""
     parts: list[_Part] = []
@@ -116,11 +121,12 @@ def _stage(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tenso
         request.model_fingerprint = dispatcher.pool.fingerprint
         if hidden.is_cuda:  # once, asynchronously: the staging gathers by them and the sum adds by them
             rows = rows.pin_memory().to(hidden.device, non_blocking=True)
-        if replica.side_link().tcp:
+        if links[replica].tcp:
             arena = result = None
             to_experts, request.output_dtype = dispatcher.wire_choice.for_call(rows.numel())
             request.hidden = to_wire(hidden.index_select(0, rows).cpu(), to_experts)
-            pieces = _split(request, replica.side_lanes(), replica.min_piece_bytes)
+            lanes = [links[replica], *(lane for lane in replica.side_lanes() if lane is not links[replica])]
+            pieces = _split(request, lanes, replica.min_piece_bytes)
         else:
             arena = dispatcher.acquire(replica, hidden, rows.numel())
             if arena is None:
@@ -130,7 +136,7 @@ def _stage(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tenso
                 return None
             result = dispatcher.stage(arena, request, hidden, rows, sync=False, device_rows=rows)
             shared = True
-            pieces = [_Piece(0, rows.numel(), *request._type.chunks(request))]
+            pieces = [_Piece(0, rows.numel(), *request._type.chunks(request), link=links[replica])]
         parts.append(_Part(replica, chosen, rows, arena, result, pieces, sum(counts[e] for e in chosen)))
     if hidden.is_cuda and shared:  # every server reads what we wrote: one synchronisation for all of them
         torch.cuda.current_stream(hidden.device).synchronize()
@@ -142,8 +148,8 @@ def _split(request, links: list[SideLink], min_piece_bytes: int) -> list[_Piece]
     the server has several TCP links, pieces of contiguous rows one per link, sent at once (moe_client.striping's
     lanes, over the side channel): a row's sum depends on that row alone."""
     parts = min(len(links), len(request.hidden.data) // min_piece_bytes, request.hidden.shape[0])
-    if parts < 2:  # no link left (it closed since the plan): the send fails and the share goes by gRPC
-        return [_Piece(0, request.hidden.shape[0], *request._type.chunks(request), link=links[0] if links else None)]
+    if parts < 2:
+        return [_Piece(0, request.hidden.shape[0], *request._type.chunks(request), link=links[0])]
     return [_Piece(start, stop, *piece._type.chunks(piece), link=link)
             for link, (start, stop, piece) in zip(links, split_rows(request, parts), strict=False)]
 
@@ -170,10 +176,7 @@ class SideRound:
             part.sent_at = time.perf_counter()
             for piece in part.pieces:
                 try:
-                    piece.link = piece.link or part.replica.side_link()
-                    if piece.link is None:
-                        raise ChannelClosed("the side channel closed")
-                    piece.seq = piece.link.send(piece.payload)
+                    piece.seq = piece.link.send(piece.payload)  # ChannelClosed if it closed since
                 except ChannelClosed as err:
                     piece.send_error = str(err)
 
@@ -264,13 +267,12 @@ class SideRound:
                 # Silence on TCP may be a dead link, which gives no error: its sends would soon block on a full
                 # buffer. Closed; the pool opens it again once the server answers GetInfo (gRPC meanwhile).
                 for piece in part.pieces:
-                    if piece.link is not None:
-                        piece.link.close()
+                    piece.link.close()
         finally:
             part.waited = True
             part.replica.outstanding -= part.slots
             for piece in part.pieces[len(replies) + 1:]:
-                if piece.link is not None and not piece.send_error:
+                if not piece.send_error:
                     piece.link.forget(piece.seq)
             self.dispatcher.metrics.record_expert_call(part.replica.name, code.name,
                                                        time.perf_counter() - part.sent_at, part.size,

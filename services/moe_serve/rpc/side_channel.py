@@ -48,6 +48,7 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 _IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
 _SMALL = 1 << 16  # payloads below this are read into a bytearray; larger ones into uninitialised memory
+_HELLO_MAX = 4096  # bytes of the first frame (the token): nothing larger is read before a caller is admitted
 Payload = bytes | bytearray | memoryview | list  # a list: pieces sent in order, as one payload
 
 
@@ -119,8 +120,14 @@ class SideListener:
     answered in order."""
 
     def __init__(self, handler: Callable[[memoryview], Payload], token: str | None = None,
-                 max_bytes: int = 64 << 20, name: str | None = None, tcp: tuple[str, int] | None = None):
+                 max_bytes: int = 64 << 20, name: str | None = None, tcp: tuple[str, int] | None = None,
+                 max_connections: int = 256, hello_timeout: float = 10.0):
         self.handler = handler
+        # A caller that connects and says nothing, or too many connections, must not hold threads: each
+        # connection has one, so both are bounded (the first frame, the token, is read within hello_timeout
+        # and may be at most _HELLO_MAX bytes).
+        self.max_connections = max_connections
+        self.hello_timeout = hello_timeout
         self.token = token.encode() if token else None
         self.max_bytes = max_bytes
         self.tcp = tcp is not None
@@ -168,6 +175,13 @@ class SideListener:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            with self._lock:
+                full = len(self._conns) >= self.max_connections
+            if full:
+                log.warning("side channel %s: %d connections already; refused another", self.address,
+                            self.max_connections)
+                conn.close()
+                continue
             if self.tcp:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a reply's last bytes go at once
             else:
@@ -184,10 +198,12 @@ class SideListener:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            seq, kind, payload = read_frame(conn, self.max_bytes)
+            conn.settimeout(self.hello_timeout)
+            seq, kind, payload = read_frame(conn, _HELLO_MAX)
             if kind != HELLO or (self.token is not None and not hmac.compare_digest(bytes(payload), self.token)):
                 _write_error(conn, seq, grpc.StatusCode.UNAUTHENTICATED, "side channel: missing or wrong token")
                 return
+            conn.settimeout(None)
             write_frame(conn, seq, OK)
             while not self._closing:
                 seq, kind, payload = read_frame(conn, self.max_bytes)
