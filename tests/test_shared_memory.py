@@ -106,8 +106,7 @@ def test_gateway_falls_back_when_the_server_cannot_map(cluster, tiny_checkpoint,
     elsewhere = tmp_path / "other-shm"
     elsewhere.mkdir()
     for s in servers:  # the servers' RegionMaps look in a directory the gateway's arenas are not in
-        monkeypatch.setattr(cluster.expert_servicers[s].regions, "_open_shm",
-                            _open_in(elsewhere, cluster.expert_servicers[s].regions._open_shm))
+        monkeypatch.setattr(cluster.expert_servicers[s].regions, "shm_dir", elsewhere)
     # 16 tokens: both servers get a call in the first forward (one-sided routing has odds ~1e-10)
     hidden = np.random.default_rng().standard_normal((16, 64), dtype=np.float32)
     with GatewayClient(gateway) as client:
@@ -118,17 +117,6 @@ def test_gateway_falls_back_when_the_server_cannot_map(cluster, tiny_checkpoint,
     assert all(not r.shared_kinds for r in pool.members)
     # The refused calls' arenas are dropped, not pooled: a server that failed a call may still write.
     assert released == [] and len(closed) == 2
-
-
-def _open_in(directory, open_shm):
-    def opener(region, field):
-        original = shared_regions.SHM_DIR
-        shared_regions.SHM_DIR = directory
-        try:
-            return open_shm(region, field)
-        finally:
-            shared_regions.SHM_DIR = original
-    return opener
 
 
 # --- RunExperts called directly with shared regions ---------------------------------------------------

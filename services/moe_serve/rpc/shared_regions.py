@@ -196,9 +196,10 @@ class ArenaPool:
 class RegionMaps:
     """A server's mappings of callers' regions, each opened once; at most `limit` kept."""
 
-    def __init__(self, kinds: list[int], limit: int = 256):
+    def __init__(self, kinds: list[int], limit: int = 256, shm_dir: Path = SHM_DIR):
         self.kinds = list(kinds)
         self.limit = limit
+        self.shm_dir = shm_dir  # where shm regions are looked up (a test points one server elsewhere)
         self._maps: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self._cuda_index = {u: i for i, u in enumerate(local_gpu_uuids())} if CUDA in self.kinds else {}
@@ -252,7 +253,7 @@ class RegionMaps:
         if not _SHM_NAME.match(region.name):
             raise InvalidArgument(f"{field}.region.name: {region.name!r} is not a moe-serve region name (moe-...)")
         # No symlink, only a regular file of this server's user, the key checked: one answer for every refusal.
-        mapped = shm_files.map_region(SHM_DIR, region.name, region.size, bytes(region.key), _KEY_BYTES)
+        mapped = shm_files.map_region(self.shm_dir, region.name, region.size, bytes(region.key), _KEY_BYTES)
         if mapped is None:
             raise FailedPrecondition(shm_files.refusal(field, region.name))
         return torch.frombuffer(mapped, dtype=torch.uint8)
