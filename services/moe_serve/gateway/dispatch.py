@@ -114,11 +114,14 @@ class ExpertDispatcher:
 
     async def rescue(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                      counts: dict[int, int], deadline: float | None, excluded: frozenset[str],
-                     failures: Failures) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Run `counts`' experts by gRPC on replicas not in `excluded` (a same-host call failed); the
-        (first expert, rows, [rows, H] partial sum) of each call."""
+                     failures: Failures, moved: bool = False) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Run `counts`' experts by gRPC on replicas not in `excluded` (a side-channel call failed); the
+        (first expert, rows, [rows, H] partial sum) of each call. `moved`: the failure was a NOT_FOUND (a live
+        drop), so plan on the fresh infos. Only then: an info fetch under way waits on every server's GetInfo,
+        up to 5 s for one behind a cut link, which a failover must not wait for."""
         partials: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        await self.pool.placement_settled()  # after a NOT_FOUND (a live drop): on the fresh infos
+        if moved:
+            await self.pool.placement_settled()
         await self._scatter(layer, hidden, expert_ids, weights, counts, deadline, excluded, failures, partials)
         return partials
 

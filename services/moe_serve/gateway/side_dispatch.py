@@ -176,7 +176,8 @@ class SideRound:
             part.sent_at = time.perf_counter()
             for piece in part.pieces:
                 try:
-                    piece.seq = piece.link.send(piece.payload)  # ChannelClosed if it closed since
+                    # at most the call's budget waiting for room to send (a silent link fills the buffer)
+                    piece.seq = piece.link.send(piece.payload, self._timeout(part))  # ChannelClosed if closed since
                 except ChannelClosed as err:
                     piece.send_error = str(err)
 
@@ -234,7 +235,7 @@ class SideRound:
         where = f"layer {self.layer} experts {format_ranges(part.chosen)}"
         if code in FINAL:
             raise ServiceError(f"expert server {replica.name} ({replica.address}), {where}: {reason}")
-        excluded = frozenset()
+        excluded, moved = frozenset(), False
         if code == grpc.StatusCode.FAILED_PRECONDITION and "shared_" in reason:
             replica.shared_kinds = frozenset()  # it cannot map our memory after all: bytes by gRPC from now on
         else:
@@ -245,7 +246,8 @@ class SideRound:
             excluded = frozenset() if moved else frozenset({replica.address})
         rescued = asyncio.run_coroutine_threadsafe(
             d.rescue(self.layer, self.hidden, self.expert_ids, self.weights,
-                     {e: self.counts[e] for e in part.chosen}, self.deadline, excluded, failures), d.loop).result()
+                     {e: self.counts[e] for e in part.chosen}, self.deadline, excluded, failures, moved),
+            d.loop).result()
         add_partials(rescued, out)
 
     def _receive(self, part: _Part) -> tuple[grpc.StatusCode, str, list[memoryview]]:

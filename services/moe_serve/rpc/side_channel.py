@@ -267,11 +267,10 @@ class SideLink:
             self.sock.close()
             raise
         self.sock.settimeout(None)
-        # A send never waits for room in the socket's buffer longer than `timeout`: a peer that stopped reading,
-        # or a link that went silent, fails the call (and the link) instead of holding the caller.
-        seconds = max(timeout, 0.001)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                             struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+        # A send never waits for room in the socket's buffer longer than `timeout` (or its own): a peer that
+        # stopped reading, or a link that went silent, fails the call (and the link) instead of holding the caller.
+        self.timeout = timeout
+        self._send_timeout = -1.0
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._reading = False
@@ -280,8 +279,9 @@ class SideLink:
         self._next = 1
         self.closed = False
 
-    def send(self, payload: Payload) -> int:
-        """Send one request; returns its sequence number for `receive`."""
+    def send(self, payload: Payload, timeout: float | None = None) -> int:
+        """Send one request, waiting at most `timeout` s (default: the link's) for room in the socket's buffer
+        at a time; returns its sequence number for `receive`. ChannelClosed (the link closed) if it fails."""
         with self._send_lock:
             if self.closed:
                 raise ChannelClosed("the channel is closed")
@@ -290,11 +290,19 @@ class SideLink:
             with self._cond:
                 self._expected.add(seq)
             try:
+                self._limit_sends(self.timeout if timeout is None else timeout)
                 write_frame(self.sock, seq, REQUEST, payload)
             except OSError as err:
                 self._fail(err)
                 raise ChannelClosed(f"send failed: {err}") from err
         return seq
+
+    def _limit_sends(self, seconds: float) -> None:
+        seconds = max(seconds, 0.001)  # 0 would mean no limit
+        if seconds != self._send_timeout:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                 struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+            self._send_timeout = seconds
 
     def receive(self, seq: int, timeout: float) -> memoryview:
         """The reply's payload; ChannelError for an error reply, TimeoutError after `timeout` s (the reply,
