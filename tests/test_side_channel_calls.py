@@ -304,3 +304,28 @@ def test_callers_that_are_not_admitted_hold_no_thread_and_no_memory():
             sock.close()
     finally:
         listener.close()
+
+
+def test_an_unreachable_tcp_channel_is_not_dialled_on_every_info_poll(cluster, tiny_checkpoint, monkeypatch):
+    """A server whose TCP side port cannot be reached (a firewall): calls go by gRPC, and the gateway tries the
+    port again only after TCP_LINK_RETRY, not at every GetInfo poll."""
+    from moe_serve.gateway import pool as pool_module
+
+    dials = []
+    real = pool_module.SideLink
+
+    def counting(address, **kwargs):
+        dials.append(address)
+        return real(address, **kwargs)
+
+    monkeypatch.setattr(pool_module, "SideLink", counting)
+    server = cluster.expert_server(tiny_checkpoint, experts="0-7")
+    cluster.expert_servicers[server].side.tcp.close()  # the port is announced, nobody listens: refused
+    gateway = cluster.gateway(tiny_checkpoint, [server], shared_memory=False, batching=BatchingConfig(batching=False))
+    inputs = _forwards_equal_reference(gateway, tiny_checkpoint, (5,))
+    pool = _gateway_pool(cluster, gateway)
+    wait_for(lambda: dials and not pool.members[0].linking, "the first connect to fail")
+    for _ in range(10):  # info polls: each one looks at the side channel again
+        cluster.loop.run(pool._refresh_all())
+    assert dials == [dials[0]], dials  # one connect, then nothing until TCP_LINK_RETRY has passed
+    assert _grpc_computations(cluster, server) >= 2 * len(inputs)

@@ -36,6 +36,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 EJECT_BASE, EJECT_MAX = 0.5, 10.0  # seconds a failed replica is skipped: 0.5, 1, 2, ... 10
 WATCH_BACKOFF = (0.1, 2.0)  # seconds between watcher reconnects, doubling
 WAIT_LOG_EVERY = 3.0  # seconds between start-up lines naming the servers the gateway still waits for
+TCP_LINK_RETRY = 30.0  # seconds before connecting again to a TCP side channel that could not be reached
 
 
 def _waiting_for(replicas: list[Replica]) -> str:
@@ -289,6 +290,9 @@ class ServerPool:
         if not address or address == replica.linking:
             return
         if tcp:
+            failed, retry_at = replica.unreachable
+            if address == failed and time.monotonic() < retry_at:
+                return  # a firewall that drops the port: not one connect timeout per info poll
             replica.linking = address
             self._spawn(self._open_tcp(replica, address))
             return
@@ -317,8 +321,9 @@ class ServerPool:
         try:
             links = await asyncio.to_thread(connect)
         except (OSError, ChannelError) as err:  # a firewall, a server that stopped: gRPC it is
-            log.info("expert server %s (%s): no TCP side channel at %s (%s); calls go by gRPC", replica.name,
-                     replica.address, address, err)
+            replica.unreachable = (address, time.monotonic() + TCP_LINK_RETRY)
+            log.info("expert server %s (%s): no TCP side channel at %s (%s); calls go by gRPC (next try in %.0fs)",
+                     replica.name, replica.address, address, err, TCP_LINK_RETRY)
             return
         finally:
             if replica.linking == address:

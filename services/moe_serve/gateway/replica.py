@@ -93,6 +93,7 @@ class Replica:
         self.side: SideLink | None = None  # its side channel (Unix socket on our host, else TCP), when open
         self.lanes: tuple[SideLink, ...] = ()  # more TCP side links, for large calls split by rows
         self.linking = ""  # the TCP side channel's address while a connection is being made
+        self.unreachable: tuple[str, float] = ("", 0.0)  # a TCP side address that failed, and when to try again
 
     def recent_load(self, now: float) -> float:
         """(token, expert) slots sent here lately: each slot counts exp(-age / RECENT_SECONDS)."""
