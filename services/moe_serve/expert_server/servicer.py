@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -117,7 +118,7 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
             # fp8 replies are quantised from float32 (the quantisation makes new buffers).
             finish = partial(to_wire_owned, dtype=out_dtype)
             dest = None
-            check_reply("RunExperts", hidden.numel() * TORCH_DTYPES[out_dtype].itemsize, self.max_reply_bytes)
+            check_reply("RunExperts", wire_bytes(hidden.shape, out_dtype), self.max_reply_bytes)
         self.bank.check(request.layer, ids)
         self.calls.enter(request.layer, ids)  # under the bank's lock, as a live drop's last look is
         if deferred:
@@ -141,6 +142,12 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
     @rpc
     async def GetInfo(self, request, context):
         return self.info
+
+
+def wire_bytes(shape: tuple[int, ...], dtype: int) -> int:
+    """Bytes of a [T, H] tensor of wire dtype `dtype` in a message: its elements, and fp8's float32 scale a row."""
+    rows_scales = 4 * shape[0] if dtype == wire.FLOAT8_E4M3 and len(shape) > 1 else 0
+    return math.prod(shape) * wire.STORAGE[dtype].itemsize + rows_scales
 
 
 def _write_shared(dest: torch.Tensor, dtype: int, out: torch.Tensor) -> wire.WireTensor:
