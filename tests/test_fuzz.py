@@ -321,6 +321,30 @@ def test_fuzz_raw_bytes_generate(causal_gateway, data):
     assert (generated(causal_gateway.stub, causal_gateway.valid) == causal_gateway.expected).all()
 
 
+@pytest.mark.parametrize("message", [
+    b"\x99\x80\x80\x80\x10" + bytes(8),  # a key of 2^32 + 25 (field 2^29 + 3): found by the fuzzer below in CI
+    b"\xf9\xff\xff\xff\x0f" + bytes(8),  # the largest key, field 2^29 - 1: an unknown field, skipped
+    b"\x88\x80\x80\x80\x80\x00\x05",  # the key of `layer` (8) in 6 bytes: over the 5 a key may take
+    b"\x88\x80\x80\x80\x00\x05",  # ... in 5 bytes: accepted
+])
+def test_codec_reads_keys_as_protobuf_does(message):
+    """Keys are 32-bit varints of at most 5 bytes; anything else is malformed even when it encodes a known key."""
+    from moe_client import zerocopy
+    from moe_client.wire import WireError
+
+    try:
+        expected = experts_pb2.RunExpertsRequest.FromString(message)
+    except Exception:
+        expected = None
+    try:
+        got = zerocopy.RunExpertsRequest.parse(message)
+    except WireError:
+        got = None
+    assert (got is None) == (expected is None)
+    if got is not None:
+        assert got.layer == expected.layer
+
+
 @FUZZ
 @given(data=st.data())
 def test_fuzz_codec_accepts_what_protobuf_accepts(data):

@@ -56,6 +56,15 @@ def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
     raise WireError("malformed protobuf: truncated or overlong varint")
 
 
+def _read_tag(buf, pos: int, end: int) -> tuple[int, int]:
+    """A field's key: a varint of at most 5 bytes whose value fits 32 bits, or protobuf refuses the message
+    (upb reads tags as uint32; a longer or larger one is malformed, even when it encodes a known key)."""
+    key, after = _read_varint(buf, pos, end)
+    if after - pos > 5 or key > 0xFFFFFFFF:
+        raise WireError("malformed protobuf: a field key over 32 bits or 5 bytes")
+    return key, after
+
+
 _MAX_GROUP_DEPTH = 100  # protobuf's recursion limit
 
 
@@ -63,7 +72,7 @@ def _skip_group(buf, pos: int, end: int, number: int, message: str) -> int:
     """Skip a group's fields up to its end-group tag (number `number`); the position after it."""
     open_groups = [number]
     while pos < end:
-        key, pos = _read_varint(buf, pos, end)
+        key, pos = _read_tag(buf, pos, end)
         field, wire_type = key >> 3, key & 7
         if field == 0:
             raise WireError(f"malformed protobuf in {message}: field number 0")
@@ -311,7 +320,8 @@ def _compile_reader(message_type: MessageType) -> Callable[[dict, memoryview, in
     """Reader for one message type: each field in the encoding protobuf writes is read inline; any other
     encoding (unknown fields, unpacked repeated, mismatched wire types) goes to the generic `_parse_one`."""
     name = message_type.descriptor.name
-    namespace: dict = {"_read_varint": _read_varint, "_as_int": _as_int, "_unpack": _DOUBLE.unpack_from,
+    namespace: dict = {"_read_varint": _read_varint, "_read_tag": _read_tag, "_as_int": _as_int,
+                       "_unpack": _DOUBLE.unpack_from,
                        "_utf8": _utf8, "_slow": message_type._parse_one, "WireError": WireError,
                        "_PAST_END": f"malformed protobuf in {name}: a field runs past the end"}
     varint = ["        if pos >= end:", "            raise WireError(_PAST_END)", "        v = buf[pos]",
@@ -319,7 +329,7 @@ def _compile_reader(message_type: MessageType) -> Callable[[dict, memoryview, in
     span = [*varint, "        start = pos", "        pos += v", "        if pos > end:",
             "            raise WireError(_PAST_END)"]
     lines = ["def parse_into(values, buf, pos, end):", "    while pos < end:", "        key = buf[pos]",
-             "        pos += 1", "        if key >= 128:", "            key, pos = _read_varint(buf, pos - 1, end)"]
+             "        pos += 1", "        if key >= 128:", "            key, pos = _read_tag(buf, pos - 1, end)"]
     branch = "if"
     for i, f in enumerate(message_type.fields):
         namespace[f"KIND{i}"] = f.kind
