@@ -184,6 +184,7 @@ class SideListener:
                 continue
             if self.tcp:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a reply's last bytes go at once
+                _keepalive(conn, 10)  # a caller that vanished (a cut link) frees its thread within ~30 s
             else:
                 uid = peer_uid(conn)
                 if uid not in (os.getuid(), 0):
@@ -392,14 +393,19 @@ def _connect_tcp(address: str, timeout: float, keepalive: float) -> socket.socke
     host, _, port = address.rpartition(":")
     sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    idle = max(1, int(keepalive))
+    _keepalive(sock, keepalive)
+    return sock
+
+
+def _keepalive(sock: socket.socket, seconds: float) -> None:
+    """Probe an idle connection every `seconds`; two missed probes, or data unacknowledged for three times
+    that (keepalive only probes an idle line), end it."""
+    idle = max(1, int(seconds))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
-    # Unsent or unacknowledged data for this long means the peer is gone (keepalive only probes an idle line).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 3 * idle * 1000)
-    return sock
 
 
 def _reply(kind: int, payload: memoryview) -> memoryview:
