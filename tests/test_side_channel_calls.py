@@ -329,3 +329,25 @@ def test_an_unreachable_tcp_channel_is_not_dialled_on_every_info_poll(cluster, t
         cluster.loop.run(pool._refresh_all())
     assert dials == [dials[0]], dials  # one connect, then nothing until TCP_LINK_RETRY has passed
     assert _grpc_computations(cluster, server) >= 2 * len(inputs)
+
+
+def test_a_layer_that_fails_keeps_no_reply_waiting_on_the_other_links(cluster, tiny_checkpoint, monkeypatch):
+    """The first server refuses its share for good (INVALID_ARGUMENT fails the layer): the other server's reply,
+    which nobody will read, is dropped when it comes instead of kept by its link for the link's life."""
+    from moe_serve.rpc.errors import InvalidArgument
+
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-3", "4-7")]
+    gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=False, batching=BatchingConfig(batching=False))
+    _wait_linked(cluster, gateway, tcp=True)
+
+    def refuse(request):
+        raise InvalidArgument("refused by the test")
+
+    monkeypatch.setattr(cluster.expert_servicers[servers[0]], "prepare", refuse)
+    hidden = np.random.default_rng().standard_normal((16, 64), dtype=np.float32)  # both servers get rows
+    with GatewayClient(gateway) as client, pytest.raises(grpc.RpcError) as err:
+        client.forward(hidden)
+    assert "refused by the test" in err.value.details()
+    links = [link for r in _gateway_pool(cluster, gateway).members for link in r.side_lanes()]
+    wait_for(lambda: _tcp_calls(cluster, servers[1]) >= 1, "the second server's answer")
+    assert all(not link._expected and not link._replies for link in links)  # its sequence number is forgotten

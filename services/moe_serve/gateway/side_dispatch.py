@@ -197,9 +197,12 @@ class SideRound:
                     if part.arena is not None:  # not gathered (an error above): never reused
                         part.arena.close()
                         part.arena = None
-                    if not part.waited:  # its reply is not waited for: its work leaves the replica's count
-                        part.waited = True
+                    if not part.waited:  # its reply is not waited for: its work leaves the replica's count, and
+                        part.waited = True  # the reply is dropped when it comes instead of kept by the link
                         part.replica.outstanding -= part.slots
+                        for piece in part.pieces:
+                            if not piece.send_error:
+                                piece.link.forget(piece.seq)
             self._out = out
         return self._out
 
