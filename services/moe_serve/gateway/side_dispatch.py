@@ -38,6 +38,8 @@ from moe_serve.rpc.errors import ServiceError
 from moe_serve.rpc.shared_regions import Arena
 from moe_serve.rpc.side_channel import ChannelClosed, ChannelError, SideLink
 
+_WAITED = 0.0005  # s: a receive that took longer waited for its reply (one already read returns in microseconds)
+
 # `dispatcher` below is the gateway's ExpertDispatcher (dispatch.py, which calls start_side): its pool,
 # arenas, staging, metrics and gRPC failover (`rescue`). Not imported, so the two modules form no loop.
 
@@ -67,6 +69,7 @@ class _Part:
     pieces: list[_Piece]
     slots: int
     sent_at: float = 0.0
+    arrived: float = 0.0  # when the last reply we waited for came (0: every reply was there already)
     waited: bool = False  # its slots are off the replica's outstanding count
 
     @property
@@ -223,7 +226,8 @@ class SideRound:
             else:
                 sums = [(part.pieces[0], part.result)]  # read in place: no copy out of the arena
             self.server_seconds += max(answer.compute_seconds for answer in answers)
-            d.budget.observe(time.perf_counter() - part.sent_at)
+            if part.arrived:  # the call's own time, as the gRPC path observes it (call_budget.py)
+                d.budget.observe(part.arrived - part.sent_at)
             d.pool.report_success(replica, max(answer.placement_version for answer in answers))
             rows = part.rows.to(out.device)
             for piece, partial in sums:
@@ -261,7 +265,13 @@ class SideRound:
             for piece in part.pieces:
                 if piece.send_error:
                     raise ChannelClosed(piece.send_error)
+                waiting = time.perf_counter()
                 replies.append(piece.link.receive(piece.seq, self._timeout(part)))
+                now = time.perf_counter()
+                # Only a reply we waited for dates the call; one already there came at some unknown time
+                # before (while this thread computed): observing that would inflate the failover budget.
+                if now - waiting > _WAITED:
+                    part.arrived = max(part.arrived, now)
         except ChannelError as err:
             code, reason = err.code, f"{err.code.name}: {err.details}"
         except ChannelClosed as err:
