@@ -23,7 +23,7 @@ from benchmarks.timing import Samples, interleaved
 from moe_client import wire, zerocopy
 from moe_client.channel import unary_callable
 from moe_client.pb import experts_pb2, tensor_pb2
-from moe_client.striping import DEFAULT_LANES, MIN_PIECE_BYTES, Lanes, StripedReply, pieces, split_rows
+from moe_client.striping import DEFAULT_LANES, MIN_PIECE_BYTES, Lanes, StripedReply, piece_count, pieces, split_rows
 from moe_serve.rpc.codec import from_wire, to_wire
 from tests.support.threads import LoopThread
 
@@ -35,7 +35,7 @@ def side_echo(links: list, hidden: torch.Tensor, ids: torch.Tensor, weights: tor
     pieces of rows over the links when the hidden states are 2 MiB or more; (start, stop, output) per piece."""
     request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
                                          weights=to_wire(weights))
-    parts = min(len(links), len(request.hidden.data) // MIN_PIECE_BYTES, len(hidden))
+    parts = piece_count(request, len(links), MIN_PIECE_BYTES)
     split = split_rows(request, parts) if parts > 1 else [(0, len(hidden), request)]
     sent = [(link, link.send(piece._type.chunks(piece)[0]), start, stop)
             for link, (start, stop, piece) in zip(links, split, strict=False)]

@@ -86,6 +86,15 @@ def row_slice(tensor: WireTensor, start: int, stop: int) -> WireTensor:
     return WireTensor(tensor.dtype, (stop - start, *tensor.shape[1:]), data[start * per_row:stop * per_row], scales)
 
 
+def piece_count(request, lanes: int, min_piece_bytes: int) -> int:
+    """How many pieces of rows a RunExpertsRequest goes in over `lanes` connections: 1 unless its hidden states
+    travel in it and hold at least 2 x `min_piece_bytes`; never more pieces than lanes or rows."""
+    hidden = request.hidden
+    if hidden is None or not hidden.shape:
+        return 1
+    return max(1, min(lanes, len(hidden.data) // min_piece_bytes, hidden.shape[0]))
+
+
 def split_rows(request, parts: int) -> list[tuple[int, int, object]]:
     """A RunExpertsRequest (zerocopy) with its tensors in the message, as `parts` requests of contiguous rows."""
     out = []
@@ -116,11 +125,7 @@ class Lanes:
 
     def parts_for(self, request) -> int:
         """How many pieces `request` goes in: 1 unless its hidden states travel in it and are large."""
-        hidden = request.hidden
-        if hidden is None or not hidden.shape:
-            return 1
-        by_size = len(hidden.data) // self.min_piece_bytes
-        return max(1, min(len(self.calls), by_size, hidden.shape[0]))
+        return piece_count(request, len(self.calls), self.min_piece_bytes)
 
     async def __call__(self, request, timeout: float | None = None, **kwargs):
         """The reply (a RunExpertsResponse, or a StripedReply when split); AioRpcError if any piece fails."""

@@ -27,7 +27,7 @@ import torch
 
 from moe_client import zerocopy
 from moe_client.ownership import format_ranges
-from moe_client.striping import split_rows
+from moe_client.striping import piece_count, split_rows
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures
 from moe_serve.gateway.partial_sums import add_partials
 from moe_serve.gateway.replica import Replica
@@ -150,7 +150,7 @@ def _split(request, links: list[SideLink], min_piece_bytes: int) -> list[_Piece]
     """A TCP call as frames: one, or, when its hidden states are 2 x `min_piece_bytes` or more (default 2 MiB) and
     the server has several TCP links, pieces of contiguous rows one per link, sent at once (moe_client.striping's
     lanes, over the side channel): a row's sum depends on that row alone."""
-    parts = min(len(links), len(request.hidden.data) // min_piece_bytes, request.hidden.shape[0])
+    parts = piece_count(request, len(links), min_piece_bytes)
     if parts < 2:
         return [_Piece(0, request.hidden.shape[0], *request._type.chunks(request), link=links[0])]
     return [_Piece(start, stop, *piece._type.chunks(piece), link=link)
