@@ -26,7 +26,8 @@ def test_benchmark_runs_end_to_end(tmp_path):
 
 
 def _run_module(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "client"), str(ROOT / "services")]),
+    paths = [str(ROOT), str(ROOT / "client"), str(ROOT / "services"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p),
            "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -39,13 +40,15 @@ def test_gpu_model_benchmark_on_cpu_matches_one_process(tmp_path):
     out = tmp_path / "gpu-model.json"
     _run_module(["-m", "benchmarks.gpu_model", "--tiny", "--device", "cpu", "--servers", "2,2o", "--skip-transformers",
                  "--prefill-batch", "4", "--prefill-len", "64", "--decode-batch", "8", "--decode-steps", "2",
-                 "--repeats", "1", "--out", str(out)], tmp_path)
+                 "--repeats", "1", "--decode-graphs", "--out", str(out)], tmp_path)
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"one_process_1_device", "grpc_2_servers", "grpc_2_servers_overlap"}
     for name in ("grpc_2_servers", "grpc_2_servers_overlap"):
         # --device cpu: the dense layers' arenas are /dev/shm (a GPU host's servers also offer "cuda").
         assert "shm" in rows[name]["shared_kinds"] and rows[name]["logits_rel_error_vs_one_process"] <= 5e-3
         assert rows[name]["prefill_tokens_per_s"] > 0 and rows[name]["decode_tokens_per_s"] > 0
+    for row in rows.values():  # --decode-graphs: every row also decoded through core.decode_step
+        assert row["decode_staged"]["8"]["tokens_per_s"] == row["decode_staged_tokens_per_s"] > 0
 
 
 def test_routing_plan_benchmark_checks_both_forms_agree(tmp_path):

@@ -294,13 +294,12 @@ def test_forward_through_cuda_ipc(cluster, processes, tiny_checkpoint, tmp_path)
     assert np.abs(got - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-4
     pool = cluster.servicers[gateway].engine.experts.inner.pool
     assert all(r.shared_kinds >= {shared_regions.CUDA} for r in pool.members)
-    assert all(r.local_link() is not None for r in pool.members)
+    assert all(r.side_link() is not None for r in pool.members)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU (run on the lent GPU hosts)")
-@pytest.mark.parametrize("same_host_calls", [True, False])
-def test_calls_in_flight_while_graphs_are_captured(loop_thread, processes, tiny_checkpoint, tmp_path,
-                                                   same_host_calls):
+@pytest.mark.parametrize("side_calls", [True, False])
+def test_calls_in_flight_while_graphs_are_captured(loop_thread, processes, tiny_checkpoint, tmp_path, side_calls):
     """bf16 servers replay CUDA graphs, one captured per new call size. Two calls in flight at once (what
     the micro-batch overlap does), each of a size not seen before, once failed the capture with "operation
     not permitted when stream is capturing". Each result equals the checkpoint's experts on the same
@@ -311,7 +310,7 @@ def test_calls_in_flight_while_graphs_are_captured(loop_thread, processes, tiny_
     pool = ServerPool([s.address for s in servers], checkpoint.spec, checkpoint.fingerprint())
     loop_thread.run(pool.start(60))
     dispatcher = ExpertDispatcher(checkpoint.spec, pool, loop_thread.loop, wire.BFLOAT16, arenas=ArenaPool(),
-                                  same_host_calls=same_host_calls)
+                                  side_calls=side_calls)
     try:
         for sizes in ((3, 20), (40, 70), (130, 300)):
             calls = []
