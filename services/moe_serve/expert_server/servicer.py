@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -19,6 +20,7 @@ from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import shared_regions
 from moe_serve.rpc.codec import TORCH_DTYPES, WIRE_DTYPES, from_wire, to_wire_owned
 from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument
+from moe_serve.rpc.finite import all_finite, finite_hint
 from moe_serve.rpc.message_limits import check_reply
 from moe_serve.rpc.registration import add_servicer
 from moe_serve.rpc.server import rpc
@@ -33,8 +35,8 @@ def decode_request(request, hidden_size: int, regions: RegionMaps | None = None,
     """Validated (hidden [T, H], expert_ids [T, K], weights [T, K]); InvalidArgument names the bad field.
 
     With `regions`, hidden states named by `shared_hidden` are read where the caller left them. With
-    `deferred`, the NaN check of hidden states on a GPU is left there as (field, device flag) for the caller
-    to read after the computation's own synchronisation, instead of synchronising here.
+    `deferred`, the NaN check of hidden states on a GPU is left there as (field, tensor, rpc.finite hint) for
+    the caller to read after the computation's own synchronisation, instead of synchronising here.
     """
     if request.shared_hidden.region.kind:
         if regions is None:
@@ -55,11 +57,11 @@ def decode_request(request, hidden_size: int, regions: RegionMaps | None = None,
         raise InvalidArgument(f"expert_ids: shape {list(ids.shape)} must be [{hidden.shape[0]}, K] with K >= 1")
     if weights.shape != ids.shape:
         raise InvalidArgument(f"weights: shape {list(weights.shape)} differs from expert_ids {list(ids.shape)}")
-    if not bool(torch.isfinite(weights).all()):
+    if not all_finite(weights):
         raise InvalidArgument("weights: contains NaN or Inf")
     if deferred is not None and hidden.is_cuda:
-        deferred.append(("hidden", torch.isfinite(hidden).all()))
-    elif not bool(torch.isfinite(hidden).all()):
+        deferred.append(("hidden", hidden, finite_hint(hidden)))
+    elif not all_finite(hidden):
         raise InvalidArgument("hidden: contains NaN or Inf")
     return hidden, ids, weights
 
@@ -92,7 +94,15 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
 
     def prepare(self, request) -> Work:
         """Check and decode a RunExperts request into the bank's work (on the worker, under the bank's lock:
-        it may read a caller's GPU memory); the error names the bad field."""
+        it may read a caller's GPU memory); the error names the bad field. Both stages around the compute,
+        this one and the Work's `finish`, are timed into moe_expert_call_stage_seconds."""
+        start = time.perf_counter()
+        work = self._prepare(request)
+        work.finish = partial(_timed, self.metrics, "finish", work.finish)
+        self.metrics.observe_stage("prepare", time.perf_counter() - start)
+        return work
+
+    def _prepare(self, request) -> Work:
         if request.model_fingerprint and request.model_fingerprint != self.info.model_fingerprint:
             raise FailedPrecondition(
                 f"model_fingerprint: the caller serves checkpoint {request.model_fingerprint}, this server "
@@ -150,6 +160,14 @@ def wire_bytes(shape: tuple[int, ...], dtype: int) -> int:
     return math.prod(shape) * wire.STORAGE[dtype].itemsize + rows_scales
 
 
+def _timed(metrics, stage: str, fn, *args):
+    start = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        metrics.observe_stage(stage, time.perf_counter() - start)
+
+
 def _write_shared(dest: torch.Tensor, dtype: int, out: torch.Tensor) -> wire.WireTensor:
     """Copy the result into the caller's region; it is complete (synchronised) before the reply goes."""
     dest.copy_(out)
@@ -162,8 +180,8 @@ def _checked(finish, deferred: list, out: torch.Tensor):
     """finish(out), then the checks decode_request left on the GPU: read after finish's synchronisation, they
     cost no wait of their own. A call that fails them gets INVALID_ARGUMENT (what it wrote is not used)."""
     value = finish(out)
-    for field, finite in deferred:
-        if not bool(finite):
+    for field, tensor, hint in deferred:
+        if not all_finite(tensor, hint):
             raise InvalidArgument(f"{field}: contains NaN or Inf")
     return value
 

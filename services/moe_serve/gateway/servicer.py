@@ -16,6 +16,7 @@ from moe_serve.observability.serving import ServingMetrics
 from moe_serve.process.handoff import ContextThreadPool
 from moe_serve.rpc.codec import from_wire, to_wire
 from moe_serve.rpc.errors import InvalidArgument, ResourceExhausted
+from moe_serve.rpc.finite import all_finite
 from moe_serve.rpc.message_limits import check_reply
 from moe_serve.rpc.registration import add_servicer
 from moe_serve.rpc.server import rpc, rpc_stream
@@ -69,7 +70,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgument(f"hidden: empty batch (shape {list(hidden.shape)})")
         if tokens > self.max_tokens:
             raise ResourceExhausted(f"hidden: {tokens} tokens exceed the gateway's limit of {self.max_tokens}")
-        if not bool(torch.isfinite(hidden).all()):
+        if not all_finite(hidden):
             raise InvalidArgument("hidden: contains NaN or Inf")
         return hidden
 
