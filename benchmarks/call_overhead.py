@@ -83,7 +83,7 @@ def measure(tokens: int, shape: Shape, args, bank: ExpertBank, dispatchers: dict
         variants["same-host channel, host memory"] = lambda: dispatchers["same-host channel"].run(LAYER, *host)
     times: dict[str, list[float]] = {name: [] for name in variants}
     # The server's own view, from its metrics: whole handling of a call (decode to reply) and compute alone.
-    handled = {name: [0.0, 0.0, 0.0] for name in variants}  # handling seconds, compute seconds, calls
+    handled = {name: [0.0] * 5 for name in variants}  # handling, compute, prepare, finish seconds; calls
     for _ in range(4):
         for name, fn in variants.items():
             before = server_seconds_so_far(args.metrics_url)
@@ -92,20 +92,44 @@ def measure(tokens: int, shape: Shape, args, bank: ExpertBank, dispatchers: dict
             handled[name] = [h + a - b for h, a, b in zip(handled[name], after, before, strict=True)]
     med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
     server_ms = statistics.median(server_seconds) * 1e3 if server_seconds else float("nan")
-    server_view = {name: {"handling_ms": h / n * 1e3, "compute_ms": c / n * 1e3}
-                   for name, (h, c, n) in handled.items() if n}
+    server_view = {name: {"handling_ms": h / n * 1e3, "compute_ms": c / n * 1e3, "prepare_ms": pr / n * 1e3,
+                          "finish_ms": f / n * 1e3}
+                   for name, (h, c, pr, f, n) in handled.items() if n}
+    row_profile = caller_profile(channel, args.device) if args.profile else None
     return {"tokens": tokens, "median_ms": med, "server_compute_ms": server_ms,
             "channel_overhead_ms": med["same-host channel"] - server_ms,
-            "grpc_overhead_ms": med["gRPC + shared memory"] - server_ms, "server_mean_ms": server_view}
+            "grpc_overhead_ms": med["gRPC + shared memory"] - server_ms, "server_mean_ms": server_view,
+            "caller_profile": row_profile}
+
+
+def caller_profile(call, device: str, calls: int = 50) -> list[dict]:
+    """torch.profiler over `calls` channel calls in this (the caller's) process: the ops and CUDA runtime
+    calls that take its host time, by self time per call (top 25)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    for _ in range(5):
+        call()
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            call()
+        sync(device)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+    return [{"op": e.key, "count_per_call": e.count / calls, "self_cpu_us_per_call": e.self_cpu_time_total / calls,
+             "cpu_us_per_call": e.cpu_time_total / calls} for e in rows]
 
 
 def server_seconds_so_far(url: str) -> list[float]:
-    """(RunExperts handling seconds, expert compute seconds, calls) the server has counted since it started."""
+    """(RunExperts handling, expert compute, prepare and finish seconds, calls) the server has counted since it
+    started."""
     text = urllib.request.urlopen(url, timeout=30).read().decode()
     handling = _sample(text, 'moe_request_duration_seconds_sum{rpc="RunExperts"}')
     calls = _sample(text, 'moe_request_duration_seconds_count{rpc="RunExperts"}')
     compute = _sample(text, f'moe_expert_compute_seconds_sum{{layer="{LAYER}"}}')
-    return [handling, compute, calls]
+    prepare = _sample(text, 'moe_expert_call_stage_seconds_sum{stage="prepare"}')
+    finish = _sample(text, 'moe_expert_call_stage_seconds_sum{stage="finish"}')
+    return [handling, compute, prepare, finish, calls]
 
 
 def _sample(text: str, series: str) -> float:
@@ -123,6 +147,8 @@ def main() -> None:
     p.add_argument("--checkpoints", default="bench-results")
     p.add_argument("--width", type=int, default=1408,
                    help="expert width; a small one (e.g. 16) leaves the call's own cost visible on a CPU")
+    p.add_argument("--profile", action="store_true", help="torch.profiler over the channel calls of each token "
+                   "count in this process: the caller's host time by op and CUDA runtime call")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     shape = Shape(width=args.width)
@@ -157,6 +183,9 @@ def main() -> None:
                   f"{med['gRPC + shared memory']:>9.3f} {row['server_compute_ms']:>9.3f} "
                   f"{row['channel_overhead_ms']:>9.3f}", flush=True)
             print(f"        server side (mean ms): {json.dumps(row['server_mean_ms'])}", flush=True)
+            for op in row["caller_profile"] or []:
+                print(f"        caller {op['op'][:60]:<60} x{op['count_per_call']:<5.1f} self "
+                      f"{op['self_cpu_us_per_call']:8.1f} us/call", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
         for d in dispatchers.values():

@@ -72,6 +72,10 @@ class ServiceMetrics:
         self.expert_compute = Histogram("moe_expert_compute_seconds",
                                         "Seconds computing experts per RunExperts call (no decode, encode, queue)",
                                         ["layer"], buckets=LATENCY_BUCKETS, registry=r)
+        self.call_stage = Histogram("moe_expert_call_stage_seconds", "Seconds of each stage of a RunExperts call "
+                                    "around the compute: prepare (decode, map shared memory, checks), finish "
+                                    "(wait for the compute, write or encode the sums)", ["stage"],
+                                    buckets=LATENCY_BUCKETS, registry=r)
         self.weight_bytes = Gauge("moe_weight_bytes", "Bytes of model weights held, by device", ["device"],
                                   registry=r)
         # Gateway: each RunExperts call it makes, as it sees them.
@@ -147,6 +151,10 @@ class ServiceMetrics:
         self.expert_tokens.add(layer, expert_ids)
         if compute_seconds is not None:
             self.child(self.expert_compute, str(layer)).observe(compute_seconds)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """One RunExperts call spent `seconds` in `stage` (prepare or finish)."""
+        self.child(self.call_stage, stage).observe(seconds)
 
     async def run_queued(self, executor: ContextThreadPool, fn: Callable, *args):
         """`fn(*args)` on `executor`, timing the wait for a worker; the executor carries the request's
