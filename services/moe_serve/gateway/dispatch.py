@@ -258,16 +258,17 @@ class ExpertDispatcher:
             log.warning("no shared memory for %d tokens to %s (%s); sending them by gRPC", tokens, replica.name, err)
             return None
 
-    def stage(self, arena: Arena, request, hidden: torch.Tensor, rows: torch.Tensor, sync: bool = True,
-              device_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Copy the routed rows into `arena`, name them and the result's place in `request`; returns that place.
+    def stage(self, arena: Arena, request, hidden: torch.Tensor, rows: torch.Tensor | None,
+              sync: bool = True) -> torch.Tensor:
+        """Copy the routed rows (None: every row) into `arena`, name them and the result's place in `request`;
+        returns that place.
 
         GPU writes are complete (stream synchronised) before the request can leave; `sync=False` leaves
         that to the caller (one synchronisation for all of a layer's calls)."""
-        shape = (rows.numel(), hidden.shape[1])
+        shape = (hidden.shape[0] if rows is None else rows.numel(), hidden.shape[1])
         out_at = aligned(shape[0] * shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize)
-        rows = device_rows if device_rows is not None else rows.to(hidden.device)
-        arena.view(0, self.shared_dtype, shape).copy_(hidden.index_select(0, rows))
+        picked = hidden if rows is None else hidden.index_select(0, rows.to(hidden.device))
+        arena.view(0, self.shared_dtype, shape).copy_(picked)
         if hidden.is_cuda and sync:
             torch.cuda.current_stream(hidden.device).synchronize()
         request.shared_hidden = arena.message(0, self.shared_dtype, shape)

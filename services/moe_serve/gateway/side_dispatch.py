@@ -63,7 +63,7 @@ class _Part:
 
     replica: Replica
     chosen: list[int]
-    rows: torch.Tensor  # [T'] positions in the layer's batch, on the hidden states' device
+    rows: torch.Tensor | None  # [T'] positions in the layer's batch, on the hidden states' device; None: all T
     arena: Arena | None  # same host: the region it reads and writes; None over TCP (bytes in the frames)
     result: torch.Tensor | None  # [T', H] float32 view of the arena the server writes
     pieces: list[_Piece]
@@ -118,28 +118,31 @@ def _stage(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tenso
     shared = False
     for replica, chosen in sorted(plan.items(), key=lambda kv: min(kv[1])):
         rows, ids = rows_for(expert_ids, chosen, dispatcher.spec.num_experts)
-        request = zerocopy.RunExpertsRequest(layer=layer, expert_ids=to_wire(ids),
-                                             weights=to_wire(weights.index_select(0, rows).float()),
-                                             request_id=request_ids.current())
+        tokens = rows.numel()
+        if tokens == hidden.shape[0]:  # every token (often so in decode): no gathers, no row index on the device
+            rows = None
+        request = zerocopy.RunExpertsRequest(
+            layer=layer, expert_ids=to_wire(ids), request_id=request_ids.current(),
+            weights=to_wire((weights if rows is None else weights.index_select(0, rows)).float()))
         request.model_fingerprint = dispatcher.pool.fingerprint
-        if hidden.is_cuda:  # once, asynchronously: the staging gathers by them and the sum adds by them
+        if hidden.is_cuda and rows is not None:  # once, asynchronously: the staging gathers by them, the sum adds
             rows = rows.pin_memory().to(hidden.device, non_blocking=True)
         if links[replica].tcp:
             arena = result = None
-            to_experts, request.output_dtype = dispatcher.wire_choice.for_call(rows.numel())
-            request.hidden = to_wire(hidden.index_select(0, rows).cpu(), to_experts)
+            to_experts, request.output_dtype = dispatcher.wire_choice.for_call(tokens)
+            request.hidden = to_wire((hidden if rows is None else hidden.index_select(0, rows)).cpu(), to_experts)
             lanes = [links[replica], *(lane for lane in replica.side_lanes() if lane is not links[replica])]
             pieces = _split(request, lanes, replica.min_piece_bytes)
         else:
-            arena = dispatcher.acquire(replica, hidden, rows.numel())
+            arena = dispatcher.acquire(replica, hidden, tokens)
             if arena is None:
                 for part in parts:
                     if part.arena is not None:
                         dispatcher.arenas.release(part.replica.address, part.arena)
                 return None
-            result = dispatcher.stage(arena, request, hidden, rows, sync=False, device_rows=rows)
+            result = dispatcher.stage(arena, request, hidden, rows, sync=False)
             shared = True
-            pieces = [_Piece(0, rows.numel(), *request._type.chunks(request), link=links[replica])]
+            pieces = [_Piece(0, tokens, *request._type.chunks(request), link=links[replica])]
         parts.append(_Part(replica, chosen, rows, arena, result, pieces, sum(counts[e] for e in chosen)))
     if hidden.is_cuda and shared:  # every server reads what we wrote: one synchronisation for all of them
         torch.cuda.current_stream(hidden.device).synchronize()
@@ -229,9 +232,13 @@ class SideRound:
             if part.arrived:  # the call's own time, as the gRPC path observes it (call_budget.py)
                 d.budget.observe(part.arrived - part.sent_at)
             d.pool.report_success(replica, max(answer.placement_version for answer in answers))
-            rows = part.rows.to(out.device)
+            rows = part.rows.to(out.device) if part.rows is not None else None
             for piece, partial in sums:
-                out.index_add_(0, rows[piece.start:piece.stop], partial.to(out.device, torch.float32))
+                partial = partial.to(out.device, torch.float32)
+                if rows is None:  # the call had every row: piece i is rows [start, stop) of the layer
+                    out[piece.start:piece.stop] += partial
+                else:
+                    out.index_add_(0, rows[piece.start:piece.stop], partial)
             if part.arena is not None:
                 d.arenas.release(replica.address, part.arena)
                 part.arena = None
