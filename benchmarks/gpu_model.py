@@ -37,6 +37,8 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
@@ -55,10 +57,13 @@ from benchmarks.gpu_measures import (
     profile_region,
 )
 from benchmarks.model_shapes import DEEPSEEK_MOE_16B, QWEN15_MOE_A27B
+from benchmarks.mps import mps_daemon, server_pids
 from benchmarks.timing import synced_times, synchronize
 from moe_client import wire
 from moe_serve.core.causal_lm import CausalLM
+from moe_serve.core.decode_step import DecodeStep
 from moe_serve.expert_server.bank import ExpertBank, InProcessExperts
+from moe_serve.gateway.batching_config import BatchingConfig
 from moe_serve.gateway.config import GatewayConfig
 from moe_serve.gateway.main import create_gateway
 from moe_serve.gateway.overlap import PingPong
@@ -208,51 +213,69 @@ def ours_prefill_decode(model: CausalLM, experts, args, pingpong: PingPong | Non
     t_prefill = timed(prefill, args.repeats, args.device)
     row = {"prefill_tokens_per_s": args.prefill_batch * args.prefill_len / t_prefill,
            "prefill_step_ms": t_prefill * 1e3, "decode": {}}
-    for batch in sorted({args.decode_batch, *args.decode_batches}):
-        run = decode_run(model, experts, args, prompts, batch, pingpong)
-        run()  # warm-up: CUDA graphs of every (layer, bucket) get captured
-        seconds = statistics.median(run() for _ in range(args.repeats))
-        row["decode"][batch] = {"tokens_per_s": batch * args.decode_steps / seconds,
-                                "step_ms": seconds / args.decode_steps * 1e3}
-        if args.bandwidth:
-            bound = bound_tokens_per_s(model.spec, batch, args.decode_prompt + args.decode_steps // 2, args.bandwidth)
-            row["decode"][batch].update(bound_tokens_per_s=bound,
-                                        share_of_bound=row["decode"][batch]["tokens_per_s"] / bound)
+    ways = {"decode": False, "decode_staged": True} if args.decode_graphs else {"decode": False}
+    for key, staged in ways.items():
+        row[key] = {}
+        for batch in sorted({args.decode_batch, *args.decode_batches}):
+            run = decode_run(model, experts, args, prompts, batch, pingpong, staged=staged)
+            run()  # warm-up: CUDA graphs of every (layer, bucket) (and with `staged`, of every stage) captured
+            seconds = statistics.median(run() for _ in range(args.repeats))
+            row[key][batch] = {"tokens_per_s": batch * args.decode_steps / seconds,
+                               "step_ms": seconds / args.decode_steps * 1e3}
+            if args.bandwidth:
+                bound = bound_tokens_per_s(model.spec, batch, args.decode_prompt + args.decode_steps // 2,
+                                           args.bandwidth)
+                row[key][batch].update(bound_tokens_per_s=bound, share_of_bound=row[key][batch]["tokens_per_s"] / bound)
     row["decode_tokens_per_s"] = row["decode"][args.decode_batch]["tokens_per_s"]
     row["decode_step_ms"] = row["decode"][args.decode_batch]["step_ms"]
+    if args.decode_graphs:
+        row["decode_staged_tokens_per_s"] = row["decode_staged"][args.decode_batch]["tokens_per_s"]
     if args.profile:
-        run = decode_run(model, experts, args, prompts, args.decode_batch, pingpong, steps=2)
+        run = decode_run(model, experts, args, prompts, args.decode_batch, pingpong, steps=2,
+                         staged=args.decode_graphs)
         run()  # warm: this batch's graphs captured
         row["decode_2_steps_profile"] = profile_region(run, args.device)
     row["logits"] = [t.float().cpu() for t in prefill()]
     return row
 
 
-def decode_run(model: CausalLM, experts, args, prompts, batch: int, pingpong: PingPong | None, steps: int = 0):
+def decode_run(model: CausalLM, experts, args, prompts, batch: int, pingpong: PingPong | None, steps: int = 0,
+               staged: bool = False):
     """A function that prefills `batch` sequences, then times `steps` (default --decode-steps) greedy decode
     steps of all of them at once; returns the steps' seconds. Its `around` (a context manager factory, e.g.
-    a profiler's) encloses the steps only."""
+    a profiler's) encloses the steps only. `staged`: each step through core.decode_step.DecodeStep (on a GPU
+    its dense stages replay CUDA graphs, the host calls the experts between them), as the gateway's
+    scheduler runs decode-only steps with --decode-graphs; else model.forward_hidden, eager."""
     steps = steps or args.decode_steps
+    pool = model.new_pool(batch, args.decode_prompt + steps)  # one pool for every run: captured graphs stay valid
+    stagers: dict[int, DecodeStep] = {}  # one per micro-batch (its own buffers), as the scheduler keeps them
 
     @torch.inference_mode()
     def decode(around=contextlib.nullcontext):
-        caches = model.new_caches([args.decode_prompt + steps] * batch)
+        caches = [pool.allocate() for _ in range(batch)]
         starts = [p[: args.decode_prompt] for p in (prompts * batch)[:batch]]
         lengths = [args.decode_prompt] * batch
         h = model.forward_hidden(model.embed(torch.cat(starts)), caches, lengths, experts)
         tokens = F.linear(h.view(batch, args.decode_prompt, -1)[:, -1], model.lm_head).argmax(-1)
 
         def step(last: torch.Tensor, lo: int, hi: int, backend) -> list[torch.Tensor]:
+            if staged:
+                stager = stagers.setdefault(lo, DecodeStep(model, pool))
+                return [stager.run(last[lo:hi], caches[lo:hi], backend)]
             return [model.forward_hidden(model.embed(last[lo:hi]), caches[lo:hi], [1] * (hi - lo), backend)]
 
-        synchronize([args.device])
-        with around():
-            start = time.perf_counter()
-            for _ in range(steps):
-                h = torch.cat(in_parts(pingpong, experts, batch, partial(step, tokens)))
-                tokens = F.linear(h, model.lm_head).argmax(-1)
+        try:
             synchronize([args.device])
-            return time.perf_counter() - start
+            with around():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    h = torch.cat(in_parts(pingpong, experts, batch, partial(step, tokens)))
+                    tokens = F.linear(h, model.lm_head).argmax(-1)
+                synchronize([args.device])
+                return time.perf_counter() - start
+        finally:
+            for cache in caches:
+                cache.release()
 
     return decode
 
@@ -344,7 +367,8 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
         config = GatewayConfig(checkpoint=str(ckpt_dir), servers=addresses, placement=str(placement),
                                host="127.0.0.1", port=0, dense_dtype="bfloat16", dense_device=devices[0],
                                wire_dtype="bfloat16", connect_timeout=900, rpc_timeout=300,
-                               shared_memory=shared_memory, same_host_calls=same_host_calls)
+                               shared_memory=shared_memory, same_host_calls=same_host_calls,
+                               batching=BatchingConfig(decode_graphs=args.decode_graphs))
         handle, servicer = loop.run(create_gateway(config))
         try:
             experts = servicer.engine.experts
@@ -398,6 +422,12 @@ def main() -> None:
     p.add_argument("--streams", default="", help="served rows: also N concurrent Generate streams through the "
                    "gateway's gRPC API, e.g. 1,8,64 (tokens/s, inter-token latency)")
     p.add_argument("--profile", action="store_true", help="torch.profiler over one decode step of each row")
+    p.add_argument("--decode-graphs", action="store_true", help="every row also decodes through "
+                   "core.decode_step (dense stages as CUDA graphs between expert calls), and the served "
+                   "rows' gateway runs with --decode-graphs (the Generate streams); the profile covers that way")
+    p.add_argument("--mps", action="store_true", help="run every process of the benchmark as a client of an MPS "
+                   "daemon of its own (benchmarks/mps.py): one GPU context instead of time-sliced ones")
+    p.add_argument("--mps-client", action="store_true", help=argparse.SUPPRESS)  # --mps's own run, under the daemon
     p.add_argument("--decode-prompt", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -409,6 +439,22 @@ def main() -> None:
     args = p.parse_args()
     args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
     args.streams = [int(n) for n in args.streams.split(",") if n]
+    if args.mps:
+        # The run itself goes in a fresh process: CUDA reads the MPS variables when it starts, and imports
+        # (Triton's) may have started it here already.
+        argv = [a for a in sys.argv[1:] if a != "--mps"] + ["--mps-client"]
+        with mps_daemon() as mps:
+            code = subprocess.call([sys.executable, "-m", "benchmarks.gpu_model", *argv])
+        if args.out and Path(args.out).exists():  # the daemon's log, read once it quit, names each client
+            data = json.loads(Path(args.out).read_text())
+            data.setdefault("mps", {})["control_log_tail"] = mps.get("control_log_tail", "")
+            Path(args.out).write_text(json.dumps(data, indent=2))
+        raise SystemExit(code)
+    run_rows(args)
+
+
+def run_rows(args) -> Report:
+    """Every row of the run, its JSON and its table."""
     config = dict(DEEPSEEK_MOE_16B)
     if args.tiny:
         config.update(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
@@ -422,6 +468,7 @@ def main() -> None:
     devices = [f"cuda:{i}" for i in range(gpus)] if on_gpu else ["cpu"]
     print(f"devices: {gpus} x {names[0]}" if gpus else "devices: cpu", flush=True)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="gpu-model-", dir=os.environ.get("TMPDIR", "/tmp"))
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(args.checkpoint or Path(args.workdir) / "checkpoint")
     if args.checkpoint is None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -436,6 +483,9 @@ def main() -> None:
                                        for b in sorted({args.decode_batch, *args.decode_batches})})
     if args.bandwidth:
         print(f"device copy bandwidth {args.bandwidth / 1e9:.0f} GB/s", flush=True)
+    if args.mps_client:  # this process has started CUDA: an MPS server must now be running for it
+        report.data["mps"] = {"servers": server_pids(), "pipe": os.environ.get("CUDA_MPS_PIPE_DIRECTORY")}
+        print(f"MPS servers: {report.data['mps']['servers'] or 'NONE (not under MPS)'}", flush=True)
     if not args.skip_one_process:
         checkpoint = Checkpoint(ckpt_dir)
         model = load_dense_model(checkpoint, torch.bfloat16, devices[0])
@@ -486,12 +536,16 @@ def main() -> None:
     rows = report.data["rows"]
     base = rows.get("one_process_1_device")
     print(f"\n{'run':<40} {'prefill tok/s':>14} {'x 1-proc':>9} {'decode tok/s':>13} {'x 1-proc':>9} "
-          f"{'step ms':>8} {'rel err':>8}")
+          f"{'step ms':>8} {'staged tok/s':>13} {'x 1-proc':>9} {'rel err':>8}")
     for name, row in rows.items():
         pre = row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"] if base else float("nan")
         dec = row["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else float("nan")
+        staged = row.get("decode_staged_tokens_per_s", float("nan"))
+        staged_x = staged / base.get("decode_staged_tokens_per_s", float("nan")) if base else float("nan")
         print(f"{name:<40} {row['prefill_tokens_per_s']:>14.0f} {pre:>9.2f} {row['decode_tokens_per_s']:>13.0f} "
-              f"{dec:>9.2f} {row['decode_step_ms']:>8.1f} {row.get('logits_rel_error_vs_one_process', 0):>8.1e}")
+              f"{dec:>9.2f} {row['decode_step_ms']:>8.1f} {staged:>13.0f} {staged_x:>9.2f} "
+              f"{row.get('logits_rel_error_vs_one_process', 0):>8.1e}")
+    return report
 
 
 if __name__ == "__main__":
