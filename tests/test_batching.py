@@ -1,6 +1,7 @@
 """Dynamic Forward batching and continuous-batched Generate through real servers on loopback: under
 concurrent load every request gets what it would get alone (and what the references give)."""
 
+import argparse
 import threading
 import time
 
@@ -9,7 +10,12 @@ import pytest
 import torch
 
 from moe_client import GatewayClient
-from moe_serve.gateway.batching_config import BatchingConfig
+from moe_serve.gateway.batching_config import (
+    BatchingConfig,
+    add_batching_flags,
+    batching_config_from_args,
+    uses_decode_graphs,
+)
 from tests.support.references import random_prompts, reference_forward, reference_greedy
 from tests.support.threads import concurrently
 
@@ -157,3 +163,23 @@ def test_overlap_on_and_off_give_the_same_results(cluster, causal_checkpoints):
     assert results[True][0] == [reference_greedy(path, p, 10) for p in prompts]
     for on, off in zip(results[True][1], results[False][1], strict=True):
         assert np.abs(on - off).max() <= 1e-5
+
+
+def test_decode_graphs_default_on_for_gpu_dense_layers_only(monkeypatch):
+    """Unset, --decode-graphs follows where the dense layers run (on with a GPU, measured in docs/gpu.md);
+    the flag and MOE_DECODE_GRAPHS set it either way."""
+    def parsed(*argv):
+        p = argparse.ArgumentParser()
+        add_batching_flags(p)
+        return batching_config_from_args(p.parse_args(list(argv)))
+
+    monkeypatch.delenv("MOE_DECODE_GRAPHS", raising=False)
+    unset = parsed()
+    assert unset.decode_graphs is None
+    assert uses_decode_graphs(unset, torch.device("cuda", 0)) and not uses_decode_graphs(unset, torch.device("cpu"))
+    for config in (parsed("--decode-graphs"), parsed("--no-decode-graphs")):
+        assert all(uses_decode_graphs(config, torch.device(d)) == config.decode_graphs for d in ("cpu", "cuda"))
+    monkeypatch.setenv("MOE_DECODE_GRAPHS", "0")
+    assert not uses_decode_graphs(parsed(), torch.device("cuda", 0))
+    monkeypatch.setenv("MOE_DECODE_GRAPHS", "1")
+    assert uses_decode_graphs(parsed(), torch.device("cpu"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+import torch
+
 from moe_serve.core.causal_lm import CausalLM
 from moe_serve.core.experts import ExpertBackend
 from moe_serve.core.simple_model import SimpleMoEModel
@@ -27,7 +29,9 @@ class BatchingConfig:
     max_prefill_tokens: int = 128  # Generate: prompt tokens per step (~2x a decode step of 32: prefill_cost.py)
     max_running_requests: int = 128  # Generate: sequences per step
     max_queued_requests: int = 1024  # waiting requests (each of Forward, Generate); more: RESOURCE_EXHAUSTED
-    decode_graphs: bool = False  # Generate: decode-only steps through core.decode_step (CUDA graphs on a GPU)
+    # Generate: decode-only steps through core.decode_step (CUDA graphs on a GPU); None: on when the dense layers
+    # are on a GPU (measured there: docs/gpu.md), off on the CPU, where its eager stages gain nothing.
+    decode_graphs: bool | None = None
 
 
 
@@ -65,10 +69,10 @@ def add_batching_flags(p: argparse.ArgumentParser) -> None:
                         f"(env MOE_MAX_QUEUED_REQUESTS; default {d.max_queued_requests})")
 
     p.add_argument("--decode-graphs", action=argparse.BooleanOptionalAction,
-                   default=env_flag("DECODE_GRAPHS", d.decode_graphs),
+                   default=None if env("DECODE_GRAPHS") is None else env_flag("DECODE_GRAPHS", False),
                    help="run Generate steps that only decode through the staged decode step: with dense layers "
                         "on a GPU, each stage between two MoE layers' expert calls is a CUDA graph "
-                        "(env MOE_DECODE_GRAPHS; default off)")
+                        "(env MOE_DECODE_GRAPHS; default: on when the dense layers are on a GPU)")
 
 
 def batching_config_from_args(args: argparse.Namespace) -> BatchingConfig:
@@ -113,6 +117,11 @@ class Batching:
                 part.join(timeout)
 
 
+def uses_decode_graphs(config: BatchingConfig, device: torch.device) -> bool:
+    """Whether Generate's decode-only steps go through core.decode_step for dense layers on `device`."""
+    return device.type == "cuda" if config.decode_graphs is None else config.decode_graphs
+
+
 def start_batching(config: BatchingConfig, model: SimpleMoEModel | CausalLM, experts: ExpertBackend,
                    tokenizer: TextTokenizer | None = None) -> Batching:
     """The Forward batcher and (for causal LMs) the Generate scheduler, each on its own thread."""
@@ -126,5 +135,6 @@ def start_batching(config: BatchingConfig, model: SimpleMoEModel | CausalLM, exp
     scheduler = None
     if isinstance(model, CausalLM):
         limits = SchedulerLimits(config.max_running_requests, config.max_queued_requests, config.max_prefill_tokens)
-        scheduler = GenerateScheduler(model, pingpong(), tokenizer, limits, decode_graphs=config.decode_graphs)
+        scheduler = GenerateScheduler(model, pingpong(), tokenizer, limits,
+                                      decode_graphs=uses_decode_graphs(config, model.device))
     return Batching(batcher, scheduler)
