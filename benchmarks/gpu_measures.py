@@ -7,13 +7,14 @@ Legend: B = sequences decoding, H = hidden size, E = routed experts, K = top-k, 
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
-import threading
+import subprocess
+import sys
 import time
 
 import torch
 
-from moe_client import GatewayClient
 from moe_serve.core.routing import route
 
 
@@ -123,41 +124,12 @@ def profile_region(run, device: str, rows: int = 30) -> dict:
 
 def generate_streams(address: str, vocab: int, streams: int, prompt_len: int, new_tokens: int,
                      timeout: float = 600.0) -> dict:
-    """`streams` concurrent greedy Generate calls through the gateway's gRPC API: generated tokens/s over
-    the whole run, and inter-token latency (gaps between a stream's tokens) p50 / p99 in ms."""
-    gen = torch.Generator().manual_seed(streams)
-    prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for _ in range(streams)]
-    gaps: list[list[float]] = [[] for _ in range(streams)]
-    counts = [0] * streams
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(streams + 1)
-
-    def one(i: int) -> None:
-        try:
-            with GatewayClient(address, timeout=timeout) as client:
-                barrier.wait()
-                last = None
-                for _ in client.generate(prompts[i], max_new_tokens=new_tokens, ignore_eos=True):
-                    now = time.perf_counter()
-                    if last is not None:
-                        gaps[i].append(now - last)
-                    last = now
-                    counts[i] += 1
-        except BaseException as err:  # reported with the row
-            errors.append(err)
-            barrier.abort()
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
-    if errors:
-        raise errors[0]
-    itl = sorted(g for gs in gaps for g in gs)
-    return {"streams": streams, "tokens": sum(counts), "tokens_per_s": sum(counts) / seconds,
-            "itl_p50_ms": itl[len(itl) // 2] * 1e3 if itl else None,
-            "itl_p99_ms": itl[min(len(itl) - 1, int(len(itl) * 0.99))] * 1e3 if itl else None}
+    """`streams` concurrent greedy Generate calls through the gateway's gRPC API, made from a process of their
+    own (benchmarks/stream_clients.py: client threads in the gateway's process would take its GIL from the
+    model thread): generated tokens/s over the whole run, and inter-token latency p50 / p99 in ms."""
+    argv = [sys.executable, "-m", "benchmarks.stream_clients", address, str(vocab), str(streams), str(prompt_len),
+            str(new_tokens), str(timeout)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"stream clients failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
