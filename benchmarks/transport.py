@@ -12,6 +12,7 @@ from the calling thread (no hand-off to the event loop), and split in two calls 
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from moe_client import wire, zerocopy
 from moe_client.channel import unary_callable
 from moe_client.pb import experts_pb2, tensor_pb2
 from moe_client.striping import DEFAULT_LANES, MIN_PIECE_BYTES, Lanes, StripedReply, piece_count, pieces, split_rows
+from moe_serve.rpc import side_lanes
 from moe_serve.rpc.codec import from_wire, to_wire
 from tests.support.threads import LoopThread
 
@@ -32,15 +34,21 @@ UPB = experts_pb2.RunExpertsRequest.SerializeToString, experts_pb2.RunExpertsRes
 
 def side_echo(links: list, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> list[tuple]:
     """A RunExperts-shaped echo over TCP side links (rpc/side_channel.py) as the gateway makes it: one frame, or
-    pieces of rows over the links when the hidden states are 2 MiB or more; (start, stop, output) per piece."""
+    pieces of rows over the links when the hidden states are 2 MiB or more, sent and read at once
+    (rpc/side_lanes.py); (start, stop, output) per piece."""
     request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
                                          weights=to_wire(weights))
     parts = piece_count(request, len(links), MIN_PIECE_BYTES)
     split = split_rows(request, parts) if parts > 1 else [(0, len(hidden), request)]
-    sent = [(link, link.send(piece._type.chunks(piece)[0]), start, stop)
-            for link, (start, stop, piece) in zip(links, split, strict=False)]
-    return [(start, stop, zerocopy.RunExpertsResponse.FromString(link.receive(seq, 120)).output)
-            for link, seq, start, stop in sent]
+    pieces = list(zip(links, split, strict=False))
+    seqs = side_lanes.each([partial(link.send, piece._type.chunks(piece)[0]) for link, (_, _, piece) in pieces])
+    replies = side_lanes.each([partial(link.receive, seq, 120) for (link, _), (seq, _) in zip(pieces, seqs,
+                                                                                             strict=True)])
+    for _, error in seqs + replies:
+        if error is not None:
+            raise error
+    return [(start, stop, zerocopy.RunExpertsResponse.FromString(reply).output)
+            for (_, (start, stop, _)), (reply, _) in zip(pieces, replies, strict=True)]
 
 
 def sizes(hidden: int, quick: bool, smoke: bool) -> list[tuple[int, torch.dtype]]:

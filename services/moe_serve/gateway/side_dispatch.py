@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 import torch
@@ -32,7 +33,7 @@ from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures
 from moe_serve.gateway.partial_sums import add_partials
 from moe_serve.gateway.replica import Replica
 from moe_serve.gateway.routing_plan import expert_counts, rows_for
-from moe_serve.rpc import request_ids
+from moe_serve.rpc import request_ids, side_lanes
 from moe_serve.rpc.codec import from_wire, to_wire
 from moe_serve.rpc.errors import ServiceError
 from moe_serve.rpc.shared_regions import Arena
@@ -160,6 +161,15 @@ def _split(request, links: list[SideLink], min_piece_bytes: int) -> list[_Piece]
             for link, (start, stop, piece) in zip(links, split_rows(request, parts), strict=False)]
 
 
+def _wait(piece: _Piece, timeout: float) -> tuple[memoryview, float]:
+    """The piece's reply and when it came if it was waited for (else 0): a reply already there came at some
+    unknown time before (while the caller computed), and dating the call by it would inflate the budget."""
+    waiting = time.perf_counter()
+    reply = piece.link.receive(piece.seq, timeout)
+    now = time.perf_counter()
+    return reply, now if now - waiting > _WAITED else 0.0
+
+
 class SideRound:
     """One layer's side-channel calls in flight; `result()` waits for them like a Future."""
 
@@ -180,12 +190,15 @@ class SideRound:
         for part in self.parts:
             part.replica.outstanding += part.slots
             part.sent_at = time.perf_counter()
-            for piece in part.pieces:
-                try:
-                    # at most the call's budget waiting for room to send (a silent link fills the buffer)
-                    piece.seq = piece.link.send(piece.payload, self._timeout(part))  # ChannelClosed if closed since
-                except ChannelClosed as err:
-                    piece.send_error = str(err)
+            timeout = self._timeout(part)  # at most the call's budget waiting for room (a silent link fills it)
+            sent = side_lanes.each([partial(piece.link.send, piece.payload, timeout) for piece in part.pieces])
+            for piece, (seq, error) in zip(part.pieces, sent, strict=True):
+                if isinstance(error, ChannelClosed):  # closed since, or the send failed
+                    piece.send_error = str(error)
+                elif error is not None:
+                    raise error
+                else:
+                    piece.seq = seq
 
     def done(self) -> bool:
         return self._out is not None
@@ -265,20 +278,23 @@ class SideRound:
         add_partials(rescued, out)
 
     def _receive(self, part: _Part) -> tuple[grpc.StatusCode, str, list[memoryview]]:
-        """Every piece's reply, or the first failure (the other pieces' replies are then dropped: the share
-        goes elsewhere whole)."""
+        """Every piece's reply (a split call's read at once, rpc/side_lanes.py), or the first failure (the other
+        pieces' replies are then dropped: the share goes elsewhere whole)."""
         code, reason, replies = grpc.StatusCode.OK, "", []
+        waited = False  # every piece's reply waited for (read, or its wait ended: a late reply is then dropped)
         try:
-            for piece in part.pieces:
-                if piece.send_error:
-                    raise ChannelClosed(piece.send_error)
-                waiting = time.perf_counter()
-                replies.append(piece.link.receive(piece.seq, self._timeout(part)))
-                now = time.perf_counter()
-                # Only a reply we waited for dates the call; one already there came at some unknown time
-                # before (while this thread computed): observing that would inflate the failover budget.
-                if now - waiting > _WAITED:
-                    part.arrived = max(part.arrived, now)
+            failed = next((piece.send_error for piece in part.pieces if piece.send_error), "")
+            if failed:
+                raise ChannelClosed(failed)
+            timeout = self._timeout(part)
+            waits = side_lanes.each([partial(_wait, piece, timeout) for piece in part.pieces])  # at once if split
+            waited = True
+            for reply, error in waits:
+                if error is not None:
+                    raise error
+                payload, arrived = reply
+                replies.append(payload)
+                part.arrived = max(part.arrived, arrived)
         except ChannelError as err:
             code, reason = err.code, f"{err.code.name}: {err.details}"
         except ChannelClosed as err:
@@ -293,7 +309,7 @@ class SideRound:
         finally:
             part.waited = True
             part.replica.outstanding -= part.slots
-            for piece in part.pieces[len(replies) + 1:]:
+            for piece in part.pieces if not waited else ():  # a piece failed to go: the others' replies dropped
                 if not piece.send_error:
                     piece.link.forget(piece.seq)
             self.dispatcher.metrics.record_expert_call(part.replica.name, code.name,
