@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moe_client.ownership import Ownership, format_ranges
@@ -63,6 +64,7 @@ class ExpertBank:
         self.lock = threading.RLock()
         self.dtype = dtype
         self._owned: dict[int, list[int]] = {}
+        self._tables: dict[int, tuple[list[int], np.ndarray]] = {}  # check's lookup tables, by layer
         self._pinned_buffers: dict[str, torch.Tensor] = {}
         self._graphed: dict[torch.device, GraphedExperts] = {}
         self._groups: dict[int, list[_DeviceGroup]] = {}
@@ -77,6 +79,7 @@ class ExpertBank:
     def add_layer(self, layer: int, experts: Mapping[int, ExpertWeights]) -> None:
         """Stack one layer's experts per device (then the caller's per-expert tensors can be freed)."""
         by_device: dict[torch.device, dict[int, ExpertWeights]] = {}
+        self._tables.pop(layer, None)  # the ownership list grows in place here (only while loading)
         for expert, w in sorted(experts.items()):
             self._owned.setdefault(layer, []).append(expert)
             by_device.setdefault(w.device, {})[expert] = w
@@ -167,8 +170,16 @@ class ExpertBank:
 
     def check(self, layer: int, expert_ids: torch.Tensor) -> None:
         """NOT_FOUND for a layer or expert id this server does not own; INVALID_ARGUMENT for ids below -1."""
-        if layer not in self._owned:
+        owned_ids = self._owned.get(layer)
+        if owned_ids is None:
             raise NotFound(f"layer {layer} has no experts on this server; it holds layers {sorted(self._owned)}")
+        # The usual answer (all owned) from a lookup table in numpy, without sorting the ids (torch.unique took
+        # ~0.8 ms at 4,096 tokens x top-6 on the 2-core machine); only a refusal goes on to name the bad ids.
+        if not expert_ids.is_cuda and expert_ids.numel():
+            flat = expert_ids.reshape(-1).numpy()
+            if (flat.min() >= -1 and flat.max() < self.num_experts
+                    and self._owned_table(layer, owned_ids)[flat + 1].all()):
+                return
         ids = torch.unique(expert_ids).tolist()
         if ids and ids[0] < -1:
             raise InvalidArgument(f"expert_ids: negative id {ids[0]} (only -1 marks an unused slot)")
@@ -177,6 +188,17 @@ class ExpertBank:
         if unknown:
             raise NotFound(f"layer {layer}: experts {format_ranges(unknown)} are not on this server; "
                            f"it holds {format_ranges(self._owned[layer])}")
+
+    def _owned_table(self, layer: int, owned_ids: list[int]) -> np.ndarray:
+        """[E + 1] bool: entry e + 1 says whether expert e of `layer` is here (entry 0, id -1: an unused slot).
+        Cached per ownership list: replace_stacks swaps in a new list, so a table never outlives its list."""
+        cached = self._tables.get(layer)
+        if cached is None or cached[0] is not owned_ids:
+            table = np.zeros(self.num_experts + 1, dtype=bool)
+            table[0] = True
+            table[np.asarray(owned_ids, dtype=np.int64) + 1] = True
+            cached = self._tables[layer] = (owned_ids, table)
+        return cached[1]
 
     def run(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
             out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
