@@ -106,7 +106,7 @@ class ExpertPlacement(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "model_type", "hidden_size", "num_experts", "moe_layers", "owned", "devices", "compute_dtype", "placement", "server_version", "server_name", "host_id", "shared_kinds", "gpu_uuids", "placement_version", "local_address", "tcp_channel_port")
+    __slots__ = ("model_fingerprint", "model_type", "hidden_size", "num_experts", "moe_layers", "owned", "devices", "compute_dtype", "placement", "server_version", "server_name", "host_id", "shared_kinds", "gpu_uuids", "placement_version", "local_address", "tcp_channel_port", "compute_gpu_uuids")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class GetInfoResponse(_message.Message):
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TCP_CHANNEL_PORT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     model_type: str
     hidden_size: int
@@ -141,4 +142,5 @@ class GetInfoResponse(_message.Message):
     placement_version: int
     local_address: str
     tcp_channel_port: int
-    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., owned: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., devices: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., server_version: _Optional[str] = ..., server_name: _Optional[str] = ..., host_id: _Optional[str] = ..., shared_kinds: _Optional[_Iterable[_Union[RegionKind, str]]] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., placement_version: _Optional[int] = ..., local_address: _Optional[str] = ..., tcp_channel_port: _Optional[int] = ...) -> None: ...
+    compute_gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., owned: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., devices: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., server_version: _Optional[str] = ..., server_name: _Optional[str] = ..., host_id: _Optional[str] = ..., shared_kinds: _Optional[_Iterable[_Union[RegionKind, str]]] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., placement_version: _Optional[int] = ..., local_address: _Optional[str] = ..., tcp_channel_port: _Optional[int] = ..., compute_gpu_uuids: _Optional[_Iterable[str]] = ...) -> None: ...

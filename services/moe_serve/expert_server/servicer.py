@@ -212,5 +212,6 @@ def server_info(bank: ExpertBank, fingerprint: str, spec, name: str, shared_memo
         host_id=shared_regions.host_id(),
         shared_kinds=shared_regions.local_kinds() if shared_memory else [],
         gpu_uuids=shared_regions.local_gpu_uuids() if shared_memory else [],
+        compute_gpu_uuids=[shared_regions.gpu_uuid(torch.device(d)) for d in bank.devices() if d.startswith("cuda")],
         placement_version=placement_version,
     )

@@ -22,7 +22,9 @@ class BatchingConfig:
     """How the gateway merges concurrent requests and overlaps expert calls with dense work."""
 
     batching: bool = True  # False: each request runs alone on a worker thread (the comparison baseline)
-    overlap: bool = True  # two micro-batches in turns, shared experts during the RunExperts calls
+    # Two micro-batches in turns, shared experts during the RunExperts calls; None: the gateway chooses (on,
+    # unless an expert server shares the dense layers' GPU without MPS: gateway/shared_gpu.py).
+    overlap: bool | None = None
     overlap_min_tokens: int = 64  # steps / batches smaller than this stay one micro-batch (docs/benchmarks.md)
     max_batch_tokens: int = 4096  # Forward: tokens per batch (a larger single request runs alone)
     max_queue_delay_ms: float = 2.0  # Forward: how long the oldest request waits for company
@@ -41,10 +43,12 @@ def add_batching_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=env_flag("BATCHING", d.batching),
                    help="batch concurrent Forward requests and Generate streams (continuous batching); "
                         "--no-batching runs each request alone (env MOE_BATCHING; default on)")
-    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=env_flag("OVERLAP", d.overlap),
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction,
+                   default=None if env("OVERLAP") is None else env_flag("OVERLAP", True),
                    help="split each batch in two micro-batches whose dense layers run while the other's expert "
                         "calls are in flight, and run shared experts during the expert calls (env MOE_OVERLAP; "
-                        "default on)")
+                        "default on, unless an expert server computes on the dense layers' GPU and no MPS "
+                        "daemon runs)")
     p.add_argument("--overlap-min-tokens", type=int,
                    default=int(env("OVERLAP_MIN_TOKENS", str(d.overlap_min_tokens))),
                    help="split a step or batch in two micro-batches only from this many tokens: smaller ones "
@@ -128,7 +132,7 @@ def start_batching(config: BatchingConfig, model: SimpleMoEModel | CausalLM, exp
     if not config.batching:
         return Batching()
     def pingpong() -> PingPong:
-        return PingPong(experts, config.overlap, config.overlap_min_tokens)
+        return PingPong(experts, config.overlap is not False, config.overlap_min_tokens)
 
     batcher = ForwardBatcher(model, pingpong(), config.max_batch_tokens, config.max_queue_delay_ms / 1000,
                              config.max_queued_requests)

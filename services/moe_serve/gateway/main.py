@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 import time
+from dataclasses import replace
 
 from moe_client import wire
 from moe_client.ownership import format_ownership, to_messages
@@ -19,6 +20,7 @@ from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.pool import PoolOptions, Replica, ServerPool, StartupError
 from moe_serve.gateway.servicer import GatewayServicer, add_to_server
+from moe_serve.gateway.shared_gpu import choose_overlap
 from moe_serve.gateway.wire_choice import WireChoice
 from moe_serve.model.checkpoint import Checkpoint, CheckpointError
 from moe_serve.model.loader import load_dense_model
@@ -150,7 +152,9 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
         return model_info(checkpoint, fingerprint, pool.live(), config.dense_dtype, tokenizer is not None,
                           config.wire_dtype)
 
-    batching = start_batching(config.batching, model, dispatcher, tokenizer)
+    overlap, why = choose_overlap(config.batching.overlap, model.device, pool.members)
+    log.info("micro-batch overlap %s: %s", "on" if overlap else "off", why)
+    batching = start_batching(replace(config.batching, overlap=overlap), model, dispatcher, tokenizer)
     servicer = GatewayServicer(engine, info(), config.max_tokens, max_new_tokens=config.max_new_tokens,
                                metrics=metrics, batcher=batching.batcher, scheduler=batching.scheduler)
     servicer.max_reply_bytes = serving.max_message_bytes
