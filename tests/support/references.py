@@ -28,7 +28,12 @@ def check_forward(client, checkpoint_dir, tokens: int = 12) -> None:
     """One Forward of random hidden states through `client` (a GatewayClient) equals reference_forward."""
     hidden_size = Checkpoint(checkpoint_dir).spec.hidden_size
     hidden = np.random.default_rng().standard_normal((tokens, hidden_size), dtype=np.float32)
-    assert np.abs(client.forward(hidden) - reference_forward(checkpoint_dir, hidden)).max() <= 1e-5
+    got, want = client.forward(hidden), reference_forward(checkpoint_dir, hidden)
+    error = np.abs(got - want)
+    # A failure says how: rounding (errors near 1e-5 everywhere) or a wrong sum (whole rows off, or zeros).
+    assert error.max() <= 1e-5, (f"max error {error.max():.3g} (|reference| up to {np.abs(want).max():.3g}); rows "
+                                 f"off by > 1e-5: {np.flatnonzero(error.max(axis=1) > 1e-5).tolist()}; zero rows "
+                                 f"returned: {np.flatnonzero(~got.any(axis=1)).tolist()}")
 
 
 def plain_torch(checkpoint_dir, layer, hidden, ids, weights):
