@@ -260,8 +260,9 @@ def decode_run(model: CausalLM, experts, args, prompts, batch: int, pingpong: Pi
 
         def step(last: torch.Tensor, lo: int, hi: int, backend) -> list[torch.Tensor]:
             if staged:
-                stager = stagers.setdefault(lo, DecodeStep(model, pool))
-                return [stager.run(last[lo:hi], caches[lo:hi], backend)]
+                if lo not in stagers:  # made once: each makes a CUDA stream and a graph memory pool
+                    stagers[lo] = DecodeStep(model, pool)
+                return [stagers[lo].run(last[lo:hi], caches[lo:hi], backend)]
             return [model.forward_hidden(model.embed(last[lo:hi]), caches[lo:hi], [1] * (hi - lo), backend)]
 
         try:

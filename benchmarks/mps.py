@@ -5,8 +5,9 @@ costs ~150 us on the H200 (benchmarks/gpu_context_switch.py); a same-GPU expert 
 Under MPS every client process's kernels go through one server's context and can run side by side.
 
 `mps_daemon` starts a control daemon of its own (its pipe and log directories in a fresh folder, so only
-processes that inherit this process's environment become its clients), exports that environment before
-CUDA starts in this process, and quits the daemon afterwards. It changes no device setting: the compute
+processes that inherit this process's environment become its clients), exports that environment to the
+processes started meanwhile (CUDA reads it when it starts: gpu_model runs itself again under it), and quits
+the daemon afterwards. It changes no device setting: the compute
 mode stays as it is (MPS is only exclusive when the compute mode is EXCLUSIVE_PROCESS, which it does not set).
 """
 

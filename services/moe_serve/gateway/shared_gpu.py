@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moe_serve.gateway.replica import Replica
+from moe_serve.rpc import shared_regions
 
 MPS_PIPE_DEFAULT = "/tmp/nvidia-mps"  # where CUDA looks for the MPS control daemon unless told otherwise
 
@@ -39,8 +40,7 @@ def choose_overlap(asked: bool | None, dense_device: torch.device, members: Iter
     if dense_device.type != "cuda":
         return True, "dense layers on the CPU"
     if gpu_uuid is None:
-        from moe_serve.rpc.shared_regions import gpu_uuid as uuid_of
-        gpu_uuid = uuid_of(dense_device)
+        gpu_uuid = shared_regions.gpu_uuid(dense_device)
     sharing = servers_sharing(gpu_uuid, members)
     if not sharing:
         return True, f"no expert server computes on {gpu_uuid}"
