@@ -4,6 +4,7 @@ codes, a server that goes away fails over, only the server's user (or root) gets
 callers with the token on either."""
 
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -168,14 +169,16 @@ def test_bad_requests_get_the_grpc_codes_and_the_channel_goes_on(cluster, tiny_c
         link.close()
 
 
+def _sleep_then_echo(payload: memoryview) -> bytes:
+    """A side-channel handler: sleeps the seconds its payload names, then answers the payload."""
+    time.sleep(float(bytes(payload).decode()))
+    return bytes(payload)
+
+
 def test_replies_reach_their_own_waiters_and_late_ones_are_dropped():
     """Two threads wait on one link for replies that come back in the other order; a reply whose wait
     timed out is dropped, and the link goes on."""
-    def handler(payload: memoryview) -> bytes:
-        time.sleep(float(bytes(payload).decode()))
-        return bytes(payload)
-
-    listener = SideListener(handler)
+    listener = SideListener(_sleep_then_echo)
     link = SideLink(listener.address)
     try:
         got = {}
@@ -194,6 +197,58 @@ def test_replies_reach_their_own_waiters_and_late_ones_are_dropped():
         with pytest.raises(TimeoutError):
             link.receive(late, 0.05)
         assert bytes(link.receive(link.send(b"0.0"), 10)) == b"0.0"  # the late reply was skipped
+    finally:
+        link.close()
+        listener.close()
+
+
+def test_a_reply_that_came_in_time_is_not_lost_while_another_thread_reads_it(monkeypatch):
+    """Thread B holds the socket, reading (slowly: a thread the GIL starves) the reply that A waits for; A's
+    deadline passes meanwhile. A still gets its reply: it gives up only when a look at the socket after its
+    deadline finds nothing (a CI run failed over a healthy server this way: "no reply within 0s")."""
+    from moe_serve.rpc import side_channel
+
+    entered = threading.Event()
+    read_frame = side_channel.read_frame
+
+    def slow_read(sock, max_bytes):
+        if threading.current_thread().name == "reader-b":
+            entered.set()
+            time.sleep(0.2)
+        return read_frame(sock, max_bytes)
+
+    listener = SideListener(lambda payload: bytes(payload))
+    link = SideLink(listener.address)
+    monkeypatch.setattr(side_channel, "read_frame", slow_read)
+    try:
+        a, b = link.send(b"a"), link.send(b"b")  # answered in order: A's reply is the first frame
+        got = {}
+        reader = threading.Thread(target=lambda: got.update(b=bytes(link.receive(b, 10))), name="reader-b")
+        reader.start()
+        assert entered.wait(10)  # B is reading A's frame
+        assert bytes(link.receive(a, 0.01)) == b"a"
+        reader.join(10)
+        assert got == {"b": b"b"}
+    finally:
+        link.close()
+        listener.close()
+
+
+def test_a_reply_is_dated_only_when_it_was_waited_for():
+    """receive_dated: a reply that came while a thread waited in select is dated (the call's latency, which
+    the gateway's call budget learns from); one already in the socket is not (it came while the caller did
+    something else, and reading it late must not make the server look slow)."""
+    listener = SideListener(_sleep_then_echo)
+    link = SideLink(listener.address)
+    try:
+        sent = time.perf_counter()
+        reply, arrived = link.receive_dated(link.send(b"0.05"), 10)
+        assert bytes(reply) == b"0.05" and arrived - sent >= 0.05
+        seq = link.send(b"0.0")
+        assert select.select([link.sock], [], [], 10)[0]  # the reply is in the socket before we look
+        time.sleep(0.05)
+        reply, arrived = link.receive_dated(seq, 10)
+        assert bytes(reply) == b"0.0" and arrived == 0.0
     finally:
         link.close()
         listener.close()

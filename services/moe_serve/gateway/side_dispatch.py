@@ -39,8 +39,6 @@ from moe_serve.rpc.errors import ServiceError
 from moe_serve.rpc.shared_regions import Arena
 from moe_serve.rpc.side_channel import ChannelClosed, ChannelError, SideLink
 
-_WAITED = 0.0005  # s: a receive that took longer waited for its reply (one already read returns in microseconds)
-
 # `dispatcher` below is the gateway's ExpertDispatcher (dispatch.py, which calls start_side): its pool,
 # arenas, staging, metrics and gRPC failover (`rescue`). Not imported, so the two modules form no loop.
 
@@ -162,12 +160,10 @@ def _split(request, links: list[SideLink], min_piece_bytes: int) -> list[_Piece]
 
 
 def _wait(piece: _Piece, timeout: float) -> tuple[memoryview, float]:
-    """The piece's reply and when it came if it was waited for (else 0): a reply already there came at some
-    unknown time before (while the caller computed), and dating the call by it would inflate the budget."""
-    waiting = time.perf_counter()
-    reply = piece.link.receive(piece.seq, timeout)
-    now = time.perf_counter()
-    return reply, now if now - waiting > _WAITED else 0.0
+    """The piece's reply, and when it came if a thread was waiting for it then (else 0: one already there came
+    at some unknown time before, while the caller computed or waited on another server, and dating the call
+    by when it was read would inflate the budget, call_budget.py)."""
+    return piece.link.receive_dated(piece.seq, timeout)
 
 
 class SideRound:

@@ -48,6 +48,7 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 _IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
 _SMALL = 1 << 16  # payloads below this are read into a bytearray; larger ones into uninitialised memory
+_SLICE = 0.02  # s: the longest one thread waits in select while others wait for the socket (receive_dated)
 _HELLO_MAX = 4096  # bytes of the first frame (the token): nothing larger is read before a caller is admitted
 Payload = bytes | bytearray | memoryview | list  # a list: pieces sent in order, as one payload
 
@@ -276,7 +277,8 @@ class SideLink:
         self._cond = threading.Condition()
         self._reading = False
         self._expected: set[int] = set()
-        self._replies: dict[int, tuple[int, memoryview]] = {}
+        self._replies: dict[int, tuple[int, memoryview, float]] = {}
+        self._empty_at = 0.0  # time.monotonic() when a read last found nothing in the socket
         self._next = 1
         self.closed = False
 
@@ -308,6 +310,19 @@ class SideLink:
     def receive(self, seq: int, timeout: float) -> memoryview:
         """The reply's payload; ChannelError for an error reply, TimeoutError after `timeout` s (the reply,
         if it comes later, is dropped), ChannelClosed if the server went away."""
+        return self.receive_dated(seq, timeout)[0]
+
+    def receive_dated(self, seq: int, timeout: float) -> tuple[memoryview, float]:
+        """As `receive`, with when the reply came (time.perf_counter()), or 0.0 when that is not known.
+
+        A reply is dated only when a thread was waiting in `select` as it came; one found already in the
+        socket came at some unknown time before (while the caller computed, or waited on another server),
+        and dating a call by when it was read would make it look slow (call_budget.py learns from these).
+
+        Threads share the socket: one reads at a time and hands the others their replies. A reader waits
+        at most _SLICE in `select` before letting go, and a thread past its deadline gives up only once a
+        look at the socket made after that deadline found it empty: a reply that came in time is never
+        lost because another thread held the socket (two micro-batches past their budgets at once)."""
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
@@ -317,29 +332,24 @@ class SideLink:
                     if self.closed:
                         self._expected.discard(seq)
                         raise ChannelClosed("the channel closed before the reply came")
+                    if self._empty_at >= deadline:
+                        self._expected.discard(seq)
+                        raise TimeoutError(f"no reply within {timeout:.3g}s")
                     if not self._reading:
                         self._reading = True
                         break
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        self._expected.discard(seq)
-                        raise TimeoutError(f"no reply within {timeout:.3g}s")
-                    self._cond.wait(left)  # another thread reads; it hands our reply over
-            frame = None
+                    self._cond.wait(max(deadline - time.monotonic(), _SLICE))  # the reader notifies
+            frame = empty = None
             try:
-                frame = self._read(deadline)  # past the deadline: only a frame already there
+                frame, empty = self._read(min(deadline, time.monotonic() + _SLICE))
             finally:
                 with self._cond:
                     self._reading = False
+                    if empty is not None:
+                        self._empty_at = empty
                     if frame is not None and frame[0] in self._expected:
                         self._replies[frame[0]] = frame[1:]
                     self._cond.notify_all()
-            if frame is None and time.monotonic() >= deadline:
-                with self._cond:
-                    if seq in self._replies:
-                        return self._take(seq)
-                    self._expected.discard(seq)
-                raise TimeoutError(f"no reply within {timeout:.3g}s")
 
     def forget(self, seq: int) -> None:
         """Nobody will wait for `seq`'s reply: drop it, now or when it comes."""
@@ -347,22 +357,28 @@ class SideLink:
             self._expected.discard(seq)
             self._replies.pop(seq, None)
 
-    def _take(self, seq: int) -> memoryview:
-        kind, payload = self._replies.pop(seq)
+    def _take(self, seq: int) -> tuple[memoryview, float]:
+        kind, payload, arrived = self._replies.pop(seq)
         self._expected.discard(seq)
-        return _reply(kind, payload)
+        return _reply(kind, payload), arrived
 
-    def _read(self, deadline: float) -> tuple[int, int, memoryview] | None:
-        """The next frame, or None if none starts before the deadline. A frame once started is read whole
-        (the server writes each in one call), so a timeout never leaves half a frame behind."""
+    def _read(self, until: float) -> tuple[tuple[int, int, memoryview, float] | None, float | None]:
+        """(the next frame as (seq, kind, payload, when it came or 0.0), None) if one starts before `until`;
+        (None, when the socket was found empty) if none does; (None, None) if the channel failed. A frame once
+        started is read whole (the server writes each in one call), so no wait leaves half a frame behind."""
         try:
-            ready, _, _ = select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))
+            ready, _, _ = select.select([self.sock], [], [], 0)  # already there: it came at an unknown time
+            arrived = 0.0
             if not ready:
-                return None
-            return read_frame(self.sock, self.max_bytes)
+                ready, _, _ = select.select([self.sock], [], [], max(0.0, until - time.monotonic()))
+                if not ready:
+                    return None, time.monotonic()
+                arrived = time.perf_counter()
+            seq, kind, payload = read_frame(self.sock, self.max_bytes)
+            return (seq, kind, payload, arrived), None
         except (ChannelClosed, OSError, ValueError) as err:  # ValueError: closed by another thread
             self._fail(err)
-            return None
+            return None, None
 
     def _fail(self, err: BaseException) -> None:
         if not self.closed:
