@@ -6,10 +6,16 @@ and pool). For each token count, interleaved, medians over repeats:
   - in-process: the same bank in this process (ExpertBank.compute): the compute alone;
   - same-host channel: hidden states and sums in shared memory (CUDA IPC with --device cuda), the call
     over the Unix socket from this thread (rpc/side_channel.py), what the gateway does by default;
+  - same-host channel, host-routed (GPU): the routing brought to the host and planned there (what every
+    call did before device-routed calls): the caller and the server each wait for the GPU once a call;
   - gRPC + shared memory: the same, the call by gRPC through the event loops (--no-same-host-calls);
   - (GPU) same-host channel, host memory: the caller's tensors in /dev/shm, the server copying them to
     its GPU and back: the caller never touches the GPU;
-and the host overhead of the channel: its round trip minus the compute the server reports doing.
+and the host overhead of the channel: its round trip minus the compute the server reports doing. Each
+variant is also timed as a chain of CHAIN calls, each on the previous one's output with no wait in
+between (a decode step's 27 MoE layers, without the dense work): a device-routed call lets the host
+run ahead of the GPU there, so per call it costs the larger of the host's and the GPU's time, not
+their sum.
 Goal (issue 14): <= 0.3 ms at 64 decode tokens.
 
     python -m benchmarks.call_overhead --device cuda --out docs/bench/call-overhead-h200.json
@@ -60,6 +66,18 @@ def timed(fn, device: str, repeats: int) -> list[float]:
     return times
 
 
+CHAIN = 27  # DeepSeek-MoE-16B's MoE layers
+
+
+def chained(call, hidden: torch.Tensor):
+    """CHAIN calls, each on the previous one's output (cast to the input's dtype), without waiting between."""
+    def run() -> None:
+        h = hidden
+        for _ in range(CHAIN):
+            h = call(h).to(hidden.dtype)
+    return run
+
+
 def measure(tokens: int, shape: Shape, args, bank: ExpertBank, dispatchers: dict, torch_dtype) -> dict:
     """Every variant at `tokens` tokens, interleaved in 4 rounds (load changes hit each alike)."""
     hidden = make_input(shape, tokens).to(args.device, torch_dtype)
@@ -76,11 +94,18 @@ def measure(tokens: int, shape: Shape, args, bank: ExpertBank, dispatchers: dict
     variants = {"in-process": lambda: bank.compute(LAYER, hidden, ids, weights, on_device=True),
                 "same-host channel": channel,
                 "gRPC + shared memory": lambda: dispatchers["gRPC + shared memory"].run(LAYER, hidden, ids, weights)}
+    chains = {"in-process": lambda h: bank.compute(LAYER, h, ids, weights, on_device=True),
+              "same-host channel": lambda h: dispatchers["same-host channel"].run(LAYER, h, ids, weights)}
     if args.device.startswith("cuda"):
         # The caller's tensors in host memory (/dev/shm): the caller never touches the GPU, so the GPU does not
         # switch between this process's context and the server's on every call.
         host = (hidden.cpu(), ids.cpu(), weights.cpu())
         variants["same-host channel, host memory"] = lambda: dispatchers["same-host channel"].run(LAYER, *host)
+        host_routed = dispatchers["same-host channel, host-routed"]
+        variants["same-host channel, host-routed"] = lambda: host_routed.run(LAYER, hidden, ids, weights)
+        chains["same-host channel, host-routed"] = lambda h: host_routed.run(LAYER, h, ids, weights)
+    for name, call in chains.items():
+        variants[f"chain of {CHAIN}: {name}"] = chained(call, hidden)
     times: dict[str, list[float]] = {name: [] for name in variants}
     # The server's own view, from its metrics: whole handling of a call (decode to reply) and compute alone.
     handled = {name: [0.0] * 5 for name in variants}  # handling, compute, prepare, finish seconds; calls
@@ -90,7 +115,8 @@ def measure(tokens: int, shape: Shape, args, bank: ExpertBank, dispatchers: dict
             times[name] += timed(fn, args.device, args.repeats // 4)
             after = server_seconds_so_far(args.metrics_url)
             handled[name] = [h + a - b for h, a, b in zip(handled[name], after, before, strict=True)]
-    med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    med = {name: statistics.median(ts) * 1e3 / (CHAIN if name.startswith("chain") else 1)
+           for name, ts in times.items()}  # chains: per call
     server_ms = statistics.median(server_seconds) * 1e3 if server_seconds else float("nan")
     server_view = {name: {"handling_ms": h / n * 1e3, "compute_ms": c / n * 1e3, "prepare_ms": pr / n * 1e3,
                           "finish_ms": f / n * 1e3}
@@ -167,8 +193,10 @@ def main() -> None:
         pool = ServerPool([server.address], checkpoint.spec, checkpoint.fingerprint(), PoolOptions(rpc_timeout=900))
         loop.run(pool.start(900))
         dispatchers = {name: ExpertDispatcher(checkpoint.spec, pool, loop.loop, wire.dtype_from_name(dtype), 900.0,
-                                              arenas=ArenaPool(), side_calls=local)
-                       for name, local in (("same-host channel", True), ("gRPC + shared memory", False))}
+                                              arenas=ArenaPool(), side_calls=local, device_routing=routing)
+                       for name, local, routing in (("same-host channel", True, None),
+                                                    ("same-host channel, host-routed", True, False),
+                                                    ("gRPC + shared memory", False, None))}
         bank = ExpertBank.load(checkpoint, {LAYER: tuple(range(shape.experts))}, [torch.device(args.device)],
                                torch_dtype)
         result = {"machine": machine.describe(), "device": args.device, "dtype": dtype, "shape": shape.__dict__,
@@ -182,6 +210,7 @@ def main() -> None:
             print(f"{tokens:>6} {med['in-process']:>11.3f} {med['same-host channel']:>9.3f} "
                   f"{med['gRPC + shared memory']:>9.3f} {row['server_compute_ms']:>9.3f} "
                   f"{row['channel_overhead_ms']:>9.3f}", flush=True)
+            print(f"        per call (ms): {json.dumps({k: round(v, 3) for k, v in med.items()})}", flush=True)
             print(f"        server side (mean ms): {json.dumps(row['server_mean_ms'])}", flush=True)
             for op in row["caller_profile"] or []:
                 print(f"        caller {op['op'][:60]:<60} x{op['count_per_call']:<5.1f} self "

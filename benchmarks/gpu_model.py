@@ -16,7 +16,9 @@ instead of float32 (the comparison behind the float32 default). An `r` (`4r`) re
 least of that layer's load; the gateway's pool then balances each call over the replicas. An `o` (`2o`)
 runs every step as the gateway serves it: two micro-batches taking turns on the dense layers, each one's
 RunExperts calls in flight while the other computes (gateway/overlap.py). Same-host servers are called
-over their same-host channel (rpc/side_channel.py); a `g` (`1g`) calls them by gRPC instead. Each row
+over their same-host channel (rpc/side_channel.py); a `g` (`1g`) calls them by gRPC instead. With dense
+layers on a GPU the calls are device-routed (the routing stays on the GPU, no host wait: rpc/gpu_events.py);
+an `h` (`1h`) brings the routing to the host at every MoE layer instead, as before. Each row
 also records one expert call's time at 64 decode tokens (served: the round trip; one process: the
 compute alone), decode at every --decode-batches size against the memory-bandwidth bound (the bytes a
 step must read over the copy bandwidth measured first), --streams concurrent Generate streams through
@@ -27,6 +29,7 @@ table; writes JSON after every row (a run cut short keeps what it measured; a fa
     python -m benchmarks.gpu_model --servers 1,2,4,4r,2t --out results.json  # on a 4-GPU host
     python -m benchmarks.gpu_model --servers 2,2o --out results.json          # overlap against none
     python -m benchmarks.gpu_model --servers 1,1o,1g,1t --decode-batches 1,8,64,256 --streams 1,8,64 --profile
+    python -m benchmarks.gpu_model --servers 1,1h,1o --decode-graphs --decode-batches 1,8,64,256  # routing
     python -m benchmarks.gpu_model --tiny --device cpu --servers 2,2r     # smoke run without a GPU
 """
 
@@ -359,7 +362,7 @@ class Report:
 
 def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], row: int, loop: LoopThread,
              counter_loads: dict | None, shared_memory: bool, bf16_sums: bool = False, overlap: bool = False,
-             same_host_calls: bool = True) -> dict:
+             same_host_calls: bool = True, host_routed: bool = False) -> dict:
     """Start the servers, a gateway in this process, measure, stop; fills counter_loads if given."""
     start = time.perf_counter()
     procs, addresses, placement = start_servers(ckpt_dir, owned, devices, row, spec, Path(args.workdir))
@@ -373,6 +376,8 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
         handle, servicer = loop.run(create_gateway(config))
         try:
             experts = servicer.engine.experts
+            if host_routed:  # the routing brought to the host at every MoE layer, as before device-routed calls
+                experts.inner.device_routing = False
             if bf16_sums:
                 experts.inner.shared_out_dtype = wire.BFLOAT16
             members = experts.inner.pool.members
@@ -413,7 +418,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="reuse this directory instead of writing a new one")
     p.add_argument("--servers", default="2", help="expert server counts to run, e.g. 2 or 1,2,4,4r "
-                   "(r: hottest experts replicated)")
+                   "(r: hottest experts replicated, o: overlapped micro-batches, h: host-routed calls, ...)")
     p.add_argument("--replicate", type=int, default=8, help="hottest experts per layer replicated in 'r' rows")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run with --tiny")
     p.add_argument("--prefill-batch", type=int, default=8)
@@ -504,8 +509,8 @@ def run_rows(args) -> Report:
     loop = LoopThread("gpu-model-loop", timeout=900)
     loads: dict[int, torch.Tensor] = {}
     for n, item in enumerate(args.servers.split(",")):
-        count, replicated, tcp, bf16, overlap, grpc_calls = (int(item.rstrip("rtbog")), "r" in item, "t" in item,
-                                                             "b" in item, "o" in item, "g" in item)
+        count, replicated, tcp, bf16, overlap, grpc_calls, host_routed = (
+            int(item.rstrip("rtbogh")), "r" in item, "t" in item, "b" in item, "o" in item, "g" in item, "h" in item)
         if replicated and not loads:
             raise SystemExit(f"--servers {args.servers}: a replicated row ({item}) needs a plain row before it, "
                              "which counts the experts' loads")
@@ -513,12 +518,13 @@ def run_rows(args) -> Report:
                  else balanced_assignment(spec, count))
         name = (f"grpc_{count}_servers" + ("_replicated" if replicated else "") + ("_tcp_bytes" if tcp else "")
                 + ("_bf16_sums" if bf16 else "") + ("_overlap" if overlap else "")
-                + ("_grpc_calls" if grpc_calls else ""))
+                + ("_grpc_calls" if grpc_calls else "") + ("_host_routed" if host_routed else ""))
         if name in report.data["rows"]:
             name += f"_again_{n}"
         try:
             row = grpc_row(args, spec, ckpt_dir, owned, devices, n, loop, None if loads else loads,
-                           shared_memory=not tcp, bf16_sums=bf16, overlap=overlap, same_host_calls=not grpc_calls)
+                           shared_memory=not tcp, bf16_sums=bf16, overlap=overlap, same_host_calls=not grpc_calls,
+                           host_routed=host_routed)
         except Exception as err:  # recorded; the other rows still run
             report.data.setdefault("failed", {})[name] = repr(err)
             report.save()

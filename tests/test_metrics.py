@@ -193,6 +193,23 @@ def test_generate_carries_its_request_id_and_counts_tokens(cluster, causal_check
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_expert_tokens_of_ids_on_a_gpu_are_counted_there():
+    """Device-routed calls count their ids on the GPU (no wait for it); a read brings the counts to the host,
+    where they add to those counted on the host."""
+    from moe_serve.observability.collectors import ExpertTokenCounter
+
+    counter = ExpertTokenCounter()
+    rng = np.random.default_rng()
+    batches = [torch.from_numpy(rng.integers(-1, 8, (int(rng.integers(1, 50)), 3))) for _ in range(4)]
+    for i, ids in enumerate(batches):
+        counter.add(1, ids.cuda() if i % 2 else ids, 8)
+    want = torch.bincount(torch.cat(batches).reshape(-1) + 1, minlength=9)[1:].tolist()
+    assert [counter.value(1, e) for e in range(8)] == want
+    counter.add(1, batches[0].cuda(), 8)  # counted again after a read
+    assert counter.counts()[(1, 0)] == want[0] + int((batches[0] == 0).sum())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_memory_and_weights_are_reported(loop_thread, tiny_checkpoint):
     handle, servicer = loop_thread.run(create_server(ExpertServerConfig(
         checkpoint=str(tiny_checkpoint), devices="cuda:0", host="127.0.0.1", port=0)))

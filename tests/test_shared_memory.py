@@ -292,9 +292,10 @@ def test_forward_through_cuda_ipc(cluster, processes, tiny_checkpoint, tmp_path)
     with GatewayClient(gateway) as client:
         got = client.forward(hidden)
     assert np.abs(got - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-4
-    pool = cluster.servicers[gateway].engine.experts.inner.pool
-    assert all(r.shared_kinds >= {shared_regions.CUDA} for r in pool.members)
-    assert all(r.side_link() is not None for r in pool.members)
+    dispatcher = cluster.servicers[gateway].engine.experts.inner
+    assert all(r.shared_kinds >= {shared_regions.CUDA} for r in dispatcher.pool.members)
+    assert all(r.side_link() is not None for r in dispatcher.pool.members)
+    assert dispatcher.routed_rounds >= 2  # the routing stayed on the GPU: device-routed calls, CUDA IPC events
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU (run on the lent GPU hosts)")

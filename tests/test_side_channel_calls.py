@@ -22,6 +22,7 @@ from moe_client.pb import experts_pb2
 from moe_serve.gateway.batching_config import BatchingConfig
 from moe_serve.rpc.side_channel import ChannelClosed, ChannelError, SideLink, SideListener
 from tests.support.busy import bank_held
+from tests.support.failover import forwards_while_one_stops
 from tests.support.references import reference_forward
 from tests.support.waiting import wait_for
 
@@ -128,13 +129,7 @@ def test_a_server_that_stops_fails_over_to_its_replica(cluster, tiny_checkpoint,
     gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=shared_memory, min_piece_bytes=64 * 4 * 2,
                               batching=BatchingConfig(batching=False))
     _wait_linked(cluster, gateway, tcp=not shared_memory)
-    rng = np.random.default_rng()
-    with GatewayClient(gateway) as client:
-        for i in range(12):
-            if i == 4:
-                cluster.stop_one(servers[0])
-            x = rng.standard_normal((16, 64), dtype=np.float32)
-            assert np.abs(client.forward(x) - reference_forward(tiny_checkpoint, x)).max() <= 1e-5
+    forwards_while_one_stops(cluster, gateway, tiny_checkpoint, servers[0], forwards=12, stop_before=4)
     assert (_local_calls if shared_memory else _tcp_calls)(cluster, servers[1]) > 0
 
 

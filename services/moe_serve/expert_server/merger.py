@@ -40,6 +40,7 @@ class Work:
     out_dtype: torch.dtype
     finish: Callable[[torch.Tensor], Any]  # run on the worker thread on this call's [T, H] rows (e.g. encode)
     on_device: bool = False  # finish() wants the result where the bank computed it (a GPU), not on the host
+    reply_event: bytes = b""  # a device-routed call's reply names this event (rpc/gpu_events.py): no host wait
 
 
 @dataclass

@@ -16,11 +16,13 @@ from moe_serve import __version__
 from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.live_placement import InflightCalls
 from moe_serve.expert_server.merger import CallMerger, Work
+from moe_serve.expert_server.routed_calls import ExpertMasks, decode_routed
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import shared_regions
 from moe_serve.rpc.codec import TORCH_DTYPES, WIRE_DTYPES, from_wire, to_wire_owned
 from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument
 from moe_serve.rpc.finite import all_finite, finite_hint
+from moe_serve.rpc.gpu_events import GpuEvents
 from moe_serve.rpc.message_limits import check_reply
 from moe_serve.rpc.registration import add_servicer
 from moe_serve.rpc.server import rpc
@@ -80,6 +82,8 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         # Concurrent calls of a layer share one computation; the queue wait goes to the metrics.
         self.merger = CallMerger(bank, self.executor, merge, on_wait=self.metrics.queue_wait.observe)
         self.calls = InflightCalls()  # what a live drop waits for (live_placement.py)
+        self.masks = ExpertMasks(bank.num_experts)  # device-routed calls: the experts each one lists
+        self.events = GpuEvents()  # device-routed calls that do not synchronise (rpc/gpu_events.py)
         self.side = None  # the side channels (side_calls.SideCalls), when offered
 
     @property
@@ -107,6 +111,11 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
             raise FailedPrecondition(
                 f"model_fingerprint: the caller serves checkpoint {request.model_fingerprint}, this server "
                 f"({self.info.server_name}) serves {self.info.model_fingerprint}; start both on the same checkpoint")
+        if request.shared_expert_ids.region.kind:
+            return self._prepare_routed(request)
+        if request.gpu_event:
+            raise InvalidArgument("gpu_event: set without shared_expert_ids; only a device-routed call may "
+                                  "leave its tensors unsynchronised")
         deferred: list = []
         hidden, ids, weights = decode_request(request, self.bank.hidden_size, self.regions, deferred)
         if request.shared_output.region.kind:
@@ -118,7 +127,7 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
                 raise InvalidArgument(f"shared_output.shape: {list(dest.shape)} differs from hidden "
                                       f"{list(hidden.shape)}")
             out_dtype = request.shared_output.dtype
-            finish = partial(_write_shared, dest, request.shared_output.dtype)
+            finish = partial(_write_shared, dest, request.shared_output.dtype, None)
         else:
             out_dtype = request.output_dtype or request.hidden.dtype or request.shared_hidden.dtype
             if out_dtype not in _FLOAT:
@@ -136,10 +145,39 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         return Work(request.layer, hidden, ids, weights, TORCH_DTYPES.get(out_dtype, torch.float32), finish,
                     on_device=dest is not None and dest.is_cuda)
 
+    def _prepare_routed(self, request) -> Work:
+        """A device-routed call (routed_calls.py): every token, the routing in the caller's memory."""
+        if self.regions is None:
+            raise FailedPrecondition("shared_expert_ids: this server does not map shared memory (--shared-memory "
+                                     "off); send the tensors in the message")
+        hidden, ids, weights, experts = decode_routed(request, self.bank.hidden_size, self.bank.num_experts,
+                                                      self.regions)
+        dest = self.regions.tensor(request.shared_output, "shared_output")
+        if dest.shape != hidden.shape or dest.device != hidden.device:
+            raise InvalidArgument(f"shared_output: shape {list(dest.shape)} on {dest.device} differs from hidden "
+                                  f"{list(hidden.shape)} on {hidden.device}")
+        self.bank.check(request.layer, torch.tensor(experts))  # NOT_FOUND names any listed expert not here
+        device = hidden.device
+        reply_event = b""
+        if request.gpu_event:
+            if not hidden.is_cuda:
+                raise InvalidArgument("gpu_event: set for tensors in host memory")
+            self.events.wait(device, request.gpu_event)  # before any read of the caller's tensors
+            if set(self.bank.stacks(request.layer)) == {device}:
+                reply_event = self.events.handle(device)
+            else:  # experts on another device: copies there go by other streams, so wait here (and reply late)
+                torch.cuda.current_stream(device).synchronize()
+        ids = self.masks.keep(ids, experts)
+        self.calls.enter(request.layer, ids)  # under the bank's lock, as a live drop's last look is
+        finish = partial(_write_shared, dest, request.shared_output.dtype,
+                         partial(self.events.record, device) if reply_event else None)
+        return Work(request.layer, hidden, ids, weights, TORCH_DTYPES[request.shared_output.dtype], finish,
+                    on_device=dest.is_cuda, reply_event=reply_event)
+
     def observe(self, work: Work, seconds: float) -> None:
         """Count a finished call in the metrics."""
         self.metrics.observe_batch("RunExperts", work.hidden.shape[0])
-        self.metrics.observe_experts(work.layer, work.expert_ids, seconds)
+        self.metrics.observe_experts(work.layer, work.expert_ids, seconds, self.bank.num_experts)
 
     @rpc
     async def RunExperts(self, request, context):
@@ -147,7 +185,8 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         output, seconds, work = await self.merger.run_prepared(partial(self.prepare, request))
         self.observe(work, seconds)
         return zerocopy.RunExpertsResponse(output=output, compute_seconds=seconds,
-                                           placement_version=self.info.placement_version)
+                                           placement_version=self.info.placement_version,
+                                           gpu_event=work.reply_event)
 
     @rpc
     async def GetInfo(self, request, context):
@@ -168,11 +207,15 @@ def _timed(metrics, stage: str, fn, *args):
         metrics.observe_stage(stage, time.perf_counter() - start)
 
 
-def _write_shared(dest: torch.Tensor, dtype: int, out: torch.Tensor) -> wire.WireTensor:
-    """Copy the result into the caller's region; it is complete (synchronised) before the reply goes."""
+def _write_shared(dest: torch.Tensor, dtype: int, record, out: torch.Tensor) -> wire.WireTensor:
+    """Copy the result into the caller's region; it is complete (synchronised) before the reply goes, or,
+    with `record` (a device-routed call that waits on nobody), once the event it records completes."""
     dest.copy_(out)
-    for device in {t.device for t in (dest, out) if t.is_cuda}:
-        torch.cuda.synchronize(device)
+    if record is not None:
+        record()
+    else:
+        for device in {t.device for t in (dest, out) if t.is_cuda}:
+            torch.cuda.synchronize(device)
     return wire.WireTensor(dtype=dtype, shape=tuple(dest.shape))
 
 
@@ -213,5 +256,6 @@ def server_info(bank: ExpertBank, fingerprint: str, spec, name: str, shared_memo
         shared_kinds=shared_regions.local_kinds() if shared_memory else [],
         gpu_uuids=shared_regions.local_gpu_uuids() if shared_memory else [],
         compute_gpu_uuids=[shared_regions.gpu_uuid(torch.device(d)) for d in bank.devices() if d.startswith("cuda")],
+        routed_calls=True,
         placement_version=placement_version,
     )

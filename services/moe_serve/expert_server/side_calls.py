@@ -82,7 +82,8 @@ class SideCalls:
             output = work.finish(out)
         self.servicer.observe(work, seconds)
         return zerocopy.RunExpertsResponse(output=output, compute_seconds=seconds,
-                                           placement_version=self.servicer.info.placement_version)
+                                           placement_version=self.servicer.info.placement_version,
+                                           gpu_event=work.reply_event)
 
     def close(self) -> None:
         for listener in self.listeners:

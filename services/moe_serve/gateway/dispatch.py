@@ -29,14 +29,15 @@ from moe_serve.gateway.call_budget import CallBudget
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures, tried
 from moe_serve.gateway.partial_sums import add_partials
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
-from moe_serve.gateway.routing_plan import expert_counts, rows_for
-from moe_serve.gateway.side_dispatch import start_side
+from moe_serve.gateway.routing_plan import expert_counts, rows_for, to_host
+from moe_serve.gateway.side_dispatch import start_routed, start_side
 from moe_serve.gateway.wire_choice import WireChoice
 from moe_serve.observability.metrics import ServiceMetrics
 from moe_serve.rpc import request_ids
 from moe_serve.rpc.codec import TORCH_DTYPES, from_wire, to_wire
 from moe_serve.rpc.deadlines import REQUEST_DEADLINE
 from moe_serve.rpc.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, ServiceError, Unavailable
+from moe_serve.rpc.gpu_events import GpuEvents
 from moe_serve.rpc.shared_regions import CUDA, SHARED_DTYPES, Arena, ArenaPool, aligned, gpu_uuid, kind_for
 
 __all__ = ["ExpertDispatcher", "StartupError"]
@@ -50,10 +51,13 @@ class ExpertDispatcher:
 
     def __init__(self, spec: ModelSpec, pool: ServerPool, loop: asyncio.AbstractEventLoop,
                  wire_dtype: int = wire.FLOAT32, timeout: float = 60.0, metrics: ServiceMetrics | None = None,
-                 arenas: ArenaPool | None = None, side_calls: bool = True, wire_choice: WireChoice | None = None):
+                 arenas: ArenaPool | None = None, side_calls: bool = True, wire_choice: WireChoice | None = None,
+                 device_routing: bool | None = None):
         """`arenas`: shared memory for same-host servers that accept it (None: every byte goes by gRPC);
         `side_calls`: call servers over their side channel when they offer one (same host or TCP);
-        `wire_choice`: wire dtypes per direction and call size for bytes in messages (default: `wire_dtype`)."""
+        `wire_choice`: wire dtypes per direction and call size for bytes in messages (default: `wire_dtype`);
+        `device_routing`: same-host calls leave the routing in shared memory (side_dispatch.start_routed):
+        None = for tensors on a GPU only (where it saves the host's waits), True = also on the host."""
         self.spec = spec
         self.wire_choice = wire_choice or WireChoice(wire_dtype)
         self.pool = pool
@@ -64,6 +68,9 @@ class ExpertDispatcher:
         self.arenas = arenas
         self.budget = CallBudget(pool, timeout)  # per-attempt timeouts from observed latency (call_budget.py)
         self.side_calls = side_calls
+        self.device_routing = device_routing
+        self.events = GpuEvents()  # device-routed calls on a GPU: the servers wait on ours, we on theirs
+        self.routed_rounds = 0  # layers called device-routed (tests and benchmarks read it)
         # Shared regions hold the hidden states in the wire dtype (bf16 for fp8, which only saves socket
         # bytes) and the sums in float32: no bytes to save there, and each server's partial sum rounded
         # to bf16 before they are added moved 2-server DeepSeek-shape logits by 2% of their norm.
@@ -84,6 +91,9 @@ class ExpertDispatcher:
         # else the wire starts from host memory. Routing is planned on the host.
         if hidden.is_cuda and not any(self.shared_kind(r, hidden.device) for r in self.pool.members):
             hidden = hidden.cpu()
+        routed = start_routed(self, layer, hidden, expert_ids, weights, deadline)
+        if routed is not None:  # the routing stays on the device: no wait for it here
+            return routed
         expert_ids, weights = to_host(expert_ids, weights)
         local = start_side(self, layer, hidden, expert_ids, weights, deadline)
         if local is not None:  # every server of this layer's plan is on this host: no event loop on the way
@@ -248,25 +258,34 @@ class ExpertDispatcher:
                 return None
         return kind
 
-    def acquire(self, replica: Replica, hidden: torch.Tensor, tokens: int) -> Arena | None:
-        """An arena for `tokens` rows in and out; None (gRPC bytes this time) if the memory is not there."""
-        size = (aligned(tokens * hidden.shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize)
+    def routes_on(self, device: torch.device) -> bool:
+        """Whether calls for tensors on `device` leave their routing there (device-routed calls)."""
+        return device.type == "cuda" if self.device_routing is None else self.device_routing
+
+    def acquire(self, replica: Replica, hidden: torch.Tensor, tokens: int, extra: int = 0) -> Arena | None:
+        """An arena for `tokens` rows in and out (and `extra` bytes between them, aligned); None (gRPC bytes
+        this time) if the memory is not there."""
+        size = (aligned(tokens * hidden.shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize) + aligned(extra)
                 + tokens * hidden.shape[1] * TORCH_DTYPES[self.shared_out_dtype].itemsize)
         try:
-            return self.arenas.acquire(replica.address, hidden.device, size)
+            arena = self.arenas.acquire(replica.address, hidden.device, size)
         except (OSError, RuntimeError) as err:  # /dev/shm full, GPU out of memory
             log.warning("no shared memory for %d tokens to %s (%s); sending them by gRPC", tokens, replica.name, err)
             return None
+        if arena.last_read is not None:  # its last result was read on some stream: we write after that
+            torch.cuda.current_stream(hidden.device).wait_event(arena.last_read)
+        return arena
 
     def stage(self, arena: Arena, request, hidden: torch.Tensor, rows: torch.Tensor | None,
-              sync: bool = True) -> torch.Tensor:
-        """Copy the routed rows (None: every row) into `arena`, name them and the result's place in `request`;
-        returns that place.
+              sync: bool = True, out_at: int | None = None) -> torch.Tensor:
+        """Copy the routed rows (None: every row) into `arena`, name them and the result's place in `request`
+        (`out_at`: its offset; default right after the rows); returns that place.
 
         GPU writes are complete (stream synchronised) before the request can leave; `sync=False` leaves
-        that to the caller (one synchronisation for all of a layer's calls)."""
+        that to the caller (one synchronisation for all of a layer's calls, or an event)."""
         shape = (hidden.shape[0] if rows is None else rows.numel(), hidden.shape[1])
-        out_at = aligned(shape[0] * shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize)
+        if out_at is None:
+            out_at = aligned(shape[0] * shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize)
         picked = hidden if rows is None else hidden.index_select(0, rows.to(hidden.device))
         arena.view(0, self.shared_dtype, shape).copy_(picked)
         if hidden.is_cuda and sync:
@@ -286,24 +305,6 @@ class ExpertDispatcher:
         if codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}:
             return ResourceExhausted(text)
         return Unavailable(text)
-
-
-def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors in host memory; those on a GPU copied into page-locked memory behind one synchronisation
-    (two plain .cpu() calls would wait for the stream twice)."""
-    if not any(t.is_cuda for t in tensors):
-        return tensors
-    out = []
-    for t in tensors:
-        if t.is_cuda:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # from torch's caching host allocator
-            host.copy_(t, non_blocking=True)
-            out.append(host)
-        else:
-            out.append(t)
-    for device in {t.device for t in tensors if t.is_cuda}:
-        torch.cuda.current_stream(device).synchronize()
-    return tuple(out)
 
 
 class SummedPartials:

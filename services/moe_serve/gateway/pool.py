@@ -253,6 +253,7 @@ class ServerPool:
         same_host = info.host_id == shared_regions.host_id()
         replica.shared_kinds = frozenset(info.shared_kinds) if same_host else frozenset()
         replica.gpu_uuids = frozenset(info.gpu_uuids)
+        replica.routed_calls = info.routed_calls
         self._link(replica, *self._side_address(replica, info, same_host))
         refused = ""
         if info.model_fingerprint != self.fingerprint:

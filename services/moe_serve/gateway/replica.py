@@ -89,6 +89,7 @@ class Replica:
         self._recent_at = 0.0
         self.shared_kinds: frozenset[int] = frozenset()  # same-host fast paths it accepts (RegionKind values)
         self.gpu_uuids: frozenset[str] = frozenset()  # GPUs whose memory it can map
+        self.routed_calls = False  # takes device-routed calls (routing left in shared memory)
         self.watcher: asyncio.Task | None = None
         self.side: SideLink | None = None  # its side channel (Unix socket on our host, else TCP), when open
         self.lanes: tuple[SideLink, ...] = ()  # more TCP side links, for large calls split by rows

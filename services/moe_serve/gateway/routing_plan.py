@@ -32,3 +32,21 @@ def rows_for(expert_ids: torch.Tensor, chosen: list[int], num_experts: int) -> t
     rows = mine.any(dim=1).nonzero().squeeze(1)
     ids = torch.where(mine, expert_ids, -1).index_select(0, rows).to(torch.int32)
     return rows, ids
+
+
+def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in host memory; those on a GPU copied into page-locked memory behind one synchronisation
+    (two plain .cpu() calls would wait for the stream twice)."""
+    if not any(t.is_cuda for t in tensors):
+        return tensors
+    out = []
+    for t in tensors:
+        if t.is_cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # from torch's caching host allocator
+            host.copy_(t, non_blocking=True)
+            out.append(host)
+        else:
+            out.append(t)
+    for device in {t.device for t in tensors if t.is_cuda}:
+        torch.cuda.current_stream(device).synchronize()
+    return tuple(out)

@@ -26,17 +26,17 @@ from functools import partial
 import grpc
 import torch
 
-from moe_client import zerocopy
+from moe_client import wire, zerocopy
 from moe_client.ownership import format_ranges
 from moe_client.striping import piece_count, split_rows
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures
 from moe_serve.gateway.partial_sums import add_partials
 from moe_serve.gateway.replica import Replica
-from moe_serve.gateway.routing_plan import expert_counts, rows_for
+from moe_serve.gateway.routing_plan import expert_counts, rows_for, to_host
 from moe_serve.rpc import request_ids, side_lanes
-from moe_serve.rpc.codec import from_wire, to_wire
+from moe_serve.rpc.codec import TORCH_DTYPES, from_wire, to_wire
 from moe_serve.rpc.errors import ServiceError
-from moe_serve.rpc.shared_regions import Arena
+from moe_serve.rpc.shared_regions import Arena, aligned
 from moe_serve.rpc.side_channel import ChannelClosed, ChannelError, SideLink
 
 # `dispatcher` below is the gateway's ExpertDispatcher (dispatch.py, which calls start_side): its pool,
@@ -97,6 +97,74 @@ def start_side(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.T
     round_ = SideRound(dispatcher, layer, hidden, expert_ids, weights, counts, deadline, parts)
     round_.send()
     return round_
+
+
+def start_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor, deadline: float | None) -> SideRound | None:
+    """A device-routed round (expert_server/routed_calls.py) when every server of the layer's plan is on this
+    host, maps the hidden states' memory and takes such calls; else None (nothing sent).
+
+    The routing stays where it was computed: each server gets every token, the ids and weights in the arena
+    beside the hidden states, and the list of experts it computes (the plan gives each expert of the layer
+    to one replica, as for a host-routed call, without counting tokens). On a GPU neither side waits for it
+    (rpc/gpu_events.py): the step's host work runs ahead of the GPU."""
+    if (not dispatcher.side_calls or dispatcher.arenas is None or not dispatcher.routes_on(hidden.device)
+            or expert_ids.device != hidden.device or weights.device != hidden.device):
+        return None
+    t, k = expert_ids.shape
+    num_experts = dispatcher.spec.num_experts
+    per_expert = max(1, t * k // num_experts)  # the slots each expert is reckoned to take (not counted)
+    plan, missing = dispatcher.pool.assign(layer, dict.fromkeys(range(num_experts), per_expert))
+    if missing:
+        return None
+    links = {}
+    for replica in plan:
+        link = replica.side_link()
+        if link is None or link.tcp or not replica.routed_calls or not dispatcher.shared_kind(replica, hidden.device):
+            return None
+        links[replica] = link
+    parts = _stage_routed(dispatcher, layer, hidden, expert_ids, weights, plan, links, per_expert)
+    if parts is None:
+        return None
+    round_ = SideRound(dispatcher, layer, hidden, expert_ids, weights, None, deadline, parts)
+    round_.send()
+    dispatcher.routed_rounds += 1
+    return round_
+
+
+def _stage_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                  plan: dict[Replica, list[int]], links: dict[Replica, SideLink],
+                  per_expert: int) -> list[_Part] | None:
+    """Each server's request: the layer's hidden states, ids and weights copied into its arena (on the
+    hidden states' device, no synchronisation); None (arenas released) when shared memory runs out."""
+    t, k = expert_ids.shape
+    h_bytes = aligned(t * hidden.shape[1] * TORCH_DTYPES[dispatcher.shared_dtype].itemsize)
+    ids_at, weights_at = h_bytes, h_bytes + aligned(t * k * 8)
+    out_at = weights_at + aligned(t * k * 4)
+    parts: list[_Part] = []
+    requests = []
+    for replica, chosen in sorted(plan.items(), key=lambda kv: min(kv[1])):
+        arena = dispatcher.acquire(replica, hidden, t, extra=out_at - h_bytes)
+        if arena is None:
+            for part in parts:
+                dispatcher.arenas.release(part.replica.address, part.arena)
+            return None
+        request = zerocopy.RunExpertsRequest(layer=layer, request_id=request_ids.current(), experts=chosen)
+        request.model_fingerprint = dispatcher.pool.fingerprint
+        result = dispatcher.stage(arena, request, hidden, None, sync=False, out_at=out_at)
+        arena.view(ids_at, wire.INT64, (t, k)).copy_(expert_ids, non_blocking=True)
+        arena.view(weights_at, wire.FLOAT32, (t, k)).copy_(weights, non_blocking=True)
+        request.shared_expert_ids = arena.message(ids_at, wire.INT64, (t, k))
+        request.shared_weights = arena.message(weights_at, wire.FLOAT32, (t, k))
+        requests.append(request)
+        parts.append(_Part(replica, chosen, None, arena, result, [], per_expert * len(chosen)))
+    if hidden.is_cuda:  # the servers' streams wait on this event instead of us on the GPU
+        event = dispatcher.events.record(hidden.device)
+        for request in requests:
+            request.gpu_event = event
+    for part, request in zip(parts, requests, strict=True):
+        part.pieces = [_Piece(0, t, *request._type.chunks(request), link=links[part.replica])]
+    return parts
 
 
 def _carrier(dispatcher, replica: Replica, device: torch.device) -> SideLink | None:
@@ -170,7 +238,8 @@ class SideRound:
     """One layer's side-channel calls in flight; `result()` waits for them like a Future."""
 
     def __init__(self, dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                 weights: torch.Tensor, counts: dict[int, int], deadline: float | None, parts: list[_Part]):
+                 weights: torch.Tensor, counts: dict[int, int] | None, deadline: float | None, parts: list[_Part]):
+        """`counts`: slots per expert (None for a device-routed round: counted on the host only for a failover)."""
         self.dispatcher = dispatcher
         self.layer = layer
         self.hidden = hidden
@@ -236,6 +305,9 @@ class SideRound:
                         raise ServiceError(f"expert server {replica.name} ({replica.address}) answered layer "
                                            f"{self.layer} with output {list(partial.shape)} for {list(want)}")
             else:
+                event = bytes(answers[0].gpu_event)
+                if event:  # the server did not wait for its GPU work: our stream does, before reading
+                    d.events.wait(part.result.device, event)
                 sums = [(part.pieces[0], part.result)]  # read in place: no copy out of the arena
             self.server_seconds += max(answer.compute_seconds for answer in answers)
             if part.arrived:  # the call's own time, as the gRPC path observes it (call_budget.py)
@@ -249,6 +321,9 @@ class SideRound:
                 else:
                     out.index_add_(0, rows[piece.start:piece.stop], partial)
             if part.arena is not None:
+                if part.result is not None and part.result.is_cuda:  # the next user may be on another stream
+                    part.arena.last_read = torch.cuda.Event()
+                    part.arena.last_read.record(torch.cuda.current_stream(part.result.device))
                 d.arenas.release(replica.address, part.arena)
                 part.arena = None
             return
@@ -267,11 +342,21 @@ class SideRound:
             moved = code == grpc.StatusCode.NOT_FOUND and replica.address not in failures
             failures[replica.address] = (code, f"{replica.name} ({replica.address}) {reason}")
             excluded = frozenset() if moved else frozenset({replica.address})
+        expert_ids, weights, counts = self._host_routing()
+        counts = {e: counts[e] for e in part.chosen if e in counts}
+        if not counts:  # a device-routed share whose experts got no token: nothing to rescue
+            return
         rescued = asyncio.run_coroutine_threadsafe(
-            d.rescue(self.layer, self.hidden, self.expert_ids, self.weights,
-                     {e: self.counts[e] for e in part.chosen}, self.deadline, excluded, failures, moved),
+            d.rescue(self.layer, self.hidden, expert_ids, weights, counts, self.deadline, excluded, failures, moved),
             d.loop).result()
         add_partials(rescued, out)
+
+    def _host_routing(self) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+        """The routing on the host and its slots per expert, as the gRPC failover plans with them."""
+        if self.counts is None:
+            self.expert_ids, self.weights = to_host(self.expert_ids, self.weights)
+            self.counts = expert_counts(self.expert_ids, self.dispatcher.spec.num_experts)
+        return self.expert_ids, self.weights, self.counts
 
     def _receive(self, part: _Part) -> tuple[grpc.StatusCode, str, list[memoryview]]:
         """Every piece's reply (a split call's read at once, rpc/side_lanes.py), or the first failure (the other

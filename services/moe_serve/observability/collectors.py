@@ -18,6 +18,9 @@ class ExpertTokenCounter:
 
     def __init__(self) -> None:
         self._counts: dict[int, torch.Tensor] = {}  # layer -> [experts] int64
+        # Ids left on a GPU (device-routed calls) are counted there, without a synchronisation; the counts
+        # come to the host when read (a scrape).
+        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}  # (layer, device) -> [experts + 1]
         self._held: dict[int, set[int]] = {}  # reported even at zero
         self._lock = threading.Lock()
 
@@ -25,27 +28,49 @@ class ExpertTokenCounter:
         """Report these experts of `layer` from now on, at zero until tokens come."""
         self._held.setdefault(layer, set()).update(experts)
 
-    def add(self, layer: int, expert_ids: torch.Tensor) -> None:
-        """Count each id >= 0 of a [T, K] tensor once (-1 marks an unused slot)."""
+    def add(self, layer: int, expert_ids: torch.Tensor, num_experts: int | None = None) -> None:
+        """Count each id >= 0 of a [T, K] tensor once (-1 marks an unused slot). Ids on a GPU, all below
+        `num_experts`, are counted on it (no wait for the GPU)."""
+        if expert_ids.is_cuda and num_experts is not None:
+            flat = expert_ids.reshape(-1).long() + 1  # -1 into bin 0
+            with self._lock:
+                key = (layer, flat.device)
+                total = self._on_device.get(key)
+                if total is None:
+                    total = self._on_device[key] = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+                total.index_add_(0, flat, torch.ones_like(flat))
+            return
         counts = (expert_ids.reshape(-1).long() + 1).bincount()[1:]  # shift -1 into bin 0, then drop it
         with self._lock:
-            total = self._counts.get(layer)
-            if total is None or total.numel() < counts.numel():
-                grown = torch.zeros(max(counts.numel(), 0 if total is None else total.numel()), dtype=torch.long)
-                if total is not None:
-                    grown[: total.numel()] = total
-                total = self._counts[layer] = grown
-            total[: counts.numel()] += counts
+            self._accumulate(layer, counts)
+
+    def _accumulate(self, layer: int, counts: torch.Tensor) -> None:
+        """Add a host count vector to `layer`'s totals (under the lock)."""
+        total = self._counts.get(layer)
+        if total is None or total.numel() < counts.numel():
+            grown = torch.zeros(max(counts.numel(), 0 if total is None else total.numel()), dtype=torch.long)
+            if total is not None:
+                grown[: total.numel()] = total
+            total = self._counts[layer] = grown
+        total[: counts.numel()] += counts
+
+    def _fold(self) -> None:
+        """Bring the GPU counts to the host totals (under the lock)."""
+        for (layer, _), total in self._on_device.items():
+            self._accumulate(layer, total.cpu()[1:])
+            total.zero_()
 
     def value(self, layer: int, expert: int) -> int:
         """Tokens counted so far for (layer, expert)."""
         with self._lock:
+            self._fold()
             total = self._counts.get(layer)
             return int(total[expert]) if total is not None and expert < total.numel() else 0
 
     def counts(self) -> dict[tuple[int, int], int]:
         """(layer, expert) -> tokens counted so far, for every expert held or ever routed to here."""
         with self._lock:
+            self._fold()
             totals = {layer: total.tolist() for layer, total in self._counts.items()}
         out = {(layer, e): n for layer, values in totals.items() for e, n in enumerate(values) if n}
         out.update({(layer, e): out.get((layer, e), 0) for layer, held in self._held.items() for e in held})
@@ -55,6 +80,7 @@ class ExpertTokenCounter:
         family = CounterMetricFamily("moe_expert_tokens", "Tokens routed to each (layer, expert) held here",
                                      labels=["layer", "expert"])
         with self._lock:
+            self._fold()
             counts = {layer: total.tolist() for layer, total in self._counts.items()}
         for layer in sorted(set(counts) | set(self._held)):
             values = counts.get(layer, [])

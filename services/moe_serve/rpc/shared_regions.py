@@ -100,6 +100,9 @@ class Arena:
     def __init__(self, device: torch.device, nbytes: int):
         self.device = device
         self.nbytes = nbytes
+        # GPU arenas: recorded on the stream that last read the result; a caller on another stream waits on
+        # it before writing (two micro-batches' streams share the pool)
+        self.last_read: torch.cuda.Event | None = None
         self._path: Path | None = None
         if device.type == "cuda":
             self._start = 0

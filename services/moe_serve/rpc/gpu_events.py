@@ -1,0 +1,64 @@
+"""CUDA IPC events: how two processes order their work on one GPU without either waiting for it.
+
+A device-routed call (gateway/side_dispatch.py, expert_server/servicer.py) leaves its tensors on the GPU.
+The caller records its event after writing them and sends the event's handle instead of synchronising;
+the server's stream waits on it, computes, records the server's own event after writing the sums and
+replies at once, naming that event; the caller's stream waits on it before reading the sums. Neither
+host waits for the GPU, so the host runs ahead and the GPU never idles between a layer's stages.
+
+A stream waits for the work recorded before the wait was issued (cudaStreamWaitEvent), and each side
+issues its wait before the other can record again for a later call, so one event per stream is
+enough: a later record on the same stream covers more work, never less. (Per stream, not per device:
+two micro-batches may stage on two streams, and a record on one says nothing about the other.)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import torch
+
+
+class GpuEvents:
+    """This process's own interprocess event per device, and the peers' events it has opened."""
+
+    def __init__(self, limit: int = 64):
+        self.limit = limit
+        self._own: dict[int, tuple[torch.cuda.Event, bytes]] = {}  # by stream (its cudaStream_t)
+        self._opened: OrderedDict[tuple[torch.device, bytes], torch.cuda.Event] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def handle(self, device: torch.device) -> bytes:
+        """The IPC handle of our event for `device`'s current stream (made on first use), for the peer."""
+        return self._event(torch.cuda.current_stream(device))[1]
+
+    def record(self, device: torch.device) -> bytes:
+        """Record our event on `device`'s current stream; its IPC handle."""
+        stream = torch.cuda.current_stream(device)
+        event, handle = self._event(stream)
+        event.record(stream)
+        return handle
+
+    def _event(self, stream: torch.cuda.Stream) -> tuple[torch.cuda.Event, bytes]:
+        with self._lock:
+            own = self._own.get(stream.cuda_stream)
+            if own is None:
+                with torch.cuda.device(stream.device):
+                    event = torch.cuda.Event(interprocess=True)
+                    event.record(stream)  # created on its device before the handle is taken
+                    own = self._own[stream.cuda_stream] = (event, bytes(event.ipc_handle()))
+        return own
+
+    def wait(self, device: torch.device, handle: bytes) -> None:
+        """Make `device`'s current stream wait for the peer's event `handle` (opened once, kept)."""
+        key = (device, bytes(handle))
+        with self._lock:
+            event = self._opened.get(key)
+            if event is None:
+                event = self._opened[key] = torch.cuda.Event.from_ipc_handle(device, key[1])
+                while len(self._opened) > self.limit:
+                    self._opened.popitem(last=False)
+            else:
+                self._opened.move_to_end(key)
+        torch.cuda.current_stream(device).wait_event(event)
