@@ -36,7 +36,8 @@ def _values(message_type, draw):
         elif f.message is not None:
             values[f.name] = f.message(**_values(f.message, draw)) if draw(st.booleans()) else None
         elif f.repeated:
-            values[f.name] = draw(int64s if f.kind == _F.TYPE_INT64 else st.lists(scalars[f.kind], max_size=4).map(tuple))
+            items = int64s if f.kind == _F.TYPE_INT64 else st.lists(scalars[f.kind], max_size=4).map(tuple)
+            values[f.name] = draw(items)
         else:
             values[f.name] = draw(scalars[f.kind])
     return values
