@@ -85,9 +85,11 @@ class _RoutedCall:
         return self.arena.view(self.out_at, wire.FLOAT32, self.shape).numpy().copy()
 
 
-def test_a_routed_call_computes_only_the_listed_experts(cluster, tiny_checkpoint):
-    """Ids of experts not listed, -1 and ids out of range (99) are skipped; the listed ones are summed exactly as
-    the checkpoint's tensors say."""
+@pytest.mark.parametrize("listing", ["some", "all held"])
+def test_a_routed_call_computes_only_the_listed_experts(cluster, tiny_checkpoint, listing):
+    """Ids of experts not listed or not held here, -1 and ids out of range (99) are skipped; the listed ones are
+    summed exactly as the checkpoint's tensors say. (Listing all the layer's experts here is the case where the
+    server leaves the skipping to expert_sums.)"""
     server = cluster.expert_server(tiny_checkpoint, experts="0-5")
     link = SideLink(cluster.expert_servicers[server].side.address)
     rng = np.random.default_rng()
@@ -96,7 +98,7 @@ def test_a_routed_call_computes_only_the_listed_experts(cluster, tiny_checkpoint
     ids = torch.from_numpy(rng.integers(-1, 8, (t, 3)))
     ids[0, 0] = 99
     weights = torch.from_numpy(rng.random((t, 3), dtype=np.float32))
-    listed = sorted(rng.choice(6, size=3, replace=False).tolist())
+    listed = sorted(rng.choice(6, size=3, replace=False).tolist()) if listing == "some" else list(range(6))
     call = _RoutedCall(hidden, ids, weights)
     try:
         link.receive(link.send(call.request(1, listed)), 10)

@@ -103,7 +103,7 @@ def expert_sums(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
                 ) -> torch.Tensor:
     """Per token, the gate-weighted sum of its experts that are in `stacked`: [T, H] float32.
 
-    hidden [T, H], expert_ids [T, K] (-1 or experts elsewhere are skipped), weights [T, K], slot_of [E]
+    hidden [T, H], expert_ids [T, K] (-1, ids >= E, experts elsewhere are skipped), weights [T, K], slot_of [E]
     (slot in `stacked` or -1), all on stacked's device. No host synchronisation: every (token, slot)
     pair is sorted by slot (pairs not here sort last and are masked), run grouped, put back in
     [T, K] order and summed over K in float32 (deterministic, no atomics), into `out` if given.
@@ -111,8 +111,9 @@ def expert_sums(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     t, k = expert_ids.shape
     g = len(stacked.expert_ids)
     flat = expert_ids.reshape(-1).long()  # [T*K]
-    slot = slot_of[flat.clamp(min=0)]
-    valid = (flat >= 0) & (slot >= 0)
+    e = slot_of.numel()
+    slot = slot_of[flat.clamp(0, e - 1)]
+    valid = (flat >= 0) & (flat < e) & (slot >= 0)  # ids past E - 1 too (a device-routed call is not checked)
     key = torch.where(valid, slot, g).int()  # pairs not here sort after every slot; int32 sorts in half the passes
     sorted_key, order = torch.sort(key, stable=True)  # [T*K]
     # Rows per slot from the sorted keys: no bincount, whose output size needs a device sync.

@@ -168,6 +168,10 @@ class ExpertBank:
                 out[key] = out.get(key, 0) + g.stacked.gate_up.nbytes + g.stacked.down.nbytes
         return out
 
+    def holds_exactly(self, layer: int, experts: list[int]) -> bool:
+        """Whether `experts` (ascending) are all of `layer`'s experts here."""
+        return self._owned.get(layer) == experts
+
     def check(self, layer: int, expert_ids: torch.Tensor) -> None:
         """NOT_FOUND for a layer or expert id this server does not own; INVALID_ARGUMENT for ids below -1."""
         owned_ids = self._owned.get(layer)

@@ -3,8 +3,9 @@
 A same-host caller whose dense layers run on a GPU leaves the whole layer's hidden states, expert ids
 and gate weights in memory it shares (shared_regions.py) and lists the experts this server computes
 for it (`experts`). No routing plan, no host copy of the ids: the server checks the list against what
-it owns on the host, and on the GPU turns every other id (and any id out of range) into -1, which
-expert_sums skips. With `gpu_event` neither side waits for the GPU (rpc/gpu_events.py).
+it owns on the host; expert_sums skips ids of experts held elsewhere, -1 and ids out of range, and when
+the list is not all the layer's experts here (replicas share the layer) the others are set to -1 first.
+With `gpu_event` neither side waits for the GPU (rpc/gpu_events.py).
 
 What a routed call does not get, since that would mean waiting for the GPU: the NaN/Inf check of the
 hidden states and weights (the caller is a same-host peer admitted by uid and token), and per-expert

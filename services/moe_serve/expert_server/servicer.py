@@ -167,7 +167,8 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
                 reply_event = self.events.handle(device)
             else:  # experts on another device: copies there go by other streams, so wait here (and reply late)
                 torch.cuda.current_stream(device).synchronize()
-        ids = self.masks.keep(ids, experts)
+        if not self.bank.holds_exactly(request.layer, experts):  # else expert_sums skips the others itself
+            ids = self.masks.keep(ids, experts)
         self.calls.enter(request.layer, ids)  # under the bank's lock, as a live drop's last look is
         finish = partial(_write_shared, dest, request.shared_output.dtype,
                          partial(self.events.record, device) if reply_event else None)

@@ -322,7 +322,8 @@ class SideRound:
                     out.index_add_(0, rows[piece.start:piece.stop], partial)
             if part.arena is not None:
                 if part.result is not None and part.result.is_cuda:  # the next user may be on another stream
-                    part.arena.last_read = torch.cuda.Event()
+                    if part.arena.last_read is None:
+                        part.arena.last_read = torch.cuda.Event()
                     part.arena.last_read.record(torch.cuda.current_stream(part.result.device))
                 d.arenas.release(replica.address, part.arena)
                 part.arena = None
