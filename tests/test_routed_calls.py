@@ -42,6 +42,12 @@ def test_forward_with_device_routing_equals_reference(cluster, tiny_checkpoint, 
     dispatcher = _dispatcher(cluster, gateway)
     assert dispatcher.routed_rounds == 2 * len(sizes)  # 2 MoE layers a Forward, none host-routed
     assert all(r.outstanding == 0 for r in dispatcher.pool.members)
+    # Split, each expert has one owner: the plan is fixed (cached); replicas leave a choice (the pool's assign).
+    plan = dispatcher.pool.sole_plan(0)
+    if experts[0] == experts[1]:
+        assert plan is None
+    else:
+        assert {r.address: e for r, e in plan.items()} == {servers[0]: [0, 1, 2], servers[1]: [3, 4, 5, 6, 7]}
 
 
 def test_a_routed_server_that_stops_fails_over(cluster, tiny_checkpoint):

@@ -156,7 +156,9 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         if dest.shape != hidden.shape or dest.device != hidden.device:
             raise InvalidArgument(f"shared_output: shape {list(dest.shape)} on {dest.device} differs from hidden "
                                   f"{list(hidden.shape)} on {hidden.device}")
-        self.bank.check(request.layer, torch.tensor(experts))  # NOT_FOUND names any listed expert not here
+        whole = self.bank.holds_exactly(request.layer, experts)
+        if not whole:
+            self.bank.check(request.layer, torch.tensor(experts))  # NOT_FOUND names any listed expert not here
         device = hidden.device
         reply_event = b""
         if request.gpu_event:
@@ -167,7 +169,7 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
                 reply_event = self.events.handle(device)
             else:  # experts on another device: copies there go by other streams, so wait here (and reply late)
                 torch.cuda.current_stream(device).synchronize()
-        if not self.bank.holds_exactly(request.layer, experts):  # else expert_sums skips the others itself
+        if not whole:  # else expert_sums skips what is not here itself
             ids = self.masks.keep(ids, experts)
         self.calls.enter(request.layer, ids)  # under the bank's lock, as a live drop's last look is
         finish = partial(_write_shared, dest, request.shared_output.dtype,

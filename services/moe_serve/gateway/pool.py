@@ -58,6 +58,8 @@ class ServerPool:
         self.options = options or PoolOptions()
         self.replicas: dict[str, Replica] = {}  # address -> replica, in join order
         self.owners: dict[int, dict[int, list[Replica]]] = {}  # layer -> expert -> replicas owning it
+        self._owners_version = 0  # bumped whenever `owners` is rebuilt (sole_plan's cache key)
+        self._sole_plans: dict[int, tuple[tuple, dict[Replica, list[int]] | None]] = {}
         self.on_change: Callable[[], None] | None = None  # membership or ownership changed
         self._tasks: set[asyncio.Task] = set()  # watchers, the resolver, channels being retired
         self._refreshing: asyncio.Task | None = None  # GetInfo of every server after a placement change
@@ -382,6 +384,7 @@ class ServerPool:
                 for expert in experts:
                     owners.setdefault(layer, {}).setdefault(expert, []).append(replica)
         self.owners = owners
+        self._owners_version += 1
         if self.on_change is not None:
             self.on_change()
 
@@ -425,6 +428,24 @@ class ServerPool:
         for replica, work in load.items():
             replica.add_work(work, now)
         return plan, sorted(missing)
+
+    def sole_plan(self, layer: int) -> dict[Replica, list[int]] | None:
+        """Every expert of `layer` given to its one serving replica, when each has exactly one (nothing to choose:
+        the plan stays the same, cached, until ownership or a replica's state changes); else None (assign)."""
+        key = (self._owners_version, tuple((r.address, r.serving, bool(r.refused)) for r in self.members))
+        cached = self._sole_plans.get(layer)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        by_expert = self.owners.get(layer, {})
+        plan: dict[Replica, list[int]] | None = {}
+        for expert in range(self.spec.num_experts):
+            owners = [r for r in by_expert.get(expert, ()) if r.serving and not r.refused]
+            if len(owners) != 1:
+                plan = None
+                break
+            plan.setdefault(owners[0], []).append(expert)
+        self._sole_plans[layer] = (key, plan)
+        return plan
 
     def explain(self, layer: int, experts: list[int]) -> tuple[str, bool]:
         """Why no replica can run these experts; and whether every owner was refused for its checkpoint."""

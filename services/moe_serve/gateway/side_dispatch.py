@@ -114,9 +114,11 @@ def start_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch
     t, k = expert_ids.shape
     num_experts = dispatcher.spec.num_experts
     per_expert = max(1, t * k // num_experts)  # the slots each expert is reckoned to take (not counted)
-    plan, missing = dispatcher.pool.assign(layer, dict.fromkeys(range(num_experts), per_expert))
-    if missing:
-        return None
+    plan = dispatcher.pool.sole_plan(layer)  # one owner per expert (the usual case): no choice, cached
+    if plan is None:
+        plan, missing = dispatcher.pool.assign(layer, dict.fromkeys(range(num_experts), per_expert))
+        if missing:
+            return None
     links = {}
     for replica in plan:
         link = replica.side_link()
