@@ -75,16 +75,21 @@ class InflightCalls:
         self._calls = [c for c in self._calls if c[1]() is not None]
         self._calls.append((layer, weakref.ref(expert_ids)))
         watched = self.watched.get(layer)
-        if watched is not None and bool(torch.isin(expert_ids, watched).any()):
+        if watched is not None and _names_any(expert_ids, watched):
             self.last_touch = time.monotonic()
 
     def busy(self) -> bool:
         """A call in flight names a watched expert (call under the bank's lock)."""
         for layer, ref in self._calls:
             ids = ref()
-            if ids is not None and layer in self.watched and bool(torch.isin(ids, self.watched[layer]).any()):
+            if ids is not None and layer in self.watched and _names_any(ids, self.watched[layer]):
                 return True
         return False
+
+
+def _names_any(expert_ids: torch.Tensor, watched: torch.Tensor) -> bool:
+    """Whether a call's ids (on the host, or a device-routed call's on its GPU) name a watched expert."""
+    return bool(torch.isin(expert_ids, watched.to(expert_ids.device)).any())
 
 
 class LivePlacement:

@@ -40,6 +40,8 @@ class CallBudget:
 
     def timeout(self, replica: Replica, layer: int, experts: list[int], excluded: frozenset[str]) -> float:
         """The budget if another live replica owns all of `experts`, else the full --rpc-timeout."""
+        if len(self.pool.members) < 2:  # no other replica at all
+            return self.rpc_timeout
         by_expert = self.pool.owners.get(layer, {})
         gone = excluded | {replica.address}
         for expert in experts:

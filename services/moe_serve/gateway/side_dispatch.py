@@ -68,6 +68,7 @@ class _Part:
     pieces: list[_Piece]
     slots: int
     sent_at: float = 0.0
+    budget: float | None = None  # seconds the call may take (call_budget.py), fixed when it is sent
     arrived: float = 0.0  # when the last reply we waited for came (0: every reply was there already)
     waited: bool = False  # its slots are off the replica's outstanding count
 
@@ -403,8 +404,9 @@ class SideRound:
 
     def _timeout(self, part: _Part) -> float:
         # As over gRPC: short when another replica can take over (call_budget.py), else the full --rpc-timeout.
-        budget = self.dispatcher.budget.timeout(part.replica, self.layer, part.chosen, frozenset())
-        timeout = budget - (time.perf_counter() - part.sent_at)
+        if part.budget is None:  # once a call (a layer's 64 experts are a loop over their owners)
+            part.budget = self.dispatcher.budget.timeout(part.replica, self.layer, part.chosen, frozenset())
+        timeout = part.budget - (time.perf_counter() - part.sent_at)
         if self.deadline is not None:
             timeout = min(timeout, self.deadline - time.monotonic())
         return max(timeout, 0.0)

@@ -21,11 +21,12 @@ import torch
 
 
 class GpuEvents:
-    """This process's own interprocess event per device, and the peers' events it has opened."""
+    """This process's own interprocess event per stream, and the peers' events it has opened."""
 
     def __init__(self, limit: int = 64):
         self.limit = limit
-        self._own: dict[int, tuple[torch.cuda.Event, bytes]] = {}  # by stream (its cudaStream_t)
+        # By stream: (device index, cudaStream_t); the legacy default stream is 0 on every device.
+        self._own: dict[tuple[int, int], tuple[torch.cuda.Event, bytes]] = {}
         self._opened: OrderedDict[tuple[torch.device, bytes], torch.cuda.Event] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -41,13 +42,14 @@ class GpuEvents:
         return handle
 
     def _event(self, stream: torch.cuda.Stream) -> tuple[torch.cuda.Event, bytes]:
+        key = (stream.device_index, stream.cuda_stream)
         with self._lock:
-            own = self._own.get(stream.cuda_stream)
+            own = self._own.get(key)
             if own is None:
                 with torch.cuda.device(stream.device):
                     event = torch.cuda.Event(interprocess=True)
                     event.record(stream)  # created on its device before the handle is taken
-                    own = self._own[stream.cuda_stream] = (event, bytes(event.ipc_handle()))
+                    own = self._own[key] = (event, bytes(event.ipc_handle()))
         return own
 
     def wait(self, device: torch.device, handle: bytes) -> None:
