@@ -50,6 +50,15 @@ def test_forward_with_device_routing_equals_reference(cluster, tiny_checkpoint, 
         assert {r.address: e for r, e in plan.items()} == {servers[0]: [0, 1, 2], servers[1]: [3, 4, 5, 6, 7]}
 
 
+def test_the_gateway_flag_decides_where_routing_goes(cluster, tiny_checkpoint):
+    """--routed-calls (default on) routes on the dense layers' GPU only; --no-routed-calls never."""
+    server = cluster.expert_server(tiny_checkpoint, experts="0-7")
+    default = _dispatcher(cluster, cluster.gateway(tiny_checkpoint, [server]))
+    off = _dispatcher(cluster, cluster.gateway(tiny_checkpoint, [server], routed_calls=False))
+    assert default.routes_on(torch.device("cuda", 0)) and not default.routes_on(torch.device("cpu"))
+    assert not off.routes_on(torch.device("cuda", 0)) and not off.routes_on(torch.device("cpu"))
+
+
 def test_a_routed_server_that_stops_fails_over(cluster, tiny_checkpoint):
     """A device-routed share whose server stopped goes to the other replica with the routing brought to the host
     (the gRPC failover's plan); no Forward fails or differs from the reference."""

@@ -145,7 +145,8 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
                                   wire.dtype_from_name(config.wire_dtype), config.rpc_timeout, metrics,
                                   ArenaPool() if config.shared_memory else None,
                                   wire_choice=WireChoice.of(config.wire_dtype, config.reply_wire_dtype,
-                                                            config.full_precision_below_tokens))
+                                                            config.full_precision_below_tokens),
+                                  device_routing=None if config.routed_calls else False)
     engine = GatewayEngine(model, dispatcher, tokenizer)
 
     def info() -> gateway_pb2.GetModelInfoResponse:  # GetModelInfo lists the servers serving now
