@@ -22,7 +22,7 @@ from moe_serve.rpc import shared_regions
 from moe_serve.rpc.codec import TORCH_DTYPES, WIRE_DTYPES, from_wire, to_wire_owned
 from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument
 from moe_serve.rpc.finite import all_finite, finite_hint
-from moe_serve.rpc.gpu_events import GpuEvents
+from moe_serve.rpc.gpu_events import IPC_HANDLE_BYTES, GpuEvents
 from moe_serve.rpc.message_limits import check_reply
 from moe_serve.rpc.registration import add_servicer
 from moe_serve.rpc.server import rpc
@@ -162,9 +162,16 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         device = hidden.device
         reply_event = b""
         if request.gpu_event:
+            if len(request.gpu_event) != IPC_HANDLE_BYTES:
+                raise InvalidArgument(f"gpu_event: {len(request.gpu_event)} bytes; a CUDA IPC event handle has "
+                                      f"{IPC_HANDLE_BYTES}")
             if not hidden.is_cuda:
                 raise InvalidArgument("gpu_event: set for tensors in host memory")
-            self.events.wait(device, request.gpu_event)  # before any read of the caller's tensors
+            try:
+                self.events.wait(device, request.gpu_event)  # before any read of the caller's tensors
+            except RuntimeError as err:  # CUDA refused the handle: not an event of a process on this host
+                raise InvalidArgument(f"gpu_event: {len(request.gpu_event)} bytes that CUDA does not open as an "
+                                      f"IPC event handle ({err})") from err
             if set(self.bank.stacks(request.layer)) == {device}:
                 reply_event = self.events.handle(device)
             else:  # experts on another device: copies there go by other streams, so wait here (and reply late)

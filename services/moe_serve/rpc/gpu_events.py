@@ -19,6 +19,8 @@ from collections import OrderedDict
 
 import torch
 
+IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcEventHandle_t)
+
 
 class GpuEvents:
     """This process's own interprocess event per stream, and the peers' events it has opened."""
