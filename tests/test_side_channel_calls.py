@@ -233,18 +233,35 @@ def test_a_reply_is_dated_only_when_it_was_waited_for():
     """receive_dated: a reply that came while a thread waited in select is dated (the call's latency, which
     the gateway's call budget learns from); one already in the socket is not (it came while the caller did
     something else, and reading it late must not make the server look slow)."""
-    listener = SideListener(_sleep_then_echo)
+    release = threading.Event()
+    released_at = []
+
+    def held_back(payload: memoryview) -> bytes:
+        release.wait(10)  # the first reply goes only once the caller is waiting for it
+        return bytes(payload)
+
+    listener = SideListener(held_back)
     link = SideLink(listener.address)
+
+    def release_once_waiting() -> None:
+        wait_for(lambda: link._reading, "the caller reading the socket", 10, interval=0.001)
+        time.sleep(0.3)  # the caller is in select by now (it only had to call it)
+        released_at.append(time.perf_counter())
+        release.set()
+
     try:
-        sent = time.perf_counter()
-        reply, arrived = link.receive_dated(link.send(b"0.05"), 10)
-        assert bytes(reply) == b"0.05" and arrived - sent >= 0.05
-        seq = link.send(b"0.0")
+        helper = threading.Thread(target=release_once_waiting)
+        helper.start()
+        reply, arrived = link.receive_dated(link.send(b"first"), 10)
+        read = time.perf_counter()
+        helper.join()
+        assert bytes(reply) == b"first" and released_at[0] <= arrived <= read  # dated when it came
+        seq = link.send(b"second")  # answered at once (release is set)
         assert select.select([link.sock], [], [], 10)[0]  # the reply is in the socket before we look
-        time.sleep(0.05)
         reply, arrived = link.receive_dated(seq, 10)
-        assert bytes(reply) == b"0.0" and arrived == 0.0
+        assert bytes(reply) == b"second" and arrived == 0.0
     finally:
+        release.set()
         link.close()
         listener.close()
 
