@@ -88,7 +88,8 @@ class ExpertDispatcher:
         shared experts, or the other micro-batch, meanwhile); the future holds the [T, H] float32 sum."""
         deadline = REQUEST_DEADLINE.get()  # set by the edge interceptor, carried by ContextThreadPool
         # Dense layers may run on a GPU: the hidden states stay there if a server maps that GPU's memory,
-        # else the wire starts from host memory. Routing is planned on the host.
+        # else the wire starts from host memory. Routing stays there too for device-routed calls (same host,
+        # mapping that memory), else it is planned on the host.
         if hidden.is_cuda and not any(self.shared_kind(r, hidden.device) for r in self.pool.members):
             hidden = hidden.cpu()
         routed = start_routed(self, layer, hidden, expert_ids, weights, deadline)
@@ -268,13 +269,10 @@ class ExpertDispatcher:
         size = (aligned(tokens * hidden.shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize) + aligned(extra)
                 + tokens * hidden.shape[1] * TORCH_DTYPES[self.shared_out_dtype].itemsize)
         try:
-            arena = self.arenas.acquire(replica.address, hidden.device, size)
+            return self.arenas.acquire(replica.address, hidden.device, size)
         except (OSError, RuntimeError) as err:  # /dev/shm full, GPU out of memory
             log.warning("no shared memory for %d tokens to %s (%s); sending them by gRPC", tokens, replica.name, err)
             return None
-        if arena.last_read is not None:  # its last result was read on some stream: we write after that
-            torch.cuda.current_stream(hidden.device).wait_event(arena.last_read)
-        return arena
 
     def stage(self, arena: Arena, request, hidden: torch.Tensor, rows: torch.Tensor | None,
               sync: bool = True, out_at: int | None = None) -> torch.Tensor:

@@ -122,8 +122,8 @@ def start_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch
             return None
     links = {}
     for replica in plan:
-        link = replica.side_link()
-        if link is None or link.tcp or not replica.routed_calls or not dispatcher.shared_kind(replica, hidden.device):
+        link = _carrier(dispatcher, replica, hidden.device)
+        if link is None or link.tcp or not replica.routed_calls:  # same host, mapping our memory, taking them
             return None
         links[replica] = link
     parts = _stage_routed(dispatcher, layer, hidden, expert_ids, weights, plan, links, per_expert)
@@ -230,13 +230,6 @@ def _split(request, links: list[SideLink], min_piece_bytes: int) -> list[_Piece]
             for link, (start, stop, piece) in zip(links, split_rows(request, parts), strict=False)]
 
 
-def _wait(piece: _Piece, timeout: float) -> tuple[memoryview, float]:
-    """The piece's reply, and when it came if a thread was waiting for it then (else 0: one already there came
-    at some unknown time before, while the caller computed or waited on another server, and dating the call
-    by when it was read would inflate the budget, call_budget.py)."""
-    return piece.link.receive_dated(piece.seq, timeout)
-
-
 class SideRound:
     """One layer's side-channel calls in flight; `result()` waits for them like a Future."""
 
@@ -324,10 +317,6 @@ class SideRound:
                 else:
                     out.index_add_(0, rows[piece.start:piece.stop], partial)
             if part.arena is not None:
-                if part.result is not None and part.result.is_cuda:  # the next user may be on another stream
-                    if part.arena.last_read is None:
-                        part.arena.last_read = torch.cuda.Event()
-                    part.arena.last_read.record(torch.cuda.current_stream(part.result.device))
                 d.arenas.release(replica.address, part.arena)
                 part.arena = None
             return
@@ -372,7 +361,10 @@ class SideRound:
             if failed:
                 raise ChannelClosed(failed)
             timeout = self._timeout(part)
-            waits = side_lanes.each([partial(_wait, piece, timeout) for piece in part.pieces])  # at once if split
+            # Each reply with when it came if a thread waited for it then (else 0: one already there came while
+            # the caller computed or waited on another server, and dating the call by it would inflate the budget)
+            waits = side_lanes.each([partial(piece.link.receive_dated, piece.seq, timeout)  # at once if split
+                                     for piece in part.pieces])
             waited = True
             for reply, error in waits:
                 if error is not None:

@@ -100,8 +100,8 @@ class Arena:
     def __init__(self, device: torch.device, nbytes: int):
         self.device = device
         self.nbytes = nbytes
-        # GPU arenas: recorded on the stream that last read the result; a caller on another stream waits on
-        # it before writing (two micro-batches' streams share the pool)
+        # GPU arenas: recorded on the releasing thread's stream (ArenaPool.release); the next user, maybe on
+        # another stream (two micro-batches share the pool), waits on it before writing (ArenaPool.acquire)
         self.last_read: torch.cuda.Event | None = None
         self._path: Path | None = None
         if device.type == "cuda":
@@ -170,16 +170,25 @@ class ArenaPool:
         with self._lock:
             idle = self._idle.setdefault((owner, device), [])
             fits = [a for a in idle if a.nbytes >= nbytes]
-            if fits:
-                arena = min(fits, key=lambda a: a.nbytes)
+            arena = min(fits, key=lambda a: a.nbytes) if fits else None
+            if arena is not None:
                 idle.remove(arena)
-                return arena
+        if arena is not None:
+            if arena.last_read is not None:  # its last user's reads are done before we write
+                torch.cuda.current_stream(device).wait_event(arena.last_read)
+            return arena
         size = _MIN_ARENA
         while size < nbytes:
             size *= 2
         return Arena(device, size)
 
     def release(self, owner: str, arena: Arena) -> None:
+        """Back to the pool once the caller has read the result (on a GPU: its reads are queued, and the next
+        user's stream waits for them)."""
+        if arena.device.type == "cuda":
+            if arena.last_read is None:
+                arena.last_read = torch.cuda.Event()
+            arena.last_read.record(torch.cuda.current_stream(arena.device))
         with self._lock:
             idle = self._idle.setdefault((owner, arena.device), [])
             idle.append(arena)
