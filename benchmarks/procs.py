@@ -109,6 +109,9 @@ class GrpcPhase:
         self.close()
 
 
+WIDE_LANES = 8  # the transport benchmark's wider split: pieces of 1 MiB from 8 MiB on
+
+
 class EchoPhase:
     """The echo server (benchmarks.echo_server) on a TCP port and a unix socket, and channels to it."""
 
@@ -157,8 +160,9 @@ class EchoPhase:
         self.sync_channels = {kind: insecure_channel(address) for kind, address in self.addresses.items()}
         from moe_serve.rpc.side_channel import SideLink
 
-        # The gateway's TCP side links to one server: large calls are split by rows over them.
-        self.side_links = [SideLink(self.side_address, tcp=True, max_bytes=1 << 30) for _ in range(DEFAULT_LANES)]
+        # The gateway's TCP side links to one server (--tcp-lanes, default 4): large calls are split by rows
+        # over them; WIDE_LANES of them for the wider variant.
+        self.side_links = [SideLink(self.side_address, tcp=True, max_bytes=1 << 30) for _ in range(WIDE_LANES)]
         self.raw_link = SideLink(self.raw_address, tcp=True, max_bytes=1 << 30)
 
     def close(self) -> None:

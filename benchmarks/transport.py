@@ -19,7 +19,7 @@ import torch
 import torch.distributed.rpc as rpc
 
 from benchmarks import rpc_worker
-from benchmarks.procs import EchoPhase, RpcPhase
+from benchmarks.procs import WIDE_LANES, EchoPhase, RpcPhase
 from benchmarks.timing import Samples, interleaved
 from moe_client import wire, zerocopy
 from moe_client.channel import unary_callable
@@ -140,10 +140,10 @@ def grpc_variants(phase: EchoPhase, hidden: torch.Tensor, ids: torch.Tensor, wei
         ((_, _, output),) = side_echo(phase.side_links[:1], hidden, ids, weights)
         return from_wire(output, "output")
 
-    def ours_side_lanes() -> torch.Tensor:
-        # ... with calls of 2 MiB of hidden states or more split by rows over the server's links (as the gateway
-        # does); the pieces copied into one tensor by numpy, as ours_lanes does.
-        replies = side_echo(phase.side_links, hidden, ids, weights)
+    def ours_side_lanes(lanes: int) -> torch.Tensor:
+        # ... with calls of 2 MiB of hidden states or more split by rows over `lanes` of the server's links (as the
+        # gateway does with --tcp-lanes); the pieces copied into one tensor by numpy, as ours_lanes does.
+        replies = side_echo(phase.side_links[:lanes], hidden, ids, weights)
         if len(replies) == 1:
             return from_wire(replies[0][2], "output")
         for start, stop, output in replies:
@@ -158,7 +158,8 @@ def grpc_variants(phase: EchoPhase, hidden: torch.Tensor, ids: torch.Tensor, wei
         return torch.frombuffer(back, dtype=hidden.dtype).view(hidden.shape)
 
     return {"ours unix": lambda: ours("unix"), "ours tcp": lambda: ours("tcp"), "ours tcp side channel": ours_side_tcp,
-            "ours tcp side lanes": ours_side_lanes, "raw tcp frames (floor)": raw_tcp,
+            "ours tcp side lanes": lambda: ours_side_lanes(DEFAULT_LANES),
+            f"ours tcp side {WIDE_LANES} lanes": lambda: ours_side_lanes(WIDE_LANES), "raw tcp frames (floor)": raw_tcp,
             "ours tcp lanes": lambda: ours_lanes(DEFAULT_LANES), "ours tcp 2 lanes": lambda: ours_lanes(2),
             "grpc+upb tcp (before)": upb,
             "ours unix sync": ours_sync, "ours unix split2": ours_split}

@@ -14,6 +14,8 @@ import torch
 
 from moe_client import ExpertClient, GatewayClient, wire
 from moe_client.pb import gateway_pb2, gateway_pb2_grpc
+from moe_serve.core.experts import ExpertWeights
+from moe_serve.expert_server.bank import ExpertBank
 from moe_serve.expert_server.config import ExpertServerConfig
 from moe_serve.expert_server.config import build_parser as expert_parser
 from moe_serve.expert_server.main import create_server
@@ -168,14 +170,34 @@ def test_load_progress_in_a_log_prints_whole_lines():
     assert lines == [lines[-1]] and "3/3 100%" in lines[0] and "\r" not in out.getvalue()
 
 
-def test_expert_token_counts_skip_unused_slots_and_report_held_experts_at_zero():
+TALLY_CASES = [("cpu", torch.float32)] + ([("cuda:0", torch.bfloat16)] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device,dtype", TALLY_CASES)
+def test_expert_token_counts_are_the_banks_tallies_of_held_experts(device, dtype):
+    """Tokens per expert are tallied inside the bank's computation (on a GPU, in its CUDA graphs): unused slots
+    and experts held elsewhere are not counted, held experts show at zero, and a read loses no later call."""
+    held, num_experts = (0, 5, 9), 16
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    experts = {(3, e): ExpertWeights(*(torch.randn(shape, generator=gen) / 8 for shape in ((24, 64), (24, 64),
+                                                                                        (64, 24)))).to(device, dtype)
+               for e in held}
+    bank = ExpertBank(experts, num_experts=num_experts, hidden_size=64, dtype=dtype)
     m = ServiceMetrics("expert_server")
-    m.init_experts({3: (0, 5, 9)})
-    m.observe_experts(3, torch.tensor([[5, -1], [0, 5]], dtype=torch.int32))
-    m.observe_experts(3, torch.tensor([[12, 5]]))  # a longer vector than before: the counts grow
+    m.init_experts(bank.owned)
+    m.expert_tokens.watch(bank.drain_token_counts)
+    want = torch.zeros(num_experts, dtype=torch.long)
+    for tokens in (5, 37, 20, 37, 3):  # CUDA graphs: a new bucket, one replayed, a read between calls
+        ids = torch.from_numpy(np.random.default_rng().integers(-1, num_experts, (tokens, 3)))
+        bank.compute(3, torch.randn(tokens, 64, generator=gen).to(dtype), ids.to(device),
+                     torch.rand(tokens, 3, generator=gen).to(device))
+        want += torch.bincount(ids[ids >= 0], minlength=num_experts)
+        if tokens == 20:
+            assert m.expert_tokens.value(3, 5) == want[5]
     got = {s.labels["expert"]: s.value for f in m.registry.collect() if f.name == "moe_expert_tokens"
            for s in f.samples}
-    assert got == {"0": 1, "5": 3, "9": 0, "12": 1}
+    assert got == {str(e): want[e].item() for e in held}
+    assert m.expert_tokens.value(3, 7) == 0  # held elsewhere: skipped, not counted
 
 
 def test_generate_carries_its_request_id_and_counts_tokens(cluster, causal_checkpoints, access_log):
@@ -190,23 +212,6 @@ def test_generate_carries_its_request_id_and_counts_tokens(cluster, causal_check
                         "the Generate access log line", 10)
     run_experts = {rid for _, rid, msg in access_log.seen if msg.startswith("RunExperts OK")}
     assert len(generate) == 1 and run_experts == set(generate)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_expert_tokens_of_ids_on_a_gpu_are_counted_there():
-    """Device-routed calls count their ids on the GPU (no wait for it); a read brings the counts to the host,
-    where they add to those counted on the host."""
-    from moe_serve.observability.collectors import ExpertTokenCounter
-
-    counter = ExpertTokenCounter()
-    rng = np.random.default_rng()
-    batches = [torch.from_numpy(rng.integers(-1, 8, (int(rng.integers(1, 50)), 3))) for _ in range(4)]
-    for i, ids in enumerate(batches):
-        counter.add(1, ids.cuda() if i % 2 else ids, 8)
-    want = torch.bincount(torch.cat(batches).reshape(-1) + 1, minlength=9)[1:].tolist()
-    assert [counter.value(1, e) for e in range(8)] == want
-    counter.add(1, batches[0].cuda(), 8)  # counted again after a read
-    assert counter.counts()[(1, 0)] == want[0] + int((batches[0] == 0).sum())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -101,6 +101,24 @@ def test_parse_follows_protobuf_merge_rules():
     assert ours.expert_ids == wire.WireTensor()  # unset submessage reads as the default, as in protobuf
 
 
+def test_remembered_submessages_merge_as_protobuf_and_outlive_the_buffer():
+    # SharedTensor fields are parsed once per distinct bytes (zerocopy's memo): occurrences still merge as upb
+    # merges them, one reused instance is handed out for the same bytes, and its bytes fields are its own.
+    first = experts_pb2.RunExpertsRequest(shared_hidden=experts_pb2.SharedTensor(
+        dtype=1, shape=[2, 3], offset=256, region=experts_pb2.SharedRegion(name="moe-a", size=4096, key=b"k1")))
+    second = experts_pb2.RunExpertsRequest(layer=4, shared_hidden=experts_pb2.SharedTensor(
+        offset=512, shape=[5], region=experts_pb2.SharedRegion(key=b"k2")))
+    for wire_bytes in (first.SerializeToString() + second.SerializeToString(), first.SerializeToString()):
+        theirs = experts_pb2.RunExpertsRequest.FromString(wire_bytes).shared_hidden
+        buffer = bytearray(wire_bytes)
+        ours = zerocopy.RunExpertsRequest.parse(buffer).shared_hidden
+        buffer[:] = bytes(len(buffer))  # the frame's buffer reused for the next call
+        assert (ours.dtype, ours.shape, ours.offset) == (theirs.dtype, tuple(theirs.shape), theirs.offset)
+        assert (ours.region.name, ours.region.size, bytes(ours.region.key)) == (
+            theirs.region.name, theirs.region.size, theirs.region.key)
+        assert zerocopy.RunExpertsRequest.parse(wire_bytes).shared_hidden is ours
+
+
 def test_parse_borrows_tensor_bytes():
     hidden = np.random.default_rng().standard_normal((3, 8), dtype=np.float32)
     data = zerocopy.ForwardRequest(hidden=wire.encode_view(hidden)).SerializeToString()

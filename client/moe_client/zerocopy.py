@@ -142,9 +142,14 @@ class MessageType:
     """One message of the .proto: builds instances, writes them (`serialize`) and reads them (`parse`)."""
 
     def __init__(self, descriptor: Descriptor, factory: Callable | None = None,
-                 nested: dict[str, MessageType] | None = None):
+                 nested: dict[str, MessageType] | None = None, memo: int = 0):
+        """`memo` > 0: as a field of another message, parsed once per distinct bytes (the last `memo` kept) and
+        the same instance handed out again: for small messages that repeat call after call and hold no
+        tensor bytes (a SharedTensor naming an arena), which their readers must not change."""
         nested = nested or {}
         self.descriptor = descriptor
+        self.memo = memo
+        self._memo: dict[bytes, object] = {}
         self.fields = [_Field(f, nested.get(f.message_type.full_name) if f.message_type else None)
                        for f in sorted(descriptor.fields, key=lambda f: f.number)]
         missing = [f.message_type.full_name for f in descriptor.fields if f.message_type
@@ -185,10 +190,24 @@ class MessageType:
         for f in self._nested_or_repeated:
             if f.message is not None:
                 sub = values.get(f.name)
-                values[f.name] = f.message.empty if sub is None else f.message._build(sub)
+                if sub is None:
+                    values[f.name] = f.message.empty
+                elif f.message.memo:  # the field's occurrences as bytes (several merge, as their concatenation)
+                    values[f.name] = f.message._remembered(sub[0] if len(sub) == 1 else b"".join(sub))
+                else:
+                    values[f.name] = f.message._build(sub)
             elif f.name in values:
                 values[f.name] = tuple(values[f.name])
         return self.factory(**values)
+
+    def _remembered(self, data: bytes):
+        message = self._memo.get(data)
+        if message is None:
+            message = self.parse(data)  # its bytes fields are views into `data`, kept alive by the memo
+            if len(self._memo) >= self.memo:
+                self._memo.clear()
+            self._memo[data] = message
+        return message
 
     def _parse_one(self, values: dict, key: int, buf: memoryview, pos: int, end: int) -> int:
         """Read one field whose key is already read; any encoding protobuf accepts. Returns the new position."""
@@ -226,6 +245,8 @@ class MessageType:
                 items.append(_as_int(value, f.kind))
         elif wire_type != f.wire_type:
             pass  # mismatched wire type: protobuf keeps it as an unknown field
+        elif f.message is not None and f.message.memo:
+            values.setdefault(f.name, []).append(bytes(buf[start:pos]))
         elif f.message is not None:  # repeated occurrences of a message field merge
             f.message._parse_into(values.setdefault(f.name, {}), buf, start, pos)
         elif wire_type == 0:
@@ -291,7 +312,8 @@ def _compile_writer(message_type: MessageType) -> Callable[[object, list], int]:
                       f"        h = K{i} + _varint(n)", "        out.append(h)", "        out.extend(body)",
                       "        size += len(h) + n"]
         elif f.repeated:
-            lines += ["    if len(v):", "        packed = b''.join([_varint(int(x)) for x in v])",
+            namespace["_packed"] = _packed
+            lines += ["    if len(v):", "        packed = _packed(v)",
                       f"        p = K{i} + _varint(len(packed)) + packed", "        out.append(p)",
                       "        size += len(p)"]
         elif f.wire_type == 0:
@@ -307,6 +329,17 @@ def _compile_writer(message_type: MessageType) -> Callable[[object, list], int]:
     lines.append("    return size")
     exec("\n".join(lines), namespace)  # code built from the descriptor alone, no outside input
     return namespace["write"]
+
+
+def _packed(values) -> bytes:
+    """A packed repeated varint field's bytes; values in [0, 128) (expert numbers, bools) are one byte each."""
+    try:
+        packed = bytes(values)
+        if packed.isascii():
+            return packed
+    except (TypeError, ValueError):  # a value outside [0, 256), or not an int
+        pass
+    return b"".join([_varint(int(x)) for x in values])
 
 
 def _utf8(data: memoryview, message: str, field: str) -> str:
@@ -336,14 +369,19 @@ def _compile_reader(message_type: MessageType) -> Callable[[dict, memoryview, in
         lines.append(f"        {branch} key == {f.number << 3 | f.wire_type}:")
         branch = "elif"
         body: list[str]
-        if f.message is not None:
+        if f.message is not None and f.message.memo:  # kept as bytes; _build parses them once per distinct value
+            body = [*span, f"        values.setdefault({f.name!r}, []).append(bytes(buf[start:pos]))"]
+        elif f.message is not None:
             namespace[f"P{i}"] = f.message._parse_into
             body = [*span, f"        sub = values.get({f.name!r})", "        if sub is None:",
                     f"            sub = values[{f.name!r}] = {{}}", f"        P{i}(sub, buf, start, pos)"]
-        elif f.repeated:
-            body = [*span, f"        items = values.setdefault({f.name!r}, [])", "        p = start",
-                    "        while p < pos:", "            item, p = _read_varint(buf, p, pos)",
-                    f"            items.append(_as_int(item, KIND{i}))"]
+        elif f.repeated:  # ints below 128 (expert numbers) are one byte each: read all at once (bools one by one)
+            one_byte = "raw.isascii()" if f.kind != _F.TYPE_BOOL else "False"
+            body = [*span, f"        items = values.setdefault({f.name!r}, [])", "        raw = bytes(buf[start:pos])",
+                    f"        if {one_byte}:", "            items.extend(raw)", "        else:",
+                    "            p = start", "            while p < pos:",
+                    "                item, p = _read_varint(buf, p, pos)",
+                    f"                items.append(_as_int(item, KIND{i}))"]
         elif f.wire_type == 0:
             exact = f"_as_int(v, KIND{i})"  # truncation and sign; small non-negative values are already right
             convert = exact if f.kind == _F.TYPE_BOOL else f"v if v < 0x80000000 else {exact}"
@@ -364,7 +402,9 @@ def _compile_reader(message_type: MessageType) -> Callable[[dict, memoryview, in
 
 Tensor = MessageType(tensor_pb2.Tensor.DESCRIPTOR, factory=WireTensor)
 SharedRegion = MessageType(experts_pb2.SharedRegion.DESCRIPTOR)
-SharedTensor = MessageType(experts_pb2.SharedTensor.DESCRIPTOR, nested={"moe.v1.SharedRegion": SharedRegion})
+# Names a tensor in an arena: the same few bytes on every call that reuses the arena.
+SharedTensor = MessageType(experts_pb2.SharedTensor.DESCRIPTOR, nested={"moe.v1.SharedRegion": SharedRegion},
+                           memo=1024)
 _NESTED = {"moe.v1.Tensor": Tensor, "moe.v1.SharedTensor": SharedTensor}
 RunExpertsRequest = MessageType(experts_pb2.RunExpertsRequest.DESCRIPTOR, nested=_NESTED)
 RunExpertsResponse = MessageType(experts_pb2.RunExpertsResponse.DESCRIPTOR, nested=_NESTED)

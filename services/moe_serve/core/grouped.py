@@ -99,14 +99,15 @@ Swiglu = Callable[[torch.Tensor, torch.Tensor, StackedExperts, torch.Tensor | No
 
 
 def expert_sums(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, stacked: StackedExperts,
-                slot_of: torch.Tensor, swiglu: Swiglu = grouped_swiglu, out: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                slot_of: torch.Tensor, swiglu: Swiglu = grouped_swiglu, out: torch.Tensor | None = None,
+                tally: torch.Tensor | None = None) -> torch.Tensor:
     """Per token, the gate-weighted sum of its experts that are in `stacked`: [T, H] float32.
 
     hidden [T, H], expert_ids [T, K] (-1, ids >= E, experts elsewhere are skipped), weights [T, K], slot_of [E]
     (slot in `stacked` or -1), all on stacked's device. No host synchronisation: every (token, slot)
     pair is sorted by slot (pairs not here sort last and are masked), run grouped, put back in
     [T, K] order and summed over K in float32 (deterministic, no atomics), into `out` if given.
+    `tally` ([G] int64), if given, gets each slot's count of tokens added (the metrics' token counts).
     """
     t, k = expert_ids.shape
     g = len(stacked.expert_ids)
@@ -119,6 +120,8 @@ def expert_sums(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     # Rows per slot from the sorted keys: no bincount, whose output size needs a device sync.
     bounds = torch.searchsorted(sorted_key, torch.arange(g + 1, device=key.device, dtype=torch.int32))
     counts = bounds[1:] - bounds[:-1]  # [G]
+    if tally is not None:
+        tally.add_(counts)
     x = hidden.index_select(0, torch.div(order, k, rounding_mode="floor")).to(stacked.dtype)  # [T*K, H]
     y = swiglu(x, counts, stacked, weights.reshape(-1).float()[order])  # [T*K, H], sorted by slot
     if _fused is not None and y.is_cuda:

@@ -7,6 +7,7 @@ call: it is never open by default.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 import grpc
@@ -72,10 +73,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetExpertLoad(self, request, context):
         self.auth.check(context)
         used = self.live.used()
+        counts = await asyncio.to_thread(self.tokens.counts)  # waits for the bank's computation in progress
         return admin_pb2.GetExpertLoadResponse(
             server_name=self.name, placement_version=self.live.version, expert_bytes=self.live.expert_bytes,
             experts=[admin_pb2.ExpertLoad(layer=layer, expert=expert, tokens=n)
-                     for (layer, expert), n in sorted(self.tokens.counts().items())],
+                     for (layer, expert), n in sorted(counts.items())],
             devices=[admin_pb2.DeviceCapacity(device=d, capacity_bytes=c, used_bytes=used[d])
                      for d, c in self.live.capacity.items()])
 

@@ -41,6 +41,12 @@ class _DeviceGroup:
     stacked: StackedExperts
     slot_of: torch.Tensor  # [E] slot on this device or -1
     swiglu: Swiglu
+    tokens: torch.Tensor  # [G] int64 on the device: tokens each slot got since the last drain (the metrics')
+
+    @classmethod
+    def of(cls, stacked: StackedExperts, num_experts: int, swiglu: Swiglu) -> _DeviceGroup:
+        return cls(stacked, stacked.slot_of(num_experts), swiglu,
+                   torch.zeros(len(stacked.expert_ids), dtype=torch.long, device=stacked.device))
 
 
 def assign_devices(expert_ids: list[int], devices: list[torch.device]) -> dict[int, torch.device]:
@@ -68,6 +74,7 @@ class ExpertBank:
         self._pinned_buffers: dict[str, torch.Tensor] = {}
         self._graphed: dict[torch.device, GraphedExperts] = {}
         self._groups: dict[int, list[_DeviceGroup]] = {}
+        self._retired: list[tuple[int, _DeviceGroup]] = []  # groups swapped out, until their tallies are read
         self._cuda_graph_tokens = cuda_graph_tokens
         self._kernels: dict[torch.device, Swiglu] = {}
         by_layer: dict[int, dict[int, ExpertWeights]] = {}
@@ -87,8 +94,8 @@ class ExpertBank:
             if device not in self._kernels:
                 self._kernels[device] = grouped_swiglu if grouped_supported(device, self.dtype) else looped_swiglu
             stacked = StackedExperts.stack(group)
-            self._groups.setdefault(layer, []).append(_DeviceGroup(stacked, stacked.slot_of(self.num_experts),
-                                                                   self._kernels[device]))
+            self._groups.setdefault(layer, []).append(_DeviceGroup.of(stacked, self.num_experts,
+                                                                      self._kernels[device]))
             # Capturable only on the bf16 CUTLASS kernel: the looped fallback and torch's float32
             # grouped_mm on CUDA read the group offsets on the host.
             graphable = (self._kernels[device] is grouped_swiglu and device.type == "cuda"
@@ -110,7 +117,7 @@ class ExpertBank:
         for device, stacked in stacks.items():
             if device not in self._kernels:
                 self._kernels[device] = grouped_swiglu if grouped_supported(device, self.dtype) else looped_swiglu
-            groups.append(_DeviceGroup(stacked, stacked.slot_of(self.num_experts), self._kernels[device]))
+            groups.append(_DeviceGroup.of(stacked, self.num_experts, self._kernels[device]))
             graphable = (self._kernels[device] is grouped_swiglu and device.type == "cuda"
                          and self.dtype == torch.bfloat16 and self._cuda_graph_tokens > 0)
             if graphable and device not in self._graphed:
@@ -118,6 +125,7 @@ class ExpertBank:
         for graphed in self._graphed.values():
             graphed.forget(layer)
         ids = sorted(e for g in groups for e in g.stacked.expert_ids)
+        self._retired.extend((layer, g) for g in self._groups.get(layer, ()))  # their last counts not read yet
         self._groups = {k: v for k, v in self._groups.items() if k != layer} | ({layer: groups} if groups else {})
         self._owned = {k: v for k, v in self._owned.items() if k != layer} | ({layer: ids} if ids else {})
 
@@ -243,10 +251,24 @@ class ExpertBank:
             # Kernels (Triton's included) and graph captures go to the current device's stream.
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 if graphed is not None:
-                    partials.append(graphed.run(layer, group.stacked, group.slot_of, group.swiglu, *inputs))
+                    partials.append(graphed.run(layer, group.stacked, group.slot_of, group.swiglu, group.tokens,
+                                                *inputs))
                 else:
-                    partials.append(expert_sums(*inputs, group.stacked, group.slot_of, group.swiglu))
+                    partials.append(expert_sums(*inputs, group.stacked, group.slot_of, group.swiglu,
+                                                tally=group.tokens))
         return partials
+
+    def drain_token_counts(self) -> list[tuple[int, tuple[int, ...], torch.Tensor]]:
+        """(layer, experts, tokens each got) since the last drain, counts on the host; the tallies restart at 0.
+        Under the bank's lock, so no computation adds meanwhile; a GPU tally's read waits for its stream."""
+        with self.lock, torch.inference_mode():  # as `launch`: a tally made under inference mode is changed under it
+            retired, self._retired = self._retired, []
+            groups = [(layer, g) for layer, gs in self._groups.items() for g in gs] + retired
+            out = []
+            for layer, group in groups:
+                out.append((layer, group.stacked.expert_ids, group.tokens.to("cpu", copy=True)))
+                group.tokens.zero_()
+        return out
 
     def gather(self, partials: list[torch.Tensor], out_dtype: torch.dtype, on_device: bool = False) -> torch.Tensor:
         """Sum per-device partials: GPU ones on the first GPU, one copy back through pinned memory

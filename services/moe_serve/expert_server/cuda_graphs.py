@@ -33,9 +33,10 @@ class GraphedExperts:
         self.stream = torch.cuda.Stream(device)
         self._static: dict[int, tuple[torch.Tensor, ...]] = {}  # K -> (hidden, ids, weights)
         self._out = torch.empty(self.max_tokens, hidden_size, device=device, dtype=torch.float32)
-        # (layer, bucket, K) -> the stack captured and its graph: a live load or drop swaps a layer's stack,
-        # and a graph of the old one (maybe captured while the swap happened) is never replayed for the new.
-        self._graphs: dict[tuple[int, int, int], tuple[StackedExperts, torch.cuda.CUDAGraph]] = {}
+        # (layer, bucket, K) -> the stack and token tally captured, and the graph: a live load or drop swaps a
+        # layer's stack, and a graph of the old one (maybe captured while the swap happened) is never replayed
+        # for the new.
+        self._graphs: dict[tuple[int, int, int], tuple[StackedExperts, torch.Tensor, torch.cuda.CUDAGraph]] = {}
 
     def _buffers(self, k: int) -> tuple[torch.Tensor, ...]:
         if k not in self._static:
@@ -46,25 +47,26 @@ class GraphedExperts:
             )
         return self._static[k]
 
-    def run(self, layer: int, stacked: StackedExperts, slot_of: torch.Tensor, swiglu: Swiglu,
+    def run(self, layer: int, stacked: StackedExperts, slot_of: torch.Tensor, swiglu: Swiglu, tally: torch.Tensor,
             hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """expert_sums over device tensors; returns [T, H] float32 (a view valid until the next run)."""
+        """expert_sums over device tensors, tokens counted into `tally` (in the graph: no host cost); returns
+        [T, H] float32 (a view valid until the next run)."""
         t, k = expert_ids.shape
         if t > self.max_tokens:
-            return expert_sums(hidden, expert_ids, weights, stacked, slot_of, swiglu)
+            return expert_sums(hidden, expert_ids, weights, stacked, slot_of, swiglu, tally=tally)
         b = bucket(t)
         s_hidden, s_ids, s_weights = self._buffers(k)
         s_hidden[:t].copy_(hidden)
         s_ids[:t].copy_(expert_ids)
-        s_ids[t:b].fill_(-1)
+        if t < b:
+            s_ids[t:b].fill_(-1)
         s_weights[:t].copy_(weights)
         key = (layer, b, k)
         entry = self._graphs.get(key)
-        if entry is None or entry[0] is not stacked:
-            entry = self._graphs[key] = (stacked, self._capture(b, s_hidden, s_ids, s_weights, stacked, slot_of,
-                                                                swiglu))
-        graph = entry[1]
-        graph.replay()
+        if entry is None or entry[0] is not stacked or entry[1] is not tally:
+            entry = self._graphs[key] = (stacked, tally, self._capture(b, s_hidden, s_ids, s_weights, stacked,
+                                                                       slot_of, swiglu, tally))
+        entry[2].replay()
         return self._out[:t]
 
     def forget(self, layer: int) -> None:
@@ -72,17 +74,19 @@ class GraphedExperts:
         for key in [key for key in self._graphs if key[0] == layer]:
             del self._graphs[key]
 
-    def _capture(self, b, s_hidden, s_ids, s_weights, stacked, slot_of, swiglu) -> torch.cuda.CUDAGraph:
-        def body() -> None:
-            expert_sums(s_hidden[:b], s_ids[:b], s_weights[:b], stacked, slot_of, swiglu, out=self._out[:b])
+    def _capture(self, b, s_hidden, s_ids, s_weights, stacked, slot_of, swiglu, tally) -> torch.cuda.CUDAGraph:
+        def body(counts: torch.Tensor) -> None:
+            expert_sums(s_hidden[:b], s_ids[:b], s_weights[:b], stacked, slot_of, swiglu, out=self._out[:b],
+                        tally=counts)
 
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            body()  # warm-up outside capture: Triton compiles, cuBLAS/CUTLASS pick kernels
+            body(torch.zeros_like(tally))  # warm-up outside capture (Triton compiles, cuBLAS/CUTLASS pick
+            # kernels), counted nowhere: the call is counted once, by the replay below
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: work that another thread of this process starts meanwhile (a gateway in the same
         # process, in tests) neither fails nor breaks the capture; the bank's lock keeps our own out.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            body()
+            body(tally)
         return graph

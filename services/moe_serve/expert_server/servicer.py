@@ -78,6 +78,7 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
         self.bank = bank
         self.info = info
         self.metrics = metrics or ServiceMetrics("expert_server")
+        self.metrics.expert_tokens.watch(bank.drain_token_counts)  # counted inside the computations
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts")
         # Concurrent calls of a layer share one computation; the queue wait goes to the metrics.
         self.merger = CallMerger(bank, self.executor, merge, on_wait=self.metrics.queue_wait.observe)
@@ -187,7 +188,7 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
     def observe(self, work: Work, seconds: float) -> None:
         """Count a finished call in the metrics."""
         self.metrics.observe_batch("RunExperts", work.hidden.shape[0])
-        self.metrics.observe_experts(work.layer, work.expert_ids, seconds, self.bank.num_experts)
+        self.metrics.observe_compute(work.layer, seconds)
 
     @rpc
     async def RunExperts(self, request, context):

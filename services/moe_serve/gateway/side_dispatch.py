@@ -139,34 +139,45 @@ def _stage_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torc
                   plan: dict[Replica, list[int]], links: dict[Replica, SideLink],
                   per_expert: int) -> list[_Part] | None:
     """Each server's request: the layer's hidden states, ids and weights copied into its arena (on the
-    hidden states' device, no synchronisation); None (arenas released) when shared memory runs out."""
+    hidden states' device, no synchronisation); None (arenas released) when shared memory runs out.
+
+    A request is its layer and id, then the rest, which names the arena's places and is the same call after
+    call: serialised once per arena and shape (protobuf reads fields in any order)."""
     t, k = expert_ids.shape
-    h_bytes = aligned(t * hidden.shape[1] * TORCH_DTYPES[dispatcher.shared_dtype].itemsize)
+    h = hidden.shape[1]
+    h_bytes = aligned(t * h * TORCH_DTYPES[dispatcher.shared_dtype].itemsize)
     ids_at, weights_at = h_bytes, h_bytes + aligned(t * k * 8)
     out_at = weights_at + aligned(t * k * 4)
+    # The servers' streams wait on our event (recorded below, once all is staged) instead of us on the GPU
+    event = dispatcher.events.handle(hidden.device) if hidden.is_cuda else b""
+    head = zerocopy.RunExpertsRequest(layer=layer, request_id=request_ids.current())
+    head_pieces, head_size = head._type.chunks(head)
     parts: list[_Part] = []
-    requests = []
     for replica, chosen in sorted(plan.items(), key=lambda kv: min(kv[1])):
         arena = dispatcher.acquire(replica, hidden, t, extra=out_at - h_bytes)
         if arena is None:
             for part in parts:
                 dispatcher.arenas.release(part.replica.address, part.arena)
             return None
-        request = zerocopy.RunExpertsRequest(layer=layer, request_id=request_ids.current(), experts=chosen)
-        request.model_fingerprint = dispatcher.pool.fingerprint
-        result = dispatcher.stage(arena, request, hidden, None, sync=False, out_at=out_at)
+        arena.view(0, dispatcher.shared_dtype, (t, h)).copy_(hidden, non_blocking=True)
         arena.view(ids_at, wire.INT64, (t, k)).copy_(expert_ids, non_blocking=True)
         arena.view(weights_at, wire.FLOAT32, (t, k)).copy_(weights, non_blocking=True)
-        request.shared_expert_ids = arena.message(ids_at, wire.INT64, (t, k))
-        request.shared_weights = arena.message(weights_at, wire.FLOAT32, (t, k))
-        requests.append(request)
-        parts.append(_Part(replica, chosen, None, arena, result, [], per_expert * len(chosen)))
-    if hidden.is_cuda:  # the servers' streams wait on this event instead of us on the GPU
-        event = dispatcher.events.record(hidden.device)
-        for request in requests:
-            request.gpu_event = event
-    for part, request in zip(parts, requests, strict=True):
-        part.pieces = [_Piece(0, t, *request._type.chunks(request), link=links[part.replica])]
+        key = ("routed", t, h, k, dispatcher.shared_dtype, dispatcher.shared_out_dtype, tuple(chosen), event,
+               dispatcher.pool.fingerprint)
+        body = arena.derived.get(key)
+        if body is None:
+            body = zerocopy.RunExpertsRequest(
+                experts=chosen, model_fingerprint=dispatcher.pool.fingerprint, gpu_event=event,
+                shared_hidden=arena.message(0, dispatcher.shared_dtype, (t, h)),
+                shared_output=arena.message(out_at, dispatcher.shared_out_dtype, (t, h)),
+                shared_expert_ids=arena.message(ids_at, wire.INT64, (t, k)),
+                shared_weights=arena.message(weights_at, wire.FLOAT32, (t, k))).SerializeToString()
+            arena.remember(key, body)
+        piece = _Piece(0, t, [*head_pieces, body], head_size + len(body), link=links[replica])
+        parts.append(_Part(replica, chosen, None, arena, arena.view(out_at, dispatcher.shared_out_dtype, (t, h)),
+                           [piece], per_expert * len(chosen)))
+    if hidden.is_cuda:
+        dispatcher.events.record(hidden.device)
     return parts
 
 
@@ -267,11 +278,13 @@ class SideRound:
     def result(self) -> torch.Tensor:
         """[T, H] float32: the layer's routed-expert sum, on the hidden states' device."""
         if self._out is None:
-            out = torch.zeros(self.hidden.shape, dtype=torch.float32, device=self.hidden.device)
+            out = None  # made by the first share added (a copy of it when it has every row: no zeros to add to)
             failures: Failures = {}
             try:
                 for part in self.parts:
-                    self._gather(part, out, failures)
+                    out = self._gather(part, out, failures)
+                if out is None:
+                    out = self._zeros()
             finally:
                 for part in self.parts:
                     if part.arena is not None:  # not gathered (an error above): never reused
@@ -286,7 +299,11 @@ class SideRound:
             self._out = out
         return self._out
 
-    def _gather(self, part: _Part, out: torch.Tensor, failures: Failures) -> None:
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros(self.hidden.shape, dtype=torch.float32, device=self.hidden.device)
+
+    def _gather(self, part: _Part, out: torch.Tensor | None, failures: Failures) -> torch.Tensor | None:
+        """`out` with `part`'s sums added (or the rescue's, when it failed); None while nothing was added."""
         d = self.dispatcher
         replica = part.replica
         code, reason, replies = self._receive(part)
@@ -309,9 +326,14 @@ class SideRound:
             if part.arrived:  # the call's own time, as the gRPC path observes it (call_budget.py)
                 d.budget.observe(part.arrived - part.sent_at)
             d.pool.report_success(replica, max(answer.placement_version for answer in answers))
-            rows = part.rows.to(out.device) if part.rows is not None else None
+            device = self.hidden.device
+            rows = part.rows.to(device) if part.rows is not None else None
             for piece, partial in sums:
-                partial = partial.to(out.device, torch.float32)
+                if out is None and rows is None and piece.stop - piece.start == self.hidden.shape[0]:
+                    out = partial.to(device, torch.float32, copy=True)  # a copy: the arena or frame is reused
+                    continue
+                out = self._zeros() if out is None else out
+                partial = partial.to(device, torch.float32)
                 if rows is None:  # the call had every row: piece i is rows [start, stop) of the layer
                     out[piece.start:piece.stop] += partial
                 else:
@@ -319,7 +341,7 @@ class SideRound:
             if part.arena is not None:
                 d.arenas.release(replica.address, part.arena)
                 part.arena = None
-            return
+            return out
         if part.arena is not None:  # after a failure the server may still write into the arena: dropped, not reused
             part.arena.close()
             part.arena = None
@@ -338,11 +360,11 @@ class SideRound:
         expert_ids, weights, counts = self._host_routing()
         counts = {e: counts[e] for e in part.chosen if e in counts}
         if not counts:  # a device-routed share whose experts got no token: nothing to rescue
-            return
+            return out
         rescued = asyncio.run_coroutine_threadsafe(
             d.rescue(self.layer, self.hidden, expert_ids, weights, counts, self.deadline, excluded, failures, moved),
             d.loop).result()
-        add_partials(rescued, out)
+        return add_partials(rescued, self._zeros() if out is None else out)
 
     def _host_routing(self) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
         """The routing on the host and its slots per expert, as the gRPC failover plans with them."""

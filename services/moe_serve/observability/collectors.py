@@ -5,22 +5,22 @@ from __future__ import annotations
 import os
 import resource
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
 class ExpertTokenCounter:
-    """moe_expert_tokens_total{layer, expert}: one count vector per layer, added to with one vector op per
-    call (a server may touch 60 experts per call; a counter child each would cost more than the call's
-    bookkeeping), turned into samples only when scraped."""
+    """moe_expert_tokens_total{layer, expert}: one count vector per layer, turned into samples only when read.
+
+    The counts come from `sources` watched here: an expert bank tallies tokens per expert on the device that
+    computes them, inside its computation (on a GPU, in its CUDA graphs: no host work per call), and a read
+    (a scrape) drains the tallies into the totals."""
 
     def __init__(self) -> None:
         self._counts: dict[int, torch.Tensor] = {}  # layer -> [experts] int64
-        # Ids left on a GPU (device-routed calls) are counted there, without a synchronisation; the counts
-        # come to the host when read (a scrape).
-        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}  # (layer, device) -> [experts + 1]
+        self._sources: list[Callable[[], list[tuple[int, Sequence[int], torch.Tensor]]]] = []
         self._held: dict[int, set[int]] = {}  # reported even at zero
         self._lock = threading.Lock()
 
@@ -28,37 +28,24 @@ class ExpertTokenCounter:
         """Report these experts of `layer` from now on, at zero until tokens come."""
         self._held.setdefault(layer, set()).update(experts)
 
-    def add(self, layer: int, expert_ids: torch.Tensor, num_experts: int | None = None) -> None:
-        """Count each id >= 0 of a [T, K] tensor once (-1 marks an unused slot). Ids on a GPU, all below
-        `num_experts`, are counted on it (no wait for the GPU)."""
-        if expert_ids.is_cuda and num_experts is not None:
-            flat = expert_ids.reshape(-1).long() + 1  # -1 into bin 0
-            with self._lock:
-                key = (layer, flat.device)
-                total = self._on_device.get(key)
-                if total is None:
-                    total = self._on_device[key] = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
-                total.index_add_(0, flat, torch.ones_like(flat))
-            return
-        counts = (expert_ids.reshape(-1).long() + 1).bincount()[1:]  # shift -1 into bin 0, then drop it
-        with self._lock:
-            self._accumulate(layer, counts)
-
-    def _accumulate(self, layer: int, counts: torch.Tensor) -> None:
-        """Add a host count vector to `layer`'s totals (under the lock)."""
-        total = self._counts.get(layer)
-        if total is None or total.numel() < counts.numel():
-            grown = torch.zeros(max(counts.numel(), 0 if total is None else total.numel()), dtype=torch.long)
-            if total is not None:
-                grown[: total.numel()] = total
-            total = self._counts[layer] = grown
-        total[: counts.numel()] += counts
+    def watch(self, source: Callable[[], list[tuple[int, Sequence[int], torch.Tensor]]]) -> None:
+        """Add `source()`'s (layer, experts, tokens each got since the last call) to the totals at each read."""
+        self._sources.append(source)
 
     def _fold(self) -> None:
-        """Bring the GPU counts to the host totals (under the lock)."""
-        for (layer, _), total in self._on_device.items():
-            self._accumulate(layer, total.cpu()[1:])
-            total.zero_()
+        """Drain the sources into the totals (under the lock)."""
+        for source in self._sources:
+            for layer, experts, tokens in source():
+                if not len(experts):
+                    continue
+                total = self._counts.get(layer)
+                size = max(experts) + 1
+                if total is None or total.numel() < size:
+                    grown = torch.zeros(max(size, 0 if total is None else total.numel()), dtype=torch.long)
+                    if total is not None:
+                        grown[: total.numel()] = total
+                    total = self._counts[layer] = grown
+                total[list(experts)] += tokens
 
     def value(self, layer: int, expert: int) -> int:
         """Tokens counted so far for (layer, expert)."""

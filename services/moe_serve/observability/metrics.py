@@ -146,13 +146,10 @@ class ServiceMetrics:
         """More tokens of a call already counted by observe_batch: Generate's new tokens, as they come."""
         self.child(self.tokens, rpc).inc(tokens)
 
-    def observe_experts(self, layer: int, expert_ids, compute_seconds: float | None = None,
-                        num_experts: int | None = None) -> None:
-        """Count tokens per expert of `layer` from a [T, K] id tensor (-1 = unused slot; ids on a GPU, all
-        below `num_experts`, are counted there); time the compute."""
-        self.expert_tokens.add(layer, expert_ids, num_experts)
-        if compute_seconds is not None:
-            self.child(self.expert_compute, str(layer)).observe(compute_seconds)
+    def observe_compute(self, layer: int, seconds: float) -> None:
+        """One computation of `layer`'s experts took `seconds` (its tokens per expert are the bank's tallies,
+        read through expert_tokens)."""
+        self.child(self.expert_compute, str(layer)).observe(seconds)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """One RunExperts call spent `seconds` in `stage` (prepare or finish)."""

@@ -40,6 +40,7 @@ from moe_client.pb import experts_pb2
 from moe_serve.rpc import shm_files
 from moe_serve.rpc.codec import TORCH_DTYPES
 from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument
+from moe_serve.rpc.gpu_events import current_stream
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "moe-"
@@ -48,6 +49,7 @@ _ALIGN = 256  # byte alignment of tensors inside an arena
 _KEY_BYTES = 16
 _SHM_HEADER = _ALIGN  # a shm arena's key, then tensors from here
 _MIN_ARENA = 1 << 20
+_VIEWS_PER_REGION = 64  # views (and messages) kept per region: a caller places a few tensors per arena
 SHARED_DTYPES = (wire.FLOAT32, wire.BFLOAT16, wire.FLOAT16)
 SHM, CUDA = experts_pb2.REGION_KIND_SHM, experts_pb2.REGION_KIND_CUDA  # the RegionKind values
 KIND_NAMES = {SHM: "shm", CUDA: "cuda"}  # as logs and messages name them
@@ -104,6 +106,10 @@ class Arena:
         # another stream (two micro-batches share the pool), waits on it before writing (ArenaPool.acquire)
         self.last_read: torch.cuda.Event | None = None
         self._path: Path | None = None
+        # Views and messages by (offset, dtype, shape): made once, as the arena is reused call after call
+        self._views: dict[tuple, torch.Tensor] = {}
+        self._messages: dict[tuple, object] = {}
+        self.derived: dict = {}  # what a caller derives from the places it uses (a request naming them): remember()
         if device.type == "cuda":
             self._start = 0
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -135,13 +141,27 @@ class Arena:
 
     def view(self, offset: int, dtype: int, shape: tuple[int, ...]) -> torch.Tensor:
         """A tensor of wire dtype `dtype` at byte `offset` of the arena's room for tensors."""
-        torch_dtype = TORCH_DTYPES[dtype]
-        start = self._start + offset
-        return self.buffer[start: start + math.prod(shape) * torch_dtype.itemsize].view(torch_dtype).view(shape)
+        key = (offset, dtype, tuple(shape))
+        view = self._views.get(key)
+        if view is None:
+            torch_dtype = TORCH_DTYPES[dtype]
+            start = self._start + offset
+            view = self.buffer[start: start + math.prod(shape) * torch_dtype.itemsize].view(torch_dtype).view(shape)
+            _remember(self._views, key, view)
+        return view
 
     def message(self, offset: int, dtype: int, shape: tuple[int, ...]):
-        """The SharedTensor naming that view."""
-        return zerocopy.SharedTensor(dtype=dtype, shape=tuple(shape), region=self.region, offset=self._start + offset)
+        """The SharedTensor naming that view (one instance per place: not to be changed)."""
+        key = (offset, dtype, tuple(shape))
+        message = self._messages.get(key)
+        if message is None:
+            message = zerocopy.SharedTensor(dtype=dtype, shape=key[2], region=self.region, offset=self._start + offset)
+            _remember(self._messages, key, message)
+        return message
+
+    def remember(self, key, value) -> None:
+        """Keep `value` in `derived` under `key` (a few dozen at most)."""
+        _remember(self.derived, key, value)
 
     def poison(self) -> None:
         """Fill the room for tensors with 0xFF bytes (NaN as floats): tests reading after release see it."""
@@ -152,6 +172,12 @@ class Arena:
         if self._path is not None:
             self._path.unlink(missing_ok=True)
             self._path = None
+
+
+def _remember(memo: dict, key, value) -> None:
+    if len(memo) >= _VIEWS_PER_REGION:
+        memo.clear()
+    memo[key] = value
 
 
 def aligned(nbytes: int) -> int:
@@ -175,7 +201,7 @@ class ArenaPool:
                 idle.remove(arena)
         if arena is not None:
             if arena.last_read is not None:  # its last user's reads are done before we write
-                torch.cuda.current_stream(device).wait_event(arena.last_read)
+                current_stream(device).wait_event(arena.last_read)
             return arena
         size = _MIN_ARENA
         while size < nbytes:
@@ -188,7 +214,7 @@ class ArenaPool:
         if arena.device.type == "cuda":
             if arena.last_read is None:
                 arena.last_read = torch.cuda.Event()
-            arena.last_read.record(torch.cuda.current_stream(arena.device))
+            arena.last_read.record(current_stream(arena.device))
         with self._lock:
             idle = self._idle.setdefault((owner, arena.device), [])
             idle.append(arena)
@@ -212,7 +238,7 @@ class RegionMaps:
         self.kinds = list(kinds)
         self.limit = limit
         self.shm_dir = shm_dir  # where shm regions are looked up (a test points one server elsewhere)
-        self._maps: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._maps: OrderedDict[tuple, tuple[torch.Tensor, dict]] = OrderedDict()
         self._lock = threading.Lock()
         self._cuda_index = {u: i for i, u in enumerate(local_gpu_uuids())} if CUDA in self.kinds else {}
 
@@ -240,26 +266,33 @@ class RegionMaps:
         if region.kind == SHM and shared.offset < _SHM_HEADER:
             raise InvalidArgument(f"{field}.offset: {shared.offset} is inside the region's key header "
                                   f"(tensors start at byte {_SHM_HEADER})")
-        buffer = self._mapped(region, field)
-        view = buffer[shared.offset: shared.offset + nbytes]
-        return view.view(TORCH_DTYPES[shared.dtype]).view(shape)
+        buffer, views = self._mapped(region, field)
+        # A caller reuses its arenas call after call: the views are made once (three torch ops each, which
+        # on a GPU cost more host time than the rest of a small call's decode).
+        key = (shared.offset, shared.dtype, shape)
+        view = views.get(key)
+        if view is None:
+            view = buffer[shared.offset: shared.offset + nbytes].view(TORCH_DTYPES[shared.dtype]).view(shape)
+            _remember(views, key, view)
+        return view
 
-    def _mapped(self, region, field: str) -> torch.Tensor:
+    def _mapped(self, region, field: str) -> tuple[torch.Tensor, dict]:
+        """The region's bytes as a uint8 tensor, and the views of it made so far (by offset, dtype, shape)."""
         # The key is part of the cache key: a request naming a mapped region with another key maps it
         # anew, and is refused there.
         key = (region.kind, region.name, bytes(region.key), bytes(region.cuda_handle), region.cuda_offset,
                region.size)
         with self._lock:
-            buffer = self._maps.get(key)
-            if buffer is not None:
+            mapped = self._maps.get(key)
+            if mapped is not None:
                 self._maps.move_to_end(key)
-                return buffer
+                return mapped
         buffer = self._open_shm(region, field) if region.kind == SHM else self._open_cuda(region, field)
         with self._lock:
-            self._maps[key] = buffer
+            mapped = self._maps[key] = (buffer, {})
             while len(self._maps) > self.limit:
                 self._maps.popitem(last=False)  # unmapped once no call still holds a view
-        return buffer
+        return mapped
 
     def _open_shm(self, region, field: str) -> torch.Tensor:
         if not _SHM_NAME.match(region.name):
