@@ -19,7 +19,7 @@ from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.pool import ServerPool
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.rpc import shared_regions
-from moe_serve.rpc.shared_regions import Arena, ArenaPool
+from moe_serve.rpc.shared_regions import SHM, Arena, ArenaPool, RegionMaps
 from tests.support.calls import run_experts
 from tests.support.launch import launch
 from tests.support.references import plain_torch, reference_forward
@@ -348,3 +348,22 @@ def test_served_requests_start_their_calls_in_the_dispatcher(cluster, tiny_check
         got = client.forward(hidden)
     assert np.abs(got - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5
     assert sorted(seen) == [0, 1]  # both MoE layers, once each
+
+
+def test_views_kept_for_reuse_are_writable_in_and_out_of_inference_mode():
+    """Arenas and the servers' mappings keep their views from call to call; a view made under inference mode
+    cannot be written outside it, so each mode gets its own (the gateway's model runs in both)."""
+    arena = Arena(torch.device("cpu"), 1 << 16)
+    maps = RegionMaps([SHM])
+    try:
+        for first_in_inference in (True, False):
+            values = torch.randn(3, 5)
+            with torch.inference_mode(first_in_inference):
+                arena.view(256, wire.FLOAT32, (3, 5)).copy_(values)
+                maps.tensor(arena.message(256, wire.FLOAT32, (3, 5)), "shared_hidden").mul_(2)
+            with torch.inference_mode(not first_in_inference):
+                arena.view(256, wire.FLOAT32, (3, 5)).add_(1)
+                got = maps.tensor(arena.message(256, wire.FLOAT32, (3, 5)), "shared_hidden").clone()
+            assert torch.equal(got, values * 2 + 1)
+    finally:
+        arena.close()

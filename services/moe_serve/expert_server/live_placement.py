@@ -62,27 +62,30 @@ class InflightCalls:
 
     `enter` runs in the servicer's `prepare`, under the bank's lock, once the bank has checked the call; a
     drop's last look (`busy`) takes that lock too, so a call either is seen here or is checked after the
-    experts are gone (NOT_FOUND). Calls are held by weak reference to their id tensor: an answered or failed
-    call leaves by itself.
+    experts are gone (NOT_FOUND). Calls are held by weak reference to their Work: an answered or failed
+    call leaves by itself. (Not to their id tensor: a device-routed call's ids are a view of the caller's
+    memory that the server keeps from call to call.)
     """
 
     def __init__(self) -> None:
-        self._calls: list[tuple[int, weakref.ref]] = []  # (layer, expert_ids [T, K])
+        self._calls: list[weakref.ref] = []  # merger.Work: layer, expert_ids [T, K]
         self.watched: dict[int, torch.Tensor] = {}  # layer -> expert ids being dropped
         self.last_touch = 0.0
 
-    def enter(self, layer: int, expert_ids: torch.Tensor) -> None:
-        self._calls = [c for c in self._calls if c[1]() is not None]
-        self._calls.append((layer, weakref.ref(expert_ids)))
-        watched = self.watched.get(layer)
-        if watched is not None and _names_any(expert_ids, watched):
+    def enter(self, work) -> None:
+        """`work` (a merger.Work, checked) is in flight until it is dropped."""
+        self._calls = [c for c in self._calls if c() is not None]
+        self._calls.append(weakref.ref(work))
+        watched = self.watched.get(work.layer)
+        if watched is not None and _names_any(work.expert_ids, watched):
             self.last_touch = time.monotonic()
 
     def busy(self) -> bool:
         """A call in flight names a watched expert (call under the bank's lock)."""
-        for layer, ref in self._calls:
-            ids = ref()
-            if ids is not None and layer in self.watched and _names_any(ids, self.watched[layer]):
+        for ref in self._calls:
+            work = ref()
+            if work is not None and work.layer in self.watched and _names_any(work.expert_ids,
+                                                                              self.watched[work.layer]):
                 return True
         return False
 

@@ -140,11 +140,12 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
             dest = None
             check_reply("RunExperts", wire_bytes(hidden.shape, out_dtype), self.max_reply_bytes)
         self.bank.check(request.layer, ids)
-        self.calls.enter(request.layer, ids)  # under the bank's lock, as a live drop's last look is
         if deferred:
             finish = partial(_checked, finish, deferred)
-        return Work(request.layer, hidden, ids, weights, TORCH_DTYPES.get(out_dtype, torch.float32), finish,
+        work = Work(request.layer, hidden, ids, weights, TORCH_DTYPES.get(out_dtype, torch.float32), finish,
                     on_device=dest is not None and dest.is_cuda)
+        self.calls.enter(work)  # under the bank's lock, as a live drop's last look is
+        return work
 
     def _prepare_routed(self, request) -> Work:
         """A device-routed call (routed_calls.py): every token, the routing in the caller's memory."""
@@ -179,11 +180,12 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
                 torch.cuda.current_stream(device).synchronize()
         if not whole:  # else expert_sums skips what is not here itself
             ids = self.masks.keep(ids, experts)
-        self.calls.enter(request.layer, ids)  # under the bank's lock, as a live drop's last look is
         finish = partial(_write_shared, dest, request.shared_output.dtype,
                          partial(self.events.record, device) if reply_event else None)
-        return Work(request.layer, hidden, ids, weights, TORCH_DTYPES[request.shared_output.dtype], finish,
+        work = Work(request.layer, hidden, ids, weights, TORCH_DTYPES[request.shared_output.dtype], finish,
                     on_device=dest.is_cuda, reply_event=reply_event)
+        self.calls.enter(work)  # under the bank's lock, as a live drop's last look is
+        return work
 
     def observe(self, work: Work, seconds: float) -> None:
         """Count a finished call in the metrics."""

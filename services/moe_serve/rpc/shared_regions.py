@@ -141,7 +141,9 @@ class Arena:
 
     def view(self, offset: int, dtype: int, shape: tuple[int, ...]) -> torch.Tensor:
         """A tensor of wire dtype `dtype` at byte `offset` of the arena's room for tensors."""
-        key = (offset, dtype, tuple(shape))
+        # A view made under inference mode cannot be written outside it, and one made outside it would be
+        # tracked by autograd's version counter under it: one memo per mode.
+        key = (offset, dtype, tuple(shape), torch.is_inference_mode_enabled())
         view = self._views.get(key)
         if view is None:
             torch_dtype = TORCH_DTYPES[dtype]
@@ -269,7 +271,7 @@ class RegionMaps:
         buffer, views = self._mapped(region, field)
         # A caller reuses its arenas call after call: the views are made once (three torch ops each, which
         # on a GPU cost more host time than the rest of a small call's decode).
-        key = (shared.offset, shared.dtype, shape)
+        key = (shared.offset, shared.dtype, shape, torch.is_inference_mode_enabled())  # as in Arena.view
         view = views.get(key)
         if view is None:
             view = buffer[shared.offset: shared.offset + nbytes].view(TORCH_DTYPES[shared.dtype]).view(shape)
