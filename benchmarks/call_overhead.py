@@ -25,6 +25,7 @@ Goal (issue 14): <= 0.3 ms at 64 decode tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -165,6 +166,29 @@ def _sample(text: str, series: str) -> float:
     return 0.0
 
 
+@contextlib.contextmanager
+def layer_server(shape: Shape, device: str, dtype: str, checkpoints: str, **flags):
+    """A real `moe-expert-server` process owning every expert of `shape`'s layer (checkpoint made if missing),
+    and this process's pool of it: yields (checkpoint, server process, pool, loop); all stopped on the way out."""
+    ckpt_dir = ensure_checkpoint(shape, Path(checkpoints))
+    checkpoint = Checkpoint(ckpt_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="layer-server-"))
+    server = launch("expert-server", workdir / "server.log", env=ENV, die_with_parent=True, checkpoint=ckpt_dir,
+                    devices=device, dtype=dtype, name="experts", log_level="WARNING", **flags)
+    loop = bench_loop()
+    try:
+        server.wait_ready(900)
+        pool = ServerPool([server.address], checkpoint.spec, checkpoint.fingerprint(), PoolOptions(rpc_timeout=900))
+        loop.run(pool.start(900))
+        try:
+            yield checkpoint, server, pool, loop
+        finally:
+            loop.run(pool.close())
+    finally:
+        server.stop(60)
+        loop.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -180,18 +204,10 @@ def main() -> None:
     shape = Shape(width=args.width)
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     torch_dtype = getattr(torch, dtype)
-    ckpt_dir = ensure_checkpoint(shape, Path(args.checkpoints))
-    checkpoint = Checkpoint(ckpt_dir)
-    workdir = Path(tempfile.mkdtemp(prefix="call-overhead-"))
     metrics_port = free_port()
     args.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    server = launch("expert-server", workdir / "server.log", env=ENV, die_with_parent=True, checkpoint=ckpt_dir,
-                    devices=args.device, dtype=dtype, name="experts", log_level="WARNING", metrics_port=metrics_port)
-    loop = bench_loop()
-    try:
-        server.wait_ready(900)
-        pool = ServerPool([server.address], checkpoint.spec, checkpoint.fingerprint(), PoolOptions(rpc_timeout=900))
-        loop.run(pool.start(900))
+    served = layer_server(shape, args.device, dtype, args.checkpoints, metrics_port=metrics_port)
+    with served as (checkpoint, _, pool, loop):
         dispatchers = {name: ExpertDispatcher(checkpoint.spec, pool, loop.loop, wire.dtype_from_name(dtype), 900.0,
                                               arenas=ArenaPool(), side_calls=local, device_routing=routing)
                        for name, local, routing in (("same-host channel", True, None),
@@ -219,10 +235,6 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(result, indent=2))
         for d in dispatchers.values():
             d.close()
-        loop.run(pool.close())
-    finally:
-        server.stop(60)
-        loop.close()
 
 
 if __name__ == "__main__":
