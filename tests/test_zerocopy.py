@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -99,6 +100,17 @@ def test_parse_follows_protobuf_merge_rules():
     assert ours.hidden.shape == tuple(theirs.hidden.shape) == (2, 7, 9, 11)
     assert bytes(ours.hidden.data) == theirs.hidden.data and bytes(ours.hidden.scales) == theirs.hidden.scales
     assert ours.expert_ids == wire.WireTensor()  # unset submessage reads as the default, as in protobuf
+
+
+def test_packed_ints_are_written_by_value_whatever_holds_them():
+    # Small values take a one-byte-each path; an array holding them is read by value, not by its memory.
+    rng = np.random.default_rng()
+    small, large = rng.integers(0, 128, 40), rng.integers(128, 1 << 32, 5)  # experts: uint32
+    for experts in (small, np.concatenate([small, large]), torch.from_numpy(small)):
+        want = experts_pb2.RunExpertsRequest(experts=[int(e) for e in experts]).SerializeToString()
+        assert zerocopy.RunExpertsRequest(experts=experts).SerializeToString() == want
+        assert zerocopy.RunExpertsRequest(experts=tuple(int(e) for e in experts)).SerializeToString() == want
+        assert zerocopy.RunExpertsRequest.parse(want).experts == tuple(int(e) for e in experts)
 
 
 def test_remembered_submessages_merge_as_protobuf_and_outlive_the_buffer():

@@ -333,12 +333,13 @@ def _compile_writer(message_type: MessageType) -> Callable[[object, list], int]:
 
 def _packed(values) -> bytes:
     """A packed repeated varint field's bytes; values in [0, 128) (expert numbers, bools) are one byte each."""
-    try:
-        packed = bytes(values)
-        if packed.isascii():
-            return packed
-    except (TypeError, ValueError):  # a value outside [0, 256), or not an int
-        pass
+    if isinstance(values, (list, tuple)):  # not an array: bytes() of one would copy its memory, not its values
+        try:
+            packed = bytes(values)
+            if packed.isascii():
+                return packed
+        except (TypeError, ValueError):  # a value outside [0, 256), or not an int
+            pass
     return b"".join([_varint(int(x)) for x in values])
 
 
