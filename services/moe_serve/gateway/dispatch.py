@@ -275,15 +275,14 @@ class ExpertDispatcher:
             return None
 
     def stage(self, arena: Arena, request, hidden: torch.Tensor, rows: torch.Tensor | None,
-              sync: bool = True, out_at: int | None = None) -> torch.Tensor:
+              sync: bool = True) -> torch.Tensor:
         """Copy the routed rows (None: every row) into `arena`, name them and the result's place in `request`
-        (`out_at`: its offset; default right after the rows); returns that place.
+        (right after the rows); returns that place.
 
         GPU writes are complete (stream synchronised) before the request can leave; `sync=False` leaves
-        that to the caller (one synchronisation for all of a layer's calls, or an event)."""
+        that to the caller (one synchronisation for all of a layer's calls)."""
         shape = (hidden.shape[0] if rows is None else rows.numel(), hidden.shape[1])
-        if out_at is None:
-            out_at = aligned(shape[0] * shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize)
+        out_at = aligned(shape[0] * shape[1] * TORCH_DTYPES[self.shared_dtype].itemsize)
         picked = hidden if rows is None else hidden.index_select(0, rows.to(hidden.device))
         arena.view(0, self.shared_dtype, shape).copy_(picked)
         if hidden.is_cuda and sync:
