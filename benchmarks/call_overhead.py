@@ -15,7 +15,9 @@ and the host overhead of the channel: its round trip minus the compute the serve
 variant is also timed as a chain of CHAIN calls, each on the previous one's output with no wait in
 between (a decode step's 27 MoE layers, without the dense work): a device-routed call lets the host
 run ahead of the GPU there, so per call it costs the larger of the host's and the GPU's time, not
-their sum.
+their sum. On a GPU the chain also runs unwaited (gateway/pipelined_calls.py): the host does not wait
+for each reply either, only for all of them at the chain's end (as at a model's last MoE layer), so
+the gateway's host, the server's host and the GPU each work on a different call at once.
 Goal (issue 14): <= 0.3 ms at 64 decode tokens.
 
     python -m benchmarks.call_overhead --device cuda --out docs/bench/call-overhead-h200.json
@@ -70,12 +72,15 @@ def timed(fn, device: str, repeats: int) -> list[float]:
 CHAIN = 27  # DeepSeek-MoE-16B's MoE layers
 
 
-def chained(call, hidden: torch.Tensor):
-    """CHAIN calls, each on the previous one's output (cast to the input's dtype), without waiting between."""
+def chained(call, hidden: torch.Tensor, end=None):
+    """CHAIN calls, each on the previous one's output (cast to the input's dtype), without waiting between;
+    then `end()` if given."""
     def run() -> None:
         h = hidden
         for _ in range(CHAIN):
             h = call(h).to(hidden.dtype)
+        if end is not None:
+            end()
     return run
 
 
@@ -105,8 +110,12 @@ def measure(tokens: int, shape: Shape, args, bank: ExpertBank, dispatchers: dict
         host_routed = dispatchers["same-host channel, host-routed"]
         variants["same-host channel, host-routed"] = lambda: host_routed.run(LAYER, hidden, ids, weights)
         chains["same-host channel, host-routed"] = lambda h: host_routed.run(LAYER, h, ids, weights)
+        unwaited = dispatchers["same-host channel, unwaited"]
+        unwaited.pending.last_layer = -1  # the layer is the checkpoint's only one: read the replies at the end
+        chains["same-host channel, unwaited"] = lambda h: unwaited.run(LAYER, h, ids, weights)
     for name, call in chains.items():
-        variants[f"chain of {CHAIN}: {name}"] = chained(call, hidden)
+        end = dispatchers[name].pending.settle if name.endswith("unwaited") else None
+        variants[f"chain of {CHAIN}: {name}"] = chained(call, hidden, end)
     times: dict[str, list[float]] = {name: [] for name in variants}
     # The server's own view, from its metrics: whole handling of a call (decode to reply) and compute alone.
     handled = {name: [0.0] * 5 for name in variants}  # handling, compute, prepare, finish seconds; calls
@@ -209,8 +218,10 @@ def main() -> None:
     served = layer_server(shape, args.device, dtype, args.checkpoints, metrics_port=metrics_port)
     with served as (checkpoint, _, pool, loop):
         dispatchers = {name: ExpertDispatcher(checkpoint.spec, pool, loop.loop, wire.dtype_from_name(dtype), 900.0,
-                                              arenas=ArenaPool(), side_calls=local, device_routing=routing)
+                                              arenas=ArenaPool(), side_calls=local, device_routing=routing,
+                                              pipelined_calls=name.endswith("unwaited"))
                        for name, local, routing in (("same-host channel", True, None),
+                                                    ("same-host channel, unwaited", True, None),
                                                     ("same-host channel, host-routed", True, False),
                                                     ("gRPC + shared memory", False, None))}
         bank = ExpertBank.load(checkpoint, {LAYER: tuple(range(shape.experts))}, [torch.device(args.device)],

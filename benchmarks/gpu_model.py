@@ -18,7 +18,8 @@ runs every step as the gateway serves it: two micro-batches taking turns on the 
 RunExperts calls in flight while the other computes (gateway/overlap.py). Same-host servers are called
 over their same-host channel (rpc/side_channel.py); a `g` (`1g`) calls them by gRPC instead. With dense
 layers on a GPU the calls are device-routed (the routing stays on the GPU, no host wait: rpc/gpu_events.py);
-an `h` (`1h`) brings the routing to the host at every MoE layer instead, as before. Each row
+an `h` (`1h`) brings the routing to the host at every MoE layer instead, as before; a `w` (`1w`) keeps it
+device-routed but waits for every reply (--no-pipelined-calls: gateway/pipelined_calls.py). Each row
 also records one expert call's time at 64 decode tokens (served: the round trip; one process: the
 compute alone), decode at every --decode-batches size against the memory-bandwidth bound (the bytes a
 step must read over the copy bandwidth measured first), --streams concurrent Generate streams through
@@ -30,6 +31,7 @@ table; writes JSON after every row (a run cut short keeps what it measured; a fa
     python -m benchmarks.gpu_model --servers 2,2o --out results.json          # overlap against none
     python -m benchmarks.gpu_model --servers 1,1o,1g,1t --decode-batches 1,8,64,256 --streams 1,8,64 --profile
     python -m benchmarks.gpu_model --servers 1,1h,1o --decode-graphs --decode-batches 1,8,64,256  # routing
+    python -m benchmarks.gpu_model --servers 1,1w,1h --decode-graphs --decode-batches 1,8,64,256  # unwaited
     python -m benchmarks.gpu_model --tiny --device cpu --servers 2,2r     # smoke run without a GPU
 """
 
@@ -362,7 +364,7 @@ class Report:
 
 def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], row: int, loop: LoopThread,
              counter_loads: dict | None, shared_memory: bool, bf16_sums: bool = False, overlap: bool = False,
-             same_host_calls: bool = True, host_routed: bool = False) -> dict:
+             same_host_calls: bool = True, host_routed: bool = False, waited: bool = False) -> dict:
     """Start the servers, a gateway in this process, measure, stop; fills counter_loads if given."""
     start = time.perf_counter()
     procs, addresses, placement = start_servers(ckpt_dir, owned, devices, row, spec, Path(args.workdir))
@@ -372,6 +374,7 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
                                host="127.0.0.1", port=0, dense_dtype="bfloat16", dense_device=devices[0],
                                wire_dtype="bfloat16", connect_timeout=900, rpc_timeout=300,
                                shared_memory=shared_memory, same_host_calls=same_host_calls,
+                               pipelined_calls=not waited,
                                batching=BatchingConfig(decode_graphs=args.decode_graphs))
         handle, servicer = loop.run(create_gateway(config))
         try:
@@ -509,8 +512,9 @@ def run_rows(args) -> Report:
     loop = LoopThread("gpu-model-loop", timeout=900)
     loads: dict[int, torch.Tensor] = {}
     for n, item in enumerate(args.servers.split(",")):
-        count, replicated, tcp, bf16, overlap, grpc_calls, host_routed = (
-            int(item.rstrip("rtbogh")), "r" in item, "t" in item, "b" in item, "o" in item, "g" in item, "h" in item)
+        count, replicated, tcp, bf16, overlap, grpc_calls, host_routed, waited = (
+            int(item.rstrip("rtboghw")), "r" in item, "t" in item, "b" in item, "o" in item, "g" in item, "h" in item,
+            "w" in item)
         if replicated and not loads:
             raise SystemExit(f"--servers {args.servers}: a replicated row ({item}) needs a plain row before it, "
                              "which counts the experts' loads")
@@ -518,13 +522,14 @@ def run_rows(args) -> Report:
                  else balanced_assignment(spec, count))
         name = (f"grpc_{count}_servers" + ("_replicated" if replicated else "") + ("_tcp_bytes" if tcp else "")
                 + ("_bf16_sums" if bf16 else "") + ("_overlap" if overlap else "")
-                + ("_grpc_calls" if grpc_calls else "") + ("_host_routed" if host_routed else ""))
+                + ("_grpc_calls" if grpc_calls else "") + ("_host_routed" if host_routed else "")
+                + ("_waited" if waited else ""))
         if name in report.data["rows"]:
             name += f"_again_{n}"
         try:
             row = grpc_row(args, spec, ckpt_dir, owned, devices, n, loop, None if loads else loads,
                            shared_memory=not tcp, bf16_sums=bf16, overlap=overlap, same_host_calls=not grpc_calls,
-                           host_routed=host_routed)
+                           host_routed=host_routed, waited=waited)
         except Exception as err:  # recorded; the other rows still run
             report.data.setdefault("failed", {})[name] = repr(err)
             report.save()

@@ -23,6 +23,7 @@ def test_env_flag_unset_is_the_default(monkeypatch):
     (gateway_parser, "SHARED_MEMORY", "shared_memory", "--shared-memory"),
     (gateway_parser, "OVERLAP", "overlap", "--overlap"),
     (gateway_parser, "ROUTED_CALLS", "routed_calls", "--routed-calls"),
+    (gateway_parser, "PIPELINED_CALLS", "pipelined_calls", "--pipelined-calls"),
     (expert_parser, "MERGE_CALLS", "merge_calls", "--merge-calls"),
     (expert_parser, "REQUIRE_CLIENT_CERT", "require_client_cert", "--require-client-cert"),
 ])

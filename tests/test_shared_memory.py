@@ -21,7 +21,7 @@ from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.rpc import shared_regions
 from moe_serve.rpc.shared_regions import SHM, Arena, ArenaPool, RegionMaps
 from tests.support.calls import run_experts
-from tests.support.launch import launch
+from tests.support.launch import gpu_expert_servers
 from tests.support.references import plain_torch, reference_forward
 
 
@@ -254,7 +254,7 @@ def test_server_with_it_off_refuses_shared_requests(cluster, tiny_checkpoint, ar
 
 
 def test_arena_pool_reuses_and_unlinks():
-    pool = ArenaPool(keep=1)
+    pool = ArenaPool(keep=1, most=1)
     a = pool.acquire("s", torch.device("cpu"), 1000)
     pool.release("s", a)
     assert pool.acquire("s", torch.device("cpu"), 2000) is a  # the smallest idle arena that fits
@@ -268,25 +268,28 @@ def test_arena_pool_reuses_and_unlinks():
     assert not (shared_regions.SHM_DIR / big.region.name).exists()
 
 
-def _gpu_servers(processes, checkpoint, tmp_path, dtype: str) -> list:
-    """Two expert server processes on cuda:0 (CUDA refuses to open an IPC handle in the process that made
-    it, so they cannot run in the test's process), experts 0-3 and 4-7."""
-    servers = [launch("expert-server", tmp_path / f"server{i}.log", start=False, checkpoint=checkpoint,
-                      experts=e, devices="cuda:0", dtype=dtype, log_level="WARNING")
-               for i, e in enumerate(("0-3", "4-7"))]
-    processes.extend(servers)
-    for server in servers:
-        server.start()
-    for server in servers:
-        server.wait_ready(120)
-    return servers
+def test_arena_pool_keeps_as_many_as_were_out_at_once():
+    """A caller with several calls out per server (calls not waited for) gets the same arenas back forward after
+    forward: a dropped one would cost the server a fresh mapping each time."""
+    pool = ArenaPool(keep=1)
+    cpu = torch.device("cpu")
+    try:
+        for _ in range(3):
+            out = [pool.acquire("s", cpu, 1000) for _ in range(3)]
+            names = {a.region.name for a in out}
+            for a in out:
+                pool.release("s", a)
+            assert all((shared_regions.SHM_DIR / name).exists() for name in names)
+        assert {a.region.name for a in (pool.acquire("s", cpu, 1000) for _ in range(3))} == names
+    finally:
+        pool.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU (run on the lent GPU hosts)")
 def test_forward_through_cuda_ipc(cluster, processes, tiny_checkpoint, tmp_path):
     """The gateway's dense layers on the servers' GPU: the hidden states stay there, and the calls go over
     the same-host channel."""
-    servers = _gpu_servers(processes, tiny_checkpoint, tmp_path, "float32")
+    servers = gpu_expert_servers(processes, tiny_checkpoint, tmp_path, "float32")
     gateway = cluster.gateway(tiny_checkpoint, [s.address for s in servers], dense_device="cuda:0")
     hidden = np.random.default_rng().standard_normal((2, 9, 64), dtype=np.float32)
     with GatewayClient(gateway) as client:
@@ -306,7 +309,7 @@ def test_calls_in_flight_while_graphs_are_captured(loop_thread, processes, tiny_
     not permitted when stream is capturing". Each result equals the checkpoint's experts on the same
     routing: relative RMS error <= 2% (bf16 rounds inputs, weights and the activation: <= 4 roundings of
     2^-8 relative each, fp32 accumulation)."""
-    servers = _gpu_servers(processes, tiny_checkpoint, tmp_path, "bfloat16")
+    servers = gpu_expert_servers(processes, tiny_checkpoint, tmp_path, "bfloat16")
     checkpoint = Checkpoint(tiny_checkpoint)
     pool = ServerPool([s.address for s in servers], checkpoint.spec, checkpoint.fingerprint())
     loop_thread.run(pool.start(60))

@@ -230,3 +230,19 @@ def stop_all(processes: Iterable[ServiceProcess], timeout: float = 30.0) -> list
     for p in processes:
         p.terminate()
     return [p.stop(timeout) for p in processes]
+
+
+def gpu_expert_servers(processes: list, checkpoint, tmp_path: Path, dtype: str,
+                       experts: Sequence[str] = ("0-3", "4-7")) -> list[ServiceProcess]:
+    """Expert server processes on cuda:0, one per entry of `experts`, started side by side and ready (CUDA
+    refuses to open an IPC handle in the process that made it, so they cannot run in the test's process);
+    added to `processes` for the fixture to stop."""
+    servers = [launch("expert-server", tmp_path / f"server{i}.log", start=False, checkpoint=checkpoint,
+                      experts=e, devices="cuda:0", dtype=dtype, log_level="WARNING")
+               for i, e in enumerate(experts)]
+    processes.extend(servers)
+    for server in servers:
+        server.start()
+    for server in servers:
+        server.wait_ready(120)
+    return servers

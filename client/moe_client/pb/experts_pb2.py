@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 from moe_client.pb import tensor_pb2 as moe_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14moe/v1/experts.proto\x12\x06moe.v1\x1a\x13moe/v1/tensor.proto\"\xb8\x03\n\x11RunExpertsRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x1e\n\x06hidden\x18\x02 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\"\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x1f\n\x07weights\x18\x04 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12#\n\x0coutput_dtype\x18\x05 \x01(\x0e\x32\r.moe.v1.DType\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12+\n\rshared_hidden\x18\x08 \x01(\x0b\x32\x14.moe.v1.SharedTensor\x12+\n\rshared_output\x18\t \x01(\x0b\x32\x14.moe.v1.SharedTensor\x12/\n\x11shared_expert_ids\x18\n \x01(\x0b\x32\x14.moe.v1.SharedTensor\x12,\n\x0eshared_weights\x18\x0b \x01(\x0b\x32\x14.moe.v1.SharedTensor\x12\x0f\n\x07\x65xperts\x18\x0c \x03(\r\x12\x11\n\tgpu_event\x18\r \x01(\x0c\"q\n\x0cSharedTensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.moe.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12$\n\x06region\x18\x03 \x01(\x0b\x32\x14.moe.v1.SharedRegion\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"\xcf\x01\n\x0cSharedRegion\x12 \n\x04kind\x18\n \x01(\x0e\x32\x12.moe.v1.RegionKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x65vice_uuid\x18\x04 \x01(\t\x12\x13\n\x0b\x63uda_handle\x18\x05 \x01(\x0c\x12\x13\n\x0b\x63uda_offset\x18\x06 \x01(\x04\x12\x13\n\x0bref_counter\x18\x07 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x08 \x01(\x04\x12\x0b\n\x03key\x18\t \x01(\x0cJ\x04\x08\x01\x10\x02\"{\n\x12RunExpertsResponse\x12\x1e\n\x06output\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x19\n\x11placement_version\x18\x03 \x01(\x04\x12\x11\n\tgpu_event\x18\x04 \x01(\x0c\"\x10\n\x0eGetInfoRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"@\n\x0f\x45xpertPlacement\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\x8a\x04\n\x0fGetInfoResponse\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\x12\x12\n\nmoe_layers\x18\x05 \x03(\r\x12#\n\x05owned\x18\x06 \x03(\x0b\x32\x14.moe.v1.LayerExperts\x12\x0f\n\x07\x64\x65vices\x18\x07 \x03(\t\x12$\n\rcompute_dtype\x18\x0f \x01(\x0e\x32\r.moe.v1.DType\x12*\n\tplacement\x18\t \x03(\x0b\x32\x17.moe.v1.ExpertPlacement\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x13\n\x0bserver_name\x18\x0b \x01(\t\x12\x0f\n\x07host_id\x18\x0c \x01(\t\x12(\n\x0cshared_kinds\x18\x10 \x03(\x0e\x32\x12.moe.v1.RegionKind\x12\x11\n\tgpu_uuids\x18\x0e \x03(\t\x12\x19\n\x11placement_version\x18\x11 \x01(\x04\x12\x15\n\rlocal_address\x18\x12 \x01(\t\x12\x18\n\x10tcp_channel_port\x18\x13 \x01(\r\x12\x19\n\x11\x63ompute_gpu_uuids\x18\x14 \x03(\t\x12\x14\n\x0crouted_calls\x18\x15 \x01(\x08J\x04\x08\x08\x10\tJ\x04\x08\r\x10\x0e*T\n\nRegionKind\x12\x1b\n\x17REGION_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fREGION_KIND_SHM\x10\x01\x12\x14\n\x10REGION_KIND_CUDA\x10\x02\x32\x90\x01\n\rExpertService\x12\x43\n\nRunExperts\x12\x19.moe.v1.RunExpertsRequest\x1a\x1a.moe.v1.RunExpertsResponse\x12:\n\x07GetInfo\x12\x16.moe.v1.GetInfoRequest\x1a\x17.moe.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14moe/v1/experts.proto\x12\x06moe.v1\x1a\x13moe/v1/tensor.proto\"\x8b\x04\n\x11RunExpertsRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x1e\n\x06hidden\x18\x02 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\"\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x1f\n\x07weights\x18\x04 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12#\n\x0coutput_dtype\x18\x05 \x01(\x0e\x32\r.moe.v1.DType\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12+\n\rshared_hidden\x18\x08 \x01(\x0b\x32\x14.moe.v1.SharedTensor\x12+\n\rshared_output\x18\t \x01(\x0b\x32\x14.moe.v1.SharedTensor\x12/\n\x11shared_expert_ids\x18\n \x01(\x0b\x32\x14.moe.v1.SharedTensor\x12,\n\x0eshared_weights\x18\x0b \x01(\x0b\x32\x14.moe.v1.SharedTensor\x12\x0f\n\x07\x65xperts\x18\x0c \x03(\r\x12\x11\n\tgpu_event\x18\r \x01(\x0c\x12)\n\x0bshared_done\x18\x0e \x01(\x0b\x32\x14.moe.v1.SharedTensor\x12\x12\n\ndone_index\x18\x0f \x01(\r\x12\x12\n\ndone_value\x18\x10 \x01(\r\"q\n\x0cSharedTensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.moe.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12$\n\x06region\x18\x03 \x01(\x0b\x32\x14.moe.v1.SharedRegion\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"\xcf\x01\n\x0cSharedRegion\x12 \n\x04kind\x18\n \x01(\x0e\x32\x12.moe.v1.RegionKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x65vice_uuid\x18\x04 \x01(\t\x12\x13\n\x0b\x63uda_handle\x18\x05 \x01(\x0c\x12\x13\n\x0b\x63uda_offset\x18\x06 \x01(\x04\x12\x13\n\x0bref_counter\x18\x07 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x08 \x01(\x04\x12\x0b\n\x03key\x18\t \x01(\x0cJ\x04\x08\x01\x10\x02\"{\n\x12RunExpertsResponse\x12\x1e\n\x06output\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x19\n\x11placement_version\x18\x03 \x01(\x04\x12\x11\n\tgpu_event\x18\x04 \x01(\x0c\"\x10\n\x0eGetInfoRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"@\n\x0f\x45xpertPlacement\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\xa0\x04\n\x0fGetInfoResponse\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\x12\x12\n\nmoe_layers\x18\x05 \x03(\r\x12#\n\x05owned\x18\x06 \x03(\x0b\x32\x14.moe.v1.LayerExperts\x12\x0f\n\x07\x64\x65vices\x18\x07 \x03(\t\x12$\n\rcompute_dtype\x18\x0f \x01(\x0e\x32\r.moe.v1.DType\x12*\n\tplacement\x18\t \x03(\x0b\x32\x17.moe.v1.ExpertPlacement\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x13\n\x0bserver_name\x18\x0b \x01(\t\x12\x0f\n\x07host_id\x18\x0c \x01(\t\x12(\n\x0cshared_kinds\x18\x10 \x03(\x0e\x32\x12.moe.v1.RegionKind\x12\x11\n\tgpu_uuids\x18\x0e \x03(\t\x12\x19\n\x11placement_version\x18\x11 \x01(\x04\x12\x15\n\rlocal_address\x18\x12 \x01(\t\x12\x18\n\x10tcp_channel_port\x18\x13 \x01(\r\x12\x19\n\x11\x63ompute_gpu_uuids\x18\x14 \x03(\t\x12\x14\n\x0crouted_calls\x18\x15 \x01(\x08\x12\x14\n\x0c\x64one_signals\x18\x16 \x01(\x08J\x04\x08\x08\x10\tJ\x04\x08\r\x10\x0e*T\n\nRegionKind\x12\x1b\n\x17REGION_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fREGION_KIND_SHM\x10\x01\x12\x14\n\x10REGION_KIND_CUDA\x10\x02\x32\x90\x01\n\rExpertService\x12\x43\n\nRunExperts\x12\x19.moe.v1.RunExpertsRequest\x1a\x1a.moe.v1.RunExpertsResponse\x12:\n\x07GetInfo\x12\x16.moe.v1.GetInfoRequest\x1a\x17.moe.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe.v1.experts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGIONKIND']._serialized_start=1603
-  _globals['_REGIONKIND']._serialized_end=1687
+  _globals['_REGIONKIND']._serialized_start=1708
+  _globals['_REGIONKIND']._serialized_end=1792
   _globals['_RUNEXPERTSREQUEST']._serialized_start=54
-  _globals['_RUNEXPERTSREQUEST']._serialized_end=494
-  _globals['_SHAREDTENSOR']._serialized_start=496
-  _globals['_SHAREDTENSOR']._serialized_end=609
-  _globals['_SHAREDREGION']._serialized_start=612
-  _globals['_SHAREDREGION']._serialized_end=819
-  _globals['_RUNEXPERTSRESPONSE']._serialized_start=821
-  _globals['_RUNEXPERTSRESPONSE']._serialized_end=944
-  _globals['_GETINFOREQUEST']._serialized_start=946
-  _globals['_GETINFOREQUEST']._serialized_end=962
-  _globals['_LAYEREXPERTS']._serialized_start=964
-  _globals['_LAYEREXPERTS']._serialized_end=1010
-  _globals['_EXPERTPLACEMENT']._serialized_start=1012
-  _globals['_EXPERTPLACEMENT']._serialized_end=1076
-  _globals['_GETINFORESPONSE']._serialized_start=1079
-  _globals['_GETINFORESPONSE']._serialized_end=1601
-  _globals['_EXPERTSERVICE']._serialized_start=1690
-  _globals['_EXPERTSERVICE']._serialized_end=1834
+  _globals['_RUNEXPERTSREQUEST']._serialized_end=577
+  _globals['_SHAREDTENSOR']._serialized_start=579
+  _globals['_SHAREDTENSOR']._serialized_end=692
+  _globals['_SHAREDREGION']._serialized_start=695
+  _globals['_SHAREDREGION']._serialized_end=902
+  _globals['_RUNEXPERTSRESPONSE']._serialized_start=904
+  _globals['_RUNEXPERTSRESPONSE']._serialized_end=1027
+  _globals['_GETINFOREQUEST']._serialized_start=1029
+  _globals['_GETINFOREQUEST']._serialized_end=1045
+  _globals['_LAYEREXPERTS']._serialized_start=1047
+  _globals['_LAYEREXPERTS']._serialized_end=1093
+  _globals['_EXPERTPLACEMENT']._serialized_start=1095
+  _globals['_EXPERTPLACEMENT']._serialized_end=1159
+  _globals['_GETINFORESPONSE']._serialized_start=1162
+  _globals['_GETINFORESPONSE']._serialized_end=1706
+  _globals['_EXPERTSERVICE']._serialized_start=1795
+  _globals['_EXPERTSERVICE']._serialized_end=1939
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ REGION_KIND_SHM: RegionKind
 REGION_KIND_CUDA: RegionKind
 
 class RunExpertsRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "expert_ids", "weights", "output_dtype", "request_id", "model_fingerprint", "shared_hidden", "shared_output", "shared_expert_ids", "shared_weights", "experts", "gpu_event")
+    __slots__ = ("layer", "hidden", "expert_ids", "weights", "output_dtype", "request_id", "model_fingerprint", "shared_hidden", "shared_output", "shared_expert_ids", "shared_weights", "experts", "gpu_event", "shared_done", "done_index", "done_value")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,9 @@ class RunExpertsRequest(_message.Message):
     SHARED_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     GPU_EVENT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_DONE_FIELD_NUMBER: _ClassVar[int]
+    DONE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DONE_VALUE_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: _tensor_pb2.Tensor
     expert_ids: _tensor_pb2.Tensor
@@ -45,7 +48,10 @@ class RunExpertsRequest(_message.Message):
     shared_weights: SharedTensor
     experts: _containers.RepeatedScalarFieldContainer[int]
     gpu_event: bytes
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., shared_hidden: _Optional[_Union[SharedTensor, _Mapping]] = ..., shared_output: _Optional[_Union[SharedTensor, _Mapping]] = ..., shared_expert_ids: _Optional[_Union[SharedTensor, _Mapping]] = ..., shared_weights: _Optional[_Union[SharedTensor, _Mapping]] = ..., experts: _Optional[_Iterable[int]] = ..., gpu_event: _Optional[bytes] = ...) -> None: ...
+    shared_done: SharedTensor
+    done_index: int
+    done_value: int
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., shared_hidden: _Optional[_Union[SharedTensor, _Mapping]] = ..., shared_output: _Optional[_Union[SharedTensor, _Mapping]] = ..., shared_expert_ids: _Optional[_Union[SharedTensor, _Mapping]] = ..., shared_weights: _Optional[_Union[SharedTensor, _Mapping]] = ..., experts: _Optional[_Iterable[int]] = ..., gpu_event: _Optional[bytes] = ..., shared_done: _Optional[_Union[SharedTensor, _Mapping]] = ..., done_index: _Optional[int] = ..., done_value: _Optional[int] = ...) -> None: ...
 
 class SharedTensor(_message.Message):
     __slots__ = ("dtype", "shape", "region", "offset")
@@ -116,7 +122,7 @@ class ExpertPlacement(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "model_type", "hidden_size", "num_experts", "moe_layers", "owned", "devices", "compute_dtype", "placement", "server_version", "server_name", "host_id", "shared_kinds", "gpu_uuids", "placement_version", "local_address", "tcp_channel_port", "compute_gpu_uuids", "routed_calls")
+    __slots__ = ("model_fingerprint", "model_type", "hidden_size", "num_experts", "moe_layers", "owned", "devices", "compute_dtype", "placement", "server_version", "server_name", "host_id", "shared_kinds", "gpu_uuids", "placement_version", "local_address", "tcp_channel_port", "compute_gpu_uuids", "routed_calls", "done_signals")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +142,7 @@ class GetInfoResponse(_message.Message):
     TCP_CHANNEL_PORT_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
     ROUTED_CALLS_FIELD_NUMBER: _ClassVar[int]
+    DONE_SIGNALS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     model_type: str
     hidden_size: int
@@ -155,4 +162,5 @@ class GetInfoResponse(_message.Message):
     tcp_channel_port: int
     compute_gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
     routed_calls: bool
-    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., owned: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., devices: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., server_version: _Optional[str] = ..., server_name: _Optional[str] = ..., host_id: _Optional[str] = ..., shared_kinds: _Optional[_Iterable[_Union[RegionKind, str]]] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., placement_version: _Optional[int] = ..., local_address: _Optional[str] = ..., tcp_channel_port: _Optional[int] = ..., compute_gpu_uuids: _Optional[_Iterable[str]] = ..., routed_calls: _Optional[bool] = ...) -> None: ...
+    done_signals: bool
+    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., owned: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., devices: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., server_version: _Optional[str] = ..., server_name: _Optional[str] = ..., host_id: _Optional[str] = ..., shared_kinds: _Optional[_Iterable[_Union[RegionKind, str]]] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., placement_version: _Optional[int] = ..., local_address: _Optional[str] = ..., tcp_channel_port: _Optional[int] = ..., compute_gpu_uuids: _Optional[_Iterable[str]] = ..., routed_calls: _Optional[bool] = ..., done_signals: _Optional[bool] = ...) -> None: ...

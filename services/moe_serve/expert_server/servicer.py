@@ -18,11 +18,11 @@ from moe_serve.expert_server.live_placement import InflightCalls
 from moe_serve.expert_server.merger import CallMerger, Work
 from moe_serve.expert_server.routed_calls import ExpertMasks, decode_routed
 from moe_serve.observability.metrics import ServiceMetrics
-from moe_serve.rpc import shared_regions
+from moe_serve.rpc import shared_regions, stream_signals
 from moe_serve.rpc.codec import TORCH_DTYPES, WIRE_DTYPES, from_wire, to_wire_owned
 from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument
 from moe_serve.rpc.finite import all_finite, finite_hint
-from moe_serve.rpc.gpu_events import IPC_HANDLE_BYTES, GpuEvents
+from moe_serve.rpc.gpu_events import IPC_HANDLE_BYTES, GpuEvents, current_stream
 from moe_serve.rpc.message_limits import check_reply
 from moe_serve.rpc.registration import add_servicer
 from moe_serve.rpc.server import rpc
@@ -114,8 +114,9 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
                 f"({self.info.server_name}) serves {self.info.model_fingerprint}; start both on the same checkpoint")
         if request.shared_expert_ids.region.kind:
             return self._prepare_routed(request)
-        if request.gpu_event:
-            raise InvalidArgument("gpu_event: set without shared_expert_ids; only a device-routed call may "
+        if request.gpu_event or request.shared_done.region.kind:
+            field = "gpu_event" if request.gpu_event else "shared_done"
+            raise InvalidArgument(f"{field}: set without shared_expert_ids; only a device-routed call may "
                                   "leave its tensors unsynchronised")
         deferred: list = []
         hidden, ids, weights = decode_request(request, self.bank.hidden_size, self.regions, deferred)
@@ -180,12 +181,32 @@ class ExpertServicer(experts_pb2_grpc.ExpertServiceServicer):
                 torch.cuda.current_stream(device).synchronize()
         if not whole:  # else expert_sums skips what is not here itself
             ids = self.masks.keep(ids, experts)
-        finish = partial(_write_shared, dest, request.shared_output.dtype,
-                         partial(self.events.record, device) if reply_event else None)
+        record = partial(self.events.record, device) if reply_event else None
+        if request.shared_done.region.kind:  # the caller's stream waits for a word, not for our event
+            record, reply_event = partial(_set_word, device, self._done_word(request, device)), b""
+        finish = partial(_write_shared, dest, request.shared_output.dtype, record)
         work = Work(request.layer, hidden, ids, weights, TORCH_DTYPES[request.shared_output.dtype], finish,
                     on_device=dest.is_cuda, reply_event=reply_event)
         self.calls.enter(work)  # under the bank's lock, as a live drop's last look is
         return work
+
+    def _done_word(self, request, device: torch.device) -> tuple[int, int]:
+        """(device address, value) of the word a device-routed call's shared_done names; the error names the bad
+        field."""
+        if not request.gpu_event:
+            raise InvalidArgument("shared_done: set without gpu_event; only a call that leaves its tensors "
+                                  "unsynchronised may be answered by a word")
+        if not self.info.done_signals:
+            raise FailedPrecondition("shared_done: this server's GPUs do not take stream memory operations "
+                                     "(GetInfo done_signals is false); leave it unset")
+        words = self.regions.tensor(request.shared_done, "shared_done", (wire.INT32,))
+        if words.shape[1] != 1 or words.device != device:
+            raise InvalidArgument(f"shared_done: shape {list(words.shape)} on {words.device} must be [N, 1] on "
+                                  f"{device}, the call's device")
+        if request.done_index >= words.shape[0]:
+            raise InvalidArgument(f"done_index: {request.done_index} is not below {words.shape[0]}, the words "
+                                  "shared_done names")
+        return words.data_ptr() + 4 * request.done_index, request.done_value
 
     def observe(self, work: Work, seconds: float) -> None:
         """Count a finished call in the metrics."""
@@ -232,6 +253,11 @@ def _write_shared(dest: torch.Tensor, dtype: int, record, out: torch.Tensor) -> 
     return wire.WireTensor(dtype=dtype, shape=tuple(dest.shape))
 
 
+def _set_word(device: torch.device, word: tuple[int, int]) -> None:
+    """The current stream sets the caller's done word (address, value) after the output's writes."""
+    stream_signals.write(current_stream(device), *word)
+
+
 def _checked(finish, deferred: list, out: torch.Tensor):
     """finish(out), then the checks decode_request left on the GPU: read after finish's synchronisation, they
     cost no wait of their own. A call that fails them gets INVALID_ARGUMENT (what it wrote is not used)."""
@@ -270,5 +296,12 @@ def server_info(bank: ExpertBank, fingerprint: str, spec, name: str, shared_memo
         gpu_uuids=shared_regions.local_gpu_uuids() if shared_memory else [],
         compute_gpu_uuids=[shared_regions.gpu_uuid(torch.device(d)) for d in bank.devices() if d.startswith("cuda")],
         routed_calls=True,
+        done_signals=done_signals(bank),
         placement_version=placement_version,
     )
+
+
+def done_signals(bank: ExpertBank) -> bool:
+    """Whether every GPU the bank computes on takes stream memory operations (rpc/stream_signals.py)."""
+    gpus = [torch.device(d) for d in bank.devices() if d.startswith("cuda")]
+    return bool(gpus) and all(stream_signals.available(d) for d in gpus)

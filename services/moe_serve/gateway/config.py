@@ -59,6 +59,7 @@ class GatewayConfig:
     shared_memory: bool = True  # same-host expert servers get tensors through shared memory / CUDA IPC
     same_host_calls: bool = True  # ... and their RunExperts calls over a Unix socket instead of gRPC
     routed_calls: bool = True  # ... and, with dense layers on a GPU, the routing left there (no host wait per call)
+    pipelined_calls: bool = True  # ... and such calls not waited for where no failover is possible (GPU waits)
     tcp_calls: bool = True  # other hosts' servers get RunExperts over their TCP side channel instead of gRPC
     torch_threads: int = 0  # 0: one per core with dense layers on the CPU, a few with them on a GPU
 
@@ -145,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "and let neither side wait for it (CUDA IPC events; no NaN/Inf check of the tensors by the "
                         "servers) instead of bringing it to the host at every layer (env MOE_ROUTED_CALLS; "
                         "default on)")
+    p.add_argument("--pipelined-calls", action=argparse.BooleanOptionalAction,
+                   default=env_flag("PIPELINED_CALLS", True),
+                   help="with routed calls, do not wait for the replies of a layer whose experts have one replica "
+                        "each: the GPU waits for a word the server sets when done (CUDA stream memory operations), "
+                        "and the replies are read a few layers later; a failed call then fails the forward, as it "
+                        "would with no replica to fail over to (env MOE_PIPELINED_CALLS; default on)")
     p.add_argument("--tcp-calls", action=argparse.BooleanOptionalAction, default=env_flag("TCP_CALLS", True),
                    help="call expert servers on other hosts (or without shared memory) that offer it over their TCP "
                         "side channel from the model thread, the tensors' bytes sent from their own buffers, instead "
@@ -174,5 +181,5 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         expert_tls=TLSFiles.of(args.expert_tls_ca, args.expert_tls_cert, args.expert_tls_key),
         serving=serving_from_args(args), batching=batching_config_from_args(args),
         shared_memory=args.shared_memory, same_host_calls=args.same_host_calls, torch_threads=args.torch_threads,
-        tcp_calls=args.tcp_calls, routed_calls=args.routed_calls,
+        tcp_calls=args.tcp_calls, routed_calls=args.routed_calls, pipelined_calls=args.pipelined_calls,
     )

@@ -28,6 +28,7 @@ from moe_serve.core.spec import ModelSpec
 from moe_serve.gateway.call_budget import CallBudget
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures, tried
 from moe_serve.gateway.partial_sums import add_partials
+from moe_serve.gateway.pipelined_calls import PendingCalls
 from moe_serve.gateway.pool import Replica, ServerPool, StartupError
 from moe_serve.gateway.routing_plan import expert_counts, rows_for, to_host
 from moe_serve.gateway.side_dispatch import start_routed, start_side
@@ -52,12 +53,14 @@ class ExpertDispatcher:
     def __init__(self, spec: ModelSpec, pool: ServerPool, loop: asyncio.AbstractEventLoop,
                  wire_dtype: int = wire.FLOAT32, timeout: float = 60.0, metrics: ServiceMetrics | None = None,
                  arenas: ArenaPool | None = None, side_calls: bool = True, wire_choice: WireChoice | None = None,
-                 device_routing: bool | None = None):
+                 device_routing: bool | None = None, pipelined_calls: bool = True):
         """`arenas`: shared memory for same-host servers that accept it (None: every byte goes by gRPC);
         `side_calls`: call servers over their side channel when they offer one (same host or TCP);
         `wire_choice`: wire dtypes per direction and call size for bytes in messages (default: `wire_dtype`);
         `device_routing`: same-host calls leave the routing in shared memory (side_dispatch.start_routed):
-        None = for tensors on a GPU only (where it saves the host's waits), True = also on the host."""
+        None = for tensors on a GPU only (where it saves the host's waits), True = also on the host;
+        `pipelined_calls`: device-routed calls on a GPU whose experts have one replica each are not waited for
+        (pipelined_calls.py) when the servers and the GPU allow it."""
         self.spec = spec
         self.wire_choice = wire_choice or WireChoice(wire_dtype)
         self.pool = pool
@@ -71,6 +74,8 @@ class ExpertDispatcher:
         self.device_routing = device_routing
         self.events = GpuEvents()  # device-routed calls on a GPU: the servers wait on ours, we on theirs
         self.routed_rounds = 0  # layers called device-routed (tests and benchmarks read it)
+        # Device-routed rounds whose replies are read later (None: every reply is waited for)
+        self.pending = PendingCalls(max(spec.moe_layers, default=-1)) if pipelined_calls else None
         # Shared regions hold the hidden states in the wire dtype (bf16 for fp8, which only saves socket
         # bytes) and the sums in float32: no bytes to save there, and each server's partial sum rounded
         # to bf16 before they are added moved 2-server DeepSeek-shape logits by 2% of their norm.

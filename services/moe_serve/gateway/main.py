@@ -146,7 +146,8 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
                                   ArenaPool() if config.shared_memory else None,
                                   wire_choice=WireChoice.of(config.wire_dtype, config.reply_wire_dtype,
                                                             config.full_precision_below_tokens),
-                                  device_routing=None if config.routed_calls else False)
+                                  device_routing=None if config.routed_calls else False,
+                                  pipelined_calls=config.pipelined_calls)
     engine = GatewayEngine(model, dispatcher, tokenizer)
 
     def info() -> gateway_pb2.GetModelInfoResponse:  # GetModelInfo lists the servers serving now

@@ -256,6 +256,7 @@ class ServerPool:
         replica.shared_kinds = frozenset(info.shared_kinds) if same_host else frozenset()
         replica.gpu_uuids = frozenset(info.gpu_uuids)
         replica.routed_calls = info.routed_calls
+        replica.done_signals = info.done_signals
         self._link(replica, *self._side_address(replica, info, same_host))
         refused = ""
         if info.model_fingerprint != self.fingerprint:

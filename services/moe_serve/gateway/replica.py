@@ -90,6 +90,7 @@ class Replica:
         self.shared_kinds: frozenset[int] = frozenset()  # same-host fast paths it accepts (RegionKind values)
         self.gpu_uuids: frozenset[str] = frozenset()  # GPUs whose memory it can map
         self.routed_calls = False  # takes device-routed calls (routing left in shared memory)
+        self.done_signals = False  # ... naming a word it sets when done (gateway/pipelined_calls.py)
         self.watcher: asyncio.Task | None = None
         self.side: SideLink | None = None  # its side channel (Unix socket on our host, else TCP), when open
         self.lanes: tuple[SideLink, ...] = ()  # more TCP side links, for large calls split by rows

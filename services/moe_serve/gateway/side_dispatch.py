@@ -31,11 +31,12 @@ from moe_client.ownership import format_ranges
 from moe_client.striping import piece_count, split_rows
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures
 from moe_serve.gateway.partial_sums import add_partials
+from moe_serve.gateway.pipelined_calls import Word
 from moe_serve.gateway.replica import Replica
 from moe_serve.gateway.routing_plan import expert_counts, rows_for, to_host
 from moe_serve.rpc import request_ids, side_lanes
 from moe_serve.rpc.codec import TORCH_DTYPES, from_wire, to_wire
-from moe_serve.rpc.errors import ServiceError
+from moe_serve.rpc.errors import FailedPrecondition, ResourceExhausted, ServiceError, Unavailable
 from moe_serve.rpc.shared_regions import Arena, aligned
 from moe_serve.rpc.side_channel import ChannelClosed, ChannelError, SideLink
 
@@ -71,6 +72,8 @@ class _Part:
     budget: float | None = None  # seconds the call may take (call_budget.py), fixed when it is sent
     arrived: float = 0.0  # when the last reply we waited for came (0: every reply was there already)
     waited: bool = False  # its slots are off the replica's outstanding count
+    word: Word | None = None  # a call not waited for: the word its server sets (pipelined_calls.py)
+    rescued: bool = False  # ... which we set ourselves instead: its sums are not to be used
 
     @property
     def size(self) -> int:
@@ -116,6 +119,8 @@ def start_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch
     num_experts = dispatcher.spec.num_experts
     per_expert = max(1, t * k // num_experts)  # the slots each expert is reckoned to take (not counted)
     plan = dispatcher.pool.sole_plan(layer)  # one owner per expert (the usual case): no choice, cached
+    # Not waited for only then: a failed call could go to no other replica (pipelined_calls.py)
+    pending = dispatcher.pending if plan is not None else None
     if plan is None:
         plan, missing = dispatcher.pool.assign(layer, dict.fromkeys(range(num_experts), per_expert))
         if missing:
@@ -126,30 +131,36 @@ def start_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch
         if link is None or link.tcp or not replica.routed_calls:  # same host, mapping our memory, taking them
             return None
         links[replica] = link
-    parts = _stage_routed(dispatcher, layer, hidden, expert_ids, weights, plan, links, per_expert)
+    if pending is not None and not pending.usable(plan, hidden.device):
+        pending = None
+    parts = _stage_routed(dispatcher, layer, hidden, expert_ids, weights, plan, links, per_expert, pending)
     if parts is None:
         return None
-    round_ = SideRound(dispatcher, layer, hidden, expert_ids, weights, None, deadline, parts)
+    round_ = SideRound(dispatcher, layer, hidden, expert_ids, weights, None, deadline, parts,
+                       pipelined=pending is not None)
     round_.send()
     dispatcher.routed_rounds += 1
     return round_
 
 
 def _stage_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                  plan: dict[Replica, list[int]], links: dict[Replica, SideLink],
-                  per_expert: int) -> list[_Part] | None:
+                  plan: dict[Replica, list[int]], links: dict[Replica, SideLink], per_expert: int,
+                  pending=None) -> list[_Part] | None:
     """Each server's request: the layer's hidden states, ids and weights copied into its arena (on the
     hidden states' device, no synchronisation); None (arenas released) when shared memory runs out.
+    `pending` (pipelined_calls.PendingCalls): each request also names its call's done word, and the servers
+    wait on each arena's own event.
 
     A request is its layer and id, then the rest, which names the arena's places and is the same call after
-    call: serialised once per arena and shape (protobuf reads fields in any order)."""
+    call: serialised once per arena and shape (protobuf reads fields in any order), then the done word's
+    index and value."""
     t, k = expert_ids.shape
     h = hidden.shape[1]
     h_bytes = aligned(t * h * TORCH_DTYPES[dispatcher.shared_dtype].itemsize)
     ids_at, weights_at = h_bytes, h_bytes + aligned(t * k * 8)
     out_at = weights_at + aligned(t * k * 4)
     # The servers' streams wait on our event (recorded below, once all is staged) instead of us on the GPU
-    event = dispatcher.events.handle(hidden.device) if hidden.is_cuda else b""
+    event = dispatcher.events.handle(hidden.device) if hidden.is_cuda and pending is None else b""
     head = zerocopy.RunExpertsRequest(layer=layer, request_id=request_ids.current())
     head_pieces, head_size = head._type.chunks(head)
     parts: list[_Part] = []
@@ -162,8 +173,13 @@ def _stage_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torc
         arena.view(0, dispatcher.shared_dtype, (t, h)).copy_(hidden, non_blocking=True)
         arena.view(ids_at, wire.INT64, (t, k)).copy_(expert_ids, non_blocking=True)
         arena.view(weights_at, wire.FLOAT32, (t, k)).copy_(weights, non_blocking=True)
+        words = word = None
+        if pending is not None:
+            words, word = pending.word(replica.address, hidden.device)
+            event = arena.event_handle()
+            arena.record_event()
         key = ("routed", t, h, k, dispatcher.shared_dtype, dispatcher.shared_out_dtype, tuple(chosen), event,
-               dispatcher.pool.fingerprint)
+               dispatcher.pool.fingerprint, words)
         body = arena.derived.get(key)
         if body is None:
             body = zerocopy.RunExpertsRequest(
@@ -171,12 +187,15 @@ def _stage_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torc
                 shared_hidden=arena.message(0, dispatcher.shared_dtype, (t, h)),
                 shared_output=arena.message(out_at, dispatcher.shared_out_dtype, (t, h)),
                 shared_expert_ids=arena.message(ids_at, wire.INT64, (t, k)),
-                shared_weights=arena.message(weights_at, wire.FLOAT32, (t, k))).SerializeToString()
+                shared_weights=arena.message(weights_at, wire.FLOAT32, (t, k)),
+                shared_done=words.message if words is not None else None).SerializeToString()
             arena.remember(key, body)
-        piece = _Piece(0, t, [*head_pieces, body], head_size + len(body), link=links[replica])
+        payload = [*head_pieces, body] if word is None else [*head_pieces, body, word.fields()]
+        piece = _Piece(0, t, payload, head_size + sum(len(p) for p in payload[len(head_pieces):]),
+                       link=links[replica])
         parts.append(_Part(replica, chosen, None, arena, arena.view(out_at, dispatcher.shared_out_dtype, (t, h)),
-                           [piece], per_expert * len(chosen)))
-    if hidden.is_cuda:
+                           [piece], per_expert * len(chosen), word=word))
+    if hidden.is_cuda and pending is None:
         dispatcher.events.record(hidden.device)
     return parts
 
@@ -245,8 +264,11 @@ class SideRound:
     """One layer's side-channel calls in flight; `result()` waits for them like a Future."""
 
     def __init__(self, dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                 weights: torch.Tensor, counts: dict[int, int] | None, deadline: float | None, parts: list[_Part]):
-        """`counts`: slots per expert (None for a device-routed round: counted on the host only for a failover)."""
+                 weights: torch.Tensor, counts: dict[int, int] | None, deadline: float | None, parts: list[_Part],
+                 pipelined: bool = False):
+        """`counts`: slots per expert (None for a device-routed round: counted on the host only for a failover);
+        `pipelined`: `result()` does not wait for the replies (pipelined_calls.py)."""
+        self.pipelined = pipelined
         self.dispatcher = dispatcher
         self.layer = layer
         self.hidden = hidden
@@ -277,6 +299,8 @@ class SideRound:
 
     def result(self) -> torch.Tensor:
         """[T, H] float32: the layer's routed-expert sum, on the hidden states' device."""
+        if self._out is None and self.pipelined:
+            self._out = self.dispatcher.pending.wait(self)
         if self._out is None:
             out = None  # made by the first share added (a copy of it when it has every row: no zeros to add to)
             failures: Failures = {}
@@ -322,10 +346,7 @@ class SideRound:
                 if event:  # the server did not wait for its GPU work: our stream does, before reading
                     d.events.wait(part.result.device, event)
                 sums = [(part.pieces[0], part.result)]  # read in place: no copy out of the arena
-            self.server_seconds += max(answer.compute_seconds for answer in answers)
-            if part.arrived:  # the call's own time, as the gRPC path observes it (call_budget.py)
-                d.budget.observe(part.arrived - part.sent_at)
-            d.pool.report_success(replica, max(answer.placement_version for answer in answers))
+            self._answered(part, answers)
             device = self.hidden.device
             rows = part.rows.to(device) if part.rows is not None else None
             for piece, partial in sums:
@@ -342,17 +363,12 @@ class SideRound:
                 d.arenas.release(replica.address, part.arena)
                 part.arena = None
             return out
-        if part.arena is not None:  # after a failure the server may still write into the arena: dropped, not reused
-            part.arena.close()
-            part.arena = None
+        self._failed(part, code, reason)
         where = f"layer {self.layer} experts {format_ranges(part.chosen)}"
         if code in FINAL:
             raise ServiceError(f"expert server {replica.name} ({replica.address}), {where}: {reason}")
         excluded, moved = frozenset(), False
-        if code == grpc.StatusCode.FAILED_PRECONDITION and "shared_" in reason:
-            replica.shared_kinds = frozenset()  # it cannot map our memory after all: bytes by gRPC from now on
-        else:
-            d.loop.call_soon_threadsafe(d.pool.report_failure, replica, reason, code not in NO_EJECT)
+        if code != grpc.StatusCode.FAILED_PRECONDITION or "shared_" not in reason:
             # NOT_FOUND: dropped live; the rescue plans on the fresh infos, this server included, once.
             moved = code == grpc.StatusCode.NOT_FOUND and replica.address not in failures
             failures[replica.address] = (code, f"{replica.name} ({replica.address}) {reason}")
@@ -365,6 +381,54 @@ class SideRound:
             d.rescue(self.layer, self.hidden, expert_ids, weights, counts, self.deadline, excluded, failures, moved),
             d.loop).result()
         return add_partials(rescued, self._zeros() if out is None else out)
+
+    def settle(self, pending) -> None:
+        """A pipelined round's replies, read after its sums were queued (pipelined_calls.py): arenas back to the
+        pool, or, for a failed call, its word set by us and the layer's error raised (no replica to fail over to:
+        the round went unwaited only because each expert had one)."""
+        error: ServiceError | None = None
+        for part in self.parts:
+            code, reason, replies = self._receive(part)
+            if code == grpc.StatusCode.OK and part.rescued:  # its word was set for it (late): its sums are unsure
+                code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED: no reply in time"
+            if code == grpc.StatusCode.OK:
+                self._answered(part, [zerocopy.RunExpertsResponse.FromString(reply) for reply in replies])
+                self.dispatcher.arenas.release(part.replica.address, part.arena)
+                part.arena = None
+                continue
+            pending.rescue(part)
+            self._failed(part, code, reason)
+            if code == grpc.StatusCode.FAILED_PRECONDITION and "shared_done" in reason:
+                part.replica.done_signals = False  # it cannot set our words: its calls are waited for from now on
+            error = error or _layer_error(part, self.layer, code, reason)
+        if error is not None:
+            raise error
+
+    def overdue(self, part: _Part) -> bool:
+        return self._timeout(part) <= 0
+
+    def _answered(self, part: _Part, answers: list) -> None:
+        """Book a call that answered OK: the servers' compute, the call's time, the replica's placement version."""
+        d = self.dispatcher
+        self.server_seconds += max(answer.compute_seconds for answer in answers)
+        if part.arrived:  # the call's own time, as the gRPC path observes it (call_budget.py)
+            d.budget.observe(part.arrived - part.sent_at)
+        d.pool.report_success(part.replica, max(answer.placement_version for answer in answers))
+
+    def _failed(self, part: _Part, code: grpc.StatusCode, reason: str) -> None:
+        """Book a failed call: its arena dropped (the server may still write there: never reused), and the
+        replica reported, or told to get bytes by gRPC when it cannot map our memory after all."""
+        if part.arena is not None:
+            part.arena.close()
+            part.arena = None
+        if code in FINAL:
+            return
+        d = self.dispatcher
+        if code == grpc.StatusCode.FAILED_PRECONDITION and "shared_" in reason:
+            if "shared_done" not in reason:
+                part.replica.shared_kinds = frozenset()  # it cannot map our memory after all: bytes by gRPC
+        else:
+            d.loop.call_soon_threadsafe(d.pool.report_failure, part.replica, reason, code not in NO_EJECT)
 
     def _host_routing(self) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
         """The routing on the host and its slots per expert, as the gRPC failover plans with them."""
@@ -425,3 +489,14 @@ class SideRound:
             timeout = min(timeout, self.deadline - time.monotonic())
         return max(timeout, 0.0)
 
+
+def _layer_error(part: _Part, layer: int, code: grpc.StatusCode, reason: str) -> ServiceError:
+    """The error a layer fails with when `part`'s call failed and no other replica holds its experts, as the
+    gRPC failover would raise it."""
+    replica = part.replica
+    text = f"expert server {replica.name} ({replica.address}), layer {layer} experts {format_ranges(part.chosen)}"
+    if code in FINAL:
+        return ServiceError(f"{text}: {reason}")
+    kind = {grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+            grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted}.get(code, Unavailable)
+    return kind(f"{text}: {reason}; no other replica holds these experts")

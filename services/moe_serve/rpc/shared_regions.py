@@ -110,6 +110,7 @@ class Arena:
         self._views: dict[tuple, torch.Tensor] = {}
         self._messages: dict[tuple, object] = {}
         self.derived: dict = {}  # what a caller derives from the places it uses (a request naming them): remember()
+        self._event: tuple[torch.cuda.Event, bytes] | None = None  # record_event()
         if device.type == "cuda":
             self._start = 0
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -161,6 +162,22 @@ class Arena:
             _remember(self._messages, key, message)
         return message
 
+    def event_handle(self) -> bytes:
+        """The IPC handle of this GPU arena's own interprocess event (made on first use; see record_event)."""
+        if self._event is None:
+            with torch.cuda.device(self.device):
+                event = torch.cuda.Event(interprocess=True)
+                event.record(current_stream(self.device))  # made on its device before the handle is taken
+                self._event = (event, bytes(event.ipc_handle()))
+        return self._event[1]
+
+    def record_event(self) -> None:
+        """Record the arena's event on the current stream, after this call's writes into it. One event per arena,
+        not per stream, for a caller that goes on before the reply (gateway/pipelined_calls.py): the arena goes
+        back to the pool only once the reply came, so the server has waited on one record before the next."""
+        self.event_handle()
+        self._event[0].record(current_stream(self.device))
+
     def remember(self, key, value) -> None:
         """Keep `value` in `derived` under `key` (a few dozen at most)."""
         _remember(self.derived, key, value)
@@ -187,20 +204,31 @@ def aligned(nbytes: int) -> int:
 
 
 class ArenaPool:
-    """Arenas per (replica, device), reused across calls; one arena serves one call at a time."""
+    """Arenas per (replica, device), reused across calls; one arena serves one call at a time.
 
-    def __init__(self, keep: int = 4):
-        self.keep = keep  # idle arenas kept per (replica, device)
+    Idle arenas kept per (replica, device): `keep`, or as many as were out at once (up to `most`), whichever
+    is more. An arena dropped is one a server goes on mapping until its own limit (RegionMaps), and a new one
+    costs that server a fresh mapping, so a caller with several calls out per server (calls not waited for,
+    gateway/pipelined_calls.py, on two micro-batches) must not drop some after every forward."""
+
+    def __init__(self, keep: int = 4, most: int = 16):
+        self.keep = keep
+        self.most = most
         self._idle: dict[tuple[str, torch.device], list[Arena]] = {}
+        self._out: dict[tuple[str, torch.device], int] = {}  # acquired and not yet released
+        self._peak: dict[tuple[str, torch.device], int] = {}
         self._lock = threading.Lock()
 
     def acquire(self, owner: str, device: torch.device, nbytes: int) -> Arena:
+        key = (owner, device)
         with self._lock:
-            idle = self._idle.setdefault((owner, device), [])
+            idle = self._idle.setdefault(key, [])
             fits = [a for a in idle if a.nbytes >= nbytes]
             arena = min(fits, key=lambda a: a.nbytes) if fits else None
             if arena is not None:
                 idle.remove(arena)
+            out = self._out[key] = self._out.get(key, 0) + 1
+            self._peak[key] = max(self._peak.get(key, 0), out)
         if arena is not None:
             if arena.last_read is not None:  # its last user's reads are done before we write
                 current_stream(device).wait_event(arena.last_read)
@@ -217,13 +245,16 @@ class ArenaPool:
             if arena.last_read is None:
                 arena.last_read = torch.cuda.Event()
             arena.last_read.record(current_stream(arena.device))
+        key = (owner, arena.device)
         with self._lock:
-            idle = self._idle.setdefault((owner, arena.device), [])
+            self._out[key] = max(self._out.get(key, 0) - 1, 0)
+            keep = max(self.keep, min(self._peak.get(key, 0), self.most))
+            idle = self._idle.setdefault(key, [])
             idle.append(arena)
             idle.sort(key=lambda a: -a.nbytes)
-            for dropped in idle[self.keep:]:
+            for dropped in idle[keep:]:
                 dropped.close()
-            del idle[self.keep:]
+            del idle[keep:]
 
     def close(self) -> None:
         with self._lock:

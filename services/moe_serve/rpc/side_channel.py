@@ -343,13 +343,38 @@ class SideLink:
             try:
                 frame, empty = self._read(min(deadline, time.monotonic() + _SLICE))
             finally:
-                with self._cond:
-                    self._reading = False
-                    if empty is not None:
-                        self._empty_at = empty
-                    if frame is not None and frame[0] in self._expected:
-                        self._replies[frame[0]] = frame[1:]
-                    self._cond.notify_all()
+                self._done_reading(frame, empty)
+
+    def poll(self) -> None:
+        """Read the replies already in the socket, without waiting, unless another thread is reading: a watcher
+        (gateway/pipelined_calls.py) learns of error replies and of a peer gone while the callers are busy."""
+        while True:
+            with self._cond:
+                if self._reading or self.closed:
+                    return
+                self._reading = True
+            frame = empty = None
+            try:
+                frame, empty = self._read(time.monotonic())
+            finally:
+                self._done_reading(frame, empty)
+            if frame is None:
+                return
+
+    def failed(self, seq: int) -> bool:
+        """Whether `seq`'s reply, as far as read, is an error, or the channel closed before it came."""
+        with self._cond:
+            reply = self._replies.get(seq)
+            return reply[0] == ERROR if reply is not None else self.closed
+
+    def _done_reading(self, frame, empty: float | None) -> None:
+        with self._cond:
+            self._reading = False
+            if empty is not None:
+                self._empty_at = empty
+            if frame is not None and frame[0] in self._expected:
+                self._replies[frame[0]] = frame[1:]
+            self._cond.notify_all()
 
     def forget(self, seq: int) -> None:
         """Nobody will wait for `seq`'s reply: drop it, now or when it comes."""

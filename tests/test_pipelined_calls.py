@@ -1,0 +1,204 @@
+"""Device-routed calls the model thread does not wait for (gateway/pipelined_calls.py): the GPU waits for a word
+the server sets (rpc/stream_signals.py). The GPU tests run real expert server processes on cuda:0 (the lent GPU
+runs); on the CPU, the pieces that do not need a GPU: the request's done fields, the side channel's look at
+replies nobody waits for yet, and the server's checks of shared_done."""
+
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from moe_client import wire, zerocopy
+from moe_client.pb import experts_pb2
+from moe_serve.core.routing import route
+from moe_serve.gateway.dispatch import ExpertDispatcher
+from moe_serve.gateway.pipelined_calls import WORDS, DoneWords
+from moe_serve.gateway.pool import ServerPool
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.rpc import stream_signals
+from moe_serve.rpc.errors import ServiceError
+from moe_serve.rpc.shared_regions import ArenaPool
+from moe_serve.rpc.side_channel import ChannelError, SideLink, SideListener
+from tests.support.launch import gpu_expert_servers
+from tests.support.references import plain_torch
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="stream memory operations need a GPU (lent GPU runs)")
+
+
+def test_done_fields_parse_after_the_cached_request():
+    """The per-call done_index and done_value, appended to the rest of a request, parse as its fields."""
+    rng = np.random.default_rng()
+    index, value = int(rng.integers(0, WORDS)), int(rng.integers(1, 1 << 31))
+    body = experts_pb2.RunExpertsRequest(layer=3, experts=[1, 2]).SerializeToString()
+    word = experts_pb2.RunExpertsRequest(done_index=index, done_value=value).SerializeToString()
+    parsed = zerocopy.RunExpertsRequest.FromString(body + word)
+    assert (parsed.layer, list(parsed.experts), parsed.done_index, parsed.done_value) == (3, [1, 2], index, value)
+
+
+def test_a_watcher_sees_error_replies_and_a_closed_channel_without_taking_replies():
+    """SideLink.poll reads what is in the socket for the callers (their replies stay theirs); failed() says which
+    calls failed, and, once the peer has gone, that every call still unanswered did."""
+    def handler(payload):
+        if bytes(payload) == b"bad":
+            raise ChannelError(grpc.StatusCode.NOT_FOUND, "no such expert")
+        return bytes(payload)
+
+    listener = SideListener(handler)
+    link = SideLink(listener.address)
+    try:
+        good, bad = link.send(b"good"), link.send(b"bad")
+        deadline = time.monotonic() + 10
+        while not link.failed(bad) and time.monotonic() < deadline:
+            link.poll()
+        assert link.failed(bad) and not link.failed(good)
+        assert bytes(link.receive(good, 5)) == b"good"  # polled, still the caller's
+        with pytest.raises(ChannelError):
+            link.receive(bad, 5)
+        pending = link.send(b"good")
+        listener.close(5)
+        while not link.closed and time.monotonic() < deadline:
+            link.poll()
+        assert link.failed(pending) or bytes(link.receive(pending, 5)) == b"good"  # answered before it closed
+    finally:
+        link.close()
+        listener.close(5)
+
+
+def test_servers_check_shared_done(cluster, tiny_checkpoint):
+    """A done word only goes with a device-routed call that waits on the caller's event; a CPU server says it
+    sets none."""
+    server = cluster.expert_server(tiny_checkpoint, experts="0-7")
+    servicer = cluster.expert_servicers[server]
+    assert not servicer.info.done_signals
+    link = SideLink(servicer.side.address)
+    words = ArenaPool().acquire("x", torch.device("cpu"), 1 << 12)
+    t, k = 4, 2
+    done = words.message(3072, wire.INT32, (16, 1))
+    routed = {"shared_hidden": words.message(0, wire.FLOAT32, (t, 64)),
+              "shared_expert_ids": words.message(1024, wire.INT64, (t, k)),
+              "shared_weights": words.message(1280, wire.FLOAT32, (t, k)),
+              "shared_output": words.message(2048, wire.FLOAT32, (t, 64))}
+    cases = [
+        (zerocopy.RunExpertsRequest(layer=0, shared_done=done, done_index=1, done_value=1), "shared_expert_ids"),
+        (zerocopy.RunExpertsRequest(layer=0, experts=[1], shared_done=done, **routed), "shared_done"),
+    ]
+    try:
+        for request, named in cases:
+            with pytest.raises(ChannelError) as err:
+                link.receive(link.send(request._type.chunks(request)[0]), 10)
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and named in err.value.details, err.value
+    finally:
+        link.close()
+        words.close()
+
+
+def test_no_stream_signals_off_a_gpu():
+    assert not stream_signals.available(torch.device("cpu"))
+
+
+@GPU
+def test_a_stream_waits_for_the_word_another_stream_sets():
+    """Stream A waits for the word, then copies x; stream B sleeps on the GPU, writes x and then the word. A's copy
+    sees B's x, though A's wait was queued first and the host never waited."""
+    device = torch.device("cuda", 0)
+    assert stream_signals.available(device)
+    words = DoneWords(device)
+    word = words.take()
+    x = torch.zeros(1 << 20, device=device)
+    y = torch.empty_like(x)
+    a, b = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(a):
+        stream_signals.wait_at_least(a, word.address, word.value)
+        y.copy_(x)
+    value = float(np.random.default_rng().uniform(1, 2))
+    with torch.cuda.stream(b):
+        torch.cuda._sleep(50_000_000)  # ~tens of ms: A is waiting meanwhile
+        x.fill_(value)
+        stream_signals.write(b, word.address, word.value)
+    torch.cuda.synchronize(device)
+    assert bool((y == value).all())
+    assert (words.take().index, words.take().value) == (2, 1)  # one word a call, the first lap
+
+
+def _gpu_dispatcher(processes, loop_thread, checkpoint_dir, tmp_path, timeout: float = 60.0):
+    servers = gpu_expert_servers(processes, checkpoint_dir, tmp_path, "float32")
+    checkpoint = Checkpoint(checkpoint_dir)
+    pool = ServerPool([s.address for s in servers], checkpoint.spec, checkpoint.fingerprint())
+    loop_thread.run(pool.start(60))
+    dispatcher = ExpertDispatcher(checkpoint.spec, pool, loop_thread.loop, wire.FLOAT32, timeout=timeout,
+                                  arenas=ArenaPool())
+    return servers, pool, dispatcher
+
+
+def _routing(tokens: int):
+    weights, ids = route(torch.randn(tokens, 8), 2, True)
+    return torch.randn(tokens, 64), ids, weights
+
+
+@GPU
+def test_calls_not_waited_for_equal_the_reference(processes, loop_thread, tiny_checkpoint, tmp_path):
+    """Chains of MoE calls (layer 0, 1, 0, 1, ...; each one's input the last one's output) go unwaited: the host
+    queues them all, and each sum equals the checkpoint's experts. The replies are all read at the last MoE layer."""
+    _servers, pool, dispatcher = _gpu_dispatcher(processes, loop_thread, tiny_checkpoint, tmp_path)
+    try:
+        assert all(r.done_signals for r in pool.members)
+        for tokens in (1, 9, 9, 130):
+            hidden, ids, weights = _routing(tokens)
+            inputs, outputs = [], []
+            x = hidden.cuda()
+            for layer in (0, 1, 0, 1, 0, 1):
+                round_ = dispatcher.submit(layer, x, ids.cuda(), weights.cuda())
+                assert round_.pipelined
+                inputs.append(x)
+                x = round_.result() / 4  # the next call's input: only the GPU knows it yet
+                outputs.append(x * 4)
+            assert not dispatcher.pending._mine()  # read at the last MoE layer
+            for layer, (x, out) in enumerate(zip(inputs, outputs, strict=True)):
+                want = plain_torch(tiny_checkpoint, layer % 2, x.cpu().numpy(), ids.numpy(), weights.numpy())
+                assert np.abs(out.cpu().numpy() - want).max() <= 1e-4
+        assert all(r.outstanding == 0 for r in pool.members) and dispatcher.pending.rescued == 0
+    finally:
+        dispatcher.close()
+        loop_thread.run(pool.close())
+
+
+def _synchronises_within(seconds: float) -> bool:
+    done = threading.Event()
+    threading.Thread(target=lambda: (torch.cuda.synchronize(), done.set()), daemon=True).start()
+    return done.wait(seconds)
+
+
+@GPU
+@pytest.mark.parametrize("how", ["killed", "silent"])
+def test_a_server_lost_under_unwaited_calls_frees_the_gpu_and_fails_the_forward(processes, loop_thread,
+                                                                                 tiny_checkpoint, tmp_path, how):
+    """A server stopped (SIGSTOP) before it reads our calls: our stream waits for words it will not set. Killed
+    then, the watchdog sees the channel close and sets them; left silent, it sets them once the calls are past
+    their time (here 3 s). Either way the GPU is free again (a synchronisation returns) and the layer's reply, read
+    at the last MoE layer, fails it with the server named."""
+    servers, pool, dispatcher = _gpu_dispatcher(processes, loop_thread, tiny_checkpoint, tmp_path,
+                                                timeout=3.0 if how == "silent" else 60.0)
+    try:
+        hidden, ids, weights = _routing(9)
+        x = dispatcher.submit(0, hidden.cuda(), ids.cuda(), weights.cuda()).result()  # a good call first
+        torch.cuda.synchronize()
+        servers[1].signal(signal.SIGSTOP)
+        round_ = dispatcher.submit(0, x, ids.cuda(), weights.cuda())
+        assert round_.pipelined
+        round_.result()
+        if how == "killed":
+            servers[1].kill()
+        assert _synchronises_within(2.0 if how == "killed" else 30.0)
+        assert dispatcher.pending.rescued >= 1
+        with pytest.raises(ServiceError) as err:
+            dispatcher.pending.settle()
+        assert servers[1].address in str(err.value), err.value
+    finally:
+        servers[1].signal(signal.SIGCONT)
+        dispatcher.close()
+        loop_thread.run(pool.close())
