@@ -401,6 +401,8 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
             pingpong = PingPong(servicer.engine.experts.inner, overlap=True, min_split_tokens=0) if overlap else None
             try:
                 row.update(ours_prefill_decode(servicer.engine.model, experts, args, pingpong))
+                pending = servicer.engine.experts.inner.pending
+                row["unwaited_rounds"] = pending.rounds if pending is not None else 0
             finally:
                 if pingpong is not None:
                     pingpong.close()

@@ -101,27 +101,24 @@ def test_no_stream_signals_off_a_gpu():
 
 
 @GPU
-def test_a_stream_waits_for_the_word_another_stream_sets():
-    """Stream A waits for the word, then copies x; stream B sleeps on the GPU, writes x and then the word. A's copy
-    sees B's x, though A's wait was queued first and the host never waited."""
+def test_a_stream_waits_for_the_word():
+    """The default stream waits for the word, then copies x: it is still busy while the host sleeps, and free once
+    another stream sets the word; the copy then holds x."""
     device = torch.device("cuda", 0)
     assert stream_signals.available(device)
     words = DoneWords(device)
     word = words.take()
-    x = torch.zeros(1 << 20, device=device)
-    y = torch.empty_like(x)
-    a, b = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    x = torch.from_numpy(np.random.default_rng().standard_normal(1 << 16, dtype=np.float32)).to(device)
+    y = torch.zeros_like(x)
     torch.cuda.synchronize(device)
-    with torch.cuda.stream(a):
-        stream_signals.wait_at_least(a, word.address, word.value)
-        y.copy_(x)
-    value = float(np.random.default_rng().uniform(1, 2))
-    with torch.cuda.stream(b):
-        torch.cuda._sleep(50_000_000)  # ~tens of ms: A is waiting meanwhile
-        x.fill_(value)
-        stream_signals.write(b, word.address, word.value)
-    torch.cuda.synchronize(device)
-    assert bool((y == value).all())
+    stream = torch.cuda.default_stream(device)
+    stream_signals.wait_at_least(stream, word.address, word.value)
+    y.copy_(x)
+    time.sleep(0.05)
+    assert not stream.query()  # waiting on the GPU
+    stream_signals.write(torch.cuda.Stream(device), word.address, word.value)
+    assert _synchronises_within(10.0)
+    assert torch.equal(y, x)
     assert (words.take().index, words.take().value) == (2, 1)  # one word a call, the first lap
 
 

@@ -89,11 +89,16 @@ class PendingCalls:
         self._wake = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.rescued = 0  # words we set ourselves (tests read it)
+        self.rounds = 0  # rounds not waited for (benchmarks read it)
 
     def usable(self, replicas, device: torch.device) -> bool:
-        """Whether a round to `replicas` (each expert's one owner) for tensors on `device` may go unwaited."""
+        """Whether a round to `replicas` (each expert's one owner) for tensors on `device` may go unwaited: on the
+        device's default stream only. CUDA does not see an order made through words, and may queue another stream's
+        work of ours behind our wait: if a server waited on that work (two micro-batches on two streams), nothing
+        would move. On the H200 a wait on one stream of a process for a word that a kernel-led stream of the same
+        process sets did not return."""
         return (device.type == "cuda" and all(r.done_signals for r in replicas) and stream_signals.available(device)
-                and not torch.cuda.is_current_stream_capturing())
+                and current_stream(device).cuda_stream == 0 and not torch.cuda.is_current_stream_capturing())
 
     def word(self, address: str, device: torch.device) -> tuple[DoneWords, Word]:
         """The ring for server `address` on `device`, and the next call's word in it."""
@@ -115,6 +120,7 @@ class PendingCalls:
         rounds = self._mine()
         with self._lock:
             rounds.append(round_)
+            self.rounds += 1
         self._start_watchdog()
         self.settle(0 if round_.layer == self.last_layer else self.depth)
         return out
