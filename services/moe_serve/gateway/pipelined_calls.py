@@ -93,10 +93,10 @@ class PendingCalls:
 
     def usable(self, replicas, device: torch.device) -> bool:
         """Whether a round to `replicas` (each expert's one owner) for tensors on `device` may go unwaited: on the
-        device's default stream only. CUDA does not see an order made through words, and may queue another stream's
-        work of ours behind our wait: if a server waited on that work (two micro-batches on two streams), nothing
-        would move. On the H200 a wait on one stream of a process for a word that a kernel-led stream of the same
-        process sets did not return."""
+        device's default stream only. CUDA does not see an order made through words and warns that it may then queue
+        work in an order that deadlocks; with one stream of ours waiting, no other stream of ours has work a server
+        waits on (two micro-batches on two streams would), and the word ring's zero fill is ordered before
+        every call on it."""
         return (device.type == "cuda" and all(r.done_signals for r in replicas) and stream_signals.available(device)
                 and current_stream(device).cuda_stream == 0 and not torch.cuda.is_current_stream_capturing())
 

@@ -70,12 +70,13 @@ def available(device: torch.device) -> bool:
     if device.type != "cuda" or _calls() is None:
         return False
     with _lock, torch.cuda.device(device):
-        word = torch.zeros(1, dtype=torch.int32, device=device)
         stream = torch.cuda.Stream(device)
-        try:
-            write(stream, word.data_ptr(), 7)
-            wait_at_least(stream, word.data_ptr(), 7)  # set just before on this stream: returns at once
-        except SignalError:
-            return False
-        stream.synchronize()
-        return int(word.item()) == 7
+        with torch.cuda.stream(stream):  # all on one stream: a zero fill queued elsewhere could land after the 7
+            word = torch.zeros(1, dtype=torch.int32, device=device)
+            try:
+                write(stream, word.data_ptr(), 7)
+                wait_at_least(stream, word.data_ptr(), 7)  # set just before on this stream: returns at once
+            except SignalError:
+                return False
+            stream.synchronize()
+            return int(word.item()) == 7
