@@ -176,7 +176,8 @@ class PendingCalls:
 
     def _watch(self) -> None:
         """Every _WATCH_EVERY s: any unread call whose server will not set its word (an error reply, the channel
-        closed, or past its time) gets it set by us, so a model thread waiting on the GPU is never stuck."""
+        closed, or no reply and past its time) gets it set by us, so a model thread waiting on the GPU is never
+        stuck."""
         while True:
             time.sleep(_WATCH_EVERY)
             with self._lock:
@@ -185,5 +186,7 @@ class PendingCalls:
             for round_, part in parts:
                 piece = part.pieces[0]
                 piece.link.poll()
-                if piece.send_error or piece.link.failed(piece.seq) or round_.overdue(part):
+                link = piece.link
+                if (piece.send_error or link.failed(piece.seq)
+                        or (not link.replied(piece.seq) and round_.overdue(part))):  # an answer in time is no late one
                     self.rescue(part)

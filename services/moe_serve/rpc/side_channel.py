@@ -367,6 +367,11 @@ class SideLink:
             reply = self._replies.get(seq)
             return reply[0] == ERROR if reply is not None else self.closed
 
+    def replied(self, seq: int) -> bool:
+        """Whether `seq`'s reply has been read (kept for its caller)."""
+        with self._cond:
+            return seq in self._replies
+
     def _done_reading(self, frame, empty: float | None) -> None:
         with self._cond:
             self._reading = False
