@@ -187,6 +187,8 @@ class PendingCalls:
                 piece = part.pieces[0]
                 piece.link.poll()
                 link = piece.link
-                if (piece.send_error or link.failed(piece.seq)
-                        or (not link.replied(piece.seq) and round_.overdue(part))):  # an answer in time is no late one
+                # No reply past its time: late, unless the model thread took the reply meanwhile (it marks the part
+                # settling before it does, so that mark is read after the look for the reply).
+                late = not link.replied(piece.seq) and round_.overdue(part) and not part.settling
+                if piece.send_error or link.failed(piece.seq) or late:
                     self.rescue(part)

@@ -74,6 +74,7 @@ class _Part:
     waited: bool = False  # its slots are off the replica's outstanding count
     word: Word | None = None  # a call not waited for: the word its server sets (pipelined_calls.py)
     rescued: bool = False  # ... which we set ourselves instead: its sums are not to be used
+    settling: bool = False  # the model thread is reading its reply (and sets the word itself if it failed)
 
     @property
     def size(self) -> int:
@@ -388,6 +389,7 @@ class SideRound:
         the round went unwaited only because each expert had one)."""
         error: ServiceError | None = None
         for part in self.parts:
+            part.settling = True  # before its reply is taken: the watchdog no longer counts on seeing it
             code, reason, replies = self._receive(part)
             if code == grpc.StatusCode.OK and part.rescued:  # its word was set for it (late): its sums are unsure
                 code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED: no reply in time"
