@@ -4,8 +4,10 @@ runs); on the CPU, the pieces that do not need a GPU: the request's done fields,
 replies nobody waits for yet, and the server's checks of shared_done."""
 
 import signal
+import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -16,7 +18,7 @@ from moe_client import wire, zerocopy
 from moe_client.pb import experts_pb2
 from moe_serve.core.routing import route
 from moe_serve.gateway.dispatch import ExpertDispatcher
-from moe_serve.gateway.pipelined_calls import WORDS, DoneWords
+from moe_serve.gateway.pipelined_calls import WORDS, DoneWords, PendingCalls, Word
 from moe_serve.gateway.pool import ServerPool
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.rpc import stream_signals
@@ -66,6 +68,66 @@ def test_a_watcher_sees_error_replies_and_a_closed_channel_without_taking_replie
     finally:
         link.close()
         listener.close(5)
+
+
+class _Round:
+    """What the watchdog looks at in a round: its parts, and whether each is past its time."""
+
+    def __init__(self, parts, late: set):
+        self.parts, self.late, self.layer = parts, late, 0
+
+    def overdue(self, part) -> bool:
+        return id(part) in self.late
+
+
+def _part(link: SideLink, payload: bytes, index: int):
+    piece = SimpleNamespace(link=link, seq=link.send(payload), send_error="")
+    return SimpleNamespace(pieces=[piece], rescued=False, settling=False, result=torch.empty(0),
+                           word=Word(index, 1, 0))
+
+
+def test_the_watchdog_sets_the_words_of_calls_that_will_not_answer_and_no_others(monkeypatch):
+    """Real side channels, the GPU write recorded: an error reply, a silent server past its time and a closed
+    channel get their words set; an answered call does not, even past its time and unread; nor does a silent
+    call the model thread is reading (it sets the word itself if the read fails)."""
+    release = threading.Event()
+
+    def handler(payload):
+        if bytes(payload) == b"bad":
+            raise ChannelError(grpc.StatusCode.INTERNAL, "boom")
+        if bytes(payload) == b"silent":
+            release.wait(30)
+        return bytes(payload)
+
+    listeners = [SideListener(handler) for _ in range(5)]
+    links = [SideLink(listener.address) for listener in listeners]
+    pending = PendingCalls(last_layer=1)
+    written = []
+    monkeypatch.setattr(pending, "_set", lambda device, word: written.append(word.index))
+    try:
+        answered, bad, silent, settling, closed = (_part(link, payload, i) for i, (link, payload) in enumerate(
+            zip(links, (b"good", b"bad", b"silent", b"silent", b"silent"), strict=True)))
+        settling.settling = True
+        pending._mine().append(_Round([answered, bad, silent, settling, closed],
+                                      late={id(answered), id(silent), id(settling)}))
+        for conn in list(listeners[4]._conns):  # the server's end goes while its call is being answered
+            conn.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + 10
+        while not links[0].replied(answered.pieces[0].seq) and time.monotonic() < deadline:
+            links[0].poll()  # answered before the watchdog's first look: then past its time, but not late
+        pending._start_watchdog()
+        while len(written) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # a few more looks: nothing else is set
+        assert sorted(written) == [1, 2, 4] and pending.rescued == 3
+        assert bytes(links[0].receive(answered.pieces[0].seq, 5)) == b"good"  # the watchdog left it to its caller
+    finally:
+        release.set()
+        pending.close()
+        for link in links:
+            link.close()
+        for listener in listeners:
+            listener.close(5)
 
 
 def test_servers_check_shared_done(cluster, tiny_checkpoint):

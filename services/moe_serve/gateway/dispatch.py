@@ -109,9 +109,11 @@ class ExpertDispatcher:
         return SummedPartials(calls, hidden.shape, hidden.device)
 
     def close(self) -> None:
-        """Unlink the shared-memory arenas."""
+        """Unlink the shared-memory arenas; stop the unwaited calls' watchdog."""
         if self.arenas is not None:
             self.arenas.close()
+        if self.pending is not None:
+            self.pending.close()
 
     async def run_async(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                         weights: torch.Tensor, deadline: float | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ Our stream must never wait for a word nobody will set:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -39,6 +40,7 @@ from moe_serve.rpc import stream_signals
 from moe_serve.rpc.gpu_events import current_stream
 from moe_serve.rpc.shared_regions import Arena
 
+log = logging.getLogger(__name__)
 WORDS = 1 << 16  # words per (server, device): 256 KiB, far more than the calls a server can be behind
 _WATCH_EVERY = 0.02  # s between the watchdog's looks while calls are unread
 
@@ -86,7 +88,8 @@ class PendingCalls:
         self._words: dict[tuple[str, torch.device], DoneWords] = {}
         self._rescuers: dict[torch.device, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # set when a round joins: the watchdog sleeps while none is unread
+        self._closed = False
         self._watchdog: threading.Thread | None = None
         self.rescued = 0  # words we set ourselves (tests read it)
         self.rounds = 0  # rounds not waited for (benchmarks read it)
@@ -122,6 +125,7 @@ class PendingCalls:
             rounds.append(round_)
             self.rounds += 1
         self._start_watchdog()
+        self._wake.set()
         self.settle(0 if round_.layer == self.last_layer else self.depth)
         return out
 
@@ -145,6 +149,13 @@ class PendingCalls:
         if error is not None:
             raise error
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the watchdog (the dispatcher is closing)."""
+        self._closed = True
+        self._wake.set()
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(timeout)
+
     def rescue(self, part) -> None:
         """Set `part`'s word ourselves (its server will not): our stream's wait for it ends."""
         with self._lock:
@@ -152,12 +163,15 @@ class PendingCalls:
                 return
             part.rescued = True
             self.rescued += 1
-        device = part.result.device
+        self._set(part.result.device, part.word)
+
+    def _set(self, device: torch.device, word: Word) -> None:
+        """Write `word` from a stream of ours that waits for nothing."""
         with torch.cuda.device(device):
             stream = self._rescuers.get(device)
             if stream is None:
                 stream = self._rescuers[device] = torch.cuda.Stream(device)
-            stream_signals.write(stream, part.word.address, part.word.value)
+            stream_signals.write(stream, word.address, word.value)
 
     def _mine(self) -> deque:
         key = threading.get_ident()
@@ -178,17 +192,30 @@ class PendingCalls:
         """Every _WATCH_EVERY s: any unread call whose server will not set its word (an error reply, the channel
         closed, or no reply and past its time) gets it set by us, so a model thread waiting on the GPU is never
         stuck."""
-        while True:
-            time.sleep(_WATCH_EVERY)
+        while not self._closed:
             with self._lock:
                 parts = [(round_, part) for rounds in self._rounds.values() for round_ in rounds
                          for part in round_.parts if not part.rescued]
+            if not parts:  # nothing unread: sleep until a round joins
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            time.sleep(_WATCH_EVERY)
             for round_, part in parts:
-                piece = part.pieces[0]
-                piece.link.poll()
-                link = piece.link
-                # No reply past its time: late, unless the model thread took the reply meanwhile (it marks the part
-                # settling before it does, so that mark is read after the look for the reply).
-                late = not link.replied(piece.seq) and round_.overdue(part) and not part.settling
-                if piece.send_error or link.failed(piece.seq) or late:
-                    self.rescue(part)
+                if self._closed:
+                    return
+                try:
+                    self._look(round_, part)
+                except Exception:  # the watchdog must outlive anything one look meets
+                    log.exception("watching an unwaited call to %s failed", part.pieces[0].link.address)
+
+    def _look(self, round_, part) -> None:
+        piece = part.pieces[0]
+        link = piece.link
+        link.poll()
+        failed = piece.send_error or link.failed(piece.seq)
+        late = not link.replied(piece.seq) and round_.overdue(part)
+        # A part the model thread is settling is its own to set (it marks it before taking the reply, so the mark
+        # is read after the looks above: a reply taken meanwhile is not mistaken for none).
+        if (failed or late) and not part.settling:
+            self.rescue(part)
