@@ -32,7 +32,7 @@ from moe_serve.process.console import RULE, summary
 from moe_serve.process.devices import parse_devices
 from moe_serve.process.malloc import keep_large_buffers
 from moe_serve.process.threads import set_torch_threads
-from moe_serve.rpc import shm_files
+from moe_serve.rpc import shm_files, stream_signals
 from moe_serve.rpc.message_limits import message_limit
 from moe_serve.rpc.ports import check_port_free
 from moe_serve.rpc.server import ServerHandle, serve_until_signal, start_server
@@ -148,6 +148,9 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
                                                             config.full_precision_below_tokens),
                                   device_routing=None if config.routed_calls else False,
                                   pipelined_calls=config.pipelined_calls)
+    dense = parse_devices(config.dense_device)[0]
+    if config.pipelined_calls and dense.type == "cuda":
+        stream_signals.available(dense)  # tried now, before any thread may be capturing a CUDA graph
     engine = GatewayEngine(model, dispatcher, tokenizer)
 
     def info() -> gateway_pb2.GetModelInfoResponse:  # GetModelInfo lists the servers serving now
