@@ -97,9 +97,10 @@ class PendingCalls:
     def usable(self, replicas, device: torch.device) -> bool:
         """Whether a round to `replicas` (each expert's one owner) for tensors on `device` may go unwaited: on the
         device's default stream only. CUDA does not see an order made through words and warns that it may then queue
-        work in an order that deadlocks; with one stream of ours waiting, no other stream of ours has work a server
-        waits on (two micro-batches on two streams would), and the word ring's zero fill is ordered before
-        every call on it."""
+        work in an order that deadlocks. On one stream (the micro-batches' threads share it too) every wait is
+        queued after its call was sent, and a call's inputs after any wait before them, so a call only ever waits
+        on calls sent before it, which each server answers first; and the word ring's zero fill comes before every
+        call on it."""
         return (device.type == "cuda" and all(r.done_signals for r in replicas) and stream_signals.available(device)
                 and current_stream(device).cuda_stream == 0 and not torch.cuda.is_current_stream_capturing())
 
