@@ -9,7 +9,9 @@ ways:
 - another host (TCP): the frame carries the hidden rows' bytes, in the wire dtypes chosen for the call's
   size, sent from their own buffers; the sums are read in place from the reply's frame.
 `result()` reads the replies and adds the partial sums in a fixed order (by first expert, as the gRPC
-path does): the same input gives the same sum either way.
+path does): the same input gives the same sum either way. A device-routed round on a GPU whose experts
+have one replica each goes unwaited instead (pipelined_calls.py): `result()` queues the sum behind GPU
+waits for the servers' done words, and the replies are read (`settle`) a few calls later.
 
 A call that fails goes, for its experts only, to the gRPC path's failover (dispatch.rescue on the
 event loop) with that replica excluded; a bad request (INVALID_ARGUMENT) fails the layer as over gRPC.
