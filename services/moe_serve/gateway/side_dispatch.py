@@ -179,8 +179,7 @@ def _stage_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torc
         words = word = None
         if pending is not None:
             words, word = pending.word(replica.address, hidden.device)
-            event = arena.event_handle()
-            arena.record_event()
+            event = arena.record_event()
         key = ("routed", t, h, k, dispatcher.shared_dtype, dispatcher.shared_out_dtype, tuple(chosen), event,
                dispatcher.pool.fingerprint, words)
         body = arena.derived.get(key)

@@ -36,6 +36,14 @@ def current_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
+def ipc_event(stream: torch.cuda.Stream) -> tuple[torch.cuda.Event, bytes]:
+    """A new interprocess event, first recorded on `stream` (so made on its device), and its IPC handle."""
+    with torch.cuda.device(stream.device):
+        event = torch.cuda.Event(interprocess=True)
+        event.record(stream)
+        return event, bytes(event.ipc_handle())
+
+
 class GpuEvents:
     """This process's own interprocess event per stream, and the peers' events it has opened."""
 
@@ -62,10 +70,7 @@ class GpuEvents:
         with self._lock:
             own = self._own.get(key)
             if own is None:
-                with torch.cuda.device(stream.device):
-                    event = torch.cuda.Event(interprocess=True)
-                    event.record(stream)  # created on its device before the handle is taken
-                    own = self._own[key] = (event, bytes(event.ipc_handle()))
+                own = self._own[key] = ipc_event(stream)
         return own
 
     def wait(self, device: torch.device, handle: bytes) -> None:

@@ -40,7 +40,7 @@ from moe_client.pb import experts_pb2
 from moe_serve.rpc import shm_files
 from moe_serve.rpc.codec import TORCH_DTYPES
 from moe_serve.rpc.errors import FailedPrecondition, InvalidArgument
-from moe_serve.rpc.gpu_events import current_stream
+from moe_serve.rpc.gpu_events import current_stream, ipc_event
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "moe-"
@@ -110,7 +110,7 @@ class Arena:
         self._views: dict[tuple, torch.Tensor] = {}
         self._messages: dict[tuple, object] = {}
         self.derived: dict = {}  # what a caller derives from the places it uses (a request naming them): remember()
-        self._event: tuple[torch.cuda.Event, bytes] | None = None  # record_event()
+        self._event: tuple[torch.cuda.Event, bytes] | None = None  # record_event(): made on first use
         if device.type == "cuda":
             self._start = 0
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -162,21 +162,17 @@ class Arena:
             _remember(self._messages, key, message)
         return message
 
-    def event_handle(self) -> bytes:
-        """The IPC handle of this GPU arena's own interprocess event (made on first use; see record_event)."""
+    def record_event(self) -> bytes:
+        """Record this GPU arena's own interprocess event on the current stream, after this call's writes into it;
+        its IPC handle. One event per arena, not per stream, for a caller that goes on before the reply
+        (gateway/pipelined_calls.py): the arena goes back to the pool only once the reply came, so the server has
+        waited on one record before the next."""
+        stream = current_stream(self.device)
         if self._event is None:
-            with torch.cuda.device(self.device):
-                event = torch.cuda.Event(interprocess=True)
-                event.record(current_stream(self.device))  # made on its device before the handle is taken
-                self._event = (event, bytes(event.ipc_handle()))
+            self._event = ipc_event(stream)
+        else:
+            self._event[0].record(stream)
         return self._event[1]
-
-    def record_event(self) -> None:
-        """Record the arena's event on the current stream, after this call's writes into it. One event per arena,
-        not per stream, for a caller that goes on before the reply (gateway/pipelined_calls.py): the arena goes
-        back to the pool only once the reply came, so the server has waited on one record before the next."""
-        self.event_handle()
-        self._event[0].record(current_stream(self.device))
 
     def remember(self, key, value) -> None:
         """Keep `value` in `derived` under `key` (a few dozen at most)."""
