@@ -22,7 +22,7 @@ from moe_serve.gateway.pipelined_calls import WORDS, DoneWords, PendingCalls, Wo
 from moe_serve.gateway.pool import ServerPool
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.rpc import stream_signals
-from moe_serve.rpc.errors import ServiceError
+from moe_serve.rpc.errors import ServiceError, Unavailable
 from moe_serve.rpc.shared_regions import ArenaPool
 from moe_serve.rpc.side_channel import ChannelError, SideLink, SideListener
 from tests.support.launch import gpu_expert_servers
@@ -84,6 +84,51 @@ def _part(link: SideLink, payload: bytes, index: int):
     piece = SimpleNamespace(link=link, seq=link.send(payload), send_error="")
     return SimpleNamespace(pieces=[piece], rescued=False, settling=False, result=torch.empty(0),
                            word=Word(index, 1, 0))
+
+
+class _Settled:
+    """A round as the model thread reads it: its layer, and its reply failing or not."""
+
+    def __init__(self, layer: int, error: str = "", read: list | None = None):
+        self.layer, self.error, self.read, self.parts = layer, error, read, []
+
+    def settle(self, pending) -> None:
+        self.read.append(self)
+        if self.error:
+            raise Unavailable(self.error)
+
+
+def test_a_stopped_forwards_unread_calls_are_read_at_the_next_forward_without_failing_it(caplog):
+    """A forward that raised before its last MoE layer leaves its calls unread; the thread's next forward (a
+    call of the first MoE layer) reads them, their arenas go back, and a failure among them is logged, not
+    raised there. A forward's own failed call fails it a few layers later (at most `depth`), once every call it
+    made is read."""
+    rng = np.random.default_rng()
+    last = int(rng.integers(4, 8))
+    pending = PendingCalls(last_layer=last, depth=3, first_layer=0)
+    read: list = []
+    try:
+        failed_at = int(rng.integers(0, 3))
+        stopped = [_Settled(layer, "peer gone" if layer == failed_at else "", read) for layer in range(3)]
+        for round_ in stopped:  # three calls, none read yet (depth 3); then the forward raises elsewhere
+            pending._join(round_)
+        assert not read
+        fresh = [_Settled(layer, read=read) for layer in range(last + 1)]
+        pending._join(fresh[0])  # the next forward: the stopped one's calls are read first, none raises
+        assert read == stopped and "peer gone" in caplog.text
+        for round_ in fresh[1:]:
+            pending._join(round_)
+        assert read == stopped + fresh and not pending._mine()
+        bad = [_Settled(layer, "layer 2 lost" if layer == 2 else "", read) for layer in range(last + 1)]
+        joined = []
+        with pytest.raises(Unavailable, match="layer 2 lost"):
+            for round_ in bad:
+                joined.append(round_)
+                pending._join(round_)
+        assert read[-len(joined):] == joined and not pending._mine()  # every call read before the error went up
+        assert len(joined) <= 2 + 1 + pending.depth
+    finally:
+        pending.close()
 
 
 def test_the_watchdog_sets_the_words_of_calls_that_will_not_answer_and_no_others(monkeypatch):
@@ -246,6 +291,7 @@ def test_a_server_lost_under_unwaited_calls_frees_the_gpu_and_fails_the_forward(
     try:
         hidden, ids, weights = _routing(9)
         x = dispatcher.submit(0, hidden.cuda(), ids.cuda(), weights.cuda()).result()  # a good call first
+        dispatcher.pending.settle()  # its replies read: the server stopped next has answered it
         torch.cuda.synchronize()
         servers[1].signal(signal.SIGSTOP)
         round_ = dispatcher.submit(0, x, ids.cuda(), weights.cuda())

@@ -75,7 +75,8 @@ class ExpertDispatcher:
         self.events = GpuEvents()  # device-routed calls on a GPU: the servers wait on ours, we on theirs
         self.routed_rounds = 0  # layers called device-routed (tests and benchmarks read it)
         # Device-routed rounds whose replies are read later (None: every reply is waited for)
-        self.pending = PendingCalls(max(spec.moe_layers, default=-1)) if pipelined_calls else None
+        self.pending = (PendingCalls(max(spec.moe_layers, default=-1), first_layer=min(spec.moe_layers, default=-1))
+                        if pipelined_calls else None)
         # Shared regions hold the hidden states in the wire dtype (bf16 for fp8, which only saves socket
         # bytes) and the sums in float32: no bytes to save there, and each server's partial sum rounded
         # to bf16 before they are added moved 2-server DeepSeek-shape logits by 2% of their norm.

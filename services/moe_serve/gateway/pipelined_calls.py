@@ -81,8 +81,9 @@ class DoneWords:
 class PendingCalls:
     """The dispatcher's device-routed rounds whose replies are unread, per model thread, and their watchdog."""
 
-    def __init__(self, last_layer: int, depth: int = 3):
+    def __init__(self, last_layer: int, depth: int = 3, first_layer: int = -1):
         self.last_layer = last_layer  # the model's last MoE layer: every reply is read there
+        self.first_layer = first_layer  # its first: a thread's replies still unread there are a stopped forward's
         self.depth = depth
         self._rounds: dict[int, deque] = {}  # thread id -> its rounds, oldest first
         self._words: dict[tuple[str, torch.device], DoneWords] = {}
@@ -121,14 +122,20 @@ class PendingCalls:
         for part in round_.parts:  # in the round's order (by first expert), as a waited-for round adds them
             stream_signals.wait_at_least(stream, part.word.address, part.word.value)
             out = part.result.to(torch.float32, copy=True) if out is None else out.add_(part.result)
+        self._join(round_)
+        return out
+
+    def _join(self, round_) -> None:
+        """`round_` joins this thread's unread rounds, and the oldest are read (all at the last MoE layer)."""
         rounds = self._mine()
+        if rounds and round_.layer == self.first_layer:
+            self._drop()
         with self._lock:
             rounds.append(round_)
             self.rounds += 1
         self._start_watchdog()
         self._wake.set()
         self.settle(0 if round_.layer == self.last_layer else self.depth)
-        return out
 
     def settle(self, keep: int = 0) -> None:
         """Read this thread's unread replies, oldest first, until at most `keep` are left; a failed call raises
@@ -149,6 +156,15 @@ class PendingCalls:
                     rounds.popleft()
         if error is not None:
             raise error
+
+    def _drop(self) -> None:
+        """Read the unread rounds of this thread's last forward, which stopped before its last MoE layer (it
+        raised, and its caller had that error): their arenas go back to the pool and the servers' counts down;
+        what failed among them fails no later forward, and is only logged."""
+        try:
+            self.settle()
+        except Exception as err:
+            log.warning("a call of a forward that had already stopped failed: %s", err)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the watchdog (the dispatcher is closing)."""
