@@ -39,6 +39,7 @@ import torch
 
 from benchmarks import machine
 from benchmarks.model import LAYER, Shape, ensure_checkpoint, make_input
+from benchmarks.mps import client_state, rerun_under_mps
 from benchmarks.procs import ENV, bench_loop
 from moe_client import wire
 from moe_serve.core.routing import route
@@ -112,6 +113,7 @@ def measure(tokens: int, shape: Shape, args, bank: ExpertBank, dispatchers: dict
         chains["same-host channel, host-routed"] = lambda h: host_routed.run(LAYER, h, ids, weights)
         unwaited = dispatchers["same-host channel, unwaited"]
         unwaited.pending.last_layer = -1  # the layer is the checkpoint's only one: read the replies at the end
+        unwaited.pending.first_layer = -1  # ... and each call of the chain is of that layer, yet one forward
         chains["same-host channel, unwaited"] = lambda h: unwaited.run(LAYER, h, ids, weights)
     for name, call in chains.items():
         end = dispatchers[name].pending.settle if name.endswith("unwaited") else None
@@ -208,8 +210,13 @@ def main() -> None:
                    help="expert width; a small one (e.g. 16) leaves the call's own cost visible on a CPU")
     p.add_argument("--profile", action="store_true", help="torch.profiler over the channel calls of each token "
                    "count in this process: the caller's host time by op and CUDA runtime call")
+    p.add_argument("--mps", action="store_true", help="run the gateway and server as clients of an MPS daemon of "
+                   "the run's own (benchmarks/mps.py): one GPU context instead of time-sliced ones")
+    p.add_argument("--mps-client", action="store_true", help=argparse.SUPPRESS)  # --mps's own run, under the daemon
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.mps:
+        rerun_under_mps("benchmarks.call_overhead", args.out)
     shape = Shape(width=args.width)
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     torch_dtype = getattr(torch, dtype)
@@ -229,6 +236,8 @@ def main() -> None:
         result = {"machine": machine.describe(), "device": args.device, "dtype": dtype, "shape": shape.__dict__,
                   "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
                   "same_host_channel": pool.members[0].side_link() is not None, "rows": []}
+        if args.mps_client:  # CUDA has started here and in the server: an MPS server must be running for them
+            result["mps"] = client_state()
         print(f"{'tokens':>6} {'in-process':>11} {'channel':>9} {'gRPC':>9} {'server':>9} {'overhead':>9}  (ms)")
         for tokens in [int(t) for t in args.tokens.split(",")]:
             row = measure(tokens, shape, args, bank, dispatchers, torch_dtype)

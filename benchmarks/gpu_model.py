@@ -42,8 +42,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from functools import partial
@@ -62,7 +60,7 @@ from benchmarks.gpu_measures import (
     profile_region,
 )
 from benchmarks.model_shapes import DEEPSEEK_MOE_16B, QWEN15_MOE_A27B
-from benchmarks.mps import mps_daemon, server_pids
+from benchmarks.mps import client_state, rerun_under_mps
 from benchmarks.timing import synced_times, synchronize
 from moe_client import wire
 from moe_serve.core.causal_lm import CausalLM
@@ -451,16 +449,7 @@ def main() -> None:
     args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
     args.streams = [int(n) for n in args.streams.split(",") if n]
     if args.mps:
-        # The run itself goes in a fresh process: CUDA reads the MPS variables when it starts, and imports
-        # (Triton's) may have started it here already.
-        argv = [a for a in sys.argv[1:] if a != "--mps"] + ["--mps-client"]
-        with mps_daemon() as mps:
-            code = subprocess.call([sys.executable, "-m", "benchmarks.gpu_model", *argv])
-        if args.out and Path(args.out).exists():  # the daemon's log, read once it quit, names each client
-            data = json.loads(Path(args.out).read_text())
-            data.setdefault("mps", {})["control_log_tail"] = mps.get("control_log_tail", "")
-            Path(args.out).write_text(json.dumps(data, indent=2))
-        raise SystemExit(code)
+        rerun_under_mps("benchmarks.gpu_model", args.out)
     run_rows(args)
 
 
@@ -495,8 +484,7 @@ def run_rows(args) -> Report:
     if args.bandwidth:
         print(f"device copy bandwidth {args.bandwidth / 1e9:.0f} GB/s", flush=True)
     if args.mps_client:  # this process has started CUDA: an MPS server must now be running for it
-        report.data["mps"] = {"servers": server_pids(), "pipe": os.environ.get("CUDA_MPS_PIPE_DIRECTORY")}
-        print(f"MPS servers: {report.data['mps']['servers'] or 'NONE (not under MPS)'}", flush=True)
+        report.data["mps"] = client_state()
     if not args.skip_one_process:
         checkpoint = Checkpoint(ckpt_dir)
         model = load_dense_model(checkpoint, torch.bfloat16, devices[0])

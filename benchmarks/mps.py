@@ -14,9 +14,11 @@ mode stays as it is (MPS is only exclusive when the compute mode is EXCLUSIVE_PR
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,3 +77,24 @@ def mps_daemon() -> Iterator[dict]:
                 os.environ[k] = v
         log = root / "log" / "control.log"
         state["control_log_tail"] = log.read_text()[-2000:] if log.exists() else ""
+
+
+def rerun_under_mps(module: str, out: str | None) -> None:
+    """Run `python -m module` again with this process's arguments (less --mps, plus --mps-client) under a daemon
+    of its own, add the daemon's log to its JSON `out`, and exit with its code. The run goes in a fresh process:
+    CUDA reads the MPS variables when it starts, and imports (Triton's) may have started it here already."""
+    argv = [a for a in sys.argv[1:] if a != "--mps"] + ["--mps-client"]
+    with mps_daemon() as mps:
+        code = subprocess.call([sys.executable, "-m", module, *argv])
+    if out and Path(out).exists():  # the daemon's log, read once it quit, names each client
+        data = json.loads(Path(out).read_text())
+        data.setdefault("mps", {})["control_log_tail"] = mps.get("control_log_tail", "")
+        Path(out).write_text(json.dumps(data, indent=2))
+    raise SystemExit(code)
+
+
+def client_state() -> dict:
+    """For a --mps-client run that has started CUDA: the MPS servers now running for it (none: not under MPS)."""
+    state = {"servers": server_pids(), "pipe": os.environ.get("CUDA_MPS_PIPE_DIRECTORY")}
+    print(f"MPS servers: {state['servers'] or 'NONE (not under MPS)'}", flush=True)
+    return state
