@@ -28,18 +28,19 @@ from functools import partial
 import grpc
 import torch
 
-from moe_client import wire, zerocopy
+from moe_client import zerocopy
 from moe_client.ownership import format_ranges
 from moe_client.striping import piece_count, split_rows
 from moe_serve.gateway.call_outcome import FINAL, NO_EJECT, Failures
 from moe_serve.gateway.partial_sums import add_partials
 from moe_serve.gateway.pipelined_calls import Word
 from moe_serve.gateway.replica import Replica
+from moe_serve.gateway.routed_staging import RoutedPlaces, routed_extra
 from moe_serve.gateway.routing_plan import expert_counts, rows_for, to_host
 from moe_serve.rpc import request_ids, side_lanes
-from moe_serve.rpc.codec import TORCH_DTYPES, from_wire, to_wire
+from moe_serve.rpc.codec import from_wire, to_wire
 from moe_serve.rpc.errors import FailedPrecondition, ResourceExhausted, ServiceError, Unavailable
-from moe_serve.rpc.shared_regions import Arena, aligned
+from moe_serve.rpc.shared_regions import Arena
 from moe_serve.rpc.side_channel import ChannelClosed, ChannelError, SideLink
 
 # `dispatcher` below is the gateway's ExpertDispatcher (dispatch.py, which calls start_side): its pool,
@@ -159,23 +160,19 @@ def _stage_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torc
     index and value."""
     t, k = expert_ids.shape
     h = hidden.shape[1]
-    h_bytes = aligned(t * h * TORCH_DTYPES[dispatcher.shared_dtype].itemsize)
-    ids_at, weights_at = h_bytes, h_bytes + aligned(t * k * 8)
-    out_at = weights_at + aligned(t * k * 4)
     # The servers' streams wait on our event (recorded below, once all is staged) instead of us on the GPU
     event = dispatcher.events.handle(hidden.device) if hidden.is_cuda and pending is None else b""
     head = zerocopy.RunExpertsRequest(layer=layer, request_id=request_ids.current())
     head_pieces, head_size = head._type.chunks(head)
     parts: list[_Part] = []
     for replica, chosen in sorted(plan.items(), key=lambda kv: min(kv[1])):
-        arena = dispatcher.acquire(replica, hidden, t, extra=out_at - h_bytes)
+        arena = dispatcher.acquire(replica, hidden, t, extra=routed_extra(t, k))
         if arena is None:
             for part in parts:
                 dispatcher.arenas.release(part.replica.address, part.arena)
             return None
-        arena.view(0, dispatcher.shared_dtype, (t, h)).copy_(hidden, non_blocking=True)
-        arena.view(ids_at, wire.INT64, (t, k)).copy_(expert_ids, non_blocking=True)
-        arena.view(weights_at, wire.FLOAT32, (t, k)).copy_(weights, non_blocking=True)
+        places = RoutedPlaces.of(arena, dispatcher.shared_dtype, dispatcher.shared_out_dtype, t, h, k)
+        places.stage(hidden, expert_ids, weights)
         words = word = None
         if pending is not None:
             words, word = pending.word(replica.address, hidden.device)
@@ -186,17 +183,12 @@ def _stage_routed(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torc
         if body is None:
             body = zerocopy.RunExpertsRequest(
                 experts=chosen, model_fingerprint=dispatcher.pool.fingerprint, gpu_event=event,
-                shared_hidden=arena.message(0, dispatcher.shared_dtype, (t, h)),
-                shared_output=arena.message(out_at, dispatcher.shared_out_dtype, (t, h)),
-                shared_expert_ids=arena.message(ids_at, wire.INT64, (t, k)),
-                shared_weights=arena.message(weights_at, wire.FLOAT32, (t, k)),
-                shared_done=words.message if words is not None else None).SerializeToString()
+                shared_done=words.message if words is not None else None, **places.messages).SerializeToString()
             arena.remember(key, body)
         payload = [*head_pieces, body] if word is None else [*head_pieces, body, word.fields()]
         piece = _Piece(0, t, payload, head_size + sum(len(p) for p in payload[len(head_pieces):]),
                        link=links[replica])
-        parts.append(_Part(replica, chosen, None, arena, arena.view(out_at, dispatcher.shared_out_dtype, (t, h)),
-                           [piece], per_expert * len(chosen), word=word))
+        parts.append(_Part(replica, chosen, None, arena, places.out, [piece], per_expert * len(chosen), word=word))
     if hidden.is_cuda and pending is None:
         dispatcher.events.record(hidden.device)
     return parts
