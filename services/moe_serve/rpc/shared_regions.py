@@ -105,6 +105,7 @@ class Arena:
         # GPU arenas: recorded on the releasing thread's stream (ArenaPool.release); the next user, maybe on
         # another stream (two micro-batches share the pool), waits on it before writing (ArenaPool.acquire)
         self.last_read: torch.cuda.Event | None = None
+        self.read_on = 0  # ... and the stream it was recorded on: a user on that same stream need not wait for it
         self._path: Path | None = None
         # Views and messages by (offset, dtype, shape): made once, as the arena is reused call after call
         self._views: dict[tuple, torch.Tensor] = {}
@@ -227,7 +228,9 @@ class ArenaPool:
             self._peak[key] = max(self._peak.get(key, 0), out)
         if arena is not None:
             if arena.last_read is not None:  # its last user's reads are done before we write
-                current_stream(device).wait_event(arena.last_read)
+                stream = current_stream(device)
+                if stream.cuda_stream != arena.read_on:  # on the same stream they are, in its order
+                    stream.wait_event(arena.last_read)
             return arena
         size = _MIN_ARENA
         while size < nbytes:
@@ -240,7 +243,9 @@ class ArenaPool:
         if arena.device.type == "cuda":
             if arena.last_read is None:
                 arena.last_read = torch.cuda.Event()
-            arena.last_read.record(current_stream(arena.device))
+            stream = current_stream(arena.device)
+            arena.last_read.record(stream)
+            arena.read_on = stream.cuda_stream
         key = (owner, arena.device)
         with self._lock:
             self._out[key] = max(self._out.get(key, 0) - 1, 0)
