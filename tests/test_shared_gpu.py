@@ -32,6 +32,31 @@ def test_gateway_chooses_by_the_gpus_its_servers_compute_on(members, mps, want):
     assert servers_sharing(GPU_A, members) == [m.name for m in members if GPU_A in m.info.compute_gpu_uuids]
 
 
+def test_overlap_is_off_where_every_call_goes_unwaited(monkeypatch):
+    """Calls not waited for leave overlap nothing to hide: off, whatever the GPUs and MPS; a server on another
+    host, or one without done_signals, gets waited-for calls, so the choice falls back to the GPUs."""
+    from moe_serve.gateway import shared_gpu
+    from moe_serve.rpc import shared_regions, stream_signals
+
+    here = shared_regions.host_id()
+    monkeypatch.setattr(stream_signals, "available", lambda device: device.type == "cuda")
+
+    def signalling(name: str, host: str = here, done: bool = True):
+        return SimpleNamespace(name=name, info=experts_pb2.GetInfoResponse(compute_gpu_uuids=[GPU_B], host_id=host,
+                                                                           done_signals=done))
+
+    local = [signalling("a"), signalling("b")]
+    assert shared_gpu.calls_go_unwaited(True, CUDA, local)
+    on, why = choose_overlap(None, CUDA, local, gpu_uuid=GPU_A, mps=True, unwaited=True)
+    assert not on and "unwaited" in why
+    assert choose_overlap(True, CUDA, local, gpu_uuid=GPU_A, mps=True, unwaited=True)[0]  # the flag still wins
+    assert not shared_gpu.calls_go_unwaited(False, CUDA, local)  # --no-pipelined-calls
+    assert not shared_gpu.calls_go_unwaited(True, torch.device("cpu"), local)
+    assert not shared_gpu.calls_go_unwaited(True, CUDA, [*local, signalling("far", host="elsewhere")])
+    assert not shared_gpu.calls_go_unwaited(True, CUDA, [*local, signalling("old", done=False)])
+    assert not shared_gpu.calls_go_unwaited(True, CUDA, [])
+
+
 def test_flags_and_the_cpu_override_the_choice():
     shared = [server("a", GPU_A)]
     assert choose_overlap(True, CUDA, shared, gpu_uuid=GPU_A, mps=False)[0]
