@@ -15,7 +15,8 @@ instead of float32 (the comparison behind the float32 default). An `r` (`4r`) re
 (their load counted over the benchmark's own prompts in the first row) onto the servers that carry the
 least of that layer's load; the gateway's pool then balances each call over the replicas. An `o` (`2o`)
 runs every step as the gateway serves it: two micro-batches taking turns on the dense layers, each one's
-RunExperts calls in flight while the other computes (gateway/overlap.py). Same-host servers are called
+RunExperts calls in flight while the other computes (gateway/overlap.py), and its gateway's Generate streams
+overlapped too (other rows leave that to the gateway's own choice, gateway/shared_gpu.py). Same-host servers are called
 over their same-host channel (rpc/side_channel.py); a `g` (`1g`) calls them by gRPC instead. With dense
 layers on a GPU the calls are device-routed (the routing stays on the GPU, no host wait: rpc/gpu_events.py);
 an `h` (`1h`) brings the routing to the host at every MoE layer instead, as before; a `w` (`1w`) keeps it
@@ -373,7 +374,9 @@ def grpc_row(args, spec, ckpt_dir: Path, owned: list[dict], devices: list[str], 
                                wire_dtype="bfloat16", connect_timeout=900, rpc_timeout=300,
                                shared_memory=shared_memory, same_host_calls=same_host_calls,
                                pipelined_calls=not waited,
-                               batching=BatchingConfig(decode_graphs=args.decode_graphs))
+                               # `o` rows: the gateway's Generate streams overlapped too; else the gateway chooses
+                               batching=BatchingConfig(decode_graphs=args.decode_graphs,
+                                                       overlap=True if overlap else None))
         handle, servicer = loop.run(create_gateway(config))
         try:
             experts = servicer.engine.experts
