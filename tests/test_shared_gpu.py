@@ -57,6 +57,18 @@ def test_overlap_is_off_where_every_call_goes_unwaited(monkeypatch):
     assert not shared_gpu.calls_go_unwaited(True, CUDA, [])
 
 
+def test_the_gateway_warns_of_context_switches_only_on_a_shared_gpu_without_mps():
+    from moe_serve.gateway.shared_gpu import context_switch_warning
+
+    shared = [server("sharer", GPU_A), server("elsewhere", GPU_B)]
+    warning = context_switch_warning(CUDA, shared, gpu_uuid=GPU_A, mps=False)
+    assert warning and "sharer" in warning and "elsewhere" not in warning and GPU_A in warning
+    assert "nvidia-cuda-mps-control" in warning
+    assert context_switch_warning(CUDA, shared, gpu_uuid=GPU_A, mps=True) is None
+    assert context_switch_warning(CUDA, shared[1:], gpu_uuid=GPU_A, mps=False) is None
+    assert context_switch_warning(torch.device("cpu"), shared, gpu_uuid=GPU_A, mps=False) is None
+
+
 def test_flags_and_the_cpu_override_the_choice():
     shared = [server("a", GPU_A)]
     assert choose_overlap(True, CUDA, shared, gpu_uuid=GPU_A, mps=False)[0]

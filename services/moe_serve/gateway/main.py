@@ -20,7 +20,7 @@ from moe_serve.gateway.dispatch import ExpertDispatcher
 from moe_serve.gateway.engine import GatewayEngine
 from moe_serve.gateway.pool import PoolOptions, Replica, ServerPool, StartupError
 from moe_serve.gateway.servicer import GatewayServicer, add_to_server
-from moe_serve.gateway.shared_gpu import calls_go_unwaited, choose_overlap
+from moe_serve.gateway.shared_gpu import calls_go_unwaited, choose_overlap, context_switch_warning
 from moe_serve.gateway.wire_choice import WireChoice
 from moe_serve.model.checkpoint import Checkpoint, CheckpointError
 from moe_serve.model.loader import load_dense_model
@@ -161,6 +161,9 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
                                  and config.same_host_calls, model.device, pool.members)
     overlap, why = choose_overlap(config.batching.overlap, model.device, pool.members, unwaited=unwaited)
     log.info("micro-batch overlap %s: %s", "on" if overlap else "off", why)
+    warning = context_switch_warning(model.device, pool.members)
+    if warning:
+        log.warning(warning)
     batching = start_batching(replace(config.batching, overlap=overlap), model, dispatcher, tokenizer)
     servicer = GatewayServicer(engine, info(), config.max_tokens, max_new_tokens=config.max_new_tokens,
                                metrics=metrics, batcher=batching.batcher, scheduler=batching.scheduler)

@@ -47,6 +47,23 @@ def servers_sharing(gpu_uuid: str, members: Iterable[Replica]) -> list[str]:
     return [r.name for r in members if gpu_uuid in r.info.compute_gpu_uuids]
 
 
+def context_switch_warning(dense_device: torch.device, members: Iterable[Replica], gpu_uuid: str | None = None,
+                           mps: bool | None = None) -> str | None:
+    """What to tell the operator when expert servers compute on the dense layers' GPU and no MPS daemon runs: each
+    expert call then switches the GPU between two CUDA contexts. On the H200, MPS took a chain of unwaited calls
+    from 0.80 to 0.57 ms a call and staged decode at batch 64 from 2,765 to 3,393 tok/s (docs/gpu.md, sixth
+    round). None when nothing is shared or MPS is there."""
+    if dense_device.type != "cuda":
+        return None
+    gpu_uuid = gpu_uuid or shared_regions.gpu_uuid(dense_device)
+    sharing = servers_sharing(gpu_uuid, members)
+    if not sharing or (mps_daemon_present() if mps is None else mps):
+        return None
+    return (f"expert servers {', '.join(sharing)} compute on {gpu_uuid} beside the dense layers with no MPS daemon: "
+            "every expert call switches the GPU between CUDA contexts; start `nvidia-cuda-mps-control -d` before "
+            "the gateway and those servers (docs/operations.md)")
+
+
 def choose_overlap(asked: bool | None, dense_device: torch.device, members: Iterable[Replica],
                    gpu_uuid: str | None = None, mps: bool | None = None,
                    unwaited: bool = False) -> tuple[bool, str]:
