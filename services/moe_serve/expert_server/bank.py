@@ -317,7 +317,10 @@ class InProcessExperts:
         self.bank = bank
 
     def run(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        self.bank.check(layer, expert_ids)
+        # Ids on a GPU are the model's own router's, taken as they are, as a server takes a device-routed call's:
+        # checking them would wait for the GPU at every MoE layer (torch.unique), which the served path does not.
+        if not expert_ids.is_cuda:
+            self.bank.check(layer, expert_ids)
         partials = self.bank.launch(layer, hidden, expert_ids, weights)
         out = partials[0].to(hidden.device, copy=True)  # a copy: CUDA-graph outputs are reused by the next call
         for partial in partials[1:]:
