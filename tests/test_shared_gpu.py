@@ -34,7 +34,8 @@ def test_gateway_chooses_by_the_gpus_its_servers_compute_on(members, mps, want):
 
 def test_overlap_is_off_where_every_call_goes_unwaited(monkeypatch):
     """Calls not waited for leave overlap nothing to hide: off, whatever the GPUs and MPS; a server on another
-    host, or one without done_signals, gets waited-for calls, so the choice falls back to the GPUs."""
+    host, one without done_signals, or a replicated expert gets waited-for calls, so the choice falls back to the
+    GPUs."""
     from moe_serve.gateway import shared_gpu
     from moe_serve.rpc import shared_regions, stream_signals
 
@@ -45,16 +46,21 @@ def test_overlap_is_off_where_every_call_goes_unwaited(monkeypatch):
         return SimpleNamespace(name=name, info=experts_pb2.GetInfoResponse(compute_gpu_uuids=[GPU_B], host_id=host,
                                                                            done_signals=done))
 
+    def pool(members, replicated_layer: int | None = None):
+        plans = {layer: None if layer == replicated_layer else {} for layer in (1, 3)}
+        return SimpleNamespace(members=members, spec=SimpleNamespace(moe_layers=[1, 3]), sole_plan=plans.get)
+
     local = [signalling("a"), signalling("b")]
-    assert shared_gpu.calls_go_unwaited(True, CUDA, local)
+    assert shared_gpu.calls_go_unwaited(True, CUDA, pool(local))
     on, why = choose_overlap(None, CUDA, local, gpu_uuid=GPU_A, mps=True, unwaited=True)
     assert not on and "unwaited" in why
     assert choose_overlap(True, CUDA, local, gpu_uuid=GPU_A, mps=True, unwaited=True)[0]  # the flag still wins
-    assert not shared_gpu.calls_go_unwaited(False, CUDA, local)  # --no-pipelined-calls
-    assert not shared_gpu.calls_go_unwaited(True, torch.device("cpu"), local)
-    assert not shared_gpu.calls_go_unwaited(True, CUDA, [*local, signalling("far", host="elsewhere")])
-    assert not shared_gpu.calls_go_unwaited(True, CUDA, [*local, signalling("old", done=False)])
-    assert not shared_gpu.calls_go_unwaited(True, CUDA, [])
+    assert not shared_gpu.calls_go_unwaited(False, CUDA, pool(local))  # --no-pipelined-calls
+    assert not shared_gpu.calls_go_unwaited(True, torch.device("cpu"), pool(local))
+    assert not shared_gpu.calls_go_unwaited(True, CUDA, pool([*local, signalling("far", host="elsewhere")]))
+    assert not shared_gpu.calls_go_unwaited(True, CUDA, pool([*local, signalling("old", done=False)]))
+    assert not shared_gpu.calls_go_unwaited(True, CUDA, pool(local, replicated_layer=3))  # waited for there
+    assert not shared_gpu.calls_go_unwaited(True, CUDA, pool([]))
 
 
 def test_the_gateway_warns_of_context_switches_only_on_a_shared_gpu_without_mps():

@@ -158,7 +158,7 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
                           config.wire_dtype)
 
     unwaited = calls_go_unwaited(config.pipelined_calls and config.routed_calls and config.shared_memory
-                                 and config.same_host_calls, model.device, pool.members)
+                                 and config.same_host_calls, model.device, pool)
     overlap, why = choose_overlap(config.batching.overlap, model.device, pool.members, unwaited=unwaited)
     log.info("micro-batch overlap %s: %s", "on" if overlap else "off", why)
     warning = context_switch_warning(model.device, pool.members)

@@ -32,13 +32,15 @@ def mps_daemon_present(env: Mapping[str, str] = os.environ) -> bool:
     return (Path(env.get("CUDA_MPS_PIPE_DIRECTORY") or MPS_PIPE_DEFAULT) / "control").exists()
 
 
-def calls_go_unwaited(pipelined: bool, dense_device: torch.device, members: Iterable[Replica]) -> bool:
-    """Whether, with --pipelined-calls `pipelined`, the gateway's calls to all of `members` may go unwaited: a GPU
-    whose streams take memory operations, and every server on this host announcing done_signals (a server on
-    another host gets waited-for calls, whose round trips overlap can hide)."""
-    members = list(members)
+def calls_go_unwaited(pipelined: bool, dense_device: torch.device, pool) -> bool:
+    """Whether, with --pipelined-calls `pipelined`, the gateway's calls to `pool`'s servers (gateway.pool.ServerPool)
+    go unwaited: a GPU whose streams take memory operations, every server on this host announcing done_signals,
+    and one serving owner for each expert of each MoE layer. A server on another host, or a replicated expert,
+    gets waited-for calls, whose round trips overlap can hide."""
+    members = list(pool.members)
     return (pipelined and dense_device.type == "cuda" and bool(members)
             and all(r.info.done_signals and r.info.host_id == shared_regions.host_id() for r in members)
+            and all(pool.sole_plan(layer) is not None for layer in pool.spec.moe_layers)
             and stream_signals.available(dense_device))
 
 
