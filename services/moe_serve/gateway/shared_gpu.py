@@ -7,10 +7,11 @@ decode, where under MPS it gained 28% and 4%. So overlap is on unless the gatewa
 GPU with an expert server (its GetInfo's compute_gpu_uuids) and no MPS daemon is there to join.
 
 Overlap is also off when every server takes calls the gateway does not wait for (gateway/pipelined_calls.py:
-each on this host, announcing GetInfo's done_signals, and stream memory operations work on the dense layers'
-GPU). Then the host already runs ahead of the GPU, which is what overlap was for, and the two micro-batches
-would share one stream (unwaited calls need the default stream), so their kernels cannot overlap either. On
-the H200 under MPS, overlap took staged decode at batch 64 from 3,376 to 1,757 tok/s (docs/gpu.md, sixth round).
+each on this host, announcing GetInfo's done_signals, no expert replicated, and stream memory operations work
+on the dense layers' GPU). Then the host already runs ahead of the GPU, which is what overlap was for, and the
+two micro-batches would share one stream (unwaited calls need the default stream), so their kernels cannot
+overlap either. On the H200 under MPS, overlap took staged decode at batch 64 from 3,376 to 1,757 tok/s
+(docs/gpu.md, sixth round).
 """
 
 from __future__ import annotations
