@@ -358,9 +358,8 @@ class SideRound:
                 part.arena = None
             return out
         self._failed(part, code, reason)
-        where = f"layer {self.layer} experts {format_ranges(part.chosen)}"
         if code in FINAL:
-            raise ServiceError(f"expert server {replica.name} ({replica.address}), {where}: {reason}")
+            raise _layer_error(part, self.layer, code, reason)
         excluded, moved = frozenset(), False
         if code != grpc.StatusCode.FAILED_PRECONDITION or "shared_" not in reason:
             # NOT_FOUND: dropped live; the rescue plans on the fresh infos, this server included, once.
