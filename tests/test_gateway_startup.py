@@ -1,11 +1,13 @@
 """The gateway refuses to serve a model its expert servers do not cover, or a different checkpoint."""
 
 import json
+import subprocess
 
 import pytest
 
 from moe_serve.gateway.dispatch import StartupError
 from moe_serve.model.synthetic import write_checkpoint
+from tests.support import BIN
 from tests.support.checkpoints import TINY
 
 
@@ -37,3 +39,12 @@ def test_placement_file_must_match_servers(cluster, tiny_checkpoint, tmp_path):
 def test_unreachable_server_is_named(cluster, tiny_checkpoint):
     with pytest.raises(StartupError, match=r"not answering within 1s: 127.0.0.1:1 \(UNAVAILABLE: "):
         cluster.gateway(tiny_checkpoint, ["127.0.0.1:1"], connect_timeout=1.0)
+
+
+@pytest.mark.parametrize("flag,value", [("--tcp-lanes", "0"), ("--tcp-min-piece-bytes", "0")])
+def test_bad_lane_settings_are_one_line_naming_the_value(tiny_checkpoint, flag, value):
+    done = subprocess.run([str(BIN / "moe-gateway"), "--checkpoint", str(tiny_checkpoint), "--servers", "127.0.0.1:1",
+                           "--connect-timeout", "1", flag, value], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done
+    assert f"moe-gateway: error: {flag} {value} must be at least 1" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

@@ -52,7 +52,7 @@ class GatewayConfig:
     resolve_interval: float = 10.0
     keepalive: float = 10.0
     tcp_lanes: int = 4  # connections per expert server; a large RunExperts is split by rows over them
-    min_piece_bytes: int = 1 << 20  # smallest piece (hidden-state bytes) a split call is cut into; no flag
+    min_piece_bytes: int = 1 << 20  # smallest piece (hidden-state bytes) a split call is cut into
     expert_tls: TLSFiles | None = None
     serving: ServingOptions = field(default_factory=lambda: ServingOptions(max_queue=GATEWAY_MAX_QUEUE))
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -107,8 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ping expert servers this often (seconds); one silent as long again is down "
                         "(env MOE_KEEPALIVE; default 10)")
     p.add_argument("--tcp-lanes", type=int, default=int(env("TCP_LANES", "4")),
-                   help="connections to each expert server; a call carrying 2 MiB of hidden states or more is "
-                        "split by tokens over them, 1 MiB a piece at least (env MOE_TCP_LANES; default 4)")
+                   help="connections to each expert server; a call carrying twice --tcp-min-piece-bytes of hidden "
+                        "states or more (2 MiB) is split by tokens over them (env MOE_TCP_LANES; default 4)")
+    p.add_argument("--tcp-min-piece-bytes", type=int, default=int(env("TCP_MIN_PIECE_BYTES", str(1 << 20))),
+                   help="smallest piece of hidden states (bytes) a call is split into over --tcp-lanes: a call of "
+                        "twice this or more is split. Smaller pieces overlap one piece's reply with the next one's "
+                        "request on a link with real latency; on loopback they only add work (env "
+                        "MOE_TCP_MIN_PIECE_BYTES; default 1048576; docs/deployment-sizing.md)")
     p.add_argument("--expert-tls-ca", default=env("EXPERT_TLS_CA"),
                    help="CA certificate (PEM) of the expert servers; turns TLS on toward them (env MOE_EXPERT_TLS_CA)")
     p.add_argument("--expert-tls-cert", default=env("EXPERT_TLS_CERT"),
@@ -177,7 +182,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         rpc_timeout=args.rpc_timeout, connect_timeout=args.connect_timeout, max_tokens=args.max_tokens,
         max_new_tokens=args.max_new_tokens, grace_seconds=args.grace, log_level=args.log_level,
         metrics_host=args.metrics_host, metrics_port=args.metrics_port, resolve_interval=args.resolve_interval,
-        keepalive=args.keepalive, tcp_lanes=args.tcp_lanes,
+        keepalive=args.keepalive, tcp_lanes=args.tcp_lanes, min_piece_bytes=args.tcp_min_piece_bytes,
         expert_tls=TLSFiles.of(args.expert_tls_ca, args.expert_tls_cert, args.expert_tls_key),
         serving=serving_from_args(args), batching=batching_config_from_args(args),
         shared_memory=args.shared_memory, same_host_calls=args.same_host_calls, torch_threads=args.torch_threads,

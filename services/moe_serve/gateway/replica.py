@@ -37,6 +37,8 @@ class PoolOptions:
     def __post_init__(self) -> None:
         if self.tcp_lanes < 1:
             raise ValueError(f"--tcp-lanes {self.tcp_lanes} must be at least 1")
+        if self.min_piece_bytes < 1:
+            raise ValueError(f"--tcp-min-piece-bytes {self.min_piece_bytes} must be at least 1")
 
     def channel_options(self) -> list[tuple[str, int]]:
         """Keepalive and reconnect options of the channels to expert servers."""
