@@ -42,7 +42,7 @@ from benchmarks import machine
 from benchmarks.model import LAYER, InProcess, Shape, ensure_checkpoint, make_input, moe_layer, owner_table
 from benchmarks.procs import ENV, _python
 from benchmarks.timing import interleaved, summary
-from benchmarks.transport import payload, side_echo
+from benchmarks.transport import payload, side_call
 from moe_client import GatewayClient, zerocopy
 from moe_client.channel import insecure_aio_channel
 from moe_client.striping import DEFAULT_LANES, LANE_OPTIONS, Lanes
@@ -59,6 +59,9 @@ from tests.support.threads import LoopThread
 HIDDEN = 2048
 LAYER_SHAPE = Shape(hidden=HIDDEN, width=64, experts=16, top_k=6)  # DeepSeek's hidden; experts kept small
 EXPERT_PORT, ECHO_PORT = 50051, 50061
+# --tcp-min-piece-bytes to try beside the default: a 1 MiB call in 4 pieces, one piece's reply overlapping the next's
+# request on the full-duplex link.
+SMALL_PIECE = 256 << 10
 SIDE_PORTS = {"layer0": 50071, "layer1": 50072, "lm0": 50073, "lm1": 50074, "echo": 50075}  # side channels
 
 
@@ -93,11 +96,6 @@ def _lanes(loop: LoopThread, address: str, n: int) -> Lanes:
     return loop.run(open_())
 
 
-def _side_call(links: list[SideLink], tokens: int):
-    x, ids, w = payload(HIDDEN, 6, tokens, torch.float32)
-    return lambda: side_echo(links, x, ids, w)
-
-
 def transport(loop: LoopThread, echo: str, echo_side: str, rate: float, rtt_us: float, tokens_list: list[int],
               repeats: int, direct: bool) -> list[dict]:
     """Echo round trips by gRPC and over the side channel, over one connection and over lanes; share of the rate
@@ -107,12 +105,18 @@ def transport(loop: LoopThread, echo: str, echo_side: str, rate: float, rtt_us: 
     if direct:
         paths["direct, 1 connection"] = _lanes(loop, echo, 1)
     side = [SideLink(side_relay.address, tcp=True, max_bytes=1 << 30) for _ in range(DEFAULT_LANES)]
+    side_direct = [SideLink(echo_side, tcp=True, max_bytes=1 << 30) for _ in range(DEFAULT_LANES if direct else 0)]
     try:
         rows = []
         for tokens in tokens_list:
             variants = {name: _echo_call(lanes, loop, tokens) for name, lanes in paths.items()}
-            variants |= {"side channel, 1 connection": _side_call(side[:1], tokens),
-                         "side channel, lanes": _side_call(side, tokens)}
+            variants |= {"side channel, 1 connection": side_call(side[:1], HIDDEN, tokens),
+                         "side channel, lanes": side_call(side, HIDDEN, tokens),
+                         f"side channel, lanes, {SMALL_PIECE >> 10} KiB pieces": side_call(side, HIDDEN, tokens,
+                                                                                         SMALL_PIECE)}
+            if side_direct:  # the relay's own cost on the side channel: the same frames without it
+                variants["side channel, direct, 1 connection"] = side_call(side_direct[:1], HIDDEN, tokens)
+                variants["side channel, direct, lanes"] = side_call(side_direct, HIDDEN, tokens)
             times = interleaved(variants, repeats, warmup=1)
             nbytes = tokens * HIDDEN * 4  # each way (ids and weights add 48 bytes a token)
             limit = rtt_us / 1e6 + 2 * nbytes * 8 / rate  # request, then reply, each at the rate
@@ -127,7 +131,7 @@ def transport(loop: LoopThread, echo: str, echo_side: str, rate: float, rtt_us: 
     finally:
         for lanes in paths.values():
             loop.run(lanes.close())
-        for link in side:
+        for link in side + side_direct:
             link.close()
         relay.close()
         side_relay.close()
@@ -228,11 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="1,10,25", help="Gbit/s, comma-separated")
     p.add_argument("--rtts-us", default="0,100,200", help="round-trip times added by the relay (us)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    p.add_argument("--parts", default="transport,moe,generate",
+                   help="what to measure at each (rate, RTT), comma-separated: transport, moe, generate")
     p.add_argument("--time-limit", type=int, default=1500, help="seconds before everything is torn down")
     p.add_argument("--out", default=str(ROOT / "bench-results" / "shaped-links.json"))
     args = p.parse_args(argv)
     if not AVAILABLE:
         p.error("needs root, iproute2 (ip) and tc")
+    parts = {part.strip() for part in args.parts.split(",")}
+    if unknown := parts - {"transport", "moe", "generate"}:
+        p.error(f"--parts: {', '.join(sorted(unknown))} is not one of transport, moe, generate")
     rates = [float(r) * 1e9 for r in args.rates.split(",")]
     rtts = [float(r) for r in args.rtts_us.split(",")]
     echo_tokens = [8, 128, 512, 1024] if args.quick else [8, 128, 512, 1024, 2048]
@@ -282,12 +291,15 @@ def main(argv: list[str] | None = None) -> int:
                     ns.shape(rate)
                 for rtt in rtts:
                     run = {"rate_bit_s": rate, "rtt_us": rtt}
-                    run["transport"] = transport(loop, f"{spaces[0].ns_ip}:{ECHO_PORT}",
-                                                 f"{spaces[0].ns_ip}:{SIDE_PORTS['echo']}", rate, rtt, echo_tokens,
-                                                 repeats, direct=rtt == 0)
-                    run["moe"] = moe(loop, layer_ckpt, layer_servers, layer_side, rate, rtt, moe_tokens, repeats,
-                                     local, router)
-                    run["generate"] = generate(work, causal, lm_servers, lm_side, rtt, 16 if args.quick else 32)
+                    if "transport" in parts:
+                        run["transport"] = transport(loop, f"{spaces[0].ns_ip}:{ECHO_PORT}",
+                                                     f"{spaces[0].ns_ip}:{SIDE_PORTS['echo']}", rate, rtt,
+                                                     echo_tokens, repeats, direct=rtt == 0)
+                    if "moe" in parts:
+                        run["moe"] = moe(loop, layer_ckpt, layer_servers, layer_side, rate, rtt, moe_tokens, repeats,
+                                         local, router)
+                    if "generate" in parts:
+                        run["generate"] = generate(work, causal, lm_servers, lm_side, rtt, 16 if args.quick else 32)
                     result["runs"].append(run)
                     print(summary_lines(run), flush=True)
                     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -304,19 +316,20 @@ def summary_lines(run: dict) -> str:
     """A few lines per (rate, RTT): transport shares, MoE-layer latency against its limit, Generate tok/s."""
     head = f"\n{run['rate_bit_s'] / 1e9:g} Gbit/s, RTT {run['rtt_us']:g} us"
     lines = [head]
-    for row in run["transport"]:
+    for row in run.get("transport", []):
         parts = [f"{name} {v['median'] * 1e3:.2f} ms ({v['share_of_rate']:.0%} of rate, {v['share_of_limit']:.0%} "
                  f"of limit)" for name, v in row["variants"].items()]
         lines.append(f"  echo {row['bytes_each_way'] / 2**20:.3g} MiB each way, limit {row['limit_s'] * 1e3:.2f} ms: "
                      + "; ".join(parts))
-    for row in run["moe"]:
+    for row in run.get("moe", []):
         v = row["variants"]
         lines.append(f"  MoE layer {row['tokens']} tok: gateway by gRPC {v['gateway (lanes)']['median'] * 1e3:.2f} ms, "
                      f"over the side channel {v['gateway (side channel)']['median'] * 1e3:.2f} ms, "
                      f"in-process {v['in-process']['median'] * 1e3:.2f} ms, RTT + bytes/rate "
                      f"{row['limit_s'] * 1e3:.2f} ms")
-    g = run["generate"]
-    lines.append(f"  Generate: first token {g['first_token_s'] * 1e3:.0f} ms, decode {g['decode_tok_per_s']:.1f} tok/s")
+    if (g := run.get("generate")) is not None:
+        lines.append(f"  Generate: first token {g['first_token_s'] * 1e3:.0f} ms, "
+                     f"decode {g['decode_tok_per_s']:.1f} tok/s")
     return "\n".join(lines)
 
 

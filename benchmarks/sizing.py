@@ -113,7 +113,7 @@ def check(path: str, t: Transport) -> str:
              "(ms) | predicted + compute (ms) | measured / predicted |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in report["runs"]:
         rate, rtt = run["rate_bit_s"], run["rtt_us"] * 1e-6
-        for row in run["moe"]:
+        for row in run.get("moe", []):
             v = row["variants"]
             # the gateway's default path over TCP: the side channel (reports before it measured gRPC alone)
             path = "gateway (side channel)" if "gateway (side channel)" in v else "gateway (lanes)"

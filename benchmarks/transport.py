@@ -32,13 +32,14 @@ from tests.support.threads import LoopThread
 UPB = experts_pb2.RunExpertsRequest.SerializeToString, experts_pb2.RunExpertsResponse.FromString
 
 
-def side_echo(links: list, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> list[tuple]:
+def side_echo(links: list, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              min_piece_bytes: int = MIN_PIECE_BYTES) -> list[tuple]:
     """A RunExperts-shaped echo over TCP side links (rpc/side_channel.py) as the gateway makes it: one frame, or
-    pieces of rows over the links when the hidden states are 2 MiB or more, sent and read at once
-    (rpc/side_lanes.py); (start, stop, output) per piece."""
+    pieces of rows over the links when the hidden states are 2 x `min_piece_bytes` (the gateway's
+    --tcp-min-piece-bytes) or more, sent and read at once (rpc/side_lanes.py); (start, stop, output) per piece."""
     request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
                                          weights=to_wire(weights))
-    parts = piece_count(request, len(links), MIN_PIECE_BYTES)
+    parts = piece_count(request, len(links), min_piece_bytes)
     split = split_rows(request, parts) if parts > 1 else [(0, len(hidden), request)]
     pieces = list(zip(links, split, strict=False))
     seqs = side_lanes.each([partial(link.send, piece._type.chunks(piece)[0]) for link, (_, _, piece) in pieces])
@@ -49,6 +50,12 @@ def side_echo(links: list, hidden: torch.Tensor, ids: torch.Tensor, weights: tor
             raise error
     return [(start, stop, zerocopy.RunExpertsResponse.FromString(reply).output)
             for (_, (start, stop, _)), (reply, _) in zip(pieces, replies, strict=True)]
+
+
+def side_call(links: list, hidden: int, tokens: int, min_piece_bytes: int = MIN_PIECE_BYTES):
+    """side_echo of `tokens` rows of fresh fp32 hidden states (payload's), as a function of no arguments."""
+    x, ids, w = payload(hidden, 6, tokens, torch.float32)
+    return lambda: side_echo(links, x, ids, w, min_piece_bytes)
 
 
 def sizes(hidden: int, quick: bool, smoke: bool) -> list[tuple[int, torch.dtype]]:
