@@ -1,11 +1,15 @@
 """A TCP relay that adds a fixed one-way delay in each direction: the RTT of a real network, which this
-machine's kernel cannot add (no netem qdisc).
+machine's kernel cannot add (no netem qdisc, nor fq for a BPF-set departure time).
 
 Listens on 127.0.0.1:--port (0: any), prints the port on one line, and forwards every connection to --target. Each
-direction has a reader thread that timestamps what it reads (up to 1 MiB at a time) and a writer thread
-that sends it once --delay-us has passed since it was read, so bytes keep flowing while earlier bytes
-wait: a pipe of fixed latency, not a stop-and-wait. Its own cost (the extra copies and wake-ups) is
-measured by running it with --delay-us 0 beside a direct connection (benchmarks.shaped_links).
+direction has a pipe, a reader thread that splices what arrives into it and timestamps each piece, and a writer
+thread that splices the piece on to the other socket once --delay-us has passed since it was read, so bytes keep
+flowing while earlier bytes wait: a pipe of fixed latency, not a stop-and-wait. The bytes stay in the kernel
+(splice moves page references from socket to pipe to socket); a first version read them into Python bytes and
+cost 3.5 ms per 1 MiB round trip on 2 cores, more than the link it simulated (docs/deployment-sizing.md). The
+pipe's capacity (PIPE_BYTES, where the kernel allows it) is what one direction holds in flight, more than the
+bandwidth-delay product of any link measured here (25 Gbit/s x 100 us is 0.3 MiB). Its own cost is measured by
+running it with --delay-us 0 beside a direct connection (benchmarks.shaped_links).
 Serves until SIGTERM.
 """
 
@@ -14,52 +18,85 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import fcntl
+import os
+import select
 import signal
 import socket
 import sys
 import threading
 import time
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # most bytes one splice takes from a socket
+PIPE_BYTES = 4 << 20
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def _pipe() -> tuple[int, int]:
+    """A pipe as large as the kernel lets this process make it, up to PIPE_BYTES."""
+    r, w = os.pipe()
+    for size in (PIPE_BYTES, 1 << 20):  # above /proc/sys/fs/pipe-max-size (1 MiB) only with CAP_SYS_RESOURCE
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, F_SETPIPE_SZ, size)
+            break
+    return r, w
 
 
 def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
-    queue: collections.deque = collections.deque()
+    queue: collections.deque = collections.deque()  # (due, bytes) of each piece in the pipe; 0 bytes: the end
     ready = threading.Condition()
+    pipe_r, pipe_w = _pipe()
 
     def read() -> None:
+        # The sockets do not block: a splice waiting on the socket would hold the pipe's lock (the kernel's
+        # splice_file_to_pipe), so the writer could not drain the pipe until more bytes came.
+        arrived = select.poll()
+        arrived.register(src.fileno(), select.POLLIN)
         try:
             while True:
-                data = src.recv(CHUNK)
+                arrived.poll()
+                try:
+                    n = os.splice(src.fileno(), pipe_w, CHUNK)  # waits for room in the pipe only; 0: EOF
+                except BlockingIOError:
+                    continue
                 with ready:
-                    queue.append((time.monotonic() + delay, data))
+                    queue.append((time.monotonic() + delay, n))
                     ready.notify()
-                if not data:
+                if not n:
                     return
         except OSError:
             with ready:
-                queue.append((0.0, b""))
+                queue.append((0.0, 0))
                 ready.notify()
+        finally:
+            os.close(pipe_w)  # each thread closes its own end: never a descriptor another thread still waits on
 
     def write() -> None:
+        room = select.poll()
+        room.register(dst.fileno(), select.POLLOUT)
         try:
             while True:
                 with ready:
                     while not queue:
                         ready.wait()
-                    due, data = queue.popleft()
+                    due, n = queue.popleft()
                 wait = due - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
-                if not data:
+                if not n:
                     break
-                dst.sendall(data)
+                while n:
+                    try:
+                        n -= os.splice(pipe_r, dst.fileno(), n)
+                    except BlockingIOError:  # the socket's send buffer is full
+                        room.poll()
         except OSError:
             pass
         finally:
             for s in (dst, src):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+            os.close(pipe_r)  # a reader still filling the pipe gets EPIPE
 
     threading.Thread(target=read, daemon=True).start()
     threading.Thread(target=write, daemon=True).start()
@@ -73,9 +110,9 @@ def _serve(listener: socket.socket, target: tuple[str, int], delay: float) -> No
         except OSError:
             client.close()
             continue
-        server.settimeout(None)
         for s in (client, server):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setblocking(False)
         _pump(client, server, delay)
         _pump(server, client, delay)
 
