@@ -5,16 +5,22 @@
     python -m benchmarks.relay_cost --relays benchmarks/delay_relay.py,/tmp/bytes_relay.py
 
 Every relay forwards to the same echo server (benchmarks.echo_server's side channel); the variants are interleaved
-and each size reports medians (ms). What a relay adds here is what it adds to every row of the shaped-link runs.
+and each size reports medians (ms). Then one-byte pings direct and through each relay at a few delays: the RTT a
+shaped-link row really had, against the one it asked for. What a relay adds here is what it adds to every row of the
+shaped-link runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from benchmarks import machine
@@ -26,10 +32,59 @@ from moe_serve.rpc.side_channel import SideLink
 HIDDEN = 2048
 
 
-def _relay(path: str, target: str):
-    """A relay process (a module file run as a script) to `target` with no delay, and its address."""
-    proc = _python(path, "--target", target, "--delay-us", "0", label=Path(path).stem, stdout=subprocess.PIPE)
+def _relay(path: str, target: str, delay_us: float = 0.0):
+    """A relay process (a module file run as a script) to `target`, and its address."""
+    proc = _python(path, "--target", target, "--delay-us", str(delay_us), label=Path(path).stem,
+                   stdout=subprocess.PIPE)
     return proc, f"127.0.0.1:{int(proc.popen.stdout.readline())}"
+
+
+def _byte_echo() -> str:
+    """A thread echoing every byte it gets on each connection; its address."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while data := conn.recv(64):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def ping_us(address: str, repeats: int = 300) -> float:
+    """Median round trip of one byte (us): what a relay adds to every call, beside its delay."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            conn.sendall(b"x")
+            conn.recv(1)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[repeats // 10:]) * 1e6
+
+
+def pings(relays: list[str], delays_us: list[float]) -> dict:
+    """One-byte round trips direct and through each relay at each one-way delay."""
+    target = _byte_echo()
+    out = {"direct": ping_us(target)}
+    for path in relays:
+        for delay in delays_us:
+            proc, address = _relay(path, target, delay)
+            try:
+                out[f"through {path}, RTT {2 * delay:g} us"] = ping_us(address)
+            finally:
+                proc.stop(10)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--relays", default="benchmarks/delay_relay.py", help="relay scripts, comma-separated")
     p.add_argument("--tokens", default="8,128,512,1024", help="rows of hidden 2048 fp32 (8 KiB each), comma-separated")
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--delays-us", default="0,50,100", help="one-way delays of the one-byte pings, comma-separated")
     p.add_argument("--out", default="", help="JSON report (default: none)")
     args = p.parse_args(argv)
     info = machine.describe()
@@ -69,9 +125,13 @@ def main(argv: list[str] | None = None) -> int:
                     link.close()
             for proc in procs:
                 proc.stop(10)
+    relays = args.relays.split(",")
+    ping = pings(relays, [float(d) for d in args.delays_us.split(",")])
+    print("one-byte round trips: " + ", ".join(f"{k} {v:.0f} us" for k, v in ping.items()), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"command": "python -m benchmarks.relay_cost " + " ".join(
-            argv if argv is not None else sys.argv[1:]), "machine": info, "rows": rows}, indent=1) + "\n")
+            argv if argv is not None else sys.argv[1:]), "machine": info, "rows": rows, "ping_us": ping},
+            indent=1) + "\n")
     return 0
 
 
