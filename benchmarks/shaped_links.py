@@ -4,10 +4,11 @@
     sudo .venv/bin/python -m benchmarks.shaped_links --rates 1,10 --rtts-us 0,100 --quick
 
 Two namespaces, each joined to this one (the gateway's host) by a veth pair whose both directions a
-token bucket (tc tbf) limits to each rate in turn; an expert server (and, in the first, the echo
-server) in each. This kernel has no netem, so each connection goes through benchmarks.delay_relay on
-this side, which holds every byte for RTT/2 each way; its own cost is the `relay, no delay` row against
-`direct`. Measured per (rate, RTT), medians over repeats, variants interleaved:
+token bucket (tc tbf, holding --bucket-us of the rate) limits to each rate in turn; an expert server (and,
+in the first, the echo server) in each. This kernel has no netem, so each connection goes through
+benchmarks.delay_relay on this side, which holds every byte for RTT/2 each way; its own cost is the `direct`
+rows (at RTT 0) against the same paths through the relay, and benchmarks.relay_cost. Measured per
+(rate, RTT), medians over repeats, variants interleaved:
 - transport: RunExperts-sized echoes (hidden 2048, fp32) by gRPC over one connection and over the
   gateway's lanes (moe_client.striping), and over the TCP side channel (rpc/side_channel.py) with one
   connection and with lanes; bytes/s as a share of the rate, and time against RTT + bytes/rate;
@@ -232,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="1,10,25", help="Gbit/s, comma-separated")
     p.add_argument("--rtts-us", default="0,100,200", help="round-trip times added by the relay (us)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    p.add_argument("--bucket-us", type=float, default=200.0,
+                   help="token bucket of the shaper in us of the rate (at least 64 KiB): a message that fits a full "
+                        "bucket passes faster than the rate, so shares at sizes near it overstate a real link's; "
+                        "at 10 Gbit/s 200 (the default) is the smallest tried that tc sustains the rate with on 2 "
+                        "cores (64 KiB did not)")
     p.add_argument("--parts", default="transport,moe,generate",
                    help="what to measure at each (rate, RTT), comma-separated: transport, moe, generate")
     p.add_argument("--time-limit", type=int, default=1500, help="seconds before everything is torn down")
@@ -288,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             layer_side, lm_side = [SIDE_PORTS[f"layer{i}"] for i in (0, 1)], [SIDE_PORTS[f"lm{i}"] for i in (0, 1)]
             for rate in rates:
                 for ns in spaces:
-                    ns.shape(rate)
+                    ns.shape(rate, args.bucket_us / 1e6)
                 for rtt in rtts:
                     run = {"rate_bit_s": rate, "rtt_us": rtt}
                     if "transport" in parts:

@@ -55,15 +55,16 @@ class NetNamespace:
         """Cut (down) or restore (up) the host side of the veth."""
         self._ip("link", "set", self.host_if, "up" if up else "down")
 
-    def shape(self, bits_per_second: float | None) -> None:
+    def shape(self, bits_per_second: float | None, bucket_seconds: float = 1e-3) -> None:
         """Limit both directions of the link to `bits_per_second` with a token bucket (None: no limit).
 
-        The bucket holds 1 ms of the rate (at least 64 KiB): bursts of more than that go at the rate."""
+        The bucket holds `bucket_seconds` of the rate (at least 64 KiB, a GSO packet): a full bucket lets that many
+        bytes pass at once, faster than the rate, which a real link does not."""
         for prefix, dev in (((), self.host_if), (tuple(self.wrapper), self.ns_if)):
             subprocess.run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True, timeout=30,
                            check=False)
             if bits_per_second:
-                burst = max(64 * 1024, int(bits_per_second / 8 / 1000))
+                burst = max(64 * 1024, int(bits_per_second / 8 * bucket_seconds))
                 _run(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(bits_per_second)}bit",
                      "burst", str(burst), "latency", "50ms")
 
