@@ -6,10 +6,11 @@ direction has a pipe, a reader thread that splices what arrives into it and time
 thread that splices the piece on to the other socket once --delay-us has passed since it was read, so bytes keep
 flowing while earlier bytes wait: a pipe of fixed latency, not a stop-and-wait. The bytes stay in the kernel
 (splice moves page references from socket to pipe to socket); a first version read them into Python bytes and
-cost 3.5 ms per 1 MiB round trip on 2 cores, more than the link it simulated (docs/deployment-sizing.md). The
-pipe's capacity (PIPE_BYTES, where the kernel allows it) is what one direction holds in flight, more than the
-bandwidth-delay product of any link measured here (25 Gbit/s x 100 us is 0.3 MiB). Its own cost is measured by
-running it with --delay-us 0 beside a direct connection (benchmarks.shaped_links).
+added 3.5 ms to a 1 MiB round trip over a 10 Gbit/s shaped link on 2 cores, more than the link's own 1.7 ms
+(docs/deployment-sizing.md). The pipe's capacity (PIPE_BYTES, where the kernel allows it) is what one direction
+holds in flight, more than the bandwidth-delay product of any link measured here (25 Gbit/s x 100 us is 0.3 MiB).
+Its own cost is measured by running it with --delay-us 0 beside a direct connection (benchmarks.relay_cost, and
+the direct rows of benchmarks.shaped_links).
 Serves until SIGTERM.
 """
 
