@@ -32,15 +32,23 @@ from moe_serve.rpc.side_channel import SideLink
 HIDDEN = 2048
 
 
-def _relay(path: str, target: str, delay_us: float = 0.0):
-    """A relay process (a module file run as a script) to `target`, and its address."""
-    proc = _python(path, "--target", target, "--delay-us", str(delay_us), label=Path(path).stem,
-                   stdout=subprocess.PIPE)
-    return proc, f"127.0.0.1:{int(proc.popen.stdout.readline())}"
+class Relay:
+    """A delaying relay process to `target` with `rtt_us` split over the two directions: benchmarks.delay_relay, or
+    another relay `script` (a file run as a script) with the same flags."""
+
+    def __init__(self, target: str, rtt_us: float, port: int = 0, script: str | None = None):
+        command = ("-m", "benchmarks.delay_relay") if script is None else (script,)
+        self.proc = _python(*command, "--target", target, "--delay-us", str(rtt_us / 2), "--port", str(port),
+                            label="relay", stdout=subprocess.PIPE)
+        self.port = int(self.proc.popen.stdout.readline())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.proc.stop(10)
 
 
-def _byte_echo() -> str:
-    """A thread echoing every byte it gets on each connection; its address."""
+def byte_echo() -> str:
+    """A thread echoing every byte it gets on each connection, which it closes when the peer does; its address."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -48,7 +56,7 @@ def _byte_echo() -> str:
     def serve(conn: socket.socket) -> None:
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            while data := conn.recv(64):
+            while data := conn.recv(1 << 20):
                 conn.sendall(data)
 
     def accept() -> None:
@@ -75,15 +83,15 @@ def ping_us(address: str, repeats: int = 300) -> float:
 
 def pings(relays: list[str], delays_us: list[float]) -> dict:
     """One-byte round trips direct and through each relay at each one-way delay."""
-    target = _byte_echo()
+    target = byte_echo()
     out = {"direct": ping_us(target)}
     for path in relays:
         for delay in delays_us:
-            proc, address = _relay(path, target, delay)
+            relay = Relay(target, 2 * delay, script=path)
             try:
-                out[f"through {path}, RTT {2 * delay:g} us"] = ping_us(address)
+                out[f"through {path}, RTT {2 * delay:g} us"] = ping_us(relay.address)
             finally:
-                proc.stop(10)
+                relay.close()
     return out
 
 
@@ -98,19 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     info = machine.describe()
     print(f"relay cost on {machine.one_line(info)}", flush=True)
-    procs = []
+    relays: list[Relay] = []
     links: dict[str, list[SideLink]] = {}
     with tempfile.TemporaryDirectory() as work:
+        echo = _python("-m", "benchmarks.echo_server", "--unix", f"unix:{work}/echo.sock", label="echo",
+                       stdout=subprocess.PIPE)
         try:
-            echo = _python("-m", "benchmarks.echo_server", "--unix", f"unix:{work}/echo.sock", label="echo",
-                           stdout=subprocess.PIPE)
-            procs.append(echo)
             side = json.loads(echo.popen.stdout.readline())["side_tcp"]
             links["direct"] = [SideLink(side, tcp=True, max_bytes=1 << 30)]
             for path in args.relays.split(","):
-                proc, address = _relay(path, side)
-                procs.append(proc)
-                links[f"through {path}"] = [SideLink(address, tcp=True, max_bytes=1 << 30)]
+                relays.append(relay := Relay(side, 0.0, script=path))
+                links[f"through {path}"] = [SideLink(relay.address, tcp=True, max_bytes=1 << 30)]
             rows = []
             for tokens in (int(t) for t in args.tokens.split(",")):
                 times = interleaved({name: side_call(v, HIDDEN, tokens) for name, v in links.items()},
@@ -123,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             for link_list in links.values():
                 for link in link_list:
                     link.close()
-            for proc in procs:
-                proc.stop(10)
+            for relay in relays:
+                relay.close()
+            echo.stop(10)
     relays = args.relays.split(",")
     ping = pings(relays, [float(d) for d in args.delays_us.split(",")])
     print("one-byte round trips: " + ", ".join(f"{k} {v:.0f} us" for k, v in ping.items()), flush=True)

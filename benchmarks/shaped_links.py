@@ -42,6 +42,7 @@ import torch
 from benchmarks import machine
 from benchmarks.model import LAYER, InProcess, Shape, ensure_checkpoint, make_input, moe_layer, owner_table
 from benchmarks.procs import ENV, _python
+from benchmarks.relay_cost import Relay
 from benchmarks.timing import interleaved, summary
 from benchmarks.transport import payload, side_call
 from moe_client import GatewayClient, zerocopy
@@ -64,18 +65,6 @@ EXPERT_PORT, ECHO_PORT = 50051, 50061
 # request on the full-duplex link.
 SMALL_PIECE = 256 << 10
 SIDE_PORTS = {"layer0": 50071, "layer1": 50072, "lm0": 50073, "lm1": 50074, "echo": 50075}  # side channels
-
-
-class Relay:
-    """benchmarks.delay_relay to `target` with `rtt_us` split over the two directions."""
-
-    def __init__(self, target: str, rtt_us: float, port: int = 0):
-        self.proc = _python("-m", "benchmarks.delay_relay", "--target", target, "--delay-us", str(rtt_us / 2),
-                            "--port", str(port), label="relay", stdout=subprocess.PIPE)
-        self.address = f"127.0.0.1:{int(self.proc.popen.stdout.readline())}"
-
-    def close(self) -> None:
-        self.proc.stop(10)
 
 
 def _echo_call(lanes: Lanes, loop: LoopThread, tokens: int):

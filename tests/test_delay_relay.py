@@ -5,45 +5,19 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
-from benchmarks.relay_cost import _byte_echo
-from tests.support import ROOT
+from benchmarks.relay_cost import Relay, byte_echo
 
 DELAY_US = 2000  # each way: far above loopback's own round trip, so the bound below is the relay's
 
 
-def _relay(target: str):
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.delay_relay", "--target", target,
-                             "--delay-us", str(DELAY_US)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    return proc, int(proc.stdout.readline())
-
-
-def _echo_all() -> tuple[socket.socket, str]:
-    """A listener whose one connection echoes everything back until the peer closes, then closes too."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            while data := conn.recv(1 << 20):
-                conn.sendall(data)
-
-    threading.Thread(target=serve, daemon=True).start()
-    return listener, f"127.0.0.1:{listener.getsockname()[1]}"
-
-
 def test_bytes_arrive_whole_in_order_and_a_close_passes_through():
-    listener, target = _echo_all()
-    proc, port = _relay(target)
+    relay = Relay(byte_echo(), 2 * DELAY_US)
     try:
         payload = os.urandom(24 << 20)  # many pipe-fulls, in pieces of any size the kernel picks
-        with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=60) as conn:
             sender = threading.Thread(target=conn.sendall, args=(payload,))
             sender.start()
             got = bytearray()
@@ -56,15 +30,13 @@ def test_bytes_arrive_whole_in_order_and_a_close_passes_through():
             conn.shutdown(socket.SHUT_WR)  # our close reaches the echo, whose close comes back
             assert conn.recv(1) == b""
     finally:
-        proc.terminate()
-        proc.wait(30)
-        listener.close()
+        relay.close()
 
 
 def test_a_round_trip_takes_at_least_the_delay_both_ways():
-    proc, port = _relay(_byte_echo())
+    relay = Relay(byte_echo(), 2 * DELAY_US)
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for _ in range(20):
                 start = time.perf_counter()
@@ -73,5 +45,4 @@ def test_a_round_trip_takes_at_least_the_delay_both_ways():
                 # The writer never sends a piece before its due time (read time + delay), each way.
                 assert time.perf_counter() - start >= 2 * DELAY_US / 1e6
     finally:
-        proc.terminate()
-        proc.wait(30)
+        relay.close()
