@@ -91,10 +91,12 @@ def test_forward_over_tcp_equals_reference(cluster, tiny_checkpoint):
     assert all(r.outstanding == 0 for r in _gateway_pool(cluster, gateway).members)
 
 
-def test_large_tcp_calls_are_split_over_the_lanes(cluster, tiny_checkpoint):
+@pytest.mark.parametrize("owners", [("0-2", "3-7"), ("0-7",)], ids=["two servers", "one server"])
+def test_large_tcp_calls_are_split_over_the_lanes(cluster, tiny_checkpoint, owners):
     """A call of 2 x min_piece_bytes of hidden states or more goes as pieces of rows, one per TCP link, each a frame
-    the server answers on its own connection; the sums equal the reference."""
-    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-2", "3-7")]
+    the server answers on its own connection; the sums equal the reference. With one server, its share has every
+    row and its pieces are copied side by side into the layer's sum (none added to zeros)."""
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in owners]
     gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=False, tcp_lanes=3, min_piece_bytes=64 * 4 * 8,
                               batching=BatchingConfig(batching=False))
     pool = _gateway_pool(cluster, gateway)

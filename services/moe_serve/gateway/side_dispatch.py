@@ -343,9 +343,14 @@ class SideRound:
             self._answered(part, answers)
             device = self.hidden.device
             rows = part.rows.to(device) if part.rows is not None else None
+            # The first share added with every row is copied into `out`, a split call's pieces side by side (no
+            # zeros to add them to); a copy, since the arena or frame it was read from is reused.
+            fresh = out is None and rows is None
+            if fresh:
+                out = torch.empty(self.hidden.shape, dtype=torch.float32, device=device)
             for piece, partial in sums:
-                if out is None and rows is None and piece.stop - piece.start == self.hidden.shape[0]:
-                    out = partial.to(device, torch.float32, copy=True)  # a copy: the arena or frame is reused
+                if fresh:
+                    out[piece.start:piece.stop].copy_(partial)
                     continue
                 out = self._zeros() if out is None else out
                 partial = partial.to(device, torch.float32)
