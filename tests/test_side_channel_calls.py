@@ -37,8 +37,12 @@ def _tcp_calls(cluster, server: str) -> int:
     return 0 if side is None or side.tcp is None else side.tcp.calls
 
 
+def _gateway_dispatcher(cluster, gateway: str):
+    return cluster.servicers[gateway].engine.experts.inner
+
+
 def _gateway_pool(cluster, gateway: str):
-    return cluster.servicers[gateway].engine.experts.inner.pool
+    return _gateway_dispatcher(cluster, gateway).pool
 
 
 def _wait_linked(cluster, gateway: str, tcp: bool) -> None:
@@ -78,17 +82,23 @@ def test_forward_over_the_same_host_channel_equals_reference(cluster, tiny_check
         assert local == 0 and grpc_calls >= 2 * len(inputs)
 
 
-def test_forward_over_tcp_equals_reference(cluster, tiny_checkpoint):
+@pytest.mark.parametrize("tails", [True, False], ids=["tail frames", "whole frames"])
+def test_forward_over_tcp_equals_reference(cluster, tiny_checkpoint, tails):
     """Without shared memory, calls go over the servers' TCP side channels with the tensors' bytes in the frames,
-    large ones (3,000 tokens: 750 KiB of hidden states each way) included; none by gRPC."""
+    large ones (3,000 tokens: 750 KiB of hidden states each way) included; none by gRPC. The outputs land in the
+    gateway's own buffers (tail frames), or, from servers that do not send those, are read from whole frames."""
     servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-2", "3-7")]
+    for server in servers:
+        cluster.expert_servicers[server].side.tcp.tails = tails  # before the gateway connects
     gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=False, batching=BatchingConfig(batching=False))
     _wait_linked(cluster, gateway, tcp=True)
     inputs = _forwards_equal_reference(gateway, tiny_checkpoint, (1, 7, 3000))
-    assert sum(_tcp_calls(cluster, s) for s in servers) >= 2 * len(inputs)
+    calls = sum(_tcp_calls(cluster, s) for s in servers)
+    assert calls >= 2 * len(inputs)
     assert sum(_grpc_computations(cluster, s) for s in servers) == 0
     assert sum(_local_calls(cluster, s) for s in servers) == 0
     assert all(r.outstanding == 0 for r in _gateway_pool(cluster, gateway).members)
+    assert _gateway_dispatcher(cluster, gateway).landed_calls == (calls if tails else 0)
 
 
 @pytest.mark.parametrize("owners", [("0-2", "3-7"), ("0-7",)], ids=["two servers", "one server"])
@@ -109,6 +119,7 @@ def test_large_tcp_calls_are_split_over_the_lanes(cluster, tiny_checkpoint, owne
     # 300+ tokens x top-2 of 8: each server's share of each of the 2 layers is far over 3 pieces' worth (8 rows).
     assert all(_tcp_calls(cluster, s) == 3 * 2 for s in servers)
     assert all(r.outstanding == 0 for r in pool.members)
+    assert _gateway_dispatcher(cluster, gateway).landed_calls == 2 * len(servers)  # each call's 3 pieces in one
 
 
 def test_tcp_calls_off_go_by_grpc(cluster, tiny_checkpoint):
@@ -208,11 +219,11 @@ def test_a_reply_that_came_in_time_is_not_lost_while_another_thread_reads_it(mon
     entered = threading.Event()
     read_frame = side_channel.read_frame
 
-    def slow_read(sock, max_bytes):
+    def slow_read(sock, max_bytes, claim=None):
         if threading.current_thread().name == "reader-b":
             entered.set()
             time.sleep(0.2)
-        return read_frame(sock, max_bytes)
+        return read_frame(sock, max_bytes, claim)
 
     listener = SideListener(lambda payload: bytes(payload))
     link = SideLink(listener.address)

@@ -74,6 +74,7 @@ class ExpertDispatcher:
         self.device_routing = device_routing
         self.events = GpuEvents()  # device-routed calls on a GPU: the servers wait on ours, we on theirs
         self.routed_rounds = 0  # layers called device-routed (tests and benchmarks read it)
+        self.landed_calls = 0  # TCP calls whose outputs landed in one buffer of ours (side_dispatch; tests read it)
         # Device-routed rounds whose replies are read later (None: every reply is waited for)
         self.pending = (PendingCalls(max(spec.moe_layers, default=-1), first_layer=min(spec.moe_layers, default=-1))
                         if pipelined_calls else None)

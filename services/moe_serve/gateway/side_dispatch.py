@@ -38,8 +38,9 @@ from moe_serve.gateway.replica import Replica
 from moe_serve.gateway.routed_staging import RoutedPlaces, routed_extra
 from moe_serve.gateway.routing_plan import expert_counts, rows_for, to_host
 from moe_serve.rpc import request_ids, side_lanes
-from moe_serve.rpc.codec import from_wire, to_wire
+from moe_serve.rpc.codec import TORCH_DTYPES, bytes_of, from_wire, to_wire
 from moe_serve.rpc.errors import FailedPrecondition, ResourceExhausted, ServiceError, Unavailable
+from moe_serve.rpc.output_tails import answer, reply_bytes
 from moe_serve.rpc.shared_regions import Arena
 from moe_serve.rpc.side_channel import ChannelClosed, ChannelError, SideLink
 
@@ -58,6 +59,7 @@ class _Piece:
     link: SideLink  # the channel it goes on (the pool may open a new one meanwhile)
     seq: int = 0
     send_error: str = ""
+    into: memoryview | None = None  # where its reply's output lands (rows [start, stop) of its part's `landing`)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class _Part:
     result: torch.Tensor | None  # [T', H] float32 view of the arena the server writes
     pieces: list[_Piece]
     slots: int
+    landing: torch.Tensor | None = None  # over TCP: [T', H] where its pieces' outputs land side by side (tail frames)
     sent_at: float = 0.0
     budget: float | None = None  # seconds the call may take (call_budget.py), fixed when it is sent
     arrived: float = 0.0  # when the last reply we waited for came (0: every reply was there already)
@@ -227,7 +230,9 @@ def _stage(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tenso
             request.hidden = to_wire((hidden if rows is None else hidden.index_select(0, rows)).cpu(), to_experts)
             lanes = [links[replica], *(lane for lane in replica.side_lanes() if lane is not links[replica])]
             pieces = _split(request, lanes, replica.min_piece_bytes)
+            landing = _landing(request, pieces, hidden.shape[1])
         else:
+            landing = None
             arena = dispatcher.acquire(replica, hidden, tokens)
             if arena is None:
                 for part in parts:
@@ -237,7 +242,7 @@ def _stage(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tenso
             result = dispatcher.stage(arena, request, hidden, rows, sync=False)
             shared = True
             pieces = [_Piece(0, tokens, *request._type.chunks(request), link=links[replica])]
-        parts.append(_Part(replica, chosen, rows, arena, result, pieces, sum(counts[e] for e in chosen)))
+        parts.append(_Part(replica, chosen, rows, arena, result, pieces, sum(counts[e] for e in chosen), landing))
     if hidden.is_cuda and shared:  # every server reads what we wrote: one synchronisation for all of them
         torch.cuda.current_stream(hidden.device).synchronize()
     return parts
@@ -252,6 +257,19 @@ def _split(request, links: list[SideLink], min_piece_bytes: int) -> list[_Piece]
         return [_Piece(0, request.hidden.shape[0], *request._type.chunks(request), link=links[0])]
     return [_Piece(start, stop, *piece._type.chunks(piece), link=link)
             for link, (start, stop, piece) in zip(links, split_rows(request, parts), strict=False)]
+
+
+def _landing(request, pieces: list[_Piece], width: int) -> torch.Tensor | None:
+    """[T', H] in the reply's wire dtype for the pieces' outputs to land in side by side (each piece's `into`),
+    when every piece's server sends tail frames (rpc/frames.py); None (each reply read into a frame of its own)
+    otherwise, and for fp8 replies (their row scales travel in the head)."""
+    dtype = TORCH_DTYPES.get(request.output_dtype or request.hidden.dtype)
+    if dtype is None or not all(piece.link.tails for piece in pieces):
+        return None
+    landing = torch.empty((request.hidden.shape[0], width), dtype=dtype)
+    for piece in pieces:
+        piece.into = bytes_of(landing[piece.start:piece.stop])
+    return landing
 
 
 class SideRound:
@@ -279,7 +297,8 @@ class SideRound:
             part.replica.outstanding += part.slots
             part.sent_at = time.perf_counter()
             timeout = self._timeout(part)  # at most the call's budget waiting for room (a silent link fills it)
-            sent = side_lanes.each([partial(piece.link.send, piece.payload, timeout) for piece in part.pieces])
+            sent = side_lanes.each([partial(piece.link.send, piece.payload, timeout, piece.into)
+                                    for piece in part.pieces])
             for piece, (seq, error) in zip(part.pieces, sent, strict=True):
                 if isinstance(error, ChannelClosed):  # closed since, or the send failed
                     piece.send_error = str(error)
@@ -326,38 +345,45 @@ class SideRound:
         replica = part.replica
         code, reason, replies = self._receive(part)
         if code == grpc.StatusCode.OK:
-            answers = [zerocopy.RunExpertsResponse.FromString(reply) for reply in replies]  # views into the frames
-            if part.result is None:  # over TCP: each piece's sums in place in its reply's frame
-                sums = [(piece, from_wire(answer.output, "output")) for piece, answer in zip(part.pieces, answers,
-                                                                                                strict=True)]
-                for piece, partial in sums:
-                    want = (piece.stop - piece.start, self.hidden.shape[1])
+            answers = [answer(reply) for reply in replies]  # views into the frames (or our landing)
+            if part.result is None:  # over TCP: each piece's sums in its reply, or all of them in the landing
+                sums = [(piece.start, piece.stop, from_wire(a.output, "output"))
+                        for piece, a in zip(part.pieces, answers, strict=True)]
+                for start, stop, partial in sums:
+                    want = (stop - start, self.hidden.shape[1])
                     if tuple(partial.shape) != want:
                         raise ServiceError(f"expert server {replica.name} ({replica.address}) answered layer "
                                            f"{self.layer} with output {list(partial.shape)} for {list(want)}")
+                if _landed(part, replies, sums):
+                    sums = [(0, part.pieces[-1].stop, part.landing)]
+                    d.landed_calls += 1
             else:
                 event = bytes(answers[0].gpu_event)
                 if event:  # the server did not wait for its GPU work: our stream does, before reading
                     d.events.wait(part.result.device, event)
-                sums = [(part.pieces[0], part.result)]  # read in place: no copy out of the arena
+                sums = [(0, part.pieces[0].stop, part.result)]  # read in place: no copy out of the arena
             self._answered(part, answers)
             device = self.hidden.device
             rows = part.rows.to(device) if part.rows is not None else None
-            # The first share added with every row is copied into `out`, a split call's pieces side by side (no
-            # zeros to add them to); a copy, since the arena or frame it was read from is reused.
+            # The first share added with every row becomes `out`: our own landing as it is, when its outputs
+            # landed there in float32 on the right device; else a copy, a split call's pieces side by side (no
+            # zeros to add them to; the arena or frame it was read from is reused).
             fresh = out is None and rows is None
-            if fresh:
+            if fresh and part.landing is not None and sums[0][2] is part.landing and _as_sum(part.landing, device):
+                out = part.landing
+                sums = []
+            elif fresh:
                 out = torch.empty(self.hidden.shape, dtype=torch.float32, device=device)
-            for piece, partial in sums:
+            for start, stop, partial in sums:
                 if fresh:
-                    out[piece.start:piece.stop].copy_(partial)
+                    out[start:stop].copy_(partial)
                     continue
                 out = self._zeros() if out is None else out
                 partial = partial.to(device, torch.float32)
                 if rows is None:  # the call had every row: piece i is rows [start, stop) of the layer
-                    out[piece.start:piece.stop] += partial
+                    out[start:stop] += partial
                 else:
-                    out.index_add_(0, rows[piece.start:piece.stop], partial)
+                    out.index_add_(0, rows[start:stop], partial)
             if part.arena is not None:
                 d.arenas.release(replica.address, part.arena)
                 part.arena = None
@@ -391,7 +417,7 @@ class SideRound:
             if code == grpc.StatusCode.OK and part.rescued:  # its word was set for it (late): its sums are unsure
                 code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED: no reply in time"
             if code == grpc.StatusCode.OK:
-                self._answered(part, [zerocopy.RunExpertsResponse.FromString(reply) for reply in replies])
+                self._answered(part, [answer(reply) for reply in replies])
                 self.dispatcher.arenas.release(part.replica.address, part.arena)
                 part.arena = None
                 continue
@@ -476,7 +502,7 @@ class SideRound:
                     piece.link.forget(piece.seq)
             self.dispatcher.metrics.record_expert_call(part.replica.name, code.name,
                                                        time.perf_counter() - part.sent_at, part.size,
-                                                       sum(len(r) for r in replies))
+                                                       sum(reply_bytes(r) for r in replies))
         return code, reason, replies
 
     def _timeout(self, part: _Part) -> float:
@@ -487,6 +513,18 @@ class SideRound:
         if self.deadline is not None:
             timeout = min(timeout, self.deadline - time.monotonic())
         return max(timeout, 0.0)
+
+
+def _landed(part: _Part, replies: list, sums: list) -> bool:
+    """Whether every piece's output landed in `part.landing` (tail frames, each of its size) in its dtype."""
+    if part.landing is None:
+        return False
+    return all(getattr(reply, "landed", False) and partial.dtype == part.landing.dtype
+               for reply, (_, _, partial) in zip(replies, sums, strict=True))
+
+
+def _as_sum(landing: torch.Tensor, device: torch.device) -> bool:
+    return landing.dtype == torch.float32 and landing.device == device
 
 
 def _layer_error(part: _Part, layer: int, code: grpc.StatusCode, reason: str) -> ServiceError:

@@ -73,7 +73,8 @@ def quantize_e4m3(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.reshape(tensor.shape), scales
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
+def bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, as a flat byte view of its own memory (writable: replies land there)."""
     return wire.byte_view(t.view(_STORAGE_VIEW.get(t.dtype, t.dtype)).numpy())
 
 
@@ -83,14 +84,14 @@ def to_wire(tensor: torch.Tensor, dtype: int | None = None) -> wire.WireTensor:
     shape = tuple(tensor.shape)
     if dtype == wire.FLOAT8_E4M3:
         codes, scales = quantize_e4m3(tensor)
-        return wire.WireTensor(dtype, shape, _bytes_of(codes.contiguous()), _bytes_of(scales))
+        return wire.WireTensor(dtype, shape, bytes_of(codes.contiguous()), bytes_of(scales))
     target = TORCH_DTYPES.get(dtype)
     if target is None:
         raise wire.WireError(f"output dtype {wire.dtype_name(dtype)} is not supported")
     t = tensor.detach()
     if t.dtype != target or t.device.type != "cpu" or not t.is_contiguous():
         t = t.to(device="cpu", dtype=target).contiguous()
-    return wire.WireTensor(dtype, shape, _bytes_of(t))
+    return wire.WireTensor(dtype, shape, bytes_of(t))
 
 
 def to_wire_owned(tensor: torch.Tensor, dtype: int | None = None) -> wire.WireTensor:

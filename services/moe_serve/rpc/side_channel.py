@@ -18,9 +18,7 @@ Two kinds of socket:
   (zerocopy): no copy in user space on either side beyond the kernel's.
 Either way, when the server has a bearer token the caller's first frame must carry it.
 
-Frame: u32 payload bytes, u64 sequence number, u8 kind, then the payload. A request's payload is the
-caller's serialized message; a reply is OK + the serialized answer, or ERROR + u8 gRPC status code +
-the message in UTF-8.
+The frames, and the tail frames that put a reply's bulk straight into the caller's buffer, are in frames.py.
 """
 
 from __future__ import annotations
@@ -39,19 +37,32 @@ import time
 from collections.abc import Callable
 
 import grpc
-import numpy as np
+
+from moe_serve.rpc.frames import (
+    ERROR,
+    HELLO,
+    OFFER,
+    OK,
+    OK_TAIL,
+    REQUEST,
+    REQUEST_TAIL,
+    ChannelClosed,
+    Payload,
+    Tailed,
+    TailReply,
+    read_frame,
+    write_frame,
+    write_tail_frame,
+)
+
+__all__ = ["ChannelClosed", "ChannelError", "SideLink", "SideListener", "TailReply", "Tailed"]
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<IQB")
-HELLO, REQUEST, OK, ERROR = 1, 2, 3, 4
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
-_IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
-_SMALL = 1 << 16  # payloads below this are read into a bytearray; larger ones into uninitialised memory
 _SLICE = 0.02  # s: the longest one thread waits in select while others wait for the socket (receive_dated)
 _HELLO_MAX = 4096  # bytes of the first frame (the token): nothing larger is read before a caller is admitted
-Payload = bytes | bytearray | memoryview | list  # a list: pieces sent in order, as one payload
 
 
 class ChannelError(Exception):
@@ -61,51 +72,6 @@ class ChannelError(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
-
-
-class ChannelClosed(ConnectionError):
-    """The peer went away (or sent something that is not a frame); the channel is unusable."""
-
-
-def _read_exact(sock: socket.socket, size: int) -> memoryview:
-    # A large payload goes into malloc'd memory, not a bytearray: no zero-fill, and no fresh pages to fault
-    # in once malloc keeps large blocks (process.malloc.keep_large_buffers).
-    view = memoryview(bytearray(size) if size < _SMALL else np.empty(size, np.uint8).data)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ChannelClosed("the peer closed the channel")
-        got += n
-    return view
-
-
-def read_frame(sock: socket.socket, max_bytes: int) -> tuple[int, int, memoryview]:
-    """(sequence, kind, payload) of the next frame; ChannelClosed at the end or on a frame over max_bytes."""
-    size, seq, kind = _HEADER.unpack(_read_exact(sock, _HEADER.size))
-    if size > max_bytes:
-        raise ChannelClosed(f"a frame of {size} bytes is over the limit of {max_bytes}")
-    return seq, kind, _read_exact(sock, size)
-
-
-def write_frame(sock: socket.socket, seq: int, kind: int, payload: Payload = b"") -> None:
-    """One frame; a list payload is its pieces in order, each sent from its own buffer (sendmsg, no join)."""
-    pieces = [memoryview(p).cast("B") for p in (payload if isinstance(payload, list) else [payload])]
-    size = sum(p.nbytes for p in pieces)
-    _send_all(sock, [memoryview(_HEADER.pack(size, seq, kind)), *(p for p in pieces if p.nbytes)])
-
-
-def _send_all(sock: socket.socket, views: list[memoryview]) -> None:
-    """sendmsg until every byte of `views` is sent (a blocking socket may take part of them at a time)."""
-    while views:
-        sent = sock.sendmsg(views[:_IOV_MAX])
-        while sent:
-            if sent >= views[0].nbytes:
-                sent -= views[0].nbytes
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -118,13 +84,15 @@ class SideListener:
 
     Same-host callers on an abstract Unix socket (the default), or any host's on TCP (`tcp=(host, port)`,
     port 0 picks one). `handler` raises ChannelError (or anything with `.code` and `.details`) for a refused
-    call; other exceptions answer INTERNAL. Each connection has its own thread; calls on one connection are
-    answered in order."""
+    call; other exceptions answer INTERNAL. It may answer a Tailed reply: a tail frame to callers that ask
+    for one (frames.py; offered unless `tails` is False), the whole message to the others. Each connection
+    has its own thread; calls on one connection are answered in order."""
 
-    def __init__(self, handler: Callable[[memoryview], Payload], token: str | None = None,
+    def __init__(self, handler: Callable[[memoryview], Payload | Tailed], token: str | None = None,
                  max_bytes: int = 64 << 20, name: str | None = None, tcp: tuple[str, int] | None = None,
-                 max_connections: int = 256, hello_timeout: float = 10.0):
+                 max_connections: int = 256, hello_timeout: float = 10.0, tails: bool = True):
         self.handler = handler
+        self.tails = tails
         # A caller that connects and says nothing, or too many connections, must not hold threads: each
         # connection has one, so both are bounded (the first frame, the token, is read within hello_timeout
         # and may be at most _HELLO_MAX bytes).
@@ -207,13 +175,14 @@ class SideListener:
                 _write_error(conn, seq, grpc.StatusCode.UNAUTHENTICATED, "side channel: missing or wrong token")
                 return
             conn.settimeout(None)
-            write_frame(conn, seq, OK)
+            write_frame(conn, seq, OK, OFFER if self.tails else b"")
+            requests = (REQUEST, REQUEST_TAIL) if self.tails else (REQUEST,)
             while not self._closing:
                 seq, kind, payload = read_frame(conn, self.max_bytes)
-                if kind != REQUEST:
+                if kind not in requests:
                     _write_error(conn, seq, grpc.StatusCode.INVALID_ARGUMENT, f"frame kind {kind} is not a request")
                     return
-                self._answer(conn, seq, payload)
+                self._answer(conn, seq, payload, kind == REQUEST_TAIL)
         except (ChannelClosed, OSError):
             pass
         finally:
@@ -222,7 +191,7 @@ class SideListener:
                 self._threads.discard(threading.current_thread())
             conn.close()
 
-    def _answer(self, conn: socket.socket, seq: int, payload: memoryview) -> None:
+    def _answer(self, conn: socket.socket, seq: int, payload: memoryview, tail: bool) -> None:
         try:
             reply = self.handler(payload)
         except Exception as err:  # the call fails; the connection and the server go on
@@ -237,7 +206,12 @@ class SideListener:
             _write_error(conn, seq, code, details)
             return
         self.calls += 1
-        write_frame(conn, seq, OK, reply)
+        if not isinstance(reply, Tailed):
+            write_frame(conn, seq, OK, reply)
+        elif tail:
+            write_tail_frame(conn, seq, reply)
+        else:
+            write_frame(conn, seq, OK, reply.whole)
 
 
 def _write_error(conn: socket.socket, seq: int, code: grpc.StatusCode, details: str) -> None:
@@ -266,6 +240,7 @@ class SideLink:
             _seq, kind, payload = read_frame(self.sock, max_bytes)
             if kind != OK:
                 raise _error_of(payload)
+            self.tails = bytes(payload) == OFFER  # the server sends tail frames when asked (frames.py)
         except BaseException:
             self.sock.close()
             raise
@@ -278,14 +253,20 @@ class SideLink:
         self._cond = threading.Condition()
         self._reading = False
         self._expected: set[int] = set()
-        self._replies: dict[int, tuple[int, memoryview, float]] = {}
+        self._into: dict[int, memoryview] = {}  # where a tail reply's bulk goes, by sequence number
+        self._replies: dict[int, tuple[int, memoryview | TailReply, float]] = {}
         self._empty_at = 0.0  # time.monotonic() when a read last found nothing in the socket
         self._next = 1
         self.closed = False
 
-    def send(self, payload: Payload, timeout: float | None = None) -> int:
+    def send(self, payload: Payload, timeout: float | None = None, into: memoryview | None = None) -> int:
         """Send one request, waiting at most `timeout` s (default: the link's) for room in the socket's buffer
-        at a time; returns its sequence number for `receive`. ChannelClosed (the link closed) if it fails."""
+        at a time; returns its sequence number for `receive`. ChannelClosed (the link closed) if it fails.
+
+        `into`: where the reply's bulk should land, if the server sends tail frames (`tails`): the reply is then
+        a TailReply whose tail is `into` when it was just that size (else a fresh buffer). Nothing is written
+        there once the reply is taken, forgotten or given up on."""
+        tail = into is not None and self.tails
         with self._send_lock:
             if self.closed:
                 raise ChannelClosed("the channel is closed")
@@ -293,9 +274,11 @@ class SideLink:
             self._next += 1
             with self._cond:
                 self._expected.add(seq)
+                if tail:
+                    self._into[seq] = into
             try:
                 self._limit_sends(self.timeout if timeout is None else timeout)
-                write_frame(self.sock, seq, REQUEST, payload)
+                write_frame(self.sock, seq, REQUEST_TAIL if tail else REQUEST, payload)
             except OSError as err:
                 self._fail(err)
                 raise ChannelClosed(f"send failed: {err}") from err
@@ -310,12 +293,12 @@ class SideLink:
                                  struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
             self._send_timeout = seconds
 
-    def receive(self, seq: int, timeout: float) -> memoryview:
+    def receive(self, seq: int, timeout: float) -> memoryview | TailReply:
         """The reply's payload; ChannelError for an error reply, TimeoutError after `timeout` s (the reply,
         if it comes later, is dropped), ChannelClosed if the server went away."""
         return self.receive_dated(seq, timeout)[0]
 
-    def receive_dated(self, seq: int, timeout: float) -> tuple[memoryview, float]:
+    def receive_dated(self, seq: int, timeout: float) -> tuple[memoryview | TailReply, float]:
         """As `receive`, with when the reply came (time.perf_counter()), or 0.0 when that is not known.
 
         A reply is dated only when a thread was waiting in `select` as it came; one found already in the
@@ -333,10 +316,10 @@ class SideLink:
                     if seq in self._replies:
                         return self._take(seq)
                     if self.closed:
-                        self._expected.discard(seq)
+                        self._drop(seq)
                         raise ChannelClosed("the channel closed before the reply came")
                     if self._empty_at >= deadline:
-                        self._expected.discard(seq)
+                        self._drop(seq)
                         raise TimeoutError(f"no reply within {timeout:.3g}s")
                     if not self._reading:
                         self._reading = True
@@ -387,12 +370,23 @@ class SideLink:
     def forget(self, seq: int) -> None:
         """Nobody will wait for `seq`'s reply: drop it, now or when it comes."""
         with self._cond:
-            self._expected.discard(seq)
+            self._drop(seq)
             self._replies.pop(seq, None)
 
-    def _take(self, seq: int) -> tuple[memoryview, float]:
-        kind, payload, arrived = self._replies.pop(seq)
+    def _drop(self, seq: int) -> None:  # under self._cond
         self._expected.discard(seq)
+        self._into.pop(seq, None)
+
+    def _claim(self, seq: int, size: int) -> memoryview | None:
+        """The buffer a tail of `size` bytes for `seq` goes into, if its caller gave one of that size and still
+        waits; claimed once (the reader fills it outside the lock: a caller that gives up meanwhile drops it)."""
+        with self._cond:
+            into = self._into.pop(seq, None)
+        return into if into is not None and into.nbytes == size else None
+
+    def _take(self, seq: int) -> tuple[memoryview | TailReply, float]:
+        kind, payload, arrived = self._replies.pop(seq)
+        self._drop(seq)
         return _reply(kind, payload), arrived
 
     def _read(self, until: float) -> tuple[tuple[int, int, memoryview, float] | None, float | None]:
@@ -407,7 +401,7 @@ class SideLink:
                 if not ready:
                     return None, time.monotonic()
                 arrived = time.perf_counter()
-            seq, kind, payload = read_frame(self.sock, self.max_bytes)
+            seq, kind, payload = read_frame(self.sock, self.max_bytes, self._claim)
             return (seq, kind, payload, arrived), None
         except (ChannelClosed, OSError, ValueError) as err:  # ValueError: closed by another thread
             self._fail(err)
@@ -457,8 +451,8 @@ def _keepalive(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 3 * idle * 1000)
 
 
-def _reply(kind: int, payload: memoryview) -> memoryview:
-    if kind == OK:
+def _reply(kind: int, payload: memoryview | TailReply) -> memoryview | TailReply:
+    if kind in (OK, OK_TAIL):
         return payload
     raise _error_of(payload)
 
