@@ -23,8 +23,9 @@ from moe_client import zerocopy
 from moe_client.pb import experts_pb2, tensor_pb2
 from moe_serve.process.malloc import keep_large_buffers
 from moe_serve.rpc.codec import from_wire, to_wire
+from moe_serve.rpc.output_tails import tailed
 from moe_serve.rpc.server import start_server
-from moe_serve.rpc.side_channel import SideListener
+from moe_serve.rpc.side_channel import SideListener, Tailed
 
 
 async def echo(request, context):
@@ -43,14 +44,13 @@ async def echo_upb(request, context):
                                                                    shape=request.hidden.shape, data=hidden.tobytes()))
 
 
-def echo_frame(payload: memoryview) -> list:
-    """The side channel's echo: the request parsed in place, as an expert server's side_calls does."""
+def echo_frame(payload: memoryview) -> list | Tailed:
+    """The side channel's echo: the request parsed in place and answered, as an expert server's side_calls does."""
     request = zerocopy.RunExpertsRequest.FromString(payload)
     hidden = from_wire(request.hidden, "hidden")
     from_wire(request.expert_ids, "expert_ids")
     from_wire(request.weights, "weights")
-    reply = zerocopy.RunExpertsResponse(output=to_wire(hidden))
-    return reply._type.chunks(reply)[0]
+    return tailed(zerocopy.RunExpertsResponse(output=to_wire(hidden)))[0]
 
 
 def register(server: grpc.aio.Server) -> None:

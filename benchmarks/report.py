@@ -42,6 +42,7 @@ def _payload(row: dict) -> str:
 SIDE_TCP = "ours tcp side channel"  # RunExperts frames over TCP from the calling thread (rpc/side_channel.py)
 SIDE_LANES = "ours tcp side lanes"  # ... large calls split by rows over 4 connections, as the gateway does
 SIDE_WIDE = "ours tcp side 8 lanes"  # ... over 8 connections (benchmarks.procs.WIDE_LANES): 1 MiB pieces at 8 MiB
+SIDE_WHOLE = "ours tcp side lanes, whole frames"  # ... replies read into frames and copied together (before tails)
 RAW_TCP = "raw tcp frames (floor)"  # the hidden states' bytes alone over one side-channel connection
 
 
@@ -68,13 +69,14 @@ def transport_table(rows: list[dict]) -> str:
 def variants_table(rows: list[dict]) -> str:
     """Our wire path against its variants: before zerocopy, without the loop hand-off, split in two."""
     names = ["ours unix", "ours tcp", "ours tcp 2 lanes", "ours tcp lanes", "grpc+upb tcp (before)", "ours unix sync",
-             "ours unix split2", SIDE_TCP, RAW_TCP, SIDE_WIDE]
+             "ours unix split2", SIDE_TCP, RAW_TCP, SIDE_WIDE, SIDE_WHOLE]
     lines = [[_payload(row), *(_ms(row["variants"][n]["median"]) if n in row["variants"] else "-" for n in names),
               f"{speed(row, 'ours tcp', 'grpc+upb tcp (before)'):.2f}x", f"{speed(row, SIDE_TCP, RAW_TCP):.2f}x",
               f"{speed(row, SIDE_WIDE, 'torch RPC tcp-only'):.2f}x" if SIDE_WIDE in row["variants"] else "-"]
              for row in rows]
     return _table(["payload", "unix", "tcp", "tcp 2 lanes", "tcp 4 lanes", "upb tcp (before)", "unix, no loop hop",
-                   "unix, split in 2", "side tcp 1 conn", "raw tcp frames", "side 8 lanes", "tcp vs before",
+                   "unix, split in 2", "side tcp 1 conn", "raw tcp frames", "side 8 lanes", "side lanes, whole frames",
+                   "tcp vs before",
                    "side vs raw", "side 8 lanes/RPC tcp"], lines)
 
 

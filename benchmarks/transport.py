@@ -26,30 +26,38 @@ from moe_client.channel import unary_callable
 from moe_client.pb import experts_pb2, tensor_pb2
 from moe_client.striping import DEFAULT_LANES, MIN_PIECE_BYTES, Lanes, StripedReply, piece_count, pieces, split_rows
 from moe_serve.rpc import side_lanes
-from moe_serve.rpc.codec import from_wire, to_wire
+from moe_serve.rpc.codec import bytes_of, from_wire, to_wire
+from moe_serve.rpc.output_tails import answer
 from tests.support.threads import LoopThread
 
 UPB = experts_pb2.RunExpertsRequest.SerializeToString, experts_pb2.RunExpertsResponse.FromString
 
 
 def side_echo(links: list, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-              min_piece_bytes: int = MIN_PIECE_BYTES) -> list[tuple]:
+              min_piece_bytes: int = MIN_PIECE_BYTES, land: bool = True) -> list[tuple]:
     """A RunExperts-shaped echo over TCP side links (rpc/side_channel.py) as the gateway makes it: one frame, or
     pieces of rows over the links when the hidden states are 2 x `min_piece_bytes` (the gateway's
-    --tcp-min-piece-bytes) or more, sent and read at once (rpc/side_lanes.py); (start, stop, output) per piece."""
+    --tcp-min-piece-bytes) or more, sent and read at once (rpc/side_lanes.py). (start, stop, output) per piece;
+    with `land` (the gateway's way, when the server sends tail frames: rpc/frames.py) the outputs land side by
+    side in one tensor of ours, returned as one piece."""
     request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
                                          weights=to_wire(weights))
     parts = piece_count(request, len(links), min_piece_bytes)
     split = split_rows(request, parts) if parts > 1 else [(0, len(hidden), request)]
     pieces = list(zip(links, split, strict=False))
-    seqs = side_lanes.each([partial(link.send, piece._type.chunks(piece)[0]) for link, (_, _, piece) in pieces])
+    landing = torch.empty_like(hidden) if land else None  # the echo answers in the hidden states' dtype
+    intos = [bytes_of(landing[start:stop]) if landing is not None else None for _, (start, stop, _) in pieces]
+    seqs = side_lanes.each([partial(link.send, piece._type.chunks(piece)[0], None, into)
+                            for (link, (_, _, piece)), into in zip(pieces, intos, strict=True)])
     replies = side_lanes.each([partial(link.receive, seq, 120) for (link, _), (seq, _) in zip(pieces, seqs,
                                                                                              strict=True)])
     for _, error in seqs + replies:
         if error is not None:
             raise error
-    return [(start, stop, zerocopy.RunExpertsResponse.FromString(reply).output)
-            for (_, (start, stop, _)), (reply, _) in zip(pieces, replies, strict=True)]
+    if landing is not None and all(getattr(reply, "landed", False) for reply, _ in replies):
+        return [(0, len(hidden), to_wire(landing))]
+    return [(start, stop, answer(reply).output) for (_, (start, stop, _)), (reply, _) in zip(pieces, replies,
+                                                                                            strict=True)]
 
 
 def side_call(links: list, hidden: int, tokens: int, min_piece_bytes: int = MIN_PIECE_BYTES):
@@ -147,10 +155,11 @@ def grpc_variants(phase: EchoPhase, hidden: torch.Tensor, ids: torch.Tensor, wei
         ((_, _, output),) = side_echo(phase.side_links[:1], hidden, ids, weights)
         return from_wire(output, "output")
 
-    def ours_side_lanes(lanes: int) -> torch.Tensor:
+    def ours_side_lanes(lanes: int, land: bool = True) -> torch.Tensor:
         # ... with calls of 2 MiB of hidden states or more split by rows over `lanes` of the server's links (as the
-        # gateway does with --tcp-lanes); the pieces copied into one tensor by numpy, as ours_lanes does.
-        replies = side_echo(phase.side_links[:lanes], hidden, ids, weights)
+        # gateway does with --tcp-lanes), their outputs landing side by side in one tensor (tail frames); without
+        # `land`, read from each piece's frame and copied into one tensor by numpy, as ours_lanes does.
+        replies = side_echo(phase.side_links[:lanes], hidden, ids, weights, land=land)
         if len(replies) == 1:
             return from_wire(replies[0][2], "output")
         for start, stop, output in replies:
@@ -166,6 +175,7 @@ def grpc_variants(phase: EchoPhase, hidden: torch.Tensor, ids: torch.Tensor, wei
 
     return {"ours unix": lambda: ours("unix"), "ours tcp": lambda: ours("tcp"), "ours tcp side channel": ours_side_tcp,
             "ours tcp side lanes": lambda: ours_side_lanes(DEFAULT_LANES),
+            "ours tcp side lanes, whole frames": lambda: ours_side_lanes(DEFAULT_LANES, land=False),
             f"ours tcp side {WIDE_LANES} lanes": lambda: ours_side_lanes(WIDE_LANES), "raw tcp frames (floor)": raw_tcp,
             "ours tcp lanes": lambda: ours_lanes(DEFAULT_LANES), "ours tcp 2 lanes": lambda: ours_lanes(2),
             "grpc+upb tcp (before)": upb,
