@@ -418,6 +418,7 @@ class SideLink:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         with self._cond:
+            self._into.clear()  # nothing lands anywhere any more
             self._cond.notify_all()
 
 
