@@ -27,7 +27,7 @@ from moe_client.pb import experts_pb2, tensor_pb2
 from moe_client.striping import DEFAULT_LANES, MIN_PIECE_BYTES, Lanes, StripedReply, piece_count, pieces, split_rows
 from moe_serve.rpc import side_lanes
 from moe_serve.rpc.codec import bytes_of, from_wire, to_wire
-from moe_serve.rpc.output_tails import answer
+from moe_serve.rpc.output_tails import LAND_MIN_BYTES, answer
 from tests.support.threads import LoopThread
 
 UPB = experts_pb2.RunExpertsRequest.SerializeToString, experts_pb2.RunExpertsResponse.FromString
@@ -38,14 +38,15 @@ def side_echo(links: list, hidden: torch.Tensor, ids: torch.Tensor, weights: tor
     """A RunExperts-shaped echo over TCP side links (rpc/side_channel.py) as the gateway makes it: one frame, or
     pieces of rows over the links when the hidden states are 2 x `min_piece_bytes` (the gateway's
     --tcp-min-piece-bytes) or more, sent and read at once (rpc/side_lanes.py). (start, stop, output) per piece;
-    with `land` (the gateway's way, when the server sends tail frames: rpc/frames.py) the outputs land side by
-    side in one tensor of ours, returned as one piece."""
+    with `land` (the gateway's way, when the server sends tail frames: rpc/frames.py) the outputs of a call of
+    LAND_MIN_BYTES or more land side by side in one tensor of ours, returned as one piece."""
     request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
                                          weights=to_wire(weights))
     parts = piece_count(request, len(links), min_piece_bytes)
     split = split_rows(request, parts) if parts > 1 else [(0, len(hidden), request)]
     pieces = list(zip(links, split, strict=False))
-    landing = torch.empty_like(hidden) if land else None  # the echo answers in the hidden states' dtype
+    # The echo answers in the hidden states' dtype; small replies are read whole, as the gateway reads them
+    landing = torch.empty_like(hidden) if land and hidden.nbytes >= LAND_MIN_BYTES else None
     intos = [bytes_of(landing[start:stop]) if landing is not None else None for _, (start, stop, _) in pieces]
     seqs = side_lanes.each([partial(link.send, piece._type.chunks(piece)[0], None, into)
                             for (link, (_, _, piece)), into in zip(pieces, intos, strict=True)])

@@ -19,6 +19,7 @@ import torch
 
 from moe_client import GatewayClient, wire
 from moe_client.pb import experts_pb2
+from moe_serve.gateway import side_dispatch
 from moe_serve.gateway.batching_config import BatchingConfig
 from moe_serve.rpc.side_channel import ChannelClosed, ChannelError, SideLink, SideListener
 from tests.support.busy import bank_held
@@ -83,10 +84,12 @@ def test_forward_over_the_same_host_channel_equals_reference(cluster, tiny_check
 
 
 @pytest.mark.parametrize("tails", [True, False], ids=["tail frames", "whole frames"])
-def test_forward_over_tcp_equals_reference(cluster, tiny_checkpoint, tails):
+def test_forward_over_tcp_equals_reference(cluster, tiny_checkpoint, tails, monkeypatch):
     """Without shared memory, calls go over the servers' TCP side channels with the tensors' bytes in the frames,
     large ones (3,000 tokens: 750 KiB of hidden states each way) included; none by gRPC. The outputs land in the
-    gateway's own buffers (tail frames), or, from servers that do not send those, are read from whole frames."""
+    gateway's own buffers (tail frames; here every reply, however small), or, from servers that do not send
+    those, are read from whole frames."""
+    monkeypatch.setattr(side_dispatch, "LAND_MIN_BYTES", 0)
     servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-2", "3-7")]
     for server in servers:
         cluster.expert_servicers[server].side.tcp.tails = tails  # before the gateway connects
@@ -101,11 +104,27 @@ def test_forward_over_tcp_equals_reference(cluster, tiny_checkpoint, tails):
     assert _gateway_dispatcher(cluster, gateway).landed_calls == (calls if tails else 0)
 
 
+def test_small_tcp_replies_are_read_whole_and_large_ones_land(cluster, tiny_checkpoint):
+    """Replies under output_tails.LAND_MIN_BYTES (64 KiB) come in whole frames (a copy of a few KiB costs less
+    than a tail frame's extra read); with one server owning every expert the sizes are known: 1 and 7 tokens x 64
+    x fp32 do not land, 3,000 (750 KiB) do, in both MoE layers."""
+    server = cluster.expert_server(tiny_checkpoint, experts="0-7")
+    gateway = cluster.gateway(tiny_checkpoint, [server], shared_memory=False, batching=BatchingConfig(batching=False))
+    _wait_linked(cluster, gateway, tcp=True)
+    dispatcher = _gateway_dispatcher(cluster, gateway)
+    _forwards_equal_reference(gateway, tiny_checkpoint, (1, 7))
+    assert dispatcher.landed_calls == 0
+    _forwards_equal_reference(gateway, tiny_checkpoint, (3000,))
+    assert dispatcher.landed_calls == 2
+
+
 @pytest.mark.parametrize("owners", [("0-2", "3-7"), ("0-7",)], ids=["two servers", "one server"])
-def test_large_tcp_calls_are_split_over_the_lanes(cluster, tiny_checkpoint, owners):
+def test_large_tcp_calls_are_split_over_the_lanes(cluster, tiny_checkpoint, owners, monkeypatch):
     """A call of 2 x min_piece_bytes of hidden states or more goes as pieces of rows, one per TCP link, each a frame
     the server answers on its own connection; the sums equal the reference. With one server, its share has every
-    row and its pieces are copied side by side into the layer's sum (none added to zeros)."""
+    row and its pieces land side by side in the buffer that becomes the layer's sum (every reply lands here,
+    however small its share)."""
+    monkeypatch.setattr(side_dispatch, "LAND_MIN_BYTES", 0)
     servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in owners]
     gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=False, tcp_lanes=3, min_piece_bytes=64 * 4 * 8,
                               batching=BatchingConfig(batching=False))

@@ -40,7 +40,7 @@ from moe_serve.gateway.routing_plan import expert_counts, rows_for, to_host
 from moe_serve.rpc import request_ids, side_lanes
 from moe_serve.rpc.codec import TORCH_DTYPES, bytes_of, from_wire, to_wire
 from moe_serve.rpc.errors import FailedPrecondition, ResourceExhausted, ServiceError, Unavailable
-from moe_serve.rpc.output_tails import answer, reply_bytes
+from moe_serve.rpc.output_tails import LAND_MIN_BYTES, answer, reply_bytes
 from moe_serve.rpc.shared_regions import Arena
 from moe_serve.rpc.side_channel import ChannelClosed, ChannelError, SideLink
 
@@ -262,11 +262,14 @@ def _split(request, links: list[SideLink], min_piece_bytes: int) -> list[_Piece]
 def _landing(request, pieces: list[_Piece], width: int) -> torch.Tensor | None:
     """[T', H] in the reply's wire dtype for the pieces' outputs to land in side by side (each piece's `into`),
     when every piece's server sends tail frames (rpc/frames.py); None (each reply read into a frame of its own)
-    otherwise, and for fp8 replies (their row scales travel in the head)."""
+    otherwise, for fp8 replies (their row scales travel in the head) and for small ones (LAND_MIN_BYTES)."""
     dtype = TORCH_DTYPES.get(request.output_dtype or request.hidden.dtype)
     if dtype is None or not all(piece.link.tails for piece in pieces):
         return None
-    landing = torch.empty((request.hidden.shape[0], width), dtype=dtype)
+    shape = (request.hidden.shape[0], width)
+    if shape[0] * width * dtype.itemsize < LAND_MIN_BYTES:
+        return None
+    landing = torch.empty(shape, dtype=dtype)
     for piece in pieces:
         piece.into = bytes_of(landing[piece.start:piece.stop])
     return landing

@@ -10,6 +10,10 @@ from __future__ import annotations
 from moe_client import zerocopy
 from moe_serve.rpc.frames import Tailed, TailReply
 
+# Replies smaller than this are read whole: copying a few KiB costs less than the one more read a tail frame
+# takes (and a decode call's reply is this small).
+LAND_MIN_BYTES = 1 << 16
+
 
 def tailed(reply) -> tuple[Tailed | list, int]:
     """A zerocopy RunExpertsResponse as what to send (Tailed when its output carries bytes, else its chunks)
