@@ -265,7 +265,9 @@ class SideLink:
 
         `into`: where the reply's bulk should land, if the server sends tail frames (`tails`): the reply is then
         a TailReply whose tail is `into` when it was just that size (else a fresh buffer). Nothing is written
-        there once the reply is taken, forgotten or given up on."""
+        there once the reply is taken, or once the call is forgotten or given up on before its reply starts to
+        be read (a wait never ends in the middle of that read; `forget` from another thread may): so a buffer
+        is not reused for anything else until its reply was taken (the gateway gives each call a new one)."""
         tail = into is not None and self.tails
         with self._send_lock:
             if self.closed:
@@ -379,7 +381,7 @@ class SideLink:
 
     def _claim(self, seq: int, size: int) -> memoryview | None:
         """The buffer a tail of `size` bytes for `seq` goes into, if its caller gave one of that size and still
-        waits; claimed once (the reader fills it outside the lock: a caller that gives up meanwhile drops it)."""
+        waits for it; claimed once, by the reader, which then fills it outside the lock."""
         with self._cond:
             into = self._into.pop(seq, None)
         return into if into is not None and into.nbytes == size else None
