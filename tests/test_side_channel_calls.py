@@ -19,6 +19,7 @@ import torch
 
 from moe_client import GatewayClient, wire
 from moe_client.pb import experts_pb2
+from moe_serve.expert_server import side_calls
 from moe_serve.gateway import side_dispatch
 from moe_serve.gateway.batching_config import BatchingConfig
 from moe_serve.rpc.side_channel import ChannelClosed, ChannelError, SideLink, SideListener
@@ -54,6 +55,7 @@ def _wait_linked(cluster, gateway: str, tcp: bool) -> None:
 
 
 def _grpc_computations(cluster, server: str) -> int:
+    """The merger's computations: gRPC calls' (and side-channel calls of side_calls.MERGED_FROM_BYTES or more)."""
     return cluster.expert_servicers[server].merger.computations
 
 
@@ -139,6 +141,40 @@ def test_large_tcp_calls_are_split_over_the_lanes(cluster, tiny_checkpoint, owne
     assert all(_tcp_calls(cluster, s) == 3 * 2 for s in servers)
     assert all(r.outstanding == 0 for r in pool.members)
     assert _gateway_dispatcher(cluster, gateway).landed_calls == 2 * len(servers)  # each call's 3 pieces in one
+
+
+def test_the_pieces_of_a_split_call_are_computed_as_one(cluster, tiny_checkpoint, monkeypatch):
+    """Pieces of a large call arrive at once on their own connections and go to the merger, which computes them
+    as one (each expert once over all their rows); small calls compute on their connection's thread. Here every
+    call counts as large (MERGED_FROM_BYTES 0), and the bank is held until layer 0's 3 pieces have queued."""
+    monkeypatch.setattr(side_calls, "MERGED_FROM_BYTES", 0)
+    server = cluster.expert_server(tiny_checkpoint, experts="0-7")
+    servicer = cluster.expert_servicers[server]
+    gateway = cluster.gateway(tiny_checkpoint, [server], shared_memory=False, tcp_lanes=3, min_piece_bytes=64 * 4 * 8,
+                              batching=BatchingConfig(batching=False))
+    wait_for(lambda: len(_gateway_pool(cluster, gateway).members[0].side_lanes()) == 3, "3 TCP links", timeout=20)
+    rng = np.random.default_rng()
+    hidden = rng.standard_normal((int(rng.integers(300, 500)), 64), dtype=np.float32)
+    got = {}
+    with GatewayClient(gateway) as client:
+        with bank_held(servicer):
+            caller = threading.Thread(target=lambda: got.update(out=client.forward(hidden)))
+            caller.start()
+            wait_for(lambda: len(servicer.merger._pending) == 3, "layer 0's 3 pieces queued", timeout=20)
+        caller.join(60)
+    assert np.abs(got["out"] - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5
+    assert servicer.merger.merged_calls >= 3  # layer 0's pieces in one computation (layer 1's as they came)
+    assert servicer.merger.computations <= 1 + 3
+    assert _tcp_calls(cluster, server) == 3 * 2
+
+
+def test_small_tcp_calls_compute_on_their_connections_thread(cluster, tiny_checkpoint):
+    server = cluster.expert_server(tiny_checkpoint, experts="0-7")
+    gateway = cluster.gateway(tiny_checkpoint, [server], shared_memory=False, batching=BatchingConfig(batching=False))
+    _wait_linked(cluster, gateway, tcp=True)
+    _forwards_equal_reference(gateway, tiny_checkpoint, (1, 7, 300))  # 75 KiB at most: under MERGED_FROM_BYTES
+    assert _tcp_calls(cluster, server) == 2 * 3
+    assert _grpc_computations(cluster, server) == 0
 
 
 def test_tcp_calls_off_go_by_grpc(cluster, tiny_checkpoint):

@@ -16,6 +16,7 @@ Legend: T = tokens, H = hidden size, K = expert slots per token.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
@@ -47,9 +48,19 @@ class Work:
 class _Call:
     work: Work | None  # None until `prepare` has run on the worker
     prepare: Callable[[], Work] | None
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop | None  # None: a thread waits on `future` (run_blocking)
+    future: asyncio.Future | concurrent.futures.Future
     submitted: float = 0.0  # time.perf_counter() when queued
+
+    def settle(self, value: Any, error: BaseException | None) -> None:
+        """From the worker: the call's result (or error) to whoever waits for it."""
+        if self.loop is not None:
+            settle_from_thread(self.loop, self.future, value, error)
+        elif not self.future.done():
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(value)
 
     @property
     def key(self) -> tuple:
@@ -90,13 +101,22 @@ class CallMerger:
         finish's value, the computation's seconds, and the Work."""
         loop = asyncio.get_running_loop()
         call = _Call(work, prepare, loop, loop.create_future(), time.perf_counter())
+        self._queue(call)
+        return await call.future
+
+    def run_blocking(self, prepare: Callable[[], Work]) -> tuple[Any, float, Work]:
+        """As `run_prepared`, from a thread with no event loop (a side-channel connection's), waiting on it."""
+        call = _Call(None, prepare, None, concurrent.futures.Future(), time.perf_counter())
+        self._queue(call)
+        return call.future.result()
+
+    def _queue(self, call: _Call) -> None:
         with self._lock:
             self._pending.append(call)
             start = not self._draining
             self._draining = True
         if start:
             self.executor.submit(self._drain)
-        return await call.future
 
     def _take(self) -> list[_Call] | None:
         """The oldest prepared call and every later one it can merge with, up to max_tokens; None when the
@@ -141,7 +161,7 @@ class CallMerger:
             with self._lock:
                 self._pending = [c for c in self._pending if all(c is not f for f, _ in failed)]
             for call, err in failed:
-                settle_from_thread(call.loop, call.future, None, err)
+                call.settle(None, err)
 
     def _drain(self) -> None:
         while True:
@@ -157,7 +177,7 @@ class CallMerger:
                 except Exception as err:  # each call of the group gets the error
                     results = [(None, err)] * len(group)
             for call, (value, error) in zip(group, results, strict=True):
-                settle_from_thread(call.loop, call.future, value, error)
+                call.settle(value, error)
 
     def _compute(self, group: list[_Call]) -> list[tuple[Any, BaseException | None]]:
         first = group[0].work
