@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="transport,moe,generate",
                    help="what to measure at each (rate, RTT), comma-separated: transport, moe, generate")
     p.add_argument("--time-limit", type=int, default=1500, help="seconds before everything is torn down")
+    p.add_argument("--server-threads", type=int, default=0,
+                   help="each expert server's --torch-threads (0, their default: one per core; two servers and "
+                        "the gateway then share the cores the in-process row has to itself)")
     p.add_argument("--out", default=str(ROOT / "bench-results" / "shaped-links.json"))
     args = p.parse_args(argv)
     if not AVAILABLE:
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                     procs.append(launch("expert-server", work / f"{name}.log", host=ns.ns_ip, port=port,
                                         wrapper=ns.wrapper, env=ENV, die_with_parent=True, checkpoint=ckpt,
                                         experts=experts, name=name, shared_memory=False, log_level="WARNING",
-                                        tcp_channel_port=SIDE_PORTS[name]))
+                                        tcp_channel_port=SIDE_PORTS[name], torch_threads=args.server_threads))
             echo = _python("-m", "benchmarks.echo_server", "--unix", f"unix:{work}/echo.sock", "--host",
                            f"{spaces[0].ns_ip}:{ECHO_PORT}", "--side-port", str(SIDE_PORTS["echo"]), label="echo",
                            stdout=subprocess.PIPE, wrapper=spaces[0].wrapper)
