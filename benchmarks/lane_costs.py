@@ -45,13 +45,6 @@ def _round_trip(link: SideLink, data: memoryview) -> memoryview:
     return link.receive(link.send(data), 60)
 
 
-def _check(outcomes: list) -> list:
-    for _, error in outcomes:
-        if error is not None:
-            raise error
-    return [value for value, _ in outcomes]
-
-
 def echo_variants(phase: EchoPhase, raw_links: list[SideLink], x: torch.Tensor, ids: torch.Tensor,
                   weights: torch.Tensor) -> dict:
     """The side-link variants for one payload; each returns the echoed hidden states as one array."""
@@ -63,7 +56,7 @@ def echo_variants(phase: EchoPhase, raw_links: list[SideLink], x: torch.Tensor, 
         return np.frombuffer(_round_trip(raw_links[0], memoryview(data.data)), np.float32).reshape(x.shape)
 
     def raw_lanes() -> np.ndarray:
-        replies = _check(side_lanes.each([partial(_round_trip, link, p) for link, p in zip(raw_links, pieces,
+        replies = side_lanes.values(side_lanes.each([partial(_round_trip, link, p) for link, p in zip(raw_links, pieces,
                                                                                             strict=False)]))
         return np.concatenate([np.frombuffer(r, np.float32) for r in replies]).reshape(x.shape)
 

@@ -137,24 +137,19 @@ def _round_trip(sock: socket.socket, piece: memoryview) -> memoryview:
     return _receive(sock, piece.nbytes)
 
 
-def _check(outcomes: list) -> list:
-    for _, error in outcomes:
-        if error is not None:
-            raise error
-    return [value for value, _ in outcomes]
-
-
 def variants(conns: dict[str, list[socket.socket]], payload: np.ndarray, lanes: int) -> dict:
     pieces = [memoryview(p.data) for p in np.array_split(payload, lanes)]
 
     def two_phases() -> list:
         socks = conns["threads"][:lanes]
-        _check(side_lanes.each([partial(_send, s, p) for s, p in zip(socks, pieces, strict=True)]))
-        return _check(side_lanes.each([partial(_receive, s, p.nbytes) for s, p in zip(socks, pieces, strict=True)]))
+        pairs = list(zip(socks, pieces, strict=True))
+        side_lanes.values(side_lanes.each([partial(_send, s, p) for s, p in pairs]))
+        return side_lanes.values(side_lanes.each([partial(_receive, s, p.nbytes) for s, p in pairs]))
 
     def one_phase(mode: str) -> list:
         socks = conns[mode][:lanes]
-        return _check(side_lanes.each([partial(_round_trip, s, p) for s, p in zip(socks, pieces, strict=True)]))
+        pairs = zip(socks, pieces, strict=True)
+        return side_lanes.values(side_lanes.each([partial(_round_trip, s, p) for s, p in pairs]))
 
     return {"two phases": two_phases, "one phase": partial(one_phase, "threads"),
             "big buffers": partial(one_phase, "big"), "server procs": partial(one_phase, "procs")}

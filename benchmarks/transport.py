@@ -52,13 +52,11 @@ def side_echo(links: list, hidden: torch.Tensor, ids: torch.Tensor, weights: tor
                             for (link, (_, _, piece)), into in zip(pieces, intos, strict=True)])
     replies = side_lanes.each([partial(link.receive, seq, 120) for (link, _), (seq, _) in zip(pieces, seqs,
                                                                                              strict=True)])
-    for _, error in seqs + replies:
-        if error is not None:
-            raise error
-    if landing is not None and all(getattr(reply, "landed", False) for reply, _ in replies):
+    replies = side_lanes.values(seqs + replies)[len(seqs):]
+    if landing is not None and all(getattr(reply, "landed", False) for reply in replies):
         return [(0, len(hidden), to_wire(landing))]
-    return [(start, stop, answer(reply).output) for (_, (start, stop, _)), (reply, _) in zip(pieces, replies,
-                                                                                            strict=True)]
+    return [(start, stop, answer(reply).output) for (_, (start, stop, _)), reply in zip(pieces, replies,
+                                                                                       strict=True)]
 
 
 def side_call(links: list, hidden: int, tokens: int, min_piece_bytes: int = MIN_PIECE_BYTES):

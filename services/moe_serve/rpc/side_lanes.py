@@ -31,6 +31,14 @@ def each(calls: Sequence[Callable[[], T]]) -> list[Outcome]:
     return outcomes
 
 
+def values(outcomes: Sequence[Outcome]) -> list:
+    """The outcomes' values, in order; the first error raised instead if any call failed."""
+    for _, error in outcomes:
+        if error is not None:
+            raise error
+    return [value for value, _ in outcomes]
+
+
 def _outcome(call: Callable[[], T]) -> Outcome:
     try:
         return call(), None
