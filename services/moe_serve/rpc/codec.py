@@ -33,14 +33,14 @@ _warned = False
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
     global _warned
-    if _warned:
+    if _warned or array.flags.writeable:  # a writable array (a frame read into our own memory) draws no warning
         return torch.from_numpy(array)
     # torch warns once per process that the array is read-only (callers never write in place);
     # silence that one warning without paying for catch_warnings on every call.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.from_numpy(array)
-    _warned = not array.flags.writeable  # only a read-only array used up torch's one warning
+    _warned = True
     return tensor
 
 
