@@ -61,9 +61,10 @@ from tests.support.threads import LoopThread
 HIDDEN = 2048
 LAYER_SHAPE = Shape(hidden=HIDDEN, width=64, experts=16, top_k=6)  # DeepSeek's hidden; experts kept small
 EXPERT_PORT, ECHO_PORT = 50051, 50061
-# --tcp-min-piece-bytes to try beside the default: a 1 MiB call in 4 pieces, one piece's reply overlapping the next's
-# request on the full-duplex link.
-SMALL_PIECE = 256 << 10
+# The gateway's --tcp-min-piece-bytes and --tcp-pieces-per-lane to try beside the defaults (1 MiB, 1): pieces of 512
+# KiB or more, 2 a link sent in order, so one piece's reply comes back while the next one's request still goes out on
+# the full-duplex link (a 4 MiB call in 8 pieces; with the defaults, 4 pieces that share the link going and coming).
+IN_ORDER = {"min_piece_bytes": 512 << 10, "per_lane": 2}
 SIDE_PORTS = {"layer0": 50071, "layer1": 50072, "lm0": 50073, "lm1": 50074, "echo": 50075}  # side channels
 
 
@@ -102,8 +103,7 @@ def transport(loop: LoopThread, echo: str, echo_side: str, rate: float, rtt_us: 
             variants = {name: _echo_call(lanes, loop, tokens) for name, lanes in paths.items()}
             variants |= {"side channel, 1 connection": side_call(side[:1], HIDDEN, tokens),
                          "side channel, lanes": side_call(side, HIDDEN, tokens),
-                         f"side channel, lanes, {SMALL_PIECE >> 10} KiB pieces": side_call(side, HIDDEN, tokens,
-                                                                                         SMALL_PIECE)}
+                         "side channel, lanes, 2 pieces a lane": side_call(side, HIDDEN, tokens, **IN_ORDER)}
             if side_direct:  # the relay's own cost on the side channel: the same frames without it
                 variants["side channel, direct, 1 connection"] = side_call(side_direct[:1], HIDDEN, tokens)
                 variants["side channel, direct, lanes"] = side_call(side_direct, HIDDEN, tokens)
@@ -150,16 +150,23 @@ def moe(loop: LoopThread, checkpoint: Path, servers: list[str], side_ports: list
     link's bytes/rate."""
     relays = _relays(servers, side_ports, rtt_us)
     ckpt = Checkpoint(checkpoint)
-    pool = ServerPool([r.address for r in relays[:len(servers)]], ckpt.spec, ckpt.fingerprint(),
-                      PoolOptions(rpc_timeout=120))
+    addresses = [r.address for r in relays[:len(servers)]]
+    pool = ServerPool(addresses, ckpt.spec, ckpt.fingerprint(), PoolOptions(rpc_timeout=120))
+    in_order = ServerPool(addresses, ckpt.spec, ckpt.fingerprint(),
+                          PoolOptions(rpc_timeout=120, min_piece_bytes=IN_ORDER["min_piece_bytes"],
+                                      pieces_per_lane=IN_ORDER["per_lane"]))
     try:
-        loop.run(pool.start(120))
+        for p in (pool, in_order):
+            loop.run(p.start(120))
         deadline = time.monotonic() + 30
-        while not all(r.side_link() is not None for r in pool.members) and time.monotonic() < deadline:
+        while (not all(r.side_link() is not None for p in (pool, in_order) for r in p.members)
+               and time.monotonic() < deadline):
             time.sleep(0.05)  # the TCP side links are made off the event loop
         # No arenas: every byte crosses the links.
         paths = {"gateway (lanes)": ExpertDispatcher(ckpt.spec, pool, loop.loop, timeout=120, side_calls=False),
-                 "gateway (side channel)": ExpertDispatcher(ckpt.spec, pool, loop.loop, timeout=120)}
+                 "gateway (side channel)": ExpertDispatcher(ckpt.spec, pool, loop.loop, timeout=120),
+                 "gateway (side channel, 2 pieces a lane)": ExpertDispatcher(ckpt.spec, in_order, loop.loop,
+                                                                             timeout=120)}
         rows = []
         for tokens in tokens_list:
             x = make_input(LAYER_SHAPE, tokens)
@@ -178,7 +185,8 @@ def moe(loop: LoopThread, checkpoint: Path, servers: list[str], side_ports: list
                          "variants": {name: summary(s) for name, s in times.items()}})
         return rows
     finally:
-        loop.run(pool.close())
+        for p in (pool, in_order):
+            loop.run(p.close())
         for r in relays:
             r.close()
 
@@ -322,7 +330,8 @@ def summary_lines(run: dict) -> str:
     for row in run.get("moe", []):
         v = row["variants"]
         lines.append(f"  MoE layer {row['tokens']} tok: gateway by gRPC {v['gateway (lanes)']['median'] * 1e3:.2f} ms, "
-                     f"over the side channel {v['gateway (side channel)']['median'] * 1e3:.2f} ms, "
+                     f"over the side channel {v['gateway (side channel)']['median'] * 1e3:.2f} ms "
+                     f"({v['gateway (side channel, 2 pieces a lane)']['median'] * 1e3:.2f} with 2 pieces a lane), "
                      f"in-process {v['in-process']['median'] * 1e3:.2f} ms, RTT + bytes/rate "
                      f"{row['limit_s'] * 1e3:.2f} ms")
     if (g := run.get("generate")) is not None:

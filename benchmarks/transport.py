@@ -34,35 +34,45 @@ UPB = experts_pb2.RunExpertsRequest.SerializeToString, experts_pb2.RunExpertsRes
 
 
 def side_echo(links: list, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-              min_piece_bytes: int = MIN_PIECE_BYTES, land: bool = True) -> list[tuple]:
+              min_piece_bytes: int = MIN_PIECE_BYTES, land: bool = True, per_lane: int = 1) -> list[tuple]:
     """A RunExperts-shaped echo over TCP side links (rpc/side_channel.py) as the gateway makes it: one frame, or
-    pieces of rows over the links when the hidden states are 2 x `min_piece_bytes` (the gateway's
-    --tcp-min-piece-bytes) or more, sent and read at once (rpc/side_lanes.py). (start, stop, output) per piece;
-    with `land` (the gateway's way, when the server sends tail frames: rpc/frames.py) the outputs of a call of
-    LAND_MIN_BYTES or more land side by side in one tensor of ours, returned as one piece."""
+    pieces of rows when the hidden states are 2 x `min_piece_bytes` (the gateway's --tcp-min-piece-bytes) or more,
+    up to `per_lane` a link (--tcp-pieces-per-lane), piece i on link i mod links, each link's sent and read in order,
+    the links at once (rpc/side_lanes.py). (start, stop, output) per piece; with `land` (the gateway's way, when the
+    server sends tail frames: rpc/frames.py) the outputs of a call of LAND_MIN_BYTES or more land side by side in
+    one tensor of ours, returned as one piece."""
     request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
                                          weights=to_wire(weights))
-    parts = piece_count(request, len(links), min_piece_bytes)
+    parts = piece_count(request, len(links) * per_lane, min_piece_bytes)
     split = split_rows(request, parts) if parts > 1 else [(0, len(hidden), request)]
-    pieces = list(zip(links, split, strict=False))
     # The echo answers in the hidden states' dtype; small replies are read whole, as the gateway reads them
     landing = torch.empty_like(hidden) if land and hidden.nbytes >= LAND_MIN_BYTES else None
-    intos = [bytes_of(landing[start:stop]) if landing is not None else None for _, (start, stop, _) in pieces]
-    seqs = side_lanes.each([partial(link.send, piece._type.chunks(piece)[0], None, into)
-                            for (link, (_, _, piece)), into in zip(pieces, intos, strict=True)])
-    replies = side_lanes.each([partial(link.receive, seq, 120) for (link, _), (seq, _) in zip(pieces, seqs,
-                                                                                             strict=True)])
-    replies = side_lanes.values(seqs + replies)[len(seqs):]
-    if landing is not None and all(getattr(reply, "landed", False) for reply in replies):
+    whole, row = (bytes_of(landing), landing[0].nbytes) if landing is not None else (None, 0)
+    lanes = [[(start, stop, piece, whole[start * row:stop * row] if whole is not None else None)
+              for i, (start, stop, piece) in enumerate(split) if i % len(links) == lane]
+             for lane in range(min(len(links), len(split)))]
+
+    def send(link, pieces) -> list[int]:
+        return [link.send(piece._type.chunks(piece)[0], None, into) for _, _, piece, into in pieces]
+
+    def receive(link, seqs) -> list:
+        return [link.receive(seq, 120) for seq in seqs]
+
+    seqs = side_lanes.values(side_lanes.each([partial(send, link, pieces) for link, pieces in zip(links, lanes,
+                                                                                                   strict=False)]))
+    replies = side_lanes.values(side_lanes.each([partial(receive, link, s) for link, s in zip(links, seqs,
+                                                                                               strict=False)]))
+    done = [(start, stop, reply) for pieces, answers in zip(lanes, replies, strict=True)
+            for (start, stop, _, _), reply in zip(pieces, answers, strict=True)]
+    if landing is not None and all(getattr(reply, "landed", False) for _, _, reply in done):
         return [(0, len(hidden), to_wire(landing))]
-    return [(start, stop, answer(reply).output) for (_, (start, stop, _)), reply in zip(pieces, replies,
-                                                                                       strict=True)]
+    return sorted((start, stop, answer(reply).output) for start, stop, reply in done)
 
 
-def side_call(links: list, hidden: int, tokens: int, min_piece_bytes: int = MIN_PIECE_BYTES):
+def side_call(links: list, hidden: int, tokens: int, min_piece_bytes: int = MIN_PIECE_BYTES, per_lane: int = 1):
     """side_echo of `tokens` rows of fresh fp32 hidden states (payload's), as a function of no arguments."""
     x, ids, w = payload(hidden, 6, tokens, torch.float32)
-    return lambda: side_echo(links, x, ids, w, min_piece_bytes)
+    return lambda: side_echo(links, x, ids, w, min_piece_bytes, per_lane=per_lane)
 
 
 def sizes(hidden: int, quick: bool, smoke: bool) -> list[tuple[int, torch.dtype]]:
@@ -154,11 +164,12 @@ def grpc_variants(phase: EchoPhase, hidden: torch.Tensor, ids: torch.Tensor, wei
         ((_, _, output),) = side_echo(phase.side_links[:1], hidden, ids, weights)
         return from_wire(output, "output")
 
-    def ours_side_lanes(lanes: int, land: bool = True) -> torch.Tensor:
+    def ours_side_lanes(lanes: int, land: bool = True, per_lane: int = 1) -> torch.Tensor:
         # ... with calls of 2 MiB of hidden states or more split by rows over `lanes` of the server's links (as the
         # gateway does with --tcp-lanes), their outputs landing side by side in one tensor (tail frames); without
-        # `land`, read from each piece's frame and copied into one tensor by numpy, as ours_lanes does.
-        replies = side_echo(phase.side_links[:lanes], hidden, ids, weights, land=land)
+        # `land`, read from each piece's frame and copied into one tensor by numpy, as ours_lanes does;
+        # `per_lane` pieces a link, each link's in order (--tcp-pieces-per-lane).
+        replies = side_echo(phase.side_links[:lanes], hidden, ids, weights, land=land, per_lane=per_lane)
         if len(replies) == 1:
             return from_wire(replies[0][2], "output")
         for start, stop, output in replies:
@@ -175,6 +186,7 @@ def grpc_variants(phase: EchoPhase, hidden: torch.Tensor, ids: torch.Tensor, wei
     return {"ours unix": lambda: ours("unix"), "ours tcp": lambda: ours("tcp"), "ours tcp side channel": ours_side_tcp,
             "ours tcp side lanes": lambda: ours_side_lanes(DEFAULT_LANES),
             "ours tcp side lanes, whole frames": lambda: ours_side_lanes(DEFAULT_LANES, land=False),
+            "ours tcp side lanes, 2 pieces a lane": lambda: ours_side_lanes(DEFAULT_LANES, per_lane=2),
             f"ours tcp side {WIDE_LANES} lanes": lambda: ours_side_lanes(WIDE_LANES), "raw tcp frames (floor)": raw_tcp,
             "ours tcp lanes": lambda: ours_lanes(DEFAULT_LANES), "ours tcp 2 lanes": lambda: ours_lanes(2),
             "grpc+upb tcp (before)": upb,

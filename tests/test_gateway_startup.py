@@ -41,7 +41,8 @@ def test_unreachable_server_is_named(cluster, tiny_checkpoint):
         cluster.gateway(tiny_checkpoint, ["127.0.0.1:1"], connect_timeout=1.0)
 
 
-@pytest.mark.parametrize("flag,value", [("--tcp-lanes", "0"), ("--tcp-min-piece-bytes", "0")])
+@pytest.mark.parametrize("flag,value", [("--tcp-lanes", "0"), ("--tcp-min-piece-bytes", "0"),
+                                                ("--tcp-pieces-per-lane", "0")])
 def test_bad_lane_settings_are_one_line_naming_the_value(tiny_checkpoint, flag, value):
     done = subprocess.run([str(BIN / "moe-gateway"), "--checkpoint", str(tiny_checkpoint), "--servers", "127.0.0.1:1",
                            "--connect-timeout", "1", flag, value], capture_output=True, text=True, timeout=120)

@@ -143,6 +143,41 @@ def test_large_tcp_calls_are_split_over_the_lanes(cluster, tiny_checkpoint, owne
     assert _gateway_dispatcher(cluster, gateway).landed_calls == 2 * len(servers)  # each call's 3 pieces in one
 
 
+def test_several_pieces_a_lane_go_in_order_on_each_link(cluster, tiny_checkpoint, monkeypatch):
+    """With --tcp-pieces-per-lane 3 over 2 links a large call goes as 6 pieces, piece i on link i mod 2, each link's
+    sent one after another by one thread in row order (so the server answers one while the next arrives); they
+    all land side by side and the sums equal the reference."""
+    monkeypatch.setattr(side_dispatch, "LAND_MIN_BYTES", 0)
+    sends = []  # (link, thread, first byte of the piece's landing rows), in the order the frames went
+    send = SideLink.send
+
+    def recorded(link, payload, timeout=None, into=None):
+        sends.append((id(link), threading.get_ident(), np.frombuffer(into, np.uint8).ctypes.data))
+        return send(link, payload, timeout, into)
+
+    monkeypatch.setattr(SideLink, "send", recorded)
+    server = cluster.expert_server(tiny_checkpoint, experts="0-7")
+    gateway = cluster.gateway(tiny_checkpoint, [server], shared_memory=False, tcp_lanes=2, pieces_per_lane=3,
+                              min_piece_bytes=64 * 4 * 8, batching=BatchingConfig(batching=False))
+    pool = _gateway_pool(cluster, gateway)
+    wait_for(lambda: len(pool.members[0].side_lanes()) == 2, "2 TCP links", timeout=20)
+    rng = np.random.default_rng()
+    hidden = rng.standard_normal((int(rng.integers(300, 500)), 64), dtype=np.float32)  # 6 pieces: 48 rows at least
+    with GatewayClient(gateway) as client:
+        got = client.forward(hidden)
+    assert np.abs(got - reference_forward(tiny_checkpoint, hidden)).max() <= 1e-5
+    assert _tcp_calls(cluster, server) == 6 * 2 and len(sends) == 6 * 2
+    for layer in (sends[:6], sends[6:]):
+        links = {link for link, _, _ in layer}
+        assert len(links) == 2
+        for link in links:
+            mine = [(thread, at) for other, thread, at in layer if other == link]
+            assert len(mine) == 3 and len({thread for thread, _ in mine}) == 1  # one thread sent them ...
+            assert [at for _, at in mine] == sorted(at for _, at in mine)  # ... in row order
+    assert _gateway_dispatcher(cluster, gateway).landed_calls == 2
+    assert pool.members[0].outstanding == 0
+
+
 def test_the_pieces_of_a_split_call_are_computed_as_one(cluster, tiny_checkpoint, monkeypatch):
     """Pieces of a large call arrive at once on their own connections and go to the merger, which computes them
     as one (each expert once over all their rows); small calls compute on their connection's thread. Here every
@@ -466,14 +501,21 @@ def test_an_unreachable_tcp_channel_is_not_dialled_on_every_info_poll(cluster, t
     assert _grpc_computations(cluster, server) >= 2 * len(inputs)
 
 
-def test_a_layer_that_fails_keeps_no_reply_waiting_on_the_other_links(cluster, tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize("split", [False, True], ids=["whole calls", "2 pieces a lane"])
+def test_a_layer_that_fails_keeps_no_reply_waiting_on_the_other_links(cluster, tiny_checkpoint, monkeypatch, split):
     """The first server refuses its share for good (INVALID_ARGUMENT fails the layer): the other server's reply,
-    which nobody will read, is dropped when it comes instead of kept by its link for the link's life."""
+    which nobody will read, is dropped when it comes instead of kept by its link for the link's life. Split into
+    2 pieces on each of 2 links, the refused pieces after each link's first are dropped too."""
     from moe_serve.rpc.errors import InvalidArgument
 
     servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-3", "4-7")]
-    gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=False, batching=BatchingConfig(batching=False))
+    lanes = {"tcp_lanes": 2, "pieces_per_lane": 2, "min_piece_bytes": 64 * 4} if split else {}
+    gateway = cluster.gateway(tiny_checkpoint, servers, shared_memory=False, batching=BatchingConfig(batching=False),
+                              **lanes)
     _wait_linked(cluster, gateway, tcp=True)
+    members = _gateway_pool(cluster, gateway).members
+    wait_for(lambda: all(len(r.side_lanes()) == lanes.get("tcp_lanes", 4) for r in members), "every TCP link",
+             timeout=20)
 
     def refuse(request):
         raise InvalidArgument("refused by the test")

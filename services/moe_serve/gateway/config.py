@@ -53,6 +53,7 @@ class GatewayConfig:
     keepalive: float = 10.0
     tcp_lanes: int = 4  # connections per expert server; a large RunExperts is split by rows over them
     min_piece_bytes: int = 1 << 20  # smallest piece (hidden-state bytes) a split call is cut into
+    pieces_per_lane: int = 1  # over TCP side links: a large call's pieces per connection, sent in order
     expert_tls: TLSFiles | None = None
     serving: ServingOptions = field(default_factory=lambda: ServingOptions(max_queue=GATEWAY_MAX_QUEUE))
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -114,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "twice this or more is split. Smaller pieces overlap one piece's reply with the next one's "
                         "request on a link with real latency; on loopback they only add work (env "
                         "MOE_TCP_MIN_PIECE_BYTES; default 1048576; docs/deployment-sizing.md)")
+    p.add_argument("--tcp-pieces-per-lane", type=int, default=int(env("TCP_PIECES_PER_LANE", "1")),
+                   help="over the TCP side channel, a large call's pieces per connection (still at least "
+                        "--tcp-min-piece-bytes each), each connection's sent in order: the server answers one "
+                        "piece while the next one arrives, so replies and requests share a full-duplex link's "
+                        "time. Pays where the link, not the hosts' CPUs, is the bound (env "
+                        "MOE_TCP_PIECES_PER_LANE; default 1; docs/deployment-sizing.md)")
     p.add_argument("--expert-tls-ca", default=env("EXPERT_TLS_CA"),
                    help="CA certificate (PEM) of the expert servers; turns TLS on toward them (env MOE_EXPERT_TLS_CA)")
     p.add_argument("--expert-tls-cert", default=env("EXPERT_TLS_CERT"),
@@ -183,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_new_tokens=args.max_new_tokens, grace_seconds=args.grace, log_level=args.log_level,
         metrics_host=args.metrics_host, metrics_port=args.metrics_port, resolve_interval=args.resolve_interval,
         keepalive=args.keepalive, tcp_lanes=args.tcp_lanes, min_piece_bytes=args.tcp_min_piece_bytes,
+        pieces_per_lane=args.tcp_pieces_per_lane,
         expert_tls=TLSFiles.of(args.expert_tls_ca, args.expert_tls_cert, args.expert_tls_key),
         serving=serving_from_args(args), batching=batching_config_from_args(args),
         shared_memory=args.shared_memory, same_host_calls=args.same_host_calls, torch_threads=args.torch_threads,

@@ -124,7 +124,7 @@ async def create_gateway(config: GatewayConfig, verbose: bool = False) -> tuple[
     pool = ServerPool(addresses, checkpoint.spec, fingerprint,
                       PoolOptions(rpc_timeout=config.rpc_timeout, resolve_interval=config.resolve_interval,
                                   keepalive=config.keepalive, tls=config.expert_tls, tcp_lanes=config.tcp_lanes,
-                                  min_piece_bytes=config.min_piece_bytes,
+                                  min_piece_bytes=config.min_piece_bytes, pieces_per_lane=config.pieces_per_lane,
                                   max_message_bytes=serving.max_message_bytes,
                                   local_calls=config.shared_memory and config.same_host_calls,
                                   shared_memory=config.shared_memory, tcp_calls=config.tcp_calls))

@@ -200,7 +200,8 @@ class ServerPool:
         # Lanes connect on their first call (grpc channels are lazy): none for servers reached by shared memory.
         lanes = tuple(open_aio_channel(address, options.tls, extra=options.lane_options(), server_name=name)
                       for _ in range(options.tcp_lanes - 1))
-        replica = self.replicas[address] = Replica(address, target, channel, lanes, options.min_piece_bytes)
+        replica = self.replicas[address] = Replica(address, target, channel, lanes, options.min_piece_bytes,
+                                                       options.pieces_per_lane)
         return replica
 
     async def refresh(self) -> None:

@@ -33,12 +33,15 @@ class PoolOptions:
     tcp_calls: bool = True
     tcp_lanes: int = DEFAULT_LANES  # connections per server; large calls are split by rows over them
     min_piece_bytes: int = MIN_PIECE_BYTES  # smallest piece of hidden states a call is split into
+    pieces_per_lane: int = 1  # a split call's pieces per TCP side link, each link's sent in order (side_dispatch.py)
 
     def __post_init__(self) -> None:
         if self.tcp_lanes < 1:
             raise ValueError(f"--tcp-lanes {self.tcp_lanes} must be at least 1")
         if self.min_piece_bytes < 1:
             raise ValueError(f"--tcp-min-piece-bytes {self.min_piece_bytes} must be at least 1")
+        if self.pieces_per_lane < 1:
+            raise ValueError(f"--tcp-pieces-per-lane {self.pieces_per_lane} must be at least 1")
 
     def channel_options(self) -> list[tuple[str, int]]:
         """Keepalive and reconnect options of the channels to expert servers."""
@@ -68,7 +71,7 @@ class Replica:
     """One expert server address: its channel, what it owns, and what the pool knows of its health."""
 
     def __init__(self, address: str, target: str, channel: grpc.aio.Channel, lanes: tuple[grpc.aio.Channel, ...] = (),
-                 min_piece_bytes: int = MIN_PIECE_BYTES):
+                 min_piece_bytes: int = MIN_PIECE_BYTES, pieces_per_lane: int = 1):
         """`lanes`: more channels (own connections) to the same address, for large calls split by rows."""
         self.address = address
         self.target = target  # the --servers entry it was resolved from
@@ -77,7 +80,8 @@ class Replica:
         # RunExperts through the zero-copy codec (the generated stub copies every tensor 4 times), large calls
         # split over the lanes (moe_client.striping).
         self.run_experts = Lanes([channel, *lanes], min_piece_bytes)
-        self.min_piece_bytes = min_piece_bytes  # the same split over the TCP side links (side_dispatch.py)
+        self.min_piece_bytes = min_piece_bytes  # the same split over the TCP side links (side_dispatch.py),
+        self.pieces_per_lane = pieces_per_lane  # with this many pieces a link there, each link's sent in order
         self.health = health_pb2_grpc.HealthStub(channel)
         self.info = experts_pb2.GetInfoResponse()
         self.owns: dict[int, frozenset[int]] = {}

@@ -229,7 +229,7 @@ def _stage(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tenso
             to_experts, request.output_dtype = dispatcher.wire_choice.for_call(tokens)
             request.hidden = to_wire((hidden if rows is None else hidden.index_select(0, rows)).cpu(), to_experts)
             lanes = [links[replica], *(lane for lane in replica.side_lanes() if lane is not links[replica])]
-            pieces = _split(request, lanes, replica.min_piece_bytes)
+            pieces = _split(request, lanes, replica.min_piece_bytes, replica.pieces_per_lane)
             landing = _landing(request, pieces, hidden.shape[1])
         else:
             landing = None
@@ -248,15 +248,48 @@ def _stage(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tenso
     return parts
 
 
-def _split(request, links: list[SideLink], min_piece_bytes: int) -> list[_Piece]:
-    """A TCP call as frames: one, or, when its hidden states are 2 x `min_piece_bytes` or more (default 2 MiB) and
-    the server has several TCP links, pieces of contiguous rows one per link, sent at once (moe_client.striping's
-    lanes, over the side channel): a row's sum depends on that row alone."""
-    parts = piece_count(request, len(links), min_piece_bytes)
+def _split(request, links: list[SideLink], min_piece_bytes: int, per_link: int = 1) -> list[_Piece]:
+    """A TCP call as frames: one, or, when its hidden states are 2 x `min_piece_bytes` or more (default 2 MiB),
+    pieces of contiguous rows (moe_client.striping's lanes, over the side channel: a row's sum depends on that
+    row alone), up to `per_link` a link, piece i on link i mod links. The links' pieces go at once, each link's
+    in order (SideRound.send): the server answers a link's first piece while its next one still arrives."""
+    parts = piece_count(request, len(links) * per_link, min_piece_bytes)
     if parts < 2:
         return [_Piece(0, request.hidden.shape[0], *request._type.chunks(request), link=links[0])]
-    return [_Piece(start, stop, *piece._type.chunks(piece), link=link)
-            for link, (start, stop, piece) in zip(links, split_rows(request, parts), strict=False)]
+    return [_Piece(start, stop, *piece._type.chunks(piece), link=links[i % len(links)])
+            for i, (start, stop, piece) in enumerate(split_rows(request, parts))]
+
+
+def _by_link(pieces: list[_Piece]) -> list[list[_Piece]]:
+    """`pieces` grouped by their link, in order within each group."""
+    groups: dict[int, list[_Piece]] = {}
+    for piece in pieces:
+        groups.setdefault(id(piece.link), []).append(piece)
+    return list(groups.values())
+
+
+def _send_in_order(pieces: list[_Piece], timeout: float) -> None:
+    """Send one link's pieces one after another; a piece that cannot go (the link closed) is marked."""
+    for piece in pieces:
+        try:
+            piece.seq = piece.link.send(piece.payload, timeout, piece.into)
+        except ChannelClosed as err:
+            piece.send_error = str(err)
+
+
+def _receive_in_order(pieces: list[_Piece], timeout: float) -> list[tuple]:
+    """One link's pieces' (reply, when it came), in order, all within `timeout` s; on a failure the rest of them
+    are forgotten (their replies dropped when they come) before it is raised."""
+    deadline = time.monotonic() + timeout
+    replies = []
+    for i, piece in enumerate(pieces):
+        try:
+            replies.append(piece.link.receive_dated(piece.seq, max(0.0, deadline - time.monotonic())))
+        except BaseException:
+            for rest in pieces[i + 1:]:
+                rest.link.forget(rest.seq)
+            raise
+    return replies
 
 
 def _landing(request, pieces: list[_Piece], width: int) -> torch.Tensor | None:
@@ -270,8 +303,9 @@ def _landing(request, pieces: list[_Piece], width: int) -> torch.Tensor | None:
     if shape[0] * width * dtype.itemsize < LAND_MIN_BYTES:
         return None
     landing = torch.empty(shape, dtype=dtype)
+    whole, row = bytes_of(landing), width * dtype.itemsize
     for piece in pieces:
-        piece.into = bytes_of(landing[piece.start:piece.stop])
+        piece.into = whole[piece.start * row:piece.stop * row]
     return landing
 
 
@@ -300,15 +334,9 @@ class SideRound:
             part.replica.outstanding += part.slots
             part.sent_at = time.perf_counter()
             timeout = self._timeout(part)  # at most the call's budget waiting for room (a silent link fills it)
-            sent = side_lanes.each([partial(piece.link.send, piece.payload, timeout, piece.into)
-                                    for piece in part.pieces])
-            for piece, (seq, error) in zip(part.pieces, sent, strict=True):
-                if isinstance(error, ChannelClosed):  # closed since, or the send failed
-                    piece.send_error = str(error)
-                elif error is not None:
-                    raise error
-                else:
-                    piece.seq = seq
+            # each link's pieces in order, the links at once; a piece whose link closed is marked (send_error)
+            side_lanes.values(side_lanes.each([partial(_send_in_order, pieces, timeout)
+                                               for pieces in _by_link(part.pieces)]))
 
     def done(self) -> bool:
         return self._out is not None
@@ -477,15 +505,17 @@ class SideRound:
             timeout = self._timeout(part)
             # Each reply with when it came if a thread waited for it then (else 0: one already there came while
             # the caller computed or waited on another server, and dating the call by it would inflate the budget)
-            waits = side_lanes.each([partial(piece.link.receive_dated, piece.seq, timeout)  # at once if split
-                                     for piece in part.pieces])
+            groups = _by_link(part.pieces)
+            waits = side_lanes.each([partial(_receive_in_order, pieces, timeout) for pieces in groups])  # links at once
             waited = True
-            for reply, error in waits:
+            got: dict[int, memoryview] = {}
+            for pieces, (dated, error) in zip(groups, waits, strict=True):
                 if error is not None:
                     raise error
-                payload, arrived = reply
-                replies.append(payload)
-                part.arrived = max(part.arrived, arrived)
+                for piece, (payload, arrived) in zip(pieces, dated, strict=True):
+                    got[id(piece)] = payload
+                    part.arrived = max(part.arrived, arrived)
+            replies = [got[id(piece)] for piece in part.pieces]
         except ChannelError as err:
             code, reason = err.code, f"{err.code.name}: {err.details}"
         except ChannelClosed as err:
