@@ -24,10 +24,12 @@ from benchmarks.timing import Samples, interleaved
 from moe_client import wire, zerocopy
 from moe_client.channel import unary_callable
 from moe_client.pb import experts_pb2, tensor_pb2
-from moe_client.striping import DEFAULT_LANES, MIN_PIECE_BYTES, Lanes, StripedReply, piece_count, pieces, split_rows
+from moe_client.striping import DEFAULT_LANES, MIN_PIECE_BYTES, Lanes, StripedReply, pieces
+from moe_serve.gateway import side_dispatch
 from moe_serve.rpc import side_lanes
-from moe_serve.rpc.codec import bytes_of, from_wire, to_wire
-from moe_serve.rpc.output_tails import LAND_MIN_BYTES, answer
+from moe_serve.rpc.codec import from_wire, to_wire
+from moe_serve.rpc.output_tails import answer
+from moe_serve.rpc.side_channel import ChannelClosed
 from tests.support.threads import LoopThread
 
 UPB = experts_pb2.RunExpertsRequest.SerializeToString, experts_pb2.RunExpertsResponse.FromString
@@ -35,38 +37,28 @@ UPB = experts_pb2.RunExpertsRequest.SerializeToString, experts_pb2.RunExpertsRes
 
 def side_echo(links: list, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
               min_piece_bytes: int = MIN_PIECE_BYTES, land: bool = True, per_lane: int = 1) -> list[tuple]:
-    """A RunExperts-shaped echo over TCP side links (rpc/side_channel.py) as the gateway makes it: one frame, or
-    pieces of rows when the hidden states are 2 x `min_piece_bytes` (the gateway's --tcp-min-piece-bytes) or more,
-    up to `per_lane` a link (--tcp-pieces-per-lane), piece i on link i mod links, each link's sent and read in order,
-    the links at once (rpc/side_lanes.py). (start, stop, output) per piece; with `land` (the gateway's way, when the
-    server sends tail frames: rpc/frames.py) the outputs of a call of LAND_MIN_BYTES or more land side by side in
-    one tensor of ours, returned as one piece."""
+    """A RunExperts-shaped echo over TCP side links (rpc/side_channel.py) through the gateway's own split, sends and
+    waits (gateway/side_dispatch.py): one frame, or pieces of rows when the hidden states are 2 x `min_piece_bytes`
+    (--tcp-min-piece-bytes) or more, up to `per_lane` a link (--tcp-pieces-per-lane), each link's sent and read in
+    order, the links at once. (start, stop, output) per piece; with `land` (the gateway's way, when the server
+    sends tail frames: rpc/frames.py) the outputs of a call of LAND_MIN_BYTES or more land side by side in one
+    tensor of ours, returned as one piece."""
     request = zerocopy.RunExpertsRequest(layer=0, hidden=to_wire(hidden), expert_ids=to_wire(ids),
                                          weights=to_wire(weights))
-    parts = piece_count(request, len(links) * per_lane, min_piece_bytes)
-    split = split_rows(request, parts) if parts > 1 else [(0, len(hidden), request)]
-    # The echo answers in the hidden states' dtype; small replies are read whole, as the gateway reads them
-    landing = torch.empty_like(hidden) if land and hidden.nbytes >= LAND_MIN_BYTES else None
-    whole, row = (bytes_of(landing), landing[0].nbytes) if landing is not None else (None, 0)
-    lanes = [[(start, stop, piece, whole[start * row:stop * row] if whole is not None else None)
-              for i, (start, stop, piece) in enumerate(split) if i % len(links) == lane]
-             for lane in range(min(len(links), len(split)))]
-
-    def send(link, pieces) -> list[int]:
-        return [link.send(piece._type.chunks(piece)[0], None, into) for _, _, piece, into in pieces]
-
-    def receive(link, seqs) -> list:
-        return [link.receive(seq, 120) for seq in seqs]
-
-    seqs = side_lanes.values(side_lanes.each([partial(send, link, pieces) for link, pieces in zip(links, lanes,
-                                                                                                   strict=False)]))
-    replies = side_lanes.values(side_lanes.each([partial(receive, link, s) for link, s in zip(links, seqs,
-                                                                                               strict=False)]))
-    done = [(start, stop, reply) for pieces, answers in zip(lanes, replies, strict=True)
-            for (start, stop, _, _), reply in zip(pieces, answers, strict=True)]
-    if landing is not None and all(getattr(reply, "landed", False) for _, _, reply in done):
+    pieces = side_dispatch.split_call(request, links, min_piece_bytes, per_lane)
+    # The echo answers in the hidden states' dtype, the one a request naming none gets; small replies are read whole
+    landing = side_dispatch.landing_for(request, pieces, hidden.shape[1]) if land else None
+    groups = side_dispatch.by_link(pieces)
+    side_lanes.values(side_lanes.each([partial(side_dispatch.send_in_order, group, 120) for group in groups]))
+    if failed := next((piece.send_error for piece in pieces if piece.send_error), ""):
+        raise ChannelClosed(failed)
+    dated = side_lanes.values(side_lanes.each([partial(side_dispatch.receive_in_order, group, 120)
+                                               for group in groups]))
+    replies = {id(piece): reply for group, got in zip(groups, dated, strict=True)
+               for piece, (reply, _) in zip(group, got, strict=True)}
+    if landing is not None and all(getattr(replies[id(piece)], "landed", False) for piece in pieces):
         return [(0, len(hidden), to_wire(landing))]
-    return sorted((start, stop, answer(reply).output) for start, stop, reply in done)
+    return [(piece.start, piece.stop, answer(replies[id(piece)]).output) for piece in pieces]
 
 
 def side_call(links: list, hidden: int, tokens: int, min_piece_bytes: int = MIN_PIECE_BYTES, per_lane: int = 1):

@@ -229,8 +229,8 @@ def _stage(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tenso
             to_experts, request.output_dtype = dispatcher.wire_choice.for_call(tokens)
             request.hidden = to_wire((hidden if rows is None else hidden.index_select(0, rows)).cpu(), to_experts)
             lanes = [links[replica], *(lane for lane in replica.side_lanes() if lane is not links[replica])]
-            pieces = _split(request, lanes, replica.min_piece_bytes, replica.pieces_per_lane)
-            landing = _landing(request, pieces, hidden.shape[1])
+            pieces = split_call(request, lanes, replica.min_piece_bytes, replica.pieces_per_lane)
+            landing = landing_for(request, pieces, hidden.shape[1])
         else:
             landing = None
             arena = dispatcher.acquire(replica, hidden, tokens)
@@ -248,7 +248,7 @@ def _stage(dispatcher, layer: int, hidden: torch.Tensor, expert_ids: torch.Tenso
     return parts
 
 
-def _split(request, links: list[SideLink], min_piece_bytes: int, per_link: int = 1) -> list[_Piece]:
+def split_call(request, links: list[SideLink], min_piece_bytes: int, per_link: int = 1) -> list[_Piece]:
     """A TCP call as frames: one, or, when its hidden states are 2 x `min_piece_bytes` or more (default 2 MiB),
     pieces of contiguous rows (moe_client.striping's lanes, over the side channel: a row's sum depends on that
     row alone), up to `per_link` a link, piece i on link i mod links. The links' pieces go at once, each link's
@@ -260,7 +260,7 @@ def _split(request, links: list[SideLink], min_piece_bytes: int, per_link: int =
             for i, (start, stop, piece) in enumerate(split_rows(request, parts))]
 
 
-def _by_link(pieces: list[_Piece]) -> list[list[_Piece]]:
+def by_link(pieces: list[_Piece]) -> list[list[_Piece]]:
     """`pieces` grouped by their link, in order within each group."""
     groups: dict[int, list[_Piece]] = {}
     for piece in pieces:
@@ -268,7 +268,7 @@ def _by_link(pieces: list[_Piece]) -> list[list[_Piece]]:
     return list(groups.values())
 
 
-def _send_in_order(pieces: list[_Piece], timeout: float) -> None:
+def send_in_order(pieces: list[_Piece], timeout: float) -> None:
     """Send one link's pieces one after another; a piece that cannot go (the link closed) is marked."""
     for piece in pieces:
         try:
@@ -277,7 +277,7 @@ def _send_in_order(pieces: list[_Piece], timeout: float) -> None:
             piece.send_error = str(err)
 
 
-def _receive_in_order(pieces: list[_Piece], timeout: float) -> list[tuple]:
+def receive_in_order(pieces: list[_Piece], timeout: float) -> list[tuple]:
     """One link's pieces' (reply, when it came), in order, all within `timeout` s; on a failure the rest of them
     are forgotten (their replies dropped when they come) before it is raised."""
     deadline = time.monotonic() + timeout
@@ -292,7 +292,7 @@ def _receive_in_order(pieces: list[_Piece], timeout: float) -> list[tuple]:
     return replies
 
 
-def _landing(request, pieces: list[_Piece], width: int) -> torch.Tensor | None:
+def landing_for(request, pieces: list[_Piece], width: int) -> torch.Tensor | None:
     """[T', H] in the reply's wire dtype for the pieces' outputs to land in side by side (each piece's `into`),
     when every piece's server sends tail frames (rpc/frames.py); None (each reply read into a frame of its own)
     otherwise, for fp8 replies (their row scales travel in the head) and for small ones (LAND_MIN_BYTES)."""
@@ -335,8 +335,8 @@ class SideRound:
             part.sent_at = time.perf_counter()
             timeout = self._timeout(part)  # at most the call's budget waiting for room (a silent link fills it)
             # each link's pieces in order, the links at once; a piece whose link closed is marked (send_error)
-            side_lanes.values(side_lanes.each([partial(_send_in_order, pieces, timeout)
-                                               for pieces in _by_link(part.pieces)]))
+            side_lanes.values(side_lanes.each([partial(send_in_order, pieces, timeout)
+                                               for pieces in by_link(part.pieces)]))
 
     def done(self) -> bool:
         return self._out is not None
@@ -505,8 +505,8 @@ class SideRound:
             timeout = self._timeout(part)
             # Each reply with when it came if a thread waited for it then (else 0: one already there came while
             # the caller computed or waited on another server, and dating the call by it would inflate the budget)
-            groups = _by_link(part.pieces)
-            waits = side_lanes.each([partial(_receive_in_order, pieces, timeout) for pieces in groups])  # links at once
+            groups = by_link(part.pieces)
+            waits = side_lanes.each([partial(receive_in_order, pieces, timeout) for pieces in groups])  # links at once
             waited = True
             got: dict[int, memoryview] = {}
             for pieces, (dated, error) in zip(groups, waits, strict=True):
