@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -39,18 +40,22 @@ def synced_times(fn: Callable[[], object], devices, repeats: int, warmup: int) -
 
 
 def interleaved(variants: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list]:
-    """Seconds per call of every variant, `repeats` each, round-robin after `warmup` calls each.
+    """Seconds per call of every variant, `repeats` each, in rounds of one call each after `warmup` calls each.
 
-    Round-robin spreads background load (the machine is shared) evenly over the variants.
+    Rounds spread background load (the machine is shared) evenly over the variants, and each round's order is
+    shuffled: a call pays for what the one before it left behind (another transport's threads still winding
+    down, caches filled with other buffers), so no variant always follows the same one.
     """
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
     for _ in range(repeats):
-        for name, fn in variants.items():
+        random.shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            variants[name]()
             times[name].append(time.perf_counter() - start)
     return times
 
