@@ -13,6 +13,9 @@ gateway's TCP side links (rpc/side_channel.py), cut into the gateway's 4 pieces 
 - `messages, landed`: the replies' outputs landing side by side in one tensor of ours as they are read
   (tail frames, rpc/frames.py: the gateway's path);
 - `copy alone`: that copy of T x 2048 fp32 by itself;
+- `torch copy` and `torch copy, then landed`: the same copy by torch (parallel on its OpenMP threads, as the
+  gateway's own torch ops are), and a landed call right after it: what the threads that OpenMP leaves
+  waiting after a parallel region cost the call (process/openmp.py);
 and torch RPC restricted to TCP (TensorPipe's transport between hosts) returning the same tensor, in a
 phase of its own. Variants interleaved within a phase; medians over `--rounds` x `--repeats`.
 """
@@ -39,6 +42,7 @@ from moe_serve.rpc.side_channel import SideLink
 from tests.support.threads import LoopThread
 
 HIDDEN = 2048
+COPIES = ("copy alone", "torch copy")  # no round trip: no ratio to torch RPC
 
 
 def _round_trip(link: SideLink, data: memoryview) -> memoryview:
@@ -75,8 +79,17 @@ def echo_variants(phase: EchoPhase, raw_links: list[SideLink], x: torch.Tensor, 
         np.copyto(out, x.numpy())
         return out
 
+    def torch_copy() -> torch.Tensor:  # parallel on torch's OpenMP threads, as the gateway's own torch ops are
+        return torch_out.copy_(x)
+
+    def landed_after_torch() -> list:
+        torch_copy()
+        return landed()
+
+    torch_out = torch.from_numpy(out)
     return {"raw, 1 link": raw_one, "raw, 4 links": raw_lanes, "messages, 4 links": messages,
-            "messages + copy": messages_copied, "messages, landed": landed, "copy alone": copy_alone}
+            "messages + copy": messages_copied, "messages, landed": landed, "copy alone": copy_alone,
+            "torch copy": torch_copy, "torch copy, then landed": landed_after_torch}
 
 
 def _as_array(result, shape) -> np.ndarray:
@@ -128,7 +141,7 @@ def main() -> None:
         medians = {name: statistics.median(seconds) for name, seconds in variants.items()}
         rpc_ms = medians["torch RPC tcp-only"]
         rows.append({"mib": mib, "median_ms": {k: round(v * 1e3, 3) for k, v in medians.items()},
-                     "torch_rpc_over": {k: round(rpc_ms / v, 2) for k, v in medians.items() if k != "copy alone"},
+                     "torch_rpc_over": {k: round(rpc_ms / v, 2) for k, v in medians.items() if k not in COPIES},
                      "n": {k: len(v) for k, v in variants.items()}})
         cells = "  ".join(f"{k} {v * 1e3:.2f}" for k, v in medians.items())
         print(f"{mib:3d} MiB (ms): {cells}", flush=True)

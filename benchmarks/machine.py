@@ -50,6 +50,9 @@ def describe() -> dict:
         "protobuf": _version("protobuf"),
         "numpy": _version("numpy"),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        # OpenMP's wait after a parallel region, as the processes started from here take it (process/openmp.py)
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     }
 
 
