@@ -10,7 +10,7 @@ services share a host each one's spinning workers hold the cores the others need
 (docs/deployment-sizing.md, "OpenMP's spin"): on 2 cores an 8 MiB call over the TCP side lanes took 0.7-2.0
 ms longer right after a torch copy, 0.2 ms or less at 30,000 turns; a 16-token MoE layer over a shaped 10
 Gbit/s link took 1.5-2x less on both hosts; the CPU experts' compute time stayed as it was (10,000 turns cost
-9% at 512 tokens on 16 threads, where a computation's regions come further apart than that spin lasts).
+9% at 512 tokens on 16 threads: there, too short a spin puts workers to sleep within one computation).
 
 libgomp reads its settings once, when torch loads it: so `moe_serve` sets this when it is imported, before
 any of its modules imports torch; a process that imported torch first keeps libgomp's default (its child
