@@ -3,12 +3,15 @@
 import json
 import subprocess
 
+import grpc
 import pytest
 
+from moe_client.pb import gateway_pb2, gateway_pb2_grpc
 from moe_serve.gateway.dispatch import StartupError
 from moe_serve.model.synthetic import write_checkpoint
 from tests.support import BIN
 from tests.support.checkpoints import TINY
+from tests.support.ports import free_port
 
 
 def test_refuses_when_an_expert_has_no_owner(cluster, tiny_checkpoint):
@@ -34,6 +37,23 @@ def test_placement_file_must_match_servers(cluster, tiny_checkpoint, tmp_path):
     ]}))
     with pytest.raises(StartupError, match=r"server w1 .* does not hold layer 0: \[4\]"):
         cluster.gateway(tiny_checkpoint, [], placement=str(placement))
+
+
+def test_placement_file_server_silent_at_start_is_not_held_against_it(cluster, tiny_checkpoint, tmp_path):
+    # The gateway starts once the servers that answered cover the model; one listed but not answering yet has no
+    # known experts, and must not fail the placement check (docker-compose: a container a moment slower).
+    servers = [cluster.expert_server(tiny_checkpoint, experts=e) for e in ("0-3", "4-7")]
+    silent = f"127.0.0.1:{free_port()}"
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"servers": [
+        {"name": "w1", "address": servers[0], "experts": "0-3"},
+        {"name": "w2", "address": servers[1], "experts": "4-7"},
+        {"name": "w3", "address": silent, "experts": "0-7"},
+    ]}))
+    gateway = cluster.gateway(tiny_checkpoint, [], placement=str(placement), connect_timeout=5.0)
+    with grpc.insecure_channel(gateway) as channel:
+        info = gateway_pb2_grpc.GatewayServiceStub(channel).GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=30)
+    assert sorted(s.address for s in info.servers) == sorted(servers)
 
 
 def test_unreachable_server_is_named(cluster, tiny_checkpoint):

@@ -44,10 +44,12 @@ log = logging.getLogger(__name__)
 
 
 def _check_placement(checkpoint: Checkpoint, placement: str, servers: list[Replica]) -> None:
-    """Every expert the placement file gives a server must really be on that server (each address of it)."""
+    """Every expert the placement file gives a server must really be on that server (each address of it that
+    answered: the gateway starts once the servers that answered cover the model, and one still silent then, whose
+    experts are unknown, joins later with what it reports, as any server does)."""
     for entry in read_placement(placement):
         expected = resolve_ownership(checkpoint.spec, entry.experts)
-        for server in (s for s in servers if s.target == entry.address):
+        for server in (s for s in servers if s.target == entry.address and s.answered):
             owned = server.owned
             absent = [f"layer {layer}: {sorted(set(ids) - set(owned.get(layer, ())))}"
                       for layer, ids in expected.items() if set(ids) - set(owned.get(layer, ()))]

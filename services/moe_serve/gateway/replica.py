@@ -120,6 +120,11 @@ class Replica:
         return self.info.server_name or self.address
 
     @property
+    def answered(self) -> bool:
+        """Whether it has answered GetInfo (every answer names its checkpoint)."""
+        return bool(self.info.model_fingerprint)
+
+    @property
     def owned(self) -> dict[int, tuple[int, ...]]:
         return {layer: tuple(sorted(ids)) for layer, ids in sorted(self.owns.items())}
 
