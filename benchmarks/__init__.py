@@ -1,7 +1,5 @@
 """moe-serve benchmarks: `python -m benchmarks.run` (what `make bench` runs); see docs/benchmarks.md."""
 
-from moe_serve.process.openmp import keep_spin_short
-
-# The benchmark's own process plays the gateway: its OpenMP waits as the gateway's do (process/openmp.py),
-# and the torch RPC workers it starts inherit the same setting, so both sides get the same tuning.
-keep_spin_short()
+# Importing moe_serve first keeps OpenMP's spin short (process/openmp.py) in the benchmark's own process, which
+# plays the gateway, and in the torch RPC workers it starts, which inherit it: both sides get the same tuning.
+import moe_serve  # noqa: F401

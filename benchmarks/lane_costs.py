@@ -80,13 +80,12 @@ def echo_variants(phase: EchoPhase, raw_links: list[SideLink], x: torch.Tensor, 
         return out
 
     def torch_copy() -> torch.Tensor:  # parallel on torch's OpenMP threads, as the gateway's own torch ops are
-        return torch_out.copy_(x)
+        return torch.from_numpy(out).copy_(x)
 
     def landed_after_torch() -> list:
         torch_copy()
         return landed()
 
-    torch_out = torch.from_numpy(out)
     return {"raw, 1 link": raw_one, "raw, 4 links": raw_lanes, "messages, 4 links": messages,
             "messages + copy": messages_copied, "messages, landed": landed, "copy alone": copy_alone,
             "torch copy": torch_copy, "torch copy, then landed": landed_after_torch}
